@@ -1,0 +1,327 @@
+"""`convert(src, out_dir, quant)`: the one entry point the CLI, the store and the tests call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType, GGUFWriter
+
+from huatuo_local import __version__
+from huatuo_local.models.errors import CheckpointError, HuatuoError
+from huatuo_local.models.layout import ModelSpec, read_spec
+from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
+from huatuo_local.models.prompt import CHAT_TEMPLATE
+
+from . import hub
+from .checkpoint import TensorSource, open_tensors
+from .names import PROJECTOR_PREFIX, Mapped, clip_name, llm_name, permute_for_rope, projector_name
+from .quantize import QUANT_FTYPES, quantize_gguf
+from .tower import Tower, locate_tower
+from .vocab import Vocab, read_vocab
+from .write import DIRECT_TYPES, FILE_TYPES, TensorPlan, atomic_output, pick_type, write_gguf
+
+MMPROJ_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0}
+QUANT_TYPES = tuple(DIRECT_TYPES) + tuple(QUANT_FTYPES)
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class ConvertResult:
+    manifest: Manifest
+    manifest_path: Path
+    llm_path: Path
+    mmproj_path: Path
+
+
+def default_name(src: str, folder: Path) -> str:
+    base = src.rstrip("/").split("/")[-1] if hub.looks_like_repo(src) else folder.resolve().name
+    return re.sub(r"[^\w.-]+", "-", base).strip("-") or "model"
+
+
+def _check_shape(ref: TensorSource, mapped: Mapped, where: Path) -> None:
+    if tuple(ref.shape) != mapped.shape:
+        raise CheckpointError(
+            f"{where}: tensor {ref.name} has shape {list(ref.shape)} but config.json implies "
+            f"{list(mapped.shape)}; the checkpoint and its config do not match"
+        )
+
+
+def _source_type(tensors: dict[str, TensorSource]) -> QT:
+    """A lossless intermediate for llama.cpp's quantizer."""
+    dtypes = {r.dtype for r in tensors.values() if len(r.shape) > 1}
+    if dtypes <= {"BF16"}:
+        return QT.BF16
+    if dtypes <= {"F16"}:
+        return QT.F16
+    return QT.F32
+
+
+def plan_llm(spec: ModelSpec, tensors: dict[str, TensorSource], target: QT) -> list[TensorPlan]:
+    llm = spec.llm
+    plans: list[TensorPlan] = []
+    for name, ref in tensors.items():
+        try:
+            mapped = llm_name(name, llm)
+        except KeyError:
+            raise CheckpointError(f"{spec.config_path.parent}: unexpected tensor {name}; is this a LLaVA checkpoint?")
+        if mapped is None:
+            continue
+        _check_shape(ref, mapped, spec.config_path.parent)
+        transform = None
+        if llm.arch == "llama" and mapped.role == "q":
+            transform = partial(permute_for_rope, n_head=llm.n_head)
+        elif llm.arch == "llama" and mapped.role == "k":
+            transform = partial(permute_for_rope, n_head=llm.n_kv_head)
+        plans.append(TensorPlan(mapped.gguf_name, ref, pick_type(mapped.gguf_name, mapped.shape, target), transform))
+    names = {p.name for p in plans}
+    expected = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{t}.weight" for i in range(llm.n_layer)
+        for t in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                  "ffn_down")
+    }
+    if not llm.tie_embeddings:
+        expected.add("output.weight")
+    if llm.qkv_bias:
+        expected |= {f"blk.{i}.attn_{t}.bias" for i in range(llm.n_layer) for t in "qkv"}
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(
+            f"{spec.config_path.parent}: {len(missing)} LLM tensors missing (e.g. {missing[0]}); "
+            "a shard is probably missing or incomplete, download the checkpoint again"
+        )
+    order = {"token_embd.weight": -2, "output_norm.weight": 10**9, "output.weight": 10**9 + 1}
+
+    def key(p: TensorPlan) -> tuple[int, str]:
+        m = re.match(r"blk\.(\d+)\.", p.name)
+        return (int(m.group(1)) if m else order.get(p.name, -1), p.name)
+
+    return sorted(plans, key=key)
+
+
+def plan_mmproj(spec: ModelSpec, tower: Tower, projector: dict[str, TensorSource], target: QT) -> list[TensorPlan]:
+    v = tower.spec
+    if tower.tensors.get("embeddings.class_embedding") is not None:
+        width = tower.tensors["embeddings.class_embedding"].shape[0]
+        if width != v.hidden_size:
+            raise CheckpointError(
+                f"{tower.where}: tower tensors are {width} wide but its config says {v.hidden_size}; "
+                "the tower's config does not match its weights (give the right one with --vision-tower)"
+            )
+    if v.hidden_size != spec.mm_hidden_size:
+        raise CheckpointError(
+            f"{spec.config_path}: mm_hidden_size {spec.mm_hidden_size} differs from the tower width {v.hidden_size}"
+        )
+    keep = spec.selected_layers(v.n_layer)
+    plans: list[TensorPlan] = []
+    for rel, ref in tower.tensors.items():
+        try:
+            mapped = clip_name(rel, v, keep)
+        except KeyError:
+            raise CheckpointError(f"{tower.where}: unexpected vision tower tensor {rel}")
+        if mapped is None:
+            continue
+        _check_shape(ref, mapped, Path(tower.where))
+        name = mapped.gguf_name
+        if name == "v.patch_embd.weight":
+            qtype = QT.F16 if target == QT.F16 else QT.F32  # the conv kernel takes F16 or F32 only
+        elif name == "v.position_embd.weight":
+            qtype = QT.F32
+        else:
+            qtype = pick_type(name, mapped.shape, target)
+        plans.append(TensorPlan(name, ref, qtype))
+    for name, ref in projector.items():
+        try:
+            mapped = projector_name(name, spec.llm.hidden_size, spec.mm_hidden_size)
+        except KeyError:
+            raise CheckpointError(f"{spec.config_path.parent}: unexpected projector tensor {name}")
+        _check_shape(ref, mapped, spec.config_path.parent)
+        plans.append(TensorPlan(mapped.gguf_name, ref, pick_type(mapped.gguf_name, mapped.shape, target)))
+    names = {p.name for p in plans}
+    expected = {"v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight",
+                "mm.0.weight", "mm.0.bias", "mm.2.weight", "mm.2.bias"} | {
+        f"v.blk.{i}.{t}.{k}" for i in range(keep) for k in ("weight", "bias")
+        for t in ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")}
+    missing = sorted(expected - names)
+    if missing:
+        raise CheckpointError(f"{tower.where}: vision tensors missing (e.g. {missing[0]}); the tower is incomplete")
+    return plans
+
+
+def mmproj_metadata(spec: ModelSpec, tower: Tower, name: str, target: QT) -> Callable[[GGUFWriter], None]:
+    v = tower.spec
+    keep = spec.selected_layers(v.n_layer)
+
+    def add(w: GGUFWriter) -> None:
+        w.add_type("mmproj")
+        w.add_name(name)
+        w.add_file_type(FILE_TYPES[target])
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_string("clip.projector_type", "mlp")
+        w.add_uint32("clip.vision.image_size", v.image_size)
+        w.add_uint32("clip.vision.patch_size", v.patch_size)
+        w.add_uint32("clip.vision.embedding_length", v.hidden_size)
+        w.add_uint32("clip.vision.feed_forward_length", v.ffn_size)
+        w.add_uint32("clip.vision.projection_dim", spec.llm.hidden_size)
+        w.add_uint32("clip.vision.attention.head_count", v.n_head)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
+        # Only the blocks up to the selected hidden state; without feature_layer clip.cpp
+        # would stop one block earlier still.
+        w.add_uint32("clip.vision.block_count", keep)
+        w.add_key_value("clip.vision.feature_layer", [keep], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+        w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
+        w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
+        if v.activation == "gelu":
+            w.add_bool("clip.use_gelu", True)
+
+    return add
+
+
+def llm_metadata(spec: ModelSpec, vocab: Vocab, name: str, target: QT) -> Callable[[GGUFWriter], None]:
+    llm = spec.llm
+
+    def add(w: GGUFWriter) -> None:
+        w.add_name(name)
+        w.add_file_type(FILE_TYPES[target])
+        w.add_context_length(llm.context_length)
+        w.add_embedding_length(llm.hidden_size)
+        w.add_block_count(llm.n_layer)
+        w.add_feed_forward_length(llm.ffn_size)
+        w.add_head_count(llm.n_head)
+        w.add_head_count_kv(llm.n_kv_head)
+        w.add_rope_freq_base(llm.rope_theta)
+        w.add_layer_norm_rms_eps(llm.rms_eps)
+        w.add_rope_dimension_count(llm.head_dim)
+        w.add_tokenizer_model(vocab.model)
+        w.add_tokenizer_pre(vocab.pre)
+        w.add_token_list(vocab.tokens)
+        w.add_token_types([int(t) for t in vocab.types])
+        if vocab.scores is not None:
+            w.add_token_scores(vocab.scores)
+        if vocab.merges is not None:
+            w.add_token_merges(vocab.merges)
+        w.add_bos_token_id(int(vocab.bos_id if vocab.bos_id is not None else vocab.eos_id))
+        w.add_eos_token_id(int(vocab.eos_id))
+        if vocab.pad_id is not None:
+            w.add_pad_token_id(int(vocab.pad_id))
+        if vocab.unk_id is not None:
+            w.add_unk_token_id(int(vocab.unk_id))
+        # The release tokenizes every chunk with add_special_tokens=False: no BOS, ever.
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+        if vocab.model == "llama":
+            w.add_add_space_prefix(vocab.add_space_prefix)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+    return add
+
+
+class _Bar:
+    """Adapts byte counts to the (stage, done, total) progress callback."""
+
+    def __init__(self, progress: Progress | None, stage: str, total: int):
+        self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+        if progress:
+            progress(stage, 0, total)
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(self.stage, self.done, self.total)
+
+
+def convert(
+    src: str | Path,
+    out_dir: str | Path,
+    quant: str = "Q4_K_M",
+    mmproj_type: str = "f16",
+    vision_tower: str | None = None,
+    name: str | None = None,
+    progress: Progress | None = None,
+    threads: int = 0,
+) -> ConvertResult:
+    """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair."""
+    quant = quant.upper()
+    mmproj_type = mmproj_type.lower()
+    if quant not in QUANT_TYPES:
+        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
+    src_text = str(src)
+    folder = Path(src_text).expanduser()
+    if not folder.exists():
+        if not hub.looks_like_repo(src_text):
+            raise HuatuoError(f"{src_text}: no such folder; give a checkpoint folder or a Hugging Face repo id")
+        folder = hub.download(src_text)
+    elif not folder.is_dir():
+        raise HuatuoError(f"{folder}: not a folder; give the checkpoint folder that holds config.json")
+
+    spec = read_spec(folder)
+    tensors = open_tensors(folder)
+    llm_tensors = {n: r for n, r in tensors.items()
+                   if n.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
+    projector = {n: r for n, r in tensors.items() if n.startswith(PROJECTOR_PREFIX)}
+    other = set(tensors) - set(llm_tensors) - set(projector)
+    other = {n for n in other if not n.startswith("model.vision_tower.")}
+    if other:
+        raise CheckpointError(f"{folder}: unexpected tensor {sorted(other)[0]}; is this a LLaVA-style checkpoint?")
+    if not projector:
+        raise CheckpointError(f"{folder}: no model.mm_projector.* tensors; this is not a multimodal checkpoint")
+    tower = locate_tower(folder, spec, tensors, vision_tower)
+    vocab = read_vocab(folder, spec.llm.arch, spec.llm.vocab_size, spec.raw)
+
+    name = name or default_name(src_text, folder)
+    out = Path(out_dir).expanduser()
+    mm_target = MMPROJ_TYPES[mmproj_type]
+    llm_path = out / f"{name}-{quant}.gguf"
+    mmproj_path = out / f"mmproj-{name}-{mmproj_type}.gguf"
+    manifest_path = out / f"{name}-{quant}{MANIFEST_SUFFIX}"
+
+    direct = DIRECT_TYPES.get(quant)
+    llm_target = direct if direct is not None else _source_type(llm_tensors)
+    llm_plans = plan_llm(spec, llm_tensors, llm_target)
+    mm_plans = plan_mmproj(spec, tower, projector, mm_target)
+
+    created: list[Path] = []
+    try:
+        write_gguf(mmproj_path, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
+                   _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
+        created.append(mmproj_path)
+        llm_meta = llm_metadata(spec, vocab, name, llm_target)
+        llm_bar = _Bar(progress, "language model", sum(p.nbytes for p in llm_plans))
+        if direct is not None:
+            write_gguf(llm_path, spec.llm.arch, llm_meta, llm_plans, llm_bar)
+        else:
+            intermediate = out / f".{name}-{llm_target.name}.intermediate.gguf"
+            try:
+                write_gguf(intermediate, spec.llm.arch, llm_meta, llm_plans, llm_bar)
+                with atomic_output(llm_path) as tmp:
+                    quantize_gguf(intermediate, tmp, quant, threads,
+                                  (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None)
+            finally:
+                intermediate.unlink(missing_ok=True)
+        created.append(llm_path)
+        if progress:
+            progress("checksums", 0, 1)
+        manifest = Manifest(
+            name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,
+            arch=spec.llm.arch, source=src_text if not Path(src_text).exists() else str(folder.resolve()),
+            eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size,
+            llm_sha256=sha256_file(llm_path), mmproj_sha256=sha256_file(mmproj_path),
+            converter=f"huatuo-local {__version__}",
+            extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
+                   "selected_layers": spec.selected_layers(tower.spec.n_layer)},
+        )
+        manifest.write(manifest_path)
+    except BaseException:
+        for p in created:
+            p.unlink(missing_ok=True)
+        raise
+    return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
+
+
+__all__ = ["convert", "ConvertResult", "QUANT_TYPES", "MMPROJ_TYPES"]

@@ -1,0 +1,114 @@
+"""Torch-free, memory-mapped safetensors reading: one tensor at a time.
+
+Only the header is parsed up front; each tensor is a read-only numpy view into the
+mapped file, so converting a 15 GB checkpoint never holds more than one tensor's
+converted copy in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from huatuo_local.models.errors import CheckpointError
+
+# bf16 has no numpy dtype: it is read as uint16 and widened on demand.
+_DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives; `load()` maps it, `load_f32()` widens it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: SafetensorsFile
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    def load(self) -> np.ndarray:
+        """The raw values, as stored (bf16 comes back as uint16 bit patterns)."""
+        return self.file.view(self)
+
+    def load_f32(self) -> np.ndarray:
+        raw = self.load()
+        if self.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+
+class SafetensorsFile:
+    """One .safetensors file, header parsed, data memory-mapped lazily."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._mmap: mmap.mmap | None = None
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: truncated safetensors file (no header); download it again")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER or 8 + n > size:
+                    raise CheckpointError(
+                        f"{self.path}: truncated or corrupt safetensors header; download the file again"
+                    )
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                raise CheckpointError(f"{self.path}: cannot read ({exc.strerror}); check the file") from exc
+            if isinstance(exc, FileNotFoundError):
+                raise CheckpointError(f"{self.path}: missing; download the checkpoint again") from exc
+            raise CheckpointError(f"{self.path}: corrupt safetensors header; download the file again") from exc
+        self.metadata = header.pop("__metadata__", {}) or {}
+        data_start = 8 + n
+        self.tensors: dict[str, TensorRef] = {}
+        for name, info in header.items():
+            dtype = info.get("dtype")
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+            start, end = (data_start + int(o) for o in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            if end - start != expected:
+                raise CheckpointError(f"{self.path}: tensor {name} has inconsistent size; the file is corrupt")
+            if end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated (tensor {name} ends past the end of the file); download it again"
+                )
+            self.tensors[name] = TensorRef(name, dtype, shape, self, start, end)
+
+    def view(self, ref: TensorRef) -> np.ndarray:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        arr = np.frombuffer(self._mmap, dtype=_DTYPES[ref.dtype], count=ref.nbytes // _DTYPES[ref.dtype].itemsize,
+                            offset=ref.start)
+        return arr.reshape(ref.shape)
+
+    def close(self) -> None:
+        # Views into the map may still be alive; let the GC unmap once they are gone.
+        self._mmap = None
