@@ -1,0 +1,3 @@
+from huatuo_local.runtime.cli import main
+
+main()

@@ -1,0 +1,351 @@
+"""Everything that touches llama.cpp: load the GGUF pair, tokenize, evaluate, encode images.
+
+Tokenization follows the release's Hugging Face tokenizer rather than llama.cpp's
+defaults (REFERENCE.md, 'llama.cpp formats'): text is NFC-normalized, the checkpoint's
+added special tokens are matched exactly as HF does and nothing else is parsed as
+special, no BOS is added, and pieces are detokenized with buffers sized to fit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from huatuo_local.models.errors import HuatuoError
+
+from .images import VisionInput
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+
+class EngineError(HuatuoError):
+    pass
+
+
+def _llama():
+    import llama_cpp
+
+    return llama_cpp
+
+
+def _mtmd():
+    from llama_cpp import mtmd_cpp
+
+    return mtmd_cpp
+
+
+_LOG_CALLBACK = None
+LAST_ERRORS: list[str] = []
+
+
+def quiet_logs() -> None:
+    """Route llama.cpp's and libmtmd's logs away from the terminal; keep errors for messages.
+
+    HUATUO_LOCAL_VERBOSE=1 shows everything, as llama.cpp's own tools would.
+    """
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    llama_cpp = _llama()
+    verbose = os.environ.get("HUATUO_LOCAL_VERBOSE") == "1"
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if verbose:
+            os.write(2, text or b"")
+        elif level == 3 and text:
+            LAST_ERRORS.append(text.decode("utf-8", "replace").strip())
+            del LAST_ERRORS[:-20]
+
+    _LOG_CALLBACK = log
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    _mtmd().mtmd_helper_log_set(log, ctypes.c_void_p(0))
+
+
+@dataclass
+class EngineOptions:
+    n_ctx: int = 4096
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    mmproj_offload: bool = True
+    seed: int = 0
+
+
+def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
+    """A few metadata values of a GGUF file (no tensor data is read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (OSError, ValueError, IndexError) as exc:
+        raise EngineError(f"{path}: not a GGUF file; give a model converted with `huatuo-local convert`") from exc
+    out = {}
+    for key in keys:
+        field = reader.get_field(key)
+        if field is not None:
+            out[key] = field.contents()
+    return out
+
+
+class Engine:
+    """One loaded model: the LLM context (sequence 0) and the libmtmd vision context."""
+
+    def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
+                 eos_id: int | None = None):
+        self.options = opts = options or EngineOptions()
+        self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
+        for p in (self.llm_path, self.mmproj_path):
+            if not p.is_file():
+                raise EngineError(f"{p}: no such model file")
+            with open(p, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise EngineError(f"{p}: not a GGUF file; give a model converted with `huatuo-local convert`")
+        if opts.kv_type not in KV_TYPES:
+            raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
+        vision = read_gguf_fields(self.mmproj_path, ("clip.vision.image_size", "clip.vision.image_mean",
+                                                     "clip.vision.projection_dim", "general.architecture"))
+        if vision.get("general.architecture") != "clip":
+            raise EngineError(f"{self.mmproj_path}: not a vision projector (mmproj) GGUF")
+        self.vision = VisionInput(int(vision["clip.vision.image_size"]),
+                                  tuple(float(x) for x in vision["clip.vision.image_mean"]))  # type: ignore[arg-type]
+
+        llama_cpp = _llama()
+        from llama_cpp import Llama
+
+        quiet_logs()
+        threads = opts.n_threads or max(1, os.cpu_count() or 1)
+        kv = KV_TYPES[opts.kv_type]
+        try:
+            self.llm = Llama(
+                model_path=str(self.llm_path), n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.n_ubatch,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=opts.n_gpu_layers, seed=opts.seed,
+                type_k=kv, type_v=kv, flash_attn=opts.flash_attn, verbose=False,
+            )
+        except ValueError as exc:
+            raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({exc})") from exc
+        self.ctx = self.llm.ctx
+        self.model = self.llm.model
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        proj_dim = int(vision.get("clip.vision.projection_dim", self.n_embd))
+        if proj_dim != self.n_embd:
+            raise EngineError(
+                f"{self.mmproj_path}: this vision projector makes {proj_dim}-wide embeddings but the language "
+                f"model expects {self.n_embd}; use the mmproj converted with this model"
+            )
+        self.eos_id = int(eos_id if eos_id is not None else llama_cpp.llama_vocab_eos(self.vocab))
+        self._specials = self._special_tokens()
+        self._special_re = (
+            re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
+            if self._specials else None
+        )
+
+        mtmd = _mtmd()
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = bool(opts.mmproj_offload and opts.n_gpu_layers != 0)
+        params.n_threads = threads
+        params.print_timings = False
+        params.warmup = False
+        self.mtmd_ctx = mtmd.mtmd_init_from_file(str(self.mmproj_path).encode(), self.model, params)
+        if not self.mtmd_ctx:
+            raise EngineError(f"{self.mmproj_path}: libmtmd could not load the vision projector")
+        self.marker = mtmd.mtmd_default_marker().decode()
+        self.n_past = 0
+        self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
+
+    # --- tokens -----------------------------------------------------------------------
+
+    def _special_tokens(self) -> dict[str, int]:
+        """Added tokens that HF matches verbatim in text: the vocab's control tokens."""
+        llama_cpp = _llama()
+        out: dict[str, int] = {}
+        for tid in range(self.n_vocab):
+            attr = llama_cpp.llama_vocab_get_attr(self.vocab, tid)
+            # LLAMA_TOKEN_ATTR_CONTROL = 1 << 3; llama.cpp also flags `</s>`-like texts it
+            # puts on its own EOG list, so only keep pieces whose text is not plain BPE text.
+            if attr & (1 << 3):
+                piece = self.token_bytes(tid, special=True).decode("utf-8", "replace")
+                if piece and piece.startswith("<") and piece.endswith(">") and piece != "</s>":
+                    out[piece] = tid
+        return out
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the release's tokenizer gives them (add_special_tokens=False)."""
+        text = unicodedata.normalize("NFC", text)
+        if not text:
+            return []
+        ids: list[int] = []
+        pos = 0
+        if self._special_re is not None:
+            for m in self._special_re.finditer(text):
+                ids += self._tokenize_plain(text[pos:m.start()])
+                ids.append(self._specials[m.group(0)])
+                pos = m.end()
+        ids += self._tokenize_plain(text[pos:])
+        return ids
+
+    def _tokenize_plain(self, text: str) -> list[int]:
+        if not text:
+            return []
+        llama_cpp = _llama()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """One token's bytes; the buffer grows to the piece's size (llama-cpp-python uses 32)."""
+        llama_cpp = _llama()
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Decode with special tokens skipped, as the release's `skip_special_tokens=True`."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    # --- evaluation -------------------------------------------------------------------
+
+    def eval_tokens(self, tokens: list[int], logits_last: bool = True) -> None:
+        """Append tokens at n_past; the logits of the last one are kept."""
+        llama_cpp = _llama()
+        step = self.options.n_batch
+        for start in range(0, len(tokens), step):
+            chunk = tokens[start:start + step]
+            self._check_room(len(chunk))
+            b = self._batch
+            b.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = self.n_past + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = bool(logits_last and start + i == len(tokens) - 1)
+            rc = llama_cpp.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed ({rc}); the context may be full, raise --ctx")
+            self.n_past += len(chunk)
+
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.options.n_ctx:
+            raise EngineError(
+                f"the conversation needs {self.n_past + n} tokens but the context holds {self.options.n_ctx}; "
+                "raise --ctx or /clear the history"
+            )
+
+    def _image_chunks(self, image: Image.Image):
+        """libmtmd chunks for one prepared image (already padded and resized)."""
+        mtmd = _mtmd()
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        h, w = rgb.shape[:2]
+        bitmap = mtmd.mtmd_bitmap_init(w, h, rgb.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+        chunks = mtmd.mtmd_input_chunks_init()
+        text = mtmd.mtmd_input_text()
+        marker = self.marker.encode()
+        text.text = marker
+        text.text_len = len(marker)
+        text.add_special = False
+        text.parse_special = False
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1)
+        mtmd.mtmd_bitmap_free(bitmap)
+        if rc != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise EngineError(f"libmtmd could not tokenize the image ({rc})")
+        return chunks
+
+    def eval_image(self, image: Image.Image) -> int:
+        """Encode one prepared image and append its embeddings; returns its token count."""
+        mtmd = _mtmd()
+        chunks = self._image_chunks(image)
+        try:
+            added = 0
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == 0:  # text
+                    if n:
+                        raise EngineError("libmtmd added text around the image; this projector is not LLaVA-style")
+                    continue
+                self._check_room(n)
+                new_past = _llama().llama_pos(0)
+                rc = mtmd.mtmd_helper_eval_chunk_single(self.mtmd_ctx, self.ctx, chunk, self.n_past, 0,
+                                                        self.options.n_batch, True, ctypes.byref(new_past))
+                if rc != 0:
+                    raise EngineError(f"libmtmd failed to encode or decode the image ({rc})")
+                added += new_past.value - self.n_past
+                self.n_past = new_past.value
+            return added
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def image_embeddings(self, image: Image.Image) -> np.ndarray:
+        """The projector's output for one prepared image, (n_tokens, n_embd)."""
+        mtmd = _mtmd()
+        chunks = self._image_chunks(image)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) == 0:
+                    continue
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                    raise EngineError("libmtmd failed to encode the image")
+                ptr = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
+                return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+            raise EngineError("libmtmd produced no image chunk")
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last evaluated position (a copy)."""
+        llama_cpp = _llama()
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def truncate(self, n_past: int) -> None:
+        """Forget everything from position n_past on (KV cache and counter)."""
+        llama_cpp = _llama()
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        llama_cpp.llama_memory_seq_rm(mem, 0, n_past, -1)
+        self.n_past = n_past
+
+    def close(self) -> None:
+        if getattr(self, "mtmd_ctx", None):
+            _mtmd().mtmd_free(self.mtmd_ctx)
+            self.mtmd_ctx = None
+        if getattr(self, "_batch", None) is not None:
+            _llama().llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "llm", None) is not None:
+            self.llm.close()
+            self.llm = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
