@@ -65,6 +65,47 @@ def convert(
     typer.echo(f"wrote {result.manifest_path}")
 
 
+@app.command(epilog="Example: huatuo-local doctor --json")
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
+    import json
+    from dataclasses import asdict
+
+    from .doctor import gather
+
+    report = gather()
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=2))
+    else:
+        probe = report.probe
+        status = "ok" if probe.get("ok") else "FAILED"
+        lines = [
+            f"huatuo-local     {report.version}",
+            f"engine           llama-cpp-python {report.engine_version}"
+            + (f" (CMAKE_ARGS={report.engine_build.get('cmake_args') or 'default'})" if report.engine_build else ""),
+            f"vision probe     {status}: {probe.get('verdict')} (max |diff| {probe.get('max_abs_diff', 0):.2e} "
+            f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),
+            f"library          {probe.get('library')}",
+            f"GPU offload      {'available' if report.gpu_offload else 'none (CPU only)'}",
+            f"CPU features     {report.system_info}",
+            f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
+        ]
+        for name, fits in report.fits.items():
+            ok = [q for q, f in fits.items() if f]
+            lines.append(f"{name:<16} fits: {', '.join(ok) if ok else 'none of ' + ', '.join(fits)}")
+        rec = report.recommended
+        lines.append(f"recommended      -ngl {rec['n_gpu_layers']} --threads {rec['threads']}, quant "
+                     + ", ".join(f"{k}: {v or 'too large'}" for k, v in rec["quant"].items()))
+        typer.echo("\n".join(lines))
+    if not report.probe.get("ok"):
+        from .probe import FIX_HINT
+
+        typer.echo(f"error: the vision probe failed; {FIX_HINT}", err=True)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

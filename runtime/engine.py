@@ -82,6 +82,7 @@ class EngineOptions:
     flash_attn: bool = False
     mmproj_offload: bool = True
     seed: int = 0
+    allow_unverified_vision: bool = False
 
 
 def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
@@ -164,6 +165,8 @@ class Engine:
         if not self.mtmd_ctx:
             raise EngineError(f"{self.mmproj_path}: libmtmd could not load the vision projector")
         self.marker = mtmd.mtmd_default_marker().decode()
+        self.vision_warning: str | None = None
+        self._vision_checked = False
         self.n_past = 0
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
 
@@ -277,8 +280,24 @@ class Engine:
             raise EngineError(f"libmtmd could not tokenize the image ({rc})")
         return chunks
 
+    def verify_vision(self) -> None:
+        """Refuse to encode images with a libmtmd that fails the probe (once per library)."""
+        if self._vision_checked:
+            return
+        from .probe import FIX_HINT, check_library
+
+        result = check_library()
+        if not result.ok:
+            message = (f"{result.library}: this llama.cpp build encodes LLaVA images wrongly ({result.verdict}: "
+                       f"{result.detail or 'see huatuo-local doctor'}); {FIX_HINT}")
+            if not self.options.allow_unverified_vision:
+                raise EngineError(message + ", or pass --allow-unverified-vision to answer anyway")
+            self.vision_warning = "warning: image encoding is unverified; " + message
+        self._vision_checked = True
+
     def eval_image(self, image: Image.Image) -> int:
         """Encode one prepared image and append its embeddings; returns its token count."""
+        self.verify_vision()
         mtmd = _mtmd()
         chunks = self._image_chunks(image)
         try:

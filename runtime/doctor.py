@@ -1,0 +1,73 @@
+"""What `huatuo-local doctor` reports: the engine build, the vision probe, RAM, what fits."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from huatuo_local.models.registry import KNOWN_MODELS
+
+GIB = 1024**3
+
+
+@dataclass
+class Report:
+    version: str
+    engine_version: str
+    engine_build: dict
+    system_info: str
+    gpu_offload: bool
+    probe: dict
+    ram_total_gib: float
+    ram_available_gib: float
+    fits: dict[str, dict[str, bool]]
+    recommended: dict
+
+
+def memory_gib() -> tuple[float, float]:
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        total = int(info["MemTotal"].split()[0]) * 1024
+        avail = int(info["MemAvailable"].split()[0]) * 1024
+        return total / GIB, avail / GIB
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total / GIB, total / GIB
+
+
+def engine_build() -> dict:
+    """What scripts/bootstrap.py recorded about the installed engine wheel."""
+    marker = Path(sys.prefix) / "huatuo-engine.json"
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def gather(run_probe: bool = True) -> Report:
+    import llama_cpp
+
+    from huatuo_local import __version__
+
+    from .engine import quiet_logs
+    from .probe import check_library
+
+    quiet_logs()
+    system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    probe = check_library().__dict__ if run_probe else {}
+    total, avail = memory_gib()
+    fits = {
+        m.name: {q: m.ram_needed_gib(q) <= avail for q in m.llm_gib}
+        for m in KNOWN_MODELS.values()
+    }
+    best = {}
+    for m in KNOWN_MODELS.values():
+        ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if fits[m.name].get(q)]
+        best[m.name] = ok[0] if ok else None
+    recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": os.cpu_count() or 1, "quant": best}
+    return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
+                  recommended)

@@ -1,0 +1,148 @@
+"""The engine build: the LLaVA fix script, the run-time vision probe, doctor, and setup."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fix = load_script("fix_llava_concat")
+bootstrap = load_script("bootstrap")
+
+
+@pytest.fixture(scope="module")
+def upstream_llava(tmp_path_factory) -> Path:
+    """The untouched upstream file, from the source distribution setup downloaded and cached."""
+    sdist = bootstrap.cache_root() / "sdist" / f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    assert sdist.is_file(), "setup caches the pinned source distribution; run scripts/bootstrap.py"
+    member = f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/{fix.RELATIVE_PATH}"
+    dst = tmp_path_factory.mktemp("upstream")
+    with tarfile.open(sdist) as tar:
+        data = tar.extractfile(member).read()
+    (dst / fix.RELATIVE_PATH).parent.mkdir(parents=True)
+    (dst / fix.RELATIVE_PATH).write_bytes(data)
+    return dst
+
+
+def test_fix_swaps_exactly_the_class_token_concat(upstream_llava, tmp_path):
+    before = (upstream_llava / fix.RELATIVE_PATH).read_text()
+    assert fix.BUGGY in before, "the pinned release still has the bug this fix is for"
+    tree = tmp_path / "llama.cpp"
+    (tree / fix.RELATIVE_PATH).parent.mkdir(parents=True)
+    (tree / fix.RELATIVE_PATH).write_text(before)
+    assert fix.apply_fix(tree) == "applied"
+    after = (tree / fix.RELATIVE_PATH).read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(changed) == 1 and changed[0][1].strip() == fix.FIXED
+    # Idempotent: a second run (or an upstream release with the fix) applies nothing.
+    assert fix.apply_fix(tree) == "already-fixed"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/fix_llava_concat.py"), str(tree)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "nothing applied" in proc.stdout
+
+
+def test_fix_fails_loudly_when_upstream_changed(upstream_llava, tmp_path):
+    tree = tmp_path / "llama.cpp"
+    (tree / fix.RELATIVE_PATH).parent.mkdir(parents=True)
+    text = (upstream_llava / fix.RELATIVE_PATH).read_text().replace(fix.BUGGY, "inp = build_cls(ctx0, inp);")
+    (tree / fix.RELATIVE_PATH).write_text(text)
+    with pytest.raises(fix.FixError, match="changed upstream"):
+        fix.apply_fix(tree)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/fix_llava_concat.py"), str(tree)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "by hand" in proc.stderr
+    assert (tree / fix.RELATIVE_PATH).read_text() == text, "a refused fix must not touch the file"
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts/fix_llava_concat.py"), str(tmp_path / "x")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_wheel_cache_key_tracks_version_fix_and_flags():
+    base = bootstrap.build_key("")
+    assert base == bootstrap.build_key("")
+    assert base != bootstrap.build_key("-DGGML_CUDA=on")
+    assert base.startswith(bootstrap.LLAMA_CPP_PYTHON_VERSION)
+
+
+def test_probe_passes_on_the_installed_engine():
+    from huatuo_local.runtime.probe import run_probe
+
+    result = run_probe()
+    assert result.ok, result
+    assert result.verdict == "correct"
+    assert result.max_abs_diff < 0.02 * result.scale
+
+
+def test_probe_tells_the_bug_from_a_correct_encoder():
+    """Both outcomes: the numpy model of the buggy graph is recognised and refused."""
+    from huatuo_local.runtime import probe
+
+    w, image = probe._weights(), probe.probe_image()
+    correct = probe.reference_embeddings(image, w)
+    buggy = probe.reference_embeddings(image, w, class_token_last=True)
+    assert np.abs(correct - buggy).max() > 0.5 * np.abs(correct).max(), "the probe must be decisive"
+    ok = probe.classify(correct + 1e-3, correct, buggy, "lib")
+    bad = probe.classify(buggy.astype(np.float32), correct, buggy, "lib")
+    other = probe.classify(np.zeros_like(correct), correct, buggy, "lib")
+    assert ok.ok and ok.verdict == "correct"
+    assert not bad.ok and bad.verdict == "class-token-last bug" and "25814" in bad.detail
+    assert not other.ok and other.verdict == "mismatch"
+
+
+def test_engine_refuses_images_when_the_probe_fails(converted, monkeypatch):
+    from PIL import Image
+
+    from huatuo_local.runtime import probe
+    from huatuo_local.runtime.engine import Engine, EngineError, EngineOptions
+
+    failing = probe.ProbeResult(False, "class-token-last bug", 3.9, 3.3, "/lib/libmtmd.so", "class token last")
+    monkeypatch.setattr(probe, "check_library", lambda use_cache=True: failing)
+    result = converted()
+    image = Image.new("RGB", (336, 336), (10, 20, 30))
+    with Engine(result.llm_path, result.mmproj_path, EngineOptions(n_ctx=1024)) as engine:
+        with pytest.raises(EngineError, match="bootstrap.py.*--allow-unverified-vision"):
+            engine.eval_image(image)
+    opts = EngineOptions(n_ctx=1024, allow_unverified_vision=True)
+    with Engine(result.llm_path, result.mmproj_path, opts) as engine:
+        assert engine.eval_image(image) == 576
+        assert engine.vision_warning and "unverified" in engine.vision_warning
+
+
+def test_doctor_reports_the_probe_and_the_build():
+    import json
+
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert "vision probe     ok: correct" in proc.stdout
+    assert "GPU offload" in proc.stdout and "RAM" in proc.stdout and "huatuo-vision-7b" in proc.stdout
+    report = json.loads(run_cli("doctor", "--json").stdout)
+    assert report["probe"]["ok"] is True and report["engine_version"] == bootstrap.LLAMA_CPP_PYTHON_VERSION
+    assert "AVX" in report["system_info"] or "NEON" in report["system_info"] or report["system_info"]
+
+
+def test_setup_from_a_clean_venv_with_a_warm_cache(tmp_path):
+    """The README's setup path, into a brand-new environment: the cached wheel, then a passing probe."""
+    venv = tmp_path / "venv"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bootstrap.py"), "--venv", str(venv), "--no-dev"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "engine: cached wheel" in proc.stdout, "a warm cache must not rebuild llama.cpp"
+    doctor = subprocess.run([str(venv / "bin" / "huatuo-local"), "doctor"], capture_output=True, text=True,
+                            timeout=300, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert doctor.returncode == 0, doctor.stderr
+    assert "vision probe     ok: correct" in doctor.stdout
