@@ -8,6 +8,7 @@ special, no BOS is added, and pieces are detokenized with buffers sized to fit.
 
 from __future__ import annotations
 
+import codecs
 import ctypes
 import os
 import re
@@ -101,6 +102,39 @@ def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
     return out
 
 
+class TextDecoder:
+    """Streaming detokenizer with Hugging Face's decoding rules.
+
+    Byte-level BPE (Qwen2): the bytes of all pieces, decoded as UTF-8 with replacement.
+    SentencePiece byte fallback (Yi): a run of byte tokens that is not valid UTF-8 becomes
+    one U+FFFD per token, as HF's ByteFallback decoder does, so a run is held until it ends.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.run: list[int] = []
+
+    def _close_run(self) -> str:
+        if not self.run:
+            return ""
+        data = b"".join(self.engine.token_bytes(t) for t in self.run)
+        n, self.run = len(self.run), []
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "\ufffd" * n
+
+    def feed(self, token: int) -> str:
+        if token in self.engine._byte_tokens:
+            self.run.append(token)
+            return ""
+        return self._close_run() + self.utf8.decode(self.engine.token_bytes(token))
+
+    def flush(self) -> str:
+        return self._close_run() + self.utf8.decode(b"", final=True)
+
+
 class Engine:
     """One loaded model: the LLM context (sequence 0) and the libmtmd vision context."""
 
@@ -149,7 +183,7 @@ class Engine:
                 f"model expects {self.n_embd}; use the mmproj converted with this model"
             )
         self.eos_id = int(eos_id if eos_id is not None else llama_cpp.llama_vocab_eos(self.vocab))
-        self._specials = self._special_tokens()
+        self._specials, self._byte_tokens = self._scan_vocab()
         self._special_re = (
             re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
             if self._specials else None
@@ -172,19 +206,22 @@ class Engine:
 
     # --- tokens -----------------------------------------------------------------------
 
-    def _special_tokens(self) -> dict[str, int]:
-        """Added tokens that HF matches verbatim in text: the vocab's control tokens."""
+    def _scan_vocab(self) -> tuple[dict[str, int], frozenset[int]]:
+        """Added tokens HF matches verbatim in text (control tokens), and byte-fallback tokens."""
         llama_cpp = _llama()
-        out: dict[str, int] = {}
+        specials: dict[str, int] = {}
+        byte_tokens = set()
         for tid in range(self.n_vocab):
             attr = llama_cpp.llama_vocab_get_attr(self.vocab, tid)
-            # LLAMA_TOKEN_ATTR_CONTROL = 1 << 3; llama.cpp also flags `</s>`-like texts it
-            # puts on its own EOG list, so only keep pieces whose text is not plain BPE text.
+            if attr & (1 << 5):  # LLAMA_TOKEN_ATTR_BYTE
+                byte_tokens.add(tid)
+            # LLAMA_TOKEN_ATTR_CONTROL; llama.cpp also flags `</s>`-like texts it puts on its own
+            # end-of-generation list, which are plain text to the release's tokenizer.
             if attr & (1 << 3):
                 piece = self.token_bytes(tid, special=True).decode("utf-8", "replace")
                 if piece and piece.startswith("<") and piece.endswith(">") and piece != "</s>":
-                    out[piece] = tid
-        return out
+                    specials[piece] = tid
+        return specials, frozenset(byte_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids as the release's tokenizer gives them (add_special_tokens=False)."""
@@ -228,7 +265,11 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         """Decode with special tokens skipped, as the release's `skip_special_tokens=True`."""
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+        decoder = self.text_decoder()
+        return "".join(decoder.feed(t) for t in tokens) + decoder.flush()
+
+    def text_decoder(self) -> TextDecoder:
+        return TextDecoder(self)
 
     # --- evaluation -------------------------------------------------------------------
 

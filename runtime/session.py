@@ -1,0 +1,209 @@
+"""A conversation: turns, images, the KV cache kept between turns, and the counters.
+
+Every turn re-renders the whole conversation exactly as the release does (chunk-wise
+tokenization around each image, answers re-tokenized from text), then evaluates only
+what differs from what the KV cache already holds. Earlier images are never encoded
+again while they stay in the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.prompt import IMAGE_TOKEN, MAX_IMAGES, Turn, render_prompt
+
+from .engine import Engine
+from .images import load_rgb, prepare
+from .sampling import SamplingParams, next_token
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image's place in the token stream: compared by content hash, never re-encoded."""
+
+    digest: str
+    picture: Image.Image = field(compare=False, hash=False, repr=False)
+
+
+Item = int | ImageItem
+
+
+@dataclass
+class Counters:
+    images_encoded: int = 0
+    prompt_tokens_evaluated: int = 0
+    tokens_reused: int = 0
+    tokens_generated: int = 0
+
+
+@dataclass
+class Timings:
+    image_encode_s: float = 0.0
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
+    first_token_s: float = 0.0
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: list[int]
+    prompt_positions: int
+    counters: Counters
+    timings: Timings
+    warning: str | None = None
+
+
+def image_item(picture: Image.Image) -> ImageItem:
+    digest = hashlib.sha256(picture.tobytes()).hexdigest()
+    return ImageItem(digest, picture)
+
+
+class Session:
+    def __init__(self, engine: Engine, sampling: SamplingParams | None = None):
+        self.engine = engine
+        self.sampling = sampling or SamplingParams()
+        self.turns: list[Turn] = []
+        self.images: list[ImageItem] = []
+        self.cached: list[Item] = []  # what the KV cache holds, position by position (images atomic)
+        self.counters = Counters()
+        self._image_widths: dict[str, int] = {}
+        self.logit_hook = None  # called with each step's logits (fidelity checks)
+        self._rng = np.random.default_rng(self.sampling.seed)
+
+    # --- conversation state --------------------------------------------------------
+
+    def clear(self) -> None:
+        self.turns.clear()
+        self.images.clear()
+
+    def prepare_images(self, paths: list[str | Path]) -> list[ImageItem]:
+        if len(self.images) + len(paths) > MAX_IMAGES:
+            raise HuatuoError(f"at most {MAX_IMAGES} images per conversation (the release's limit); /clear to start over")
+        return [image_item(prepare(load_rgb(p), self.engine.vision)) for p in paths]
+
+    def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
+        """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
+        prompt = render_prompt(turns, IMAGE_TOKEN)
+        chunks = prompt.split(IMAGE_TOKEN)
+        if len(chunks) - 1 != len(images):
+            raise HuatuoError("internal: image placeholders and images disagree")
+        items: list[Item] = []
+        for i, chunk in enumerate(chunks):
+            items.extend(self.engine.tokenize(chunk))
+            if i < len(images):
+                items.append(images[i])
+        return items
+
+    # --- evaluation ----------------------------------------------------------------
+
+    def _sync(self, items: list[Item], timings: Timings) -> int:
+        """Bring the KV cache to `items`, reusing the common prefix; returns positions reused."""
+        engine = self.engine
+        common, pos = 0, 0
+        for a, b in zip(self.cached, items):
+            if a != b:
+                break
+            common += 1
+            pos += self._width(a)
+        if pos == engine.n_past and common == len(items) and items:
+            # Everything is cached: re-evaluate the last item to get fresh logits.
+            common -= 1
+            pos -= self._width(items[-1])
+        engine.truncate(pos)
+        self.cached = self.cached[:common]
+        reused = pos
+        i = common
+        while i < len(items):
+            if isinstance(items[i], ImageItem):
+                t0 = time.perf_counter()
+                n = engine.eval_image(items[i].picture)
+                timings.image_encode_s += time.perf_counter() - t0
+                self._image_widths[items[i].digest] = n
+                self.counters.images_encoded += 1
+                self.counters.prompt_tokens_evaluated += n
+                self.cached.append(items[i])
+                i += 1
+                continue
+            j = i
+            while j < len(items) and not isinstance(items[j], ImageItem):
+                j += 1
+            run = [int(t) for t in items[i:j]]
+            t0 = time.perf_counter()
+            engine.eval_tokens(run, logits_last=(j == len(items)))
+            timings.prompt_s += time.perf_counter() - t0
+            self.counters.prompt_tokens_evaluated += len(run)
+            self.cached.extend(run)
+            i = j
+        self.counters.tokens_reused += reused
+        return reused
+
+    def _width(self, item: Item) -> int:
+        return self._image_widths[item.digest] if isinstance(item, ImageItem) else 1
+
+    def stream(self, text: str, image_paths: list[str | Path] | None = None,
+               params: SamplingParams | None = None) -> Iterator[str]:
+        """Ask one turn; yields the answer's text as it is generated. `last_reply` holds the rest."""
+        params = params or self.sampling
+        new_images = self.prepare_images(list(image_paths or []))
+        turn = Turn(text, len(new_images))
+        items = self.items_for([*self.turns, turn], [*self.images, *new_images])
+        timings = Timings()
+        start = time.perf_counter()
+        before = Counters(**self.counters.__dict__)
+        try:
+            self._sync(items, timings)
+        except BaseException:
+            # A failed or interrupted prefill leaves the cache in an unknown state: start clean.
+            self.engine.truncate(0)
+            self.cached = []
+            raise
+        prompt_positions = self.engine.n_past
+        engine = self.engine
+        generated: list[int] = []
+        decoder = engine.text_decoder()
+        pieces: list[str] = []
+        gen_start = time.perf_counter()
+        try:
+            while len(generated) < params.max_new_tokens:
+                logits = engine.logits()
+                if self.logit_hook is not None:
+                    self.logit_hook(logits)
+                tok = next_token(logits, generated, params, self._rng, engine.eos_id)
+                if not generated:
+                    timings.first_token_s = time.perf_counter() - start
+                if tok == engine.eos_id:
+                    break
+                generated.append(tok)
+                piece = decoder.feed(tok)
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                engine.eval_tokens([tok])
+                self.cached.append(tok)
+            tail = decoder.flush()
+            if tail:
+                pieces.append(tail)
+                yield tail
+        finally:
+            timings.generation_s = time.perf_counter() - gen_start
+            self.counters.tokens_generated += len(generated)
+            answer = "".join(pieces).strip()
+            self.turns.append(Turn(text, len(new_images), answer))
+            self.images.extend(new_images)
+            delta = Counters(**{k: getattr(self.counters, k) - getattr(before, k) for k in before.__dict__})
+            self.last_reply = Reply(answer, generated, prompt_positions, delta, timings, engine.vision_warning)
+
+    def ask(self, text: str, image_paths: list[str | Path] | None = None,
+            params: SamplingParams | None = None) -> Reply:
+        for _ in self.stream(text, image_paths, params):
+            pass
+        return self.last_reply
