@@ -53,6 +53,7 @@ class TinySpec:
     seed: int = 0
     weight_scale: float = 1.0
     extra_config: dict = field(default_factory=dict)
+    tokenizer_from: str = ""  # a folder whose tokenizer files replace the trained one
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -274,7 +275,12 @@ def make_checkpoint(root: Path, s: TinySpec) -> dict:
     if s.tower != "inside":
         stored.update({"vision_model." + k: v for k, v in tower_stored.items()} if not s.tower_prefix
                       else tower_stored)
-    if s.arch == "qwen2":
+    if s.tokenizer_from:
+        import shutil
+
+        for f in Path(s.tokenizer_from).iterdir():
+            shutil.copy(f, ckpt / f.name)
+    elif s.arch == "qwen2":
         write_bpe_tokenizer(ckpt)
     else:
         write_spm_tokenizer(ckpt, s.vocab_size - 40)
