@@ -6,3 +6,15 @@ The package is one namespace over the repository's top-level folders:
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import huatuo_local` does not load llama.cpp.
+    if name == "HuatuoChatbot":
+        from huatuo_local.runtime.api import HuatuoChatbot
+
+        return HuatuoChatbot
+    raise AttributeError(name)
+
+
+__all__ = ["HuatuoChatbot", "__version__"]

@@ -106,6 +106,63 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command(epilog="Examples:\n\n  huatuo-local chat scan.png -p \"What does this image show?\"\n\n"
+                   "  huatuo-local chat ct.png mri.png            (interactive)\n\n"
+                   "  echo \"Describe the findings\" | huatuo-local chat scan.png --json")
+def chat(
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Images for the first question.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Ask one question and exit.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, folder, manifest or "
+                                                 ".gguf file (default: huatuo-vision-7b).")] = None,
+    n_gpu_layers: Annotated[Optional[int], typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
+                                                        "(default: all when a GPU is available).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    ctx: Annotated[int, typer.Option(help="Context length in tokens.")] = 4096,
+    temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
+    repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")] = 1.2,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 512,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, f32 or q8_0.")] = "f16",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
+    no_mmproj_offload: Annotated[bool, typer.Option(help="Keep the vision encoder on the CPU.")] = False,
+    allow_unverified_vision: Annotated[bool, typer.Option(help="Answer even if the vision probe fails.")] = False,
+) -> None:
+    """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
+    from .api import HuatuoChatbot
+
+    paths = [str(p) for p in images or []]
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            fail("no question: give -p PROMPT or text on standard input")
+    bot = HuatuoChatbot(model, n_gpu_layers=n_gpu_layers, n_ctx=ctx, threads=threads, kv_type=kv_type,
+                        mmproj_offload=not no_mmproj_offload, temperature=temperature,
+                        repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
+                        allow_unverified_vision=allow_unverified_vision)
+    if prompt is None:
+        from . import repl
+
+        raise typer.Exit(repl.run(bot, paths))
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        reply = bot.session.ask(prompt, paths)
+        typer.echo(json.dumps({
+            "answer": reply.text, "model": bot.model.name,
+            "tokens": {"prompt": reply.prompt_positions, "generated": len(reply.tokens)},
+            "timings": asdict(reply.timings), "counters": asdict(reply.counters),
+            "session_counters": asdict(bot.counters), "warning": reply.warning,
+        }, ensure_ascii=False, indent=2))
+        return
+    for piece in bot.stream(prompt, paths):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if bot.last_reply.warning:
+        typer.echo(bot.last_reply.warning, err=True)
+
+
 def main() -> None:
     try:
         app()

@@ -114,8 +114,8 @@ class Session:
                 break
             common += 1
             pos += self._width(a)
-        if pos == engine.n_past and common == len(items) and items:
-            # Everything is cached: re-evaluate the last item to get fresh logits.
+        if common == len(items) and items:
+            # The whole prompt is cached: re-evaluate its last item to get its logits back.
             common -= 1
             pos -= self._width(items[-1])
         engine.truncate(pos)

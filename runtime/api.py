@@ -1,0 +1,100 @@
+"""`HuatuoChatbot`: a drop-in for the release's Python class, backed by llama.cpp.
+
+    from huatuo_local import HuatuoChatbot
+    bot = HuatuoChatbot("huatuo-vision-7b")
+    output = bot.inference("What does the picture show?", ["scan.png"])
+    print(output[0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from huatuo_local.models import defaults
+from huatuo_local.models.store import ResolvedModel, resolve
+
+from .engine import Engine, EngineOptions
+from .offline import forbid_network
+from .sampling import SamplingParams
+from .session import Counters, Reply, Session
+
+
+def default_gpu_layers() -> int:
+    import llama_cpp
+
+    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+class HuatuoChatbot:
+    """A loaded model and one conversation. `inference` is single-turn, `chat` keeps history."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        n_gpu_layers: int | None = None,
+        n_ctx: int = 4096,
+        threads: int | None = None,
+        kv_type: str = "f16",
+        mmproj_offload: bool = True,
+        temperature: float = defaults.TEMPERATURE,
+        repetition_penalty: float = defaults.REPETITION_PENALTY,
+        max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+        top_k: int = defaults.TOP_K,
+        top_p: float = defaults.TOP_P,
+        seed: int | None = None,
+        allow_unverified_vision: bool = False,
+        offline: bool = True,
+    ):
+        self.model: ResolvedModel = resolve(model)
+        if offline:
+            forbid_network()
+        options = EngineOptions(
+            n_ctx=n_ctx, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
+            n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
+            seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
+        )
+        self.engine = Engine(self.model.llm_path, self.model.mmproj_path, options, eos_id=self.model.eos_id)
+        self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
+                                       max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
+        self.session = Session(self.engine, self.sampling)
+
+    # --- the release's interface ----------------------------------------------------
+
+    def inference(self, query: str, image_paths: list[str | Path] | None = None) -> list[str]:
+        """One question, no history (the release's `inference`); returns [answer]."""
+        self.session.clear()
+        reply = self.session.ask(query, list(image_paths or []))
+        self.session.clear()
+        return [reply.text]
+
+    def chat(self, text: str, images: list[str | Path] | None = None) -> str:
+        """One turn of a conversation; earlier turns and images stay in context."""
+        return self.session.ask(text, list(images or [])).text
+
+    def clear_history(self) -> None:
+        self.session.clear()
+
+    # --- beyond the release ---------------------------------------------------------
+
+    def stream(self, text: str, images: list[str | Path] | None = None) -> Iterator[str]:
+        """Like `chat`, yielding the answer as it is generated; `last_reply` has the details."""
+        yield from self.session.stream(text, list(images or []))
+
+    @property
+    def last_reply(self) -> Reply:
+        return self.session.last_reply
+
+    @property
+    def counters(self) -> Counters:
+        return self.session.counters
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> HuatuoChatbot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""The interactive chat: streaming answers, /commands, Ctrl-C to stop an answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from huatuo_local.models.errors import HuatuoError
+
+from .api import HuatuoChatbot
+
+HELP = """Commands:
+  /image PATH   add an image to your next question (up to 6 per conversation)
+  /clear        forget the conversation and its images
+  /save FILE    write the transcript (.md for Markdown, .json for JSON)
+  /help         this help
+  /quit         leave (Ctrl-D too); Ctrl-C stops an answer in progress"""
+
+
+def _save(bot: HuatuoChatbot, target: str) -> str:
+    path = Path(target).expanduser()
+    turns = [{"user": t.text, "images": t.n_images, "assistant": t.answer} for t in bot.session.turns]
+    if path.suffix.lower() == ".json":
+        text = json.dumps({"model": bot.model.name, "turns": turns}, indent=2, ensure_ascii=False)
+    elif path.suffix.lower() in (".md", ".markdown"):
+        parts = [f"# huatuo-local transcript ({bot.model.name})\n"]
+        for t in turns:
+            parts.append(f"**User**{' (' + str(t['images']) + ' image(s))' if t['images'] else ''}: {t['user']}\n")
+            parts.append(f"**Assistant**: {t['assistant']}\n")
+        text = "\n".join(parts)
+    else:
+        raise HuatuoError(f"{path}: use a .md or .json file name")
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return str(path)
+
+
+def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    pending = list(images)
+    print(f"huatuo-local chat with {bot.model.name}. /help for commands, Ctrl-D to leave.", file=out)
+    if bot.engine.vision_warning:
+        print(bot.engine.vision_warning, file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=out)
+            return 0
+        except KeyboardInterrupt:
+            print(file=out)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            try:
+                if cmd in ("/quit", "/exit", "/bye"):
+                    return 0
+                if cmd == "/help":
+                    print(HELP, file=out)
+                elif cmd == "/clear":
+                    bot.clear_history()
+                    pending.clear()
+                    print("(conversation cleared)", file=out)
+                elif cmd == "/image":
+                    if not arg:
+                        raise HuatuoError("usage: /image PATH")
+                    if not Path(arg).expanduser().is_file():
+                        raise HuatuoError(f"{arg}: no such file")
+                    pending.append(str(Path(arg).expanduser()))
+                    print(f"(image added: {arg}; it goes with your next question)", file=out)
+                elif cmd == "/save":
+                    if not arg:
+                        raise HuatuoError("usage: /save FILE.md or /save FILE.json")
+                    print(f"(saved {_save(bot, arg)})", file=out)
+                else:
+                    raise HuatuoError(f"unknown command {cmd}; /help lists them")
+            except HuatuoError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+            continue
+        try:
+            stream = bot.stream(line, pending)
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+            pending = []
+        except KeyboardInterrupt:
+            stream.close()
+            pending = []
+            out.write("\n(answer stopped)")
+        except HuatuoError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        out.write("\n")
+        warning = bot.engine.vision_warning
+        if warning:
+            print(warning, file=sys.stderr)
+        out.flush()

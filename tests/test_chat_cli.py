@@ -1,0 +1,223 @@
+"""`huatuo-local chat` and the Python API, driven as a user would, on tiny converted models."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import CLI, ROOT, run_cli
+from PIL import Image
+from tiny_models import TinySpec
+
+SPEC = TinySpec(arch="qwen2", seed=8, tower="folder")
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return converted(SPEC, "F32", "f32")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (w, h) in enumerate([(300, 200), (180, 260), (336, 336), (64, 64), (90, 40), (120, 120), (50, 70)]):
+        rng = np.random.default_rng(100 + i)
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    return paths
+
+
+def chat(model, *args, input=None, env=None):
+    return run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", *args, input=input, env=env)
+
+
+def test_one_shot_answer_matches_the_pytorch_reference(model, images, tiny):
+    from reference import Reference
+
+    ref = Reference(tiny(SPEC))
+    prompt = "<|user|>\n<image>\nWhat does the picture show?\n<|assistant|>\n"
+    tokens, _ = ref.generate(prompt, [images[0]], max_new_tokens=24)
+    want = ref.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    proc = chat(model, images[0], "-p", "What does the picture show?", "--max-tokens", "24")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == want
+    assert proc.stderr == ""
+
+
+def test_question_from_stdin_and_json_output(model, images):
+    proc = chat(model, images[0], "--json", "--max-tokens", "8", input="What does the picture show?\n")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["model"] == "tiny"
+    assert 1 <= out["tokens"]["generated"] <= 8
+    assert out["tokens"]["prompt"] > 576
+    assert out["counters"]["images_encoded"] == 1
+    assert out["counters"]["prompt_tokens_evaluated"] == out["tokens"]["prompt"]
+    assert out["counters"]["tokens_reused"] == 0
+    for key in ("image_encode_s", "prompt_s", "generation_s", "first_token_s"):
+        assert out["timings"][key] >= 0
+    same = chat(model, images[0], "-p", "What does the picture show?", "--max-tokens", "8")
+    assert same.stdout.strip() == out["answer"], "greedy answers are deterministic"
+
+
+def test_sampling_is_seeded(model, images):
+    a = chat(model, images[0], "-p", "Describe it.", "--temperature", "0.9", "--seed", "5", "--max-tokens", "12")
+    b = chat(model, images[0], "-p", "Describe it.", "--temperature", "0.9", "--seed", "5", "--max-tokens", "12")
+    c = chat(model, images[0], "-p", "Describe it.", "--temperature", "0.9", "--seed", "6", "--max-tokens", "12")
+    assert a.returncode == b.returncode == c.returncode == 0
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+def test_follow_up_reuses_the_kv_cache_through_the_api(model, images):
+    from huatuo_local import HuatuoChatbot
+
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8) as bot:
+        first = bot.chat("What does the picture show?", [images[0]])
+        turn1 = bot.last_reply
+        second = bot.chat("Is there anything abnormal?")
+        turn2 = bot.last_reply
+        assert isinstance(first, str) and isinstance(second, str)
+        assert turn1.counters.images_encoded == 1 and turn2.counters.images_encoded == 0
+        # Everything up to the end of turn 1's prompt is reused; only the re-tokenized answer
+        # (random weights make it invalid UTF-8, so it re-tokenizes differently) and turn 2 are new.
+        assert turn2.counters.tokens_reused >= turn1.prompt_positions > 576
+        assert turn2.counters.prompt_tokens_evaluated == turn2.prompt_positions - turn2.counters.tokens_reused
+        assert turn2.counters.prompt_tokens_evaluated < 60
+        streamed = "".join(bot.stream("And the size?"))
+        assert streamed.strip() == bot.last_reply.text
+        assert bot.counters.images_encoded == 1
+        bot.clear_history()
+        again = bot.inference("What does the picture show?", [images[0]])
+        assert again == [first]
+        assert bot.counters.images_encoded == 1, "the same image at the same place is reused, not re-encoded"
+
+
+def test_errors_are_one_line_and_exit_non_zero(model, images, tmp_path):
+    text_png = tmp_path / "notes.png"
+    text_png.write_text("this is not an image")
+    cases = [
+        ([str(tmp_path / "missing.png"), "-p", "hi"], "missing.png"),
+        ([str(text_png), "-p", "hi"], "notes.png"),
+        ([str(tmp_path), "-p", "hi"], "folder"),
+        ([*images[:7], "-p", "hi"], "at most 6 images"),
+        ([images[0], "-p", "word " * 3000, "--ctx", "1024"], "--ctx"),
+    ]
+    for args, needle in cases:
+        proc = chat(model, *args)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and needle in last, (args, proc.stderr)
+
+
+def test_model_errors(model, images, tmp_path, converted):
+    not_gguf = tmp_path / "fake.gguf"
+    not_gguf.write_text("hello")
+    (tmp_path / "mmproj-fake.gguf").write_text("hello")
+    other = converted(TinySpec(arch="llama", hidden=96, heads=4, kv_heads=2, seed=4, tower="folder"), "F16", "f16")
+    mismatched = tmp_path / "mix"
+    mismatched.mkdir()
+    os.symlink(model.llm_path, mismatched / "tiny-F32.gguf")
+    os.symlink(other.mmproj_path, mismatched / "mmproj-other-f16.gguf")
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    cases = [
+        (["--model", str(not_gguf)], "not a GGUF file"),
+        (["--model", "huatuo-vision-7b"], "huatuo-local pull huatuo-vision-7b"),
+        ([], "huatuo-local pull huatuo-vision-7b"),
+        (["--model", "no-such-model"], "not installed"),
+        (["--model", str(mismatched / "tiny-F32.gguf")], "96-wide"),
+    ]
+    for args, needle in cases:
+        proc = run_cli("chat", images[0], "-p", "hi", *args, env=env)
+        assert proc.returncode != 0, args
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr and last.startswith("error: ") and needle in last, (args, last)
+
+
+def test_chat_makes_no_network_access(model, images, tmp_path):
+    """An audit hook in a sitecustomize records every connection attempt of the process."""
+    log = tmp_path / "net.log"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import sys
+        def _record(event, args):
+            if event in ("socket.connect", "socket.getaddrinfo"):
+                with open({str(log)!r}, "a") as f:
+                    f.write(event + " " + repr(args[1:] if event == "socket.connect" else args[:2]) + "\\n")
+        sys.addaudithook(_record)
+    """))
+    env = {"PYTHONPATH": str(site), "HF_ENDPOINT": "http://203.0.113.1:9"}
+    proc = chat(model, images[0], "-p", "What does the picture show?", "--max-tokens", "4", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not log.exists() or log.read_text() == "", log.read_text()
+
+
+def test_the_offline_guard_refuses_outside_addresses():
+    code = textwrap.dedent("""
+        import socket
+        from huatuo_local.runtime.offline import forbid_network, NetworkBlocked
+        forbid_network()
+        try:
+            socket.create_connection(("203.0.113.1", 80), timeout=1)
+        except NetworkBlocked as e:
+            print("blocked:", e)
+        try:
+            socket.getaddrinfo("huggingface.co", 443)
+        except NetworkBlocked as e:
+            print("blocked:", e)
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+        c = socket.create_connection(s.getsockname(), timeout=1); print("loopback ok"); c.close()
+    """)
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.count("blocked:") == 2 and "loopback ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_interactive_session_in_a_terminal(model, images, tmp_path):
+    import pexpect
+
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
+                                   "--max-tokens", "400", images[0]],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child.expect(">>> ")
+    child.sendline("/help")
+    child.expect("/image PATH")
+    child.expect(">>> ")
+    child.sendline("What does the picture show?")
+    child.expect(">>> ")
+    child.sendline(f"/image {images[1]}")
+    child.expect("image added")
+    child.expect(">>> ")
+    # A long answer, interrupted: the session must survive and answer again.
+    child.sendline("Describe everything in detail.")
+    child.expect("Describe everything in detail.\r\n")  # the terminal's echo
+    child.expect(r"\S", timeout=30)  # the answer has started
+    child.sendintr()
+    child.expect(r"answer stopped")
+    child.expect(">>> ")
+    child.sendline(f"/image {tmp_path / 'nope.png'}")
+    child.expect("error: .*nope.png: no such file")
+    child.expect(">>> ")
+    transcript = tmp_path / "t.json"
+    child.sendline(f"/save {transcript}")
+    child.expect("saved")
+    child.expect(">>> ")
+    child.sendline("/clear")
+    child.expect("cleared")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads(transcript.read_text())
+    assert [t["images"] for t in saved["turns"]] == [1, 1]
+    assert saved["turns"][0]["user"] == "What does the picture show?"
+    assert saved["turns"][1]["user"] == "Describe everything in detail."
