@@ -5,8 +5,8 @@ python := ".venv/bin/python"
 setup:
     python3 scripts/bootstrap.py
 
-# Run the test suite
-test *ARGS:
+# Lint, then run the test suite
+test *ARGS: lint
     {{python}} -m pytest -q {{ARGS}}
 
 # Lint

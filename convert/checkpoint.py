@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-
 from huatuo_local.models.errors import CheckpointError
 
 from .safetensors import SafetensorsFile

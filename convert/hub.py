@@ -31,13 +31,14 @@ def download(repo_id: str, patterns: list[str] | None = None, subfolder: str | N
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=pats))
     except RepositoryNotFoundError as exc:
-        raise HuatuoError(f"{repo_id}: no such Hugging Face repository (or it is private; run `hf auth login`)") from exc
+        raise HuatuoError(
+            f"{repo_id}: no such Hugging Face repository (or it is private; run `hf auth login`)") from exc
     except LocalEntryNotFoundError as exc:
         raise HuatuoError(
             f"{repo_id}: cannot download (no network?) and not in the local cache; "
             "download it elsewhere and pass the folder instead"
         ) from exc
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, Exception) as exc:  # httpx errors carry no common base
         raise HuatuoError(f"{repo_id}: download failed ({exc}); run the command again to resume") from exc
     return folder / subfolder if subfolder else folder
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
-
-from huatuo_local import __version__
 from huatuo_local.models.errors import CheckpointError, HuatuoError
 from huatuo_local.models.layout import ModelSpec, read_spec
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.prompt import CHAT_TEMPLATE
+
+from huatuo_local import __version__
 
 from . import hub
 from .checkpoint import TensorSource, open_tensors
@@ -68,7 +68,8 @@ def plan_llm(spec: ModelSpec, tensors: dict[str, TensorSource], target: QT) -> l
         try:
             mapped = llm_name(name, llm)
         except KeyError:
-            raise CheckpointError(f"{spec.config_path.parent}: unexpected tensor {name}; is this a LLaVA checkpoint?")
+            raise CheckpointError(
+                f"{spec.config_path.parent}: unexpected tensor {name}; is this a LLaVA checkpoint?") from None
         if mapped is None:
             continue
         _check_shape(ref, mapped, spec.config_path.parent)
@@ -122,7 +123,7 @@ def plan_mmproj(spec: ModelSpec, tower: Tower, projector: dict[str, TensorSource
         try:
             mapped = clip_name(rel, v, keep)
         except KeyError:
-            raise CheckpointError(f"{tower.where}: unexpected vision tower tensor {rel}")
+            raise CheckpointError(f"{tower.where}: unexpected vision tower tensor {rel}") from None
         if mapped is None:
             continue
         _check_shape(ref, mapped, Path(tower.where))
@@ -138,7 +139,7 @@ def plan_mmproj(spec: ModelSpec, tower: Tower, projector: dict[str, TensorSource
         try:
             mapped = projector_name(name, spec.llm.hidden_size, spec.mm_hidden_size)
         except KeyError:
-            raise CheckpointError(f"{spec.config_path.parent}: unexpected projector tensor {name}")
+            raise CheckpointError(f"{spec.config_path.parent}: unexpected projector tensor {name}") from None
         _check_shape(ref, mapped, spec.config_path.parent)
         plans.append(TensorPlan(mapped.gguf_name, ref, pick_type(mapped.gguf_name, mapped.shape, target)))
     names = {p.name for p in plans}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from huatuo_local.models.errors import CheckpointError
 
 # bf16 has no numpy dtype: it is read as uint16 and widened on demand.

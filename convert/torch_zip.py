@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from huatuo_local.models.errors import CheckpointError
 
 _STORAGE_DTYPES = {

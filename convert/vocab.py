@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from gguf import TokenType
-
 from huatuo_local.models.errors import CheckpointError, UnsupportedModelError
 
 # The pre-tokenizer regex of Qwen2's tokenizer.json; llama.cpp's `qwen2` pre-type implements it.

@@ -20,7 +20,6 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import quantize
-
 from huatuo_local.models.errors import HuatuoError
 
 from .checkpoint import TensorSource

@@ -72,7 +72,8 @@ def spec_from_config(cfg: dict[str, Any], where: Path | str) -> VisionSpec:
             source=str(where),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: incomplete vision tower config ({exc}); check the tower's config.json") from exc
+        raise CheckpointError(
+            f"{where}: incomplete vision tower config ({exc}); check the tower's config.json") from exc
 
 
 def with_preprocessor(spec: VisionSpec, folder: Path | None) -> VisionSpec:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
 from huatuo_local.models.errors import HuatuoError
 
 app = typer.Typer(
@@ -47,9 +46,9 @@ def convert(
     quant: Annotated[str, typer.Option(help="LLM type: F32, F16, BF16, Q8_0, or a llama.cpp quant (Q6_K, "
                                             "Q5_K_M, Q4_K_M, ...).")] = "Q4_K_M",
     mmproj_type: Annotated[str, typer.Option(help="Vision projector type: f16, q8_0 or f32.")] = "f16",
-    vision_tower: Annotated[Optional[str], typer.Option(help="CLIP tower folder or repo id, when the "
+    vision_tower: Annotated[str | None, typer.Option(help="CLIP tower folder or repo id, when the "
                                                              "checkpoint does not hold it.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Base name of the output files.")] = None,
+    name: Annotated[str | None, typer.Option(help="Base name of the output files.")] = None,
     threads: Annotated[int, typer.Option(help="Quantizer threads (0: all cores).")] = 0,
 ) -> None:
     """Convert a HuatuoGPT-Vision checkpoint into NAME-QUANT.gguf + mmproj-NAME-TYPE.gguf."""
@@ -68,12 +67,22 @@ def convert(
 @app.command(epilog="Example: huatuo-local doctor --json")
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    selftest: Annotated[bool, typer.Option("--selftest", help="Also write, convert and chat with a tiny random "
+                                                              "model (no download).")] = False,
 ) -> None:
     """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
     import json
     from dataclasses import asdict
 
     from .doctor import gather
+
+    if selftest:
+        from . import selftest as st
+
+        result = st.run()
+        where = "GPU (all layers)" if result.gpu_layers else "CPU"
+        typer.echo(f"selftest         ok on {where}: converted a random model and generated {result.tokens} "
+                   f"tokens in {result.seconds:.1f} s (random weights: the answer is meaningless)")
 
     report = gather()
     if as_json:
@@ -110,18 +119,18 @@ def doctor(
                    "  huatuo-local chat ct.png mri.png            (interactive)\n\n"
                    "  echo \"Describe the findings\" | huatuo-local chat scan.png --json")
 def chat(
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Images for the first question.")] = None,
-    prompt: Annotated[Optional[str], typer.Option("-p", "--prompt", help="Ask one question and exit.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model name, folder, manifest or "
+    images: Annotated[list[Path] | None, typer.Argument(help="Images for the first question.")] = None,
+    prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Ask one question and exit.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or "
                                                  ".gguf file (default: huatuo-vision-7b).")] = None,
-    n_gpu_layers: Annotated[Optional[int], typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
+    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
                                                         "(default: all when a GPU is available).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     ctx: Annotated[int, typer.Option(help="Context length in tokens.")] = 4096,
     temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
     repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")] = 1.2,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 512,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     kv_type: Annotated[str, typer.Option(help="KV cache type: f16, f32 or q8_0.")] = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
     no_mmproj_offload: Annotated[bool, typer.Option(help="Keep the vision encoder on the CPU.")] = False,
@@ -161,6 +170,59 @@ def chat(
     sys.stdout.write("\n")
     if bot.last_reply.warning:
         typer.echo(bot.last_reply.warning, err=True)
+
+
+@app.command(epilog="Example: huatuo-local pull huatuo-vision-7b --quant Q4_K_M")
+def pull(
+    model: Annotated[str, typer.Argument(help="huatuo-vision-7b, huatuo-vision-34b, or a Hugging Face repo id.")],
+    quant: Annotated[str | None, typer.Option(help="LLM quant (default: the model's, Q4_K_M).")] = None,
+    name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
+) -> None:
+    """Download a model (and convert it when needed) into the local store."""
+    from .progress import StageProgress
+    from .pull import pull as run_pull
+
+    with StageProgress() as bar:
+        resolved = run_pull(model, quant, name, progress=bar.update)
+    typer.echo(f"ready: {resolved.name} ({resolved.llm_path.name}); "
+               f"try: huatuo-local chat IMAGE --model {resolved.name}")
+
+
+@app.command(name="list", epilog="Example: huatuo-local list")
+def list_cmd() -> None:
+    """List the models in the local store ($HUATUO_LOCAL_HOME/models)."""
+    from huatuo_local.models.store import list_models, models_dir
+
+    found = list_models()
+    if not found:
+        typer.echo(f"no models in {models_dir()}; get one with: huatuo-local pull huatuo-vision-7b")
+        return
+    for m in found:
+        size = (m.llm_path.stat().st_size + m.mmproj_path.stat().st_size) / 1024**3
+        quant = m.manifest.quant if m.manifest else "?"
+        typer.echo(f"{m.name:<24} {quant:<8} {size:6.2f} GiB  {m.folder}")
+
+
+@app.command(epilog="Example: huatuo-local info huatuo-vision-7b")
+def info(model: Annotated[str, typer.Argument(help="Model name, folder, manifest or .gguf file.")]) -> None:
+    """Show a model's files, source, quantization and checksums."""
+    import json
+    from dataclasses import asdict
+
+    from huatuo_local.models.store import resolve
+
+    m = resolve(model)
+    data = asdict(m.manifest) if m.manifest else {"name": m.name}
+    data.update({"llm_path": str(m.llm_path), "mmproj_path": str(m.mmproj_path)})
+    typer.echo(json.dumps(data, indent=2))
+
+
+@app.command(epilog="Example: huatuo-local rm huatuo-vision-7b")
+def rm(model: Annotated[str, typer.Argument(help="Name of a model in the local store.")]) -> None:
+    """Delete a model from the local store."""
+    from huatuo_local.models.store import remove
+
+    typer.echo(f"removed {remove(model)}")
 
 
 def main() -> None:

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from huatuo_local.models.errors import HuatuoError
+from PIL import Image
 
 from .images import VisionInput
 

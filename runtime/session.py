@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import IMAGE_TOKEN, MAX_IMAGES, Turn, render_prompt
+from PIL import Image
 
 from .engine import Engine
 from .images import load_rgb, prepare
@@ -87,7 +86,8 @@ class Session:
 
     def prepare_images(self, paths: list[str | Path]) -> list[ImageItem]:
         if len(self.images) + len(paths) > MAX_IMAGES:
-            raise HuatuoError(f"at most {MAX_IMAGES} images per conversation (the release's limit); /clear to start over")
+            raise HuatuoError(
+                f"at most {MAX_IMAGES} images per conversation (the release's limit); /clear to start over")
         return [image_item(prepare(load_rgb(p), self.engine.vision)) for p in paths]
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:

@@ -119,13 +119,13 @@ def venv_python(venv: Path) -> Path:
 
 
 def main() -> int:
+    if sys.version_info < (3, 10):  # noqa: UP036 (this script runs on whatever python3 the user has)
+        print("error: huatuo-local needs Python 3.10 or newer", file=sys.stderr)
+        return 1
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", type=Path, default=ROOT / ".venv", help="virtual environment to create or update")
     ap.add_argument("--no-dev", action="store_true", help="skip test and benchmark tools (torch, transformers, ...)")
     args = ap.parse_args()
-    if sys.version_info < (3, 10):
-        print("error: huatuo-local needs Python 3.10 or newer", file=sys.stderr)
-        return 1
 
     venv = args.venv.resolve()
     python = venv_python(venv)

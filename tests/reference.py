@@ -35,11 +35,17 @@ def expand2square(img: Image.Image, color) -> Image.Image:
 
 class Reference:
     def __init__(self, info: dict):
-        from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                                  Qwen2Config, Qwen2ForCausalLM)
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
         from tiny_models import PREPROCESSOR, clip_config, clip_stored
+        from transformers import (
+            AutoTokenizer,
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            LlamaConfig,
+            LlamaForCausalLM,
+            Qwen2Config,
+            Qwen2ForCausalLM,
+        )
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         spec, cfg, stored = info["spec"], info["config"], info["stored"]
         self.ckpt = Path(info["ckpt"])

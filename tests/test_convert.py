@@ -235,7 +235,6 @@ def test_manifest_records_files_and_hashes(converted):
 def test_pytorch_bin_tower_is_read_without_torch_in_the_converter(tiny, tmp_path):
     """The older `.bin` variant: the tower folder ships pytorch_model.bin only."""
     import torch
-
     from huatuo_local.convert.pipeline import convert
 
     spec = TinySpec(arch="qwen2", tower="folder", seed=3)

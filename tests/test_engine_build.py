@@ -105,10 +105,9 @@ def test_probe_tells_the_bug_from_a_correct_encoder():
 
 
 def test_engine_refuses_images_when_the_probe_fails(converted, monkeypatch):
-    from PIL import Image
-
     from huatuo_local.runtime import probe
     from huatuo_local.runtime.engine import Engine, EngineError, EngineOptions
+    from PIL import Image
 
     failing = probe.ProbeResult(False, "class-token-last bug", 3.9, 3.3, "/lib/libmtmd.so", "class token last")
     monkeypatch.setattr(probe, "check_library", lambda use_cache=True: failing)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from huatuo_local.models.prompt import Turn, render_prompt
 from tiny_models import TinySpec
-
-from huatuo_local.models.prompt import render_prompt, Turn
 
 TEXT = (Path(__file__).parent / "data" / "medical_text.txt").read_text(encoding="utf-8")
 
@@ -29,9 +28,8 @@ EDGE_CASES = [
 @pytest.fixture(scope="module")
 def qwen(tiny, converted, tmp_path_factory):
     import qwen_vocab
-    from transformers import AutoTokenizer
-
     from huatuo_local.runtime.engine import Engine, EngineOptions
+    from transformers import AutoTokenizer
 
     tok_dir = qwen_vocab.build(tmp_path_factory.mktemp("qwen-tokenizer"))
     spec = TinySpec(arch="qwen2", hidden=16, heads=2, kv_heads=1, ffn=32, vocab_size=152064,

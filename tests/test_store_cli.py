@@ -1,0 +1,59 @@
+"""The model store commands, pull without network, and the no-download selftest."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import run_cli
+from PIL import Image
+from tiny_models import TinySpec
+
+
+def test_store_list_info_chat_by_name_and_rm(tiny, tmp_path):
+    home = tmp_path / "home"
+    env = {"HUATUO_LOCAL_HOME": str(home)}
+    empty = run_cli("list", env=env)
+    assert empty.returncode == 0 and "huatuo-local pull huatuo-vision-7b" in empty.stdout
+    ckpt = tiny(TinySpec(seed=8, tower="folder"))["ckpt"]
+    conv = run_cli("convert", str(ckpt), "-o", str(home / "models" / "mytiny"), "--quant", "Q8_0", "--name",
+                   "mytiny", env=env)
+    assert conv.returncode == 0, conv.stderr
+    listed = run_cli("list", env=env)
+    assert "mytiny" in listed.stdout and "Q8_0" in listed.stdout
+    info = run_cli("info", "mytiny", env=env)
+    assert '"quant": "Q8_0"' in info.stdout and "mmproj-mytiny-f16.gguf" in info.stdout
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)).save(img)
+    chat = run_cli("chat", str(img), "-p", "hi", "--model", "mytiny", "--max-tokens", "3", env=env)
+    assert chat.returncode == 0, chat.stderr
+    removed = run_cli("rm", "mytiny", env=env)
+    assert removed.returncode == 0 and not (home / "models" / "mytiny").exists()
+    again = run_cli("rm", "mytiny", env=env)
+    assert again.returncode != 0 and again.stderr.strip().startswith("error: model mytiny is not installed")
+
+
+def test_pull_without_network_says_what_to_do(tmp_path):
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    proc = run_cli("pull", "huatuo-vision-7b", env=env, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert last.startswith("error: FreedomIntelligence/HuatuoGPT-Vision-7B: cannot reach Hugging Face")
+    assert "huatuo-local convert FOLDER" in last
+    assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
+    bad = run_cli("pull", "not a repo", env=env)
+    assert bad.returncode != 0 and "not a known model" in bad.stderr
+
+
+def test_doctor_selftest_converts_and_chats_without_download(tmp_path):
+    proc = run_cli("doctor", "--selftest", env={"HUATUO_LOCAL_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("selftest         ok on ") and "meaningless" in first
+    assert "generated 16 tokens" in first
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in ("convert", "chat", "doctor", "pull", "list", "info", "rm"):
+        proc = run_cli(cmd, "--help")
+        assert proc.returncode == 0, cmd
+        assert "Example" in proc.stdout and "huatuo-local " + cmd in proc.stdout.replace("\n", " "), cmd
