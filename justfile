@@ -13,9 +13,16 @@ test *ARGS: lint
 lint:
     {{python}} -m ruff check .
 
-# Benchmarks (appends to BENCHMARKS.md)
-bench *ARGS:
-    {{python}} bench/convert.py {{ARGS}}
+# All benchmarks (each appends its table to BENCHMARKS.md)
+bench: bench-convert bench-runtime
+
+# Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
+bench-convert *ARGS:
+    {{python}} bench/convert.py --depths 2 4 {{ARGS}}
+
+# Runtime speed and memory vs llama.cpp's tools and PyTorch
+bench-runtime *ARGS:
+    {{python}} bench/runtime.py {{ARGS}}
 
 # Check the install: vision probe, engine build, RAM
 doctor:

@@ -51,6 +51,10 @@ class TensorRef:
         """The raw values, as stored (bf16 comes back as uint16 bit patterns)."""
         return self.file.view(self)
 
+    def release(self, lo: int = 0, hi: int | None = None) -> None:
+        """Drop bytes [lo, hi) of this tensor from the process (they stay in the page cache)."""
+        self.file.release(self.start + lo, self.start + (self.nbytes if hi is None else hi))
+
     def load_f32(self) -> np.ndarray:
         raw = self.load()
         if self.dtype == "BF16":
@@ -107,6 +111,18 @@ class SafetensorsFile:
         arr = np.frombuffer(self._mmap, dtype=_DTYPES[ref.dtype], count=ref.nbytes // _DTYPES[ref.dtype].itemsize,
                             offset=ref.start)
         return arr.reshape(ref.shape)
+
+    def release(self, start: int, end: int) -> None:
+        # Mapped pages count as the process's memory once touched; without this the peak
+        # would grow with the largest tensor (or the whole file) instead of one chunk.
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start -= start % page
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         # Views into the map may still be alive; let the GC unmap once they are gone.

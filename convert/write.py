@@ -85,8 +85,11 @@ def _chunks(plan: TensorPlan) -> Iterator[np.ndarray]:
         return
     row_bytes = max(1, raw[0].nbytes * 4)  # budget for the f32 intermediate
     step = max(1, CHUNK_BYTES // row_bytes)
+    release = getattr(plan.source, "release", None) if plan.transform is None else None
     for i in range(0, raw.shape[0], step):
         yield _encode(raw[i:i + step], plan.source.dtype, plan.qtype)
+        if release is not None:
+            release(i * raw[0].nbytes, min(raw.shape[0], i + step) * raw[0].nbytes)
 
 
 @contextmanager
@@ -143,6 +146,9 @@ def write_gguf(
                 written += chunk.nbytes
                 if on_bytes:
                     on_bytes(chunk.nbytes)
+            release = getattr(p.source, "release", None)
+            if release is not None:
+                release()  # what a permuted (whole-tensor) read touched
             if written != p.nbytes:
                 raise HuatuoError(f"{p.name}: wrote {written} bytes, expected {p.nbytes} (converter bug)")
         fout.write(b"\0" * (-fout.tell() % align))
