@@ -225,6 +225,23 @@ def rm(model: Annotated[str, typer.Argument(help="Name of a model in the local s
     typer.echo(f"removed {remove(model)}")
 
 
+@app.command(epilog="Example: huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png")
+def verify(
+    models: Annotated[list[str], typer.Argument(help="Converted models (folders, manifests or .gguf files).")],
+    original: Annotated[Path, typer.Option(help="The original checkpoint folder.")],
+    images: Annotated[list[Path], typer.Option(help="Images for the prompt (repeat the option).")],
+    prompt: Annotated[str, typer.Option("-p", "--prompt")] = "What does the picture show?",
+    tokens: Annotated[int, typer.Option(help="Greedy tokens to compare.")] = 32,
+    vision_tower: Annotated[str | None, typer.Option(help="Tower folder, if not found from the checkpoint.")] = None,
+) -> None:
+    """Measure converted models against the original PyTorch model (needs the [verify] extra)."""
+    from huatuo_local.verify import format_table
+    from huatuo_local.verify import verify as run_verify
+
+    rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
+    typer.echo(format_table(rows))
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,225 @@
+"""`huatuo-local verify`: measure a converted model against the original PyTorch model.
+
+The original is rebuilt from its checkpoint with transformers (Qwen2 / Llama and
+CLIPVisionModel) and the release's semantics: pad to square with the mean colour,
+CLIPImageProcessor (PIL backend), `hidden_states[-2]` without the class token, the
+`mlp2x_gelu` projector with exact GELU, chunk-wise tokenization without special tokens,
+image embeddings spliced in place, greedy decoding from `inputs_embeds` with the
+repetition penalty over generated tokens only. Needs the `[verify]` extra (torch,
+transformers). It sits beside `convert` and `runtime` because it uses both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.layout import read_spec
+from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+
+
+def _torch():
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise HuatuoError("verify needs PyTorch and transformers: pip install 'huatuo-local[verify]'") from exc
+    torch.set_grad_enabled(False)
+    return torch
+
+
+def expand2square(img: Image.Image, color) -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    result = Image.new(img.mode, (side, side), color)
+    result.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return result
+
+
+def _cache(out):
+    # transformers 5 renamed past_key_values to cache
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+class OriginalModel:
+    """The release's inference path in fp32 PyTorch, on a checkpoint folder."""
+
+    def __init__(self, checkpoint: str | Path, vision_tower: str | None = None):
+        torch = _torch()
+        from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
+                                  Qwen2Config, Qwen2ForCausalLM)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        from huatuo_local.convert.checkpoint import open_tensors
+        from huatuo_local.convert.tower import locate_tower
+
+        self.folder = Path(checkpoint)
+        spec = read_spec(self.folder)
+        llm = spec.llm
+        tensors = open_tensors(self.folder)
+
+        def t(ref) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(ref.load_f32()))
+
+        common = dict(hidden_size=llm.hidden_size, intermediate_size=llm.ffn_size, num_hidden_layers=llm.n_layer,
+                      num_attention_heads=llm.n_head, num_key_value_heads=llm.n_kv_head, vocab_size=llm.vocab_size,
+                      rms_norm_eps=llm.rms_eps, max_position_embeddings=llm.context_length,
+                      tie_word_embeddings=llm.tie_embeddings, rope_theta=llm.rope_theta)
+        if llm.arch == "qwen2":
+            self.llm = Qwen2ForCausalLM(Qwen2Config(**common))
+        else:
+            self.llm = LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
+        state = {n: t(r) for n, r in tensors.items()
+                 if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
+        missing, unexpected = self.llm.load_state_dict(state, strict=False)
+        if unexpected or any("rotary" not in m for m in missing):
+            raise HuatuoError(f"{self.folder}: the LLM weights do not fit transformers' model ({missing[:2]})")
+        self.llm.eval().float()
+
+        tower = locate_tower(self.folder, spec, tensors, vision_tower)
+        v = tower.spec
+        self.tower = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.ffn_size, num_hidden_layers=v.n_layer,
+            num_attention_heads=v.n_head, image_size=v.image_size, patch_size=v.patch_size,
+            layer_norm_eps=v.layer_norm_eps, hidden_act=v.activation))
+        missing, unexpected = self.tower.load_state_dict({n: t(r) for n, r in tower.tensors.items()}, strict=False)
+        if unexpected or any("position_ids" not in m for m in missing):
+            raise HuatuoError(f"{tower.where}: the tower weights do not fit CLIPVisionModel ({missing[:2]})")
+        self.tower.eval().float()
+        self.select_layer = spec.select_layer
+
+        h, vh = llm.hidden_size, spec.mm_hidden_size
+        self.projector = torch.nn.Sequential(torch.nn.Linear(vh, h), torch.nn.GELU(), torch.nn.Linear(h, h))
+        self.projector.load_state_dict({k[len("model.mm_projector."):]: t(r) for k, r in tensors.items()
+                                        if k.startswith("model.mm_projector.")})
+        self.processor = CLIPImageProcessorPil(
+            do_resize=True, size={"shortest_edge": v.image_size}, resample=3, do_center_crop=True,
+            crop_size={"height": v.image_size, "width": v.image_size}, do_rescale=True, rescale_factor=1 / 255,
+            do_normalize=True, image_mean=list(v.image_mean), image_std=list(v.image_std), do_convert_rgb=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        self.eos_id = self.tokenizer.eos_token_id
+        if self.eos_id is None:
+            self.eos_id = spec.raw.get("eos_token_id")
+
+    def pixel_values(self, path):
+        torch = _torch()
+        img = Image.open(path).convert("RGB")
+        img = expand2square(img, tuple(int(x * 255) for x in self.processor.image_mean))
+        return torch.as_tensor(np.asarray(self.processor(img, return_tensors="np")["pixel_values"]))
+
+    def image_features(self, path):
+        out = self.tower(self.pixel_values(path), output_hidden_states=True)
+        return self.projector(out.hidden_states[self.select_layer][:, 1:])[0]
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt_embeds(self, prompt: str, image_paths: list):
+        torch = _torch()
+        chunks = prompt.split(IMAGE_TOKEN)
+        embed = self.llm.get_input_embeddings()
+        parts = []
+        for i, chunk in enumerate(chunks):
+            ids = self.tokenize(chunk)
+            if ids:
+                parts.append(embed(torch.tensor(ids)))
+            if i < len(image_paths):
+                parts.append(self.image_features(image_paths[i]))
+        return torch.cat(parts)[None]
+
+    def generate(self, prompt: str, image_paths: list, max_new_tokens: int = 32, repetition_penalty: float = 1.2,
+                 forced: list[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
+        """Greedy decoding from inputs_embeds (or the `forced` tokens); tokens and every step's logits."""
+        torch = _torch()
+        out = self.llm(inputs_embeds=self.prompt_embeds(prompt, image_paths), use_cache=True)
+        cache, logits = _cache(out), out.logits[0, -1]
+        tokens: list[int] = []
+        steps: list[np.ndarray] = []
+        for step in range(max_new_tokens if forced is None else len(forced)):
+            steps.append(logits.double().numpy().copy())
+            if forced is not None:
+                tok = forced[step]
+            else:
+                scores = logits.clone().double()
+                if step == 0 and self.eos_id is not None:
+                    scores[self.eos_id] = -float("inf")  # min_new_tokens=1
+                if tokens and repetition_penalty != 1.0:
+                    idx = torch.tensor(sorted(set(tokens)))
+                    vals = scores[idx]
+                    scores[idx] = torch.where(vals < 0, vals * repetition_penalty, vals / repetition_penalty)
+                tok = int(torch.argmax(scores))
+                if tok == self.eos_id:
+                    break
+            tokens.append(tok)
+            out = self.llm(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+            cache, logits = _cache(out), out.logits[0, -1]
+        return tokens, steps
+
+
+@dataclass
+class VerifyRow:
+    model: str
+    embedding_cosine_min: float
+    embedding_max_abs: float
+    kl_mean: float
+    kl_max: float
+    top1_agreement: float
+    positions: int
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def verify(original: str | Path, models: list[str | Path], images: list[str | Path], prompt: str,
+           n_tokens: int = 32, vision_tower: str | None = None) -> list[VerifyRow]:
+    """Image-embedding cosine, per-token KL and top-1 agreement of each GGUF model vs the original."""
+    from huatuo_local.models.store import resolve
+    from huatuo_local.runtime.engine import Engine, EngineOptions
+    from huatuo_local.runtime.images import load_rgb, prepare
+    from huatuo_local.runtime.session import Session, Timings
+
+    ref = OriginalModel(original, vision_tower)
+    full = render_prompt([Turn(prompt, len(images))], IMAGE_TOKEN)
+    want_tokens, want_logits = ref.generate(full, list(images), n_tokens)
+    ref_feats = [ref.image_features(p).numpy() for p in images]
+    rows = []
+    for model in models:
+        m = resolve(str(model))
+        with Engine(m.llm_path, m.mmproj_path, EngineOptions(n_ctx=4096, kv_type="f32"), eos_id=m.eos_id) as engine:
+            cos, mx = [], 0.0
+            for path, theirs in zip(images, ref_feats):
+                ours = engine.image_embeddings(prepare(load_rgb(path), engine.vision)).astype(np.float64)
+                cos.append(((ours * theirs).sum(1) / np.linalg.norm(ours, axis=1)
+                            / np.linalg.norm(theirs, axis=1)).min())
+                mx = max(mx, float(np.abs(ours - theirs).max()))
+            session = Session(engine)
+            items = session.items_for([Turn(prompt, len(images))], session.prepare_images(list(images)))
+            session._sync(items, Timings())
+            kls, agree = [], 0
+            for step, want in enumerate(want_logits):
+                got = engine.logits().astype(np.float64)
+                p, q = _log_softmax(want), _log_softmax(got)
+                kls.append(float((np.exp(p) * (p - q)).sum()))
+                agree += int(np.argmax(got) == np.argmax(want))
+                if step < len(want_tokens):
+                    engine.eval_tokens([want_tokens[step]])
+        rows.append(VerifyRow(m.llm_path.name, float(min(cos)) if cos else float("nan"), mx,
+                              float(np.mean(kls)), float(np.max(kls)), agree / len(want_logits), len(want_logits)))
+    return rows
+
+
+def format_table(rows: list[VerifyRow]) -> str:
+    lines = ["| model | image-embedding cosine (min) | embedding max abs diff | KL mean | KL max | "
+             "top-1 agreement | positions |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.embedding_cosine_min:.6f} | {r.embedding_max_abs:.2e} | {r.kl_mean:.2e} | "
+                     f"{r.kl_max:.2e} | {r.top1_agreement * 100:.1f}% | {r.positions} |")
+    return "\n".join(lines)
