@@ -52,8 +52,15 @@ class OriginalModel:
 
     def __init__(self, checkpoint: str | Path, vision_tower: str | None = None):
         torch = _torch()
-        from transformers import (AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM,
-                                  Qwen2Config, Qwen2ForCausalLM)
+        from transformers import (
+            AutoTokenizer,
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            LlamaConfig,
+            LlamaForCausalLM,
+            Qwen2Config,
+            Qwen2ForCausalLM,
+        )
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
         from huatuo_local.convert.checkpoint import open_tensors

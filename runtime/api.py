@@ -14,7 +14,9 @@ from pathlib import Path
 from huatuo_local.models import defaults
 from huatuo_local.models.store import ResolvedModel, resolve
 
+from .dicom import parse_window
 from .engine import Engine, EngineOptions
+from .images import DEFAULT_MAX_PIXELS, LoadOptions
 from .offline import forbid_network
 from .sampling import SamplingParams
 from .session import Counters, Reply, Session
@@ -46,6 +48,9 @@ class HuatuoChatbot:
         seed: int | None = None,
         allow_unverified_vision: bool = False,
         offline: bool = True,
+        window: str | None = None,
+        frame: int | None = None,
+        max_pixels: int | None = None,
     ):
         self.model: ResolvedModel = resolve(model)
         if offline:
@@ -58,7 +63,8 @@ class HuatuoChatbot:
         self.engine = Engine(self.model.llm_path, self.model.mmproj_path, options, eos_id=self.model.eos_id)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
-        self.session = Session(self.engine, self.sampling)
+        images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
+        self.session = Session(self.engine, self.sampling, images)
 
     # --- the release's interface ----------------------------------------------------
 

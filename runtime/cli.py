@@ -135,6 +135,13 @@ def chat(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
     no_mmproj_offload: Annotated[bool, typer.Option(help="Keep the vision encoder on the CPU.")] = False,
     allow_unverified_vision: Annotated[bool, typer.Option(help="Answer even if the vision probe fails.")] = False,
+    window: Annotated[str | None, typer.Option(help="Grayscale window: lung, mediastinum, bone, brain, abdomen, "
+                                                    "liver, or CENTER,WIDTH (default: the file's, else 0.5-99.5%).")]
+    = None,
+    frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame image (default: the middle one).")]
+    = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels (decompression-bomb "
+                                                        "guard; default 178956970).")] = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
     from .api import HuatuoChatbot
@@ -147,7 +154,8 @@ def chat(
     bot = HuatuoChatbot(model, n_gpu_layers=n_gpu_layers, n_ctx=ctx, threads=threads, kv_type=kv_type,
                         mmproj_offload=not no_mmproj_offload, temperature=temperature,
                         repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
-                        allow_unverified_vision=allow_unverified_vision)
+                        allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
+                        max_pixels=max_pixels)
     if prompt is None:
         from . import repl
 
@@ -240,6 +248,35 @@ def verify(
 
     rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
     typer.echo(format_table(rows))
+
+
+@app.command(epilog="Example: huatuo-local preview CT_small.dcm --window lung -o ct.png")
+def preview(
+    image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP, GIF, TIFF, WebP or DICOM file.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the PNG.")],
+    window: Annotated[str | None, typer.Option(help="lung, mediastinum, bone, brain, abdomen, liver, or "
+                                                    "CENTER,WIDTH.")] = None,
+    frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame image.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels.")] = None,
+) -> None:
+    """Write exactly the picture the model will see (windowed, padded to square, resized to 336 px)."""
+    from huatuo_local.models.towers import KNOWN_TOWERS
+
+    from .dicom import parse_window
+    from .images import DEFAULT_MAX_PIXELS, LoadOptions, VisionInput, load_rgb, prepare
+
+    tower = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]  # the tower of every HuatuoGPT-Vision model
+    picture = prepare(load_rgb(image, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)),
+                      VisionInput(tower.image_size, tower.image_mean))
+    target = out.expanduser()
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        picture.save(tmp, format="PNG")
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"{target}: cannot write ({exc.strerror or exc}); choose another -o")
+    typer.echo(f"wrote {target} ({picture.size[0]}x{picture.size[1]}, what the model sees)")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from huatuo_local.models.prompt import IMAGE_TOKEN, MAX_IMAGES, Turn, render_pro
 from PIL import Image
 
 from .engine import Engine
-from .images import load_rgb, prepare
+from .images import LoadOptions, load_rgb, prepare
 from .sampling import SamplingParams, next_token
 
 
@@ -67,8 +67,10 @@ def image_item(picture: Image.Image) -> ImageItem:
 
 
 class Session:
-    def __init__(self, engine: Engine, sampling: SamplingParams | None = None):
+    def __init__(self, engine: Engine, sampling: SamplingParams | None = None,
+                 image_options: LoadOptions | None = None):
         self.engine = engine
+        self.image_options = image_options or LoadOptions()
         self.sampling = sampling or SamplingParams()
         self.turns: list[Turn] = []
         self.images: list[ImageItem] = []
@@ -88,7 +90,7 @@ class Session:
         if len(self.images) + len(paths) > MAX_IMAGES:
             raise HuatuoError(
                 f"at most {MAX_IMAGES} images per conversation (the release's limit); /clear to start over")
-        return [image_item(prepare(load_rgb(p), self.engine.vision)) for p in paths]
+        return [image_item(prepare(load_rgb(p, self.image_options), self.engine.vision)) for p in paths]
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
         """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""

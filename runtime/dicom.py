@@ -1,0 +1,157 @@
+"""DICOM and high-bit-depth images → the 8-bit RGB picture the model sees.
+
+Grayscale DICOM: modality LUT (rescale slope/intercept), then a window: the user's
+(`--window lung` or `--window C,W`), else the file's VOI LUT or Window Center/Width, else
+the 0.5-99.5 percentile range; MONOCHROME1 is inverted. Colour DICOM (RGB, YBR, palette)
+is converted to RGB. Multi-frame files take `--frame N` (default: the middle frame).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from huatuo_local.models.errors import HuatuoError
+from PIL import Image
+
+# (center, width) in Hounsfield units for CT; the usual radiology presets.
+WINDOW_PRESETS = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+    "liver": (60.0, 160.0),
+}
+COLOR_INTERPRETATIONS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "YBR_PARTIAL_420", "PALETTE COLOR")
+
+
+class ImageError(HuatuoError):
+    pass
+
+
+def parse_window(text: str | None) -> tuple[float, float] | None:
+    """'lung' or '-600,1500' → (center, width)."""
+    if not text:
+        return None
+    key = text.strip().lower()
+    if key in WINDOW_PRESETS:
+        return WINDOW_PRESETS[key]
+    try:
+        center, width = (float(x) for x in key.split(","))
+    except ValueError:
+        raise ImageError(
+            f"--window {text}: give a preset ({', '.join(WINDOW_PRESETS)}) or CENTER,WIDTH such as 40,400"
+        ) from None
+    if width <= 0:
+        raise ImageError(f"--window {text}: the width must be positive")
+    return center, width
+
+
+def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM's linear VOI function (PS3.3 C.11.2.1.2.1) onto 0..255."""
+    x = values.astype(np.float64)
+    if width <= 1:
+        return np.where(x <= center - 0.5, 0, 255).astype(np.uint8)
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(values.astype(np.float64), [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1
+    return np.clip(np.round((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+
+
+def is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _first(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) else float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int | None = None) -> Image.Image:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ImageError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(f"{path}: DICOM file without pixel data (a report, plan or structure set?)")
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if pi not in ("MONOCHROME1", "MONOCHROME2", *COLOR_INTERPRETATIONS):
+        raise ImageError(f"{path}: unsupported photometric interpretation {pi or '(missing)'}")
+    try:
+        pixels = ds.pixel_array
+    except (RuntimeError, NotImplementedError) as exc:
+        text = str(exc)
+        syntax = ds.file_meta.TransferSyntaxUID.name if "TransferSyntaxUID" in ds.file_meta else "?"
+        hint = ("install a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+                if "plugin" in text or "decode" in text.lower() else text.splitlines()[0])
+        raise ImageError(f"{path}: cannot decode {syntax} pixel data; {hint}") from exc
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated pixel data ({str(exc).splitlines()[0]})") from exc
+
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if n_frames > 1:
+        index = n_frames // 2 if frame is None else frame
+        if not 0 <= index < n_frames:
+            raise ImageError(
+                f"{path}: --frame {frame} is out of range (the file has {n_frames} frames, 0-{n_frames - 1})")
+        pixels = pixels[index]
+    elif frame not in (None, 0):
+        raise ImageError(f"{path}: --frame {frame}: the file has a single frame")
+
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])  # the LUT entries' depth, not the pixels'
+        return Image.fromarray(_to_uint8(rgb, bits), "RGB")
+    if samples == 3 or pi in COLOR_INTERPRETATIONS:
+        # pydicom converts YBR to RGB when it decodes (pixel_array's as_rgb default).
+        return Image.fromarray(_to_uint8(np.asarray(pixels), int(ds.get("BitsStored", 8) or 8)), "RGB")
+
+    values = apply_modality_lut(pixels, ds)
+    if window is not None:
+        gray = apply_window(values, *window)
+    elif "VOILUTSequence" in ds:
+        voi = apply_voi_lut(values, ds, index=0).astype(np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        gray = np.clip(np.round(voi / (2**bits - 1) * 255), 0, 255).astype(np.uint8)
+    elif _first(ds.get("WindowCenter")) is not None and _first(ds.get("WindowWidth")):
+        gray = apply_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+    else:
+        gray = percentile_window(values)
+    if pi == "MONOCHROME1":
+        gray = 255 - gray
+    return Image.fromarray(gray, "L").convert("RGB")
+
+
+def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
+    if arr.dtype == np.uint8 and bits <= 8:
+        return arr
+    return np.clip(np.round(arr.astype(np.float64) / (2**bits - 1) * 255), 0, 255).astype(np.uint8)
+
+
+def high_bit_depth_to_rgb(img: Image.Image, window: tuple[float, float] | None) -> Image.Image:
+    """16-bit (or 32-bit) grayscale PNG/TIFF → 8-bit, by the window or the percentile range."""
+    values = np.asarray(img)
+    gray = apply_window(values, *window) if window is not None else percentile_window(values)
+    return Image.fromarray(gray, "L").convert("RGB")

@@ -1,0 +1,243 @@
+"""Medical images: DICOM windowing, colour, frames, 16-bit, orientation, and hostile files.
+
+Expected pixels are computed here with numpy from pydicom's raw pixel array and the header,
+independently of runtime/dicom.py.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import run_cli
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.dicom import parse_window
+from huatuo_local.runtime.images import LoadOptions, load_rgb
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+
+def bundled(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom bundles {name}"
+    return path
+
+
+def voi_linear(x: np.ndarray, c: float, w: float) -> np.ndarray:
+    y = ((x.astype(np.float64) - (c - 0.5)) / (w - 1) + 0.5) * 255
+    return np.clip(np.round(y), 0, 255).astype(np.uint8)
+
+
+def gray(img: Image.Image) -> np.ndarray:
+    a = np.asarray(img)
+    assert a.ndim == 3 and (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+    return a[..., 0]
+
+
+def hounsfield(ds) -> np.ndarray:
+    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_ct_rescale_and_presets():
+    path = bundled("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    hu = hounsfield(ds)
+    assert ds.pixel_array.min() >= 0 and hu.min() < -800, "the modality LUT turns raw units into Hounsfield units"
+    for preset, (c, w) in {"lung": (-600, 1500), "bone": (400, 1800), "abdomen": (40, 400)}.items():
+        got = gray(load_rgb(path, LoadOptions(window=parse_window(preset))))
+        np.testing.assert_array_equal(got, voi_linear(hu, c, w))
+    custom = gray(load_rgb(path, LoadOptions(window=parse_window("50,350"))))
+    np.testing.assert_array_equal(custom, voi_linear(hu, 50, 350))
+    # No window in the header: the 0.5-99.5 percentile range of the Hounsfield values.
+    lo, hi = np.percentile(hu, [0.5, 99.5])
+    want = np.clip(np.round((hu - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+    got = gray(load_rgb(path))
+    np.testing.assert_array_equal(got, want)
+    assert abs(got.mean() - want.mean()) < 1e-9 and got.std() > 30
+
+
+def test_mr_uses_the_files_window_and_monochrome1_inverts(tmp_path):
+    path = bundled("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    want = voi_linear(ds.pixel_array, c, w)
+    np.testing.assert_array_equal(gray(load_rgb(path)), want)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    inverted = tmp_path / "mono1.dcm"
+    ds.save_as(inverted)
+    np.testing.assert_array_equal(gray(load_rgb(inverted)), 255 - want)
+
+
+def test_compressed_transfer_syntaxes_decode_or_name_the_decoder():
+    mr = gray(load_rgb(bundled("MR_small.dcm")))
+    np.testing.assert_array_equal(gray(load_rgb(bundled("MR_small_RLE.dcm"))), mr)  # RLE lossless
+    np.testing.assert_array_equal(gray(load_rgb(bundled("MR_small_jp2klossless.dcm"))), mr)  # JPEG 2000
+    with pytest.raises(HuatuoError, match=r"JPEG-lossy.dcm: cannot decode JPEG Extended.*pylibjpeg"):
+        load_rgb(bundled("JPEG-lossy.dcm"))
+
+
+def test_colour_dicoms():
+    rgb = np.asarray(load_rgb(bundled("SC_rgb_rle.dcm"))).astype(int)
+    ds = pydicom.dcmread(bundled("SC_rgb_rle.dcm"))
+    np.testing.assert_array_equal(rgb, ds.pixel_array)
+    ybr = np.asarray(load_rgb(bundled("SC_ybr_full_422_uncompressed.dcm"))).astype(int)
+    jpeg = np.asarray(load_rgb(bundled("SC_rgb_jpeg_dcmtk.dcm"))).astype(int)
+    # The same test picture (colour bands) through YBR_FULL_422 and a YBR JPEG: close to the RGB one.
+    assert np.abs(ybr - rgb).mean() < 3 and np.abs(jpeg - rgb).mean() < 6
+    palette = np.asarray(load_rgb(bundled("examples_palette.dcm")))
+    pds = pydicom.dcmread(bundled("examples_palette.dcm"))
+    lut = np.stack([np.frombuffer(pds[f"{c}PaletteColorLookupTableData"].value, dtype="<u2")
+                    for c in ("Red", "Green", "Blue")], axis=1)
+    first = int(pds.RedPaletteColorLookupTableDescriptor[1])
+    want = lut[np.clip(pds.pixel_array.astype(int) - first, 0, len(lut) - 1)]
+    np.testing.assert_array_equal(palette, np.round(want / 65535 * 255).astype(np.uint8))
+
+
+def test_multi_frame_defaults_to_the_middle_frame():
+    path = bundled("SC_rgb_rle_2frame.dcm")
+    frames = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(np.asarray(load_rgb(path)), frames[1])
+    np.testing.assert_array_equal(np.asarray(load_rgb(path, LoadOptions(frame=0))), frames[0])
+    with pytest.raises(HuatuoError, match="--frame 7 is out of range"):
+        load_rgb(path, LoadOptions(frame=7))
+
+
+def test_sixteen_bit_png_and_tiff(tmp_path):
+    rng = np.random.default_rng(0)
+    values = (rng.random((60, 80)) * 4000).astype(np.uint16) + 100
+    for ext in ("png", "tiff"):
+        path = tmp_path / f"x.{ext}"
+        Image.fromarray(values).save(path)
+        lo, hi = np.percentile(values.astype(np.float64), [0.5, 99.5])
+        want = np.clip(np.round((values - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(gray(load_rgb(path)), want)
+        np.testing.assert_array_equal(gray(load_rgb(path, LoadOptions(window=(2000, 1000)))),
+                                      voi_linear(values, 2000, 1000))
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = np.asarray(load_rgb(path))
+    assert out.shape == (40, 20, 3)
+    assert out[2, 10, 2] > 200 and out[-3, 10, 0] > 200  # blue now on top, red below
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that declares w x h but carries almost no data (how a decompression bomb starts)."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + _chunk(b"IEND", b""))
+
+
+def _hostile_corpus(root) -> dict[str, object]:
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(good, "PNG")
+    good_png = good.getvalue()
+    jpg = io.BytesIO()
+    Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)).save(jpg, "JPEG")
+    mr = pydicom.dcmread(bundled("MR_small.dcm"))
+    files: dict[str, object] = {
+        "empty.png": b"",
+        "text.png": b"This is a clinical note, not an image.\n",
+        "truncated.png": good_png[: len(good_png) // 2],
+        "truncated.jpg": jpg.getvalue()[: len(jpg.getvalue()) // 3],
+        "random.jpg": np.random.default_rng(2).bytes(4096),
+        "random.dcm": np.random.default_rng(3).bytes(4096),
+        "header-only.png": _png_header_only(64, 64),
+        "bomb.png": _png_header_only(30000, 30000),
+        "huge-dims.png": _png_header_only(2**31 - 1, 2**31 - 1),
+        "fake-dicm.bin": b"\0" * 128 + b"DICM" + np.random.default_rng(4).bytes(300),
+        "bad-crc.png": good_png[:30] + b"\xff\xff\xff\xff" + good_png[34:],
+        "garbage.bmp": b"BM" + np.random.default_rng(5).bytes(100),
+        "garbage.gif": b"GIF89a" + np.random.default_rng(6).bytes(50),
+        "garbage.webp": b"RIFF\x10\x00\x00\x00WEBPVP8 " + np.random.default_rng(7).bytes(20),
+        "garbage.tiff": b"II*\x00\x08\x00\x00\x00" + np.random.default_rng(8).bytes(40),
+        "no-pixels.dcm": bundled("rtplan.dcm"),
+        "truncated.dcm": bundled("MR_truncated.dcm"),
+        "undecodable.dcm": bundled("JPEG-lossy.dcm"),
+        "folder.png": "DIR",
+        "missing.png": None,
+    }
+    mr.PhotometricInterpretation = "HSV"
+    hsv = root / "hsv.dcm"
+    mr.save_as(hsv)
+    files["hsv.dcm"] = str(hsv)
+    paths = {}
+    for name, content in files.items():
+        p = root / name
+        if content is None:
+            pass
+        elif content == "DIR":
+            p.mkdir()
+        elif isinstance(content, str):
+            p = type(root)(content)
+        else:
+            p.write_bytes(content)
+        paths[name] = p
+    return paths
+
+
+def test_hostile_corpus_gives_only_clear_errors(tmp_path):
+    corpus = _hostile_corpus(tmp_path)
+    assert len(corpus) >= 20
+    for name, path in corpus.items():
+        with pytest.raises(HuatuoError) as info:
+            load_rgb(path, LoadOptions(max_pixels=50_000_000))
+        message = str(info.value)
+        assert str(path) in message and "\n" not in message, (name, message)
+
+
+def test_hostile_files_through_the_cli_and_the_session_survives(tmp_path, converted):
+    corpus = _hostile_corpus(tmp_path)
+    bomb = run_cli("preview", str(corpus["bomb.png"]), "-o", str(tmp_path / "out.png"))
+    assert bomb.returncode != 0 and "image too large" in bomb.stderr and "--max-pixels" in bomb.stderr
+    for name in ("empty.png", "text.png", "bomb.png", "no-pixels.dcm", "hsv.dcm", "folder.png"):
+        proc = run_cli("preview", str(corpus[name]), "-o", str(tmp_path / "out.png"))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, name
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: "), (name, proc.stderr)
+        assert not (tmp_path / "out.png").exists()
+    from huatuo_local import HuatuoChatbot
+
+    with HuatuoChatbot(converted().manifest_path, temperature=0, max_new_tokens=4) as bot:
+        for name in ("truncated.jpg", "random.dcm", "bomb.png"):
+            with pytest.raises(HuatuoError):
+                bot.chat("What is this?", [corpus[name]])
+        assert bot.chat("What is this?", [bundled("CT_small.dcm")]) is not None
+        assert bot.last_reply.counters.images_encoded == 1
+
+
+def test_preview_writes_what_the_model_sees(tmp_path):
+    out = tmp_path / "ct.png"
+    proc = run_cli("preview", bundled("CT_small.dcm"), "--window", "lung", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    seen = np.asarray(Image.open(out))
+    assert seen.shape == (336, 336, 3)
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    want = Image.fromarray(voi_linear(hounsfield(ds), -600, 1500)).convert("RGB").resize((336, 336),
+                                                                                         Image.Resampling.BICUBIC)
+    np.testing.assert_array_equal(seen, np.asarray(want))
+    bad = run_cli("preview", bundled("CT_small.dcm"), "--window", "sideways", "-o", str(out))
+    assert bad.returncode != 0 and "give a preset" in bad.stderr
+
+
+def test_chat_about_a_dicom_end_to_end(converted):
+    proc = run_cli("chat", bundled("CT_small.dcm"), "-p", "Which organ is shown?", "--window", "lung",
+                   "--model", str(converted().manifest_path), "--temperature", "0", "--max-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    out = json.loads(proc.stdout)
+    assert out["counters"]["images_encoded"] == 1 and out["tokens"]["generated"] >= 1
