@@ -18,6 +18,7 @@ from .dicom import parse_window
 from .engine import Engine, EngineOptions
 from .images import DEFAULT_MAX_PIXELS, LoadOptions
 from .offline import forbid_network
+from .prefix_cache import PrefixCache, model_identity
 from .sampling import SamplingParams
 from .session import Counters, Reply, Session
 
@@ -51,6 +52,7 @@ class HuatuoChatbot:
         window: str | None = None,
         frame: int | None = None,
         max_pixels: int | None = None,
+        prefix_cache: bool = True,
     ):
         self.model: ResolvedModel = resolve(model)
         if offline:
@@ -64,7 +66,9 @@ class HuatuoChatbot:
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
-        self.session = Session(self.engine, self.sampling, images)
+        cache = PrefixCache.default(model_identity(self.model.llm_path, self.model.mmproj_path)) if prefix_cache \
+            else None
+        self.session = Session(self.engine, self.sampling, images, cache)
 
     # --- the release's interface ----------------------------------------------------
 

@@ -142,6 +142,8 @@ def chat(
     = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels (decompression-bomb "
                                                         "guard; default 178956970).")] = None,
+    no_prefix_cache: Annotated[bool, typer.Option(help="Do not keep encoded images on disk for the next run.")]
+    = False,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
     from .api import HuatuoChatbot
@@ -155,7 +157,7 @@ def chat(
                         mmproj_offload=not no_mmproj_offload, temperature=temperature,
                         repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
                         allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
-                        max_pixels=max_pixels)
+                        max_pixels=max_pixels, prefix_cache=not no_prefix_cache)
     if prompt is None:
         from . import repl
 

@@ -392,6 +392,25 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(mem, 0, n_past, -1)
         self.n_past = n_past
 
+    def save_sequence(self, path: Path) -> bool:
+        """Write the KV cache of sequence 0 (positions 0..n_past) to a file; False on failure."""
+        llama_cpp = _llama()
+        empty = (llama_cpp.llama_token * 1)()
+        return llama_cpp.llama_state_seq_save_file(self.ctx, str(path).encode(), 0, empty, 0) > 0
+
+    def load_sequence(self, path: Path) -> int:
+        """Replace sequence 0 with a saved one; returns the positions restored (0 on failure)."""
+        llama_cpp = _llama()
+        self.truncate(0)
+        tokens = (llama_cpp.llama_token * 1)()
+        count = ctypes.c_size_t(0)
+        if llama_cpp.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1, ctypes.byref(count)) == 0:
+            self.truncate(0)
+            return 0
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        return self.n_past
+
     def close(self) -> None:
         if getattr(self, "mtmd_ctx", None):
             _mtmd().mtmd_free(self.mtmd_ctx)

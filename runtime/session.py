@@ -21,6 +21,7 @@ from PIL import Image
 
 from .engine import Engine
 from .images import LoadOptions, load_rgb, prepare
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, next_token
 
 
@@ -41,6 +42,7 @@ class Counters:
     prompt_tokens_evaluated: int = 0
     tokens_reused: int = 0
     tokens_generated: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass
@@ -68,8 +70,9 @@ def image_item(picture: Image.Image) -> ImageItem:
 
 class Session:
     def __init__(self, engine: Engine, sampling: SamplingParams | None = None,
-                 image_options: LoadOptions | None = None):
+                 image_options: LoadOptions | None = None, prefix_cache: PrefixCache | None = None):
         self.engine = engine
+        self.prefix_cache = prefix_cache
         self.image_options = image_options or LoadOptions()
         self.sampling = sampling or SamplingParams()
         self.turns: list[Turn] = []
@@ -107,9 +110,8 @@ class Session:
 
     # --- evaluation ----------------------------------------------------------------
 
-    def _sync(self, items: list[Item], timings: Timings) -> int:
-        """Bring the KV cache to `items`, reusing the common prefix; returns positions reused."""
-        engine = self.engine
+    def _common_prefix(self, items: list[Item]) -> tuple[int, int]:
+        """(items, positions) that the KV cache already holds."""
         common, pos = 0, 0
         for a, b in zip(self.cached, items):
             if a != b:
@@ -120,8 +122,44 @@ class Session:
             # The whole prompt is cached: re-evaluate its last item to get its logits back.
             common -= 1
             pos -= self._width(items[-1])
-        engine.truncate(pos)
-        self.cached = self.cached[:common]
+        return common, pos
+
+    def _restore_from_disk(self, items: list[Item], common: int) -> int:
+        """Load the longest on-disk prefix ending at an image beyond `common`; new `common` or -1."""
+        if self.prefix_cache is None:
+            return -1
+        for k in range(len(items) - 1, common - 1, -1):
+            if not isinstance(items[k], ImageItem):
+                continue
+            entry = self.prefix_cache.lookup(self.prefix_cache.key(items[: k + 1], self.engine.options.kv_type))
+            if entry is None:
+                continue
+            restored = self.engine.load_sequence(entry)
+            if restored <= 0:
+                continue
+            # Text items take one position each; images whose width this process has not seen
+            # share what remains (every image of a LLaVA tower yields the same number of tokens).
+            prefix = items[: k + 1]
+            pending = {it.digest for it in prefix if isinstance(it, ImageItem) and it.digest not in self._image_widths}
+            known = sum(self._width(it) for it in prefix if not isinstance(it, ImageItem) or it.digest not in pending)
+            n_pending = sum(1 for it in prefix if isinstance(it, ImageItem) and it.digest in pending)
+            for digest in pending:
+                self._image_widths[digest] = (restored - known) // n_pending
+            self.cached = list(items[: k + 1])
+            self.counters.prefix_cache_hits += 1
+            return k + 1
+        return -1
+
+    def _sync(self, items: list[Item], timings: Timings) -> int:
+        """Bring the KV cache to `items`, reusing the common prefix; returns positions reused."""
+        engine = self.engine
+        common, pos = self._common_prefix(items)
+        restored = self._restore_from_disk(items, common)
+        if restored > 0:
+            common, pos = restored, engine.n_past
+        else:
+            engine.truncate(pos)
+            self.cached = self.cached[:common]
         reused = pos
         i = common
         while i < len(items):
@@ -133,6 +171,10 @@ class Session:
                 self.counters.images_encoded += 1
                 self.counters.prompt_tokens_evaluated += n
                 self.cached.append(items[i])
+                if self.prefix_cache is not None:
+                    key = self.prefix_cache.key(items[: i + 1], engine.options.kv_type)
+                    if self.prefix_cache.lookup(key) is None:
+                        self.prefix_cache.store(key, engine.save_sequence)
                 i += 1
                 continue
             j = i

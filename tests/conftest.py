@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from dataclasses import astuple
 from pathlib import Path
@@ -12,6 +13,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import TinySpec, make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test (and every CLI it starts) gets a private store, probe cache and prefix cache.
+_HOME = Path(tempfile.mkdtemp(prefix="huatuo-test-home-"))
+os.environ["HUATUO_LOCAL_HOME"] = str(_HOME)
 CLI = [sys.executable, "-m", "huatuo_local"]
 
 

@@ -32,8 +32,10 @@ def images(tmp_path_factory):
     return paths
 
 
-def chat(model, *args, input=None, env=None):
-    return run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", *args, input=input, env=env)
+def chat(model, *args, input=None, env=None, prefix_cache=False):
+    extra = [] if prefix_cache else ["--no-prefix-cache"]
+    return run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", *extra, *args, input=input,
+                   env=env)
 
 
 def test_one_shot_answer_matches_the_pytorch_reference(model, images, tiny):
@@ -77,7 +79,7 @@ def test_sampling_is_seeded(model, images):
 def test_follow_up_reuses_the_kv_cache_through_the_api(model, images):
     from huatuo_local import HuatuoChatbot
 
-    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8) as bot:
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8, prefix_cache=False) as bot:
         first = bot.chat("What does the picture show?", [images[0]])
         turn1 = bot.last_reply
         second = bot.chat("Is there anything abnormal?")
@@ -96,6 +98,25 @@ def test_follow_up_reuses_the_kv_cache_through_the_api(model, images):
         again = bot.inference("What does the picture show?", [images[0]])
         assert again == [first]
         assert bot.counters.images_encoded == 1, "the same image at the same place is reused, not re-encoded"
+
+
+def test_a_new_process_restores_the_image_prefix_from_disk(model, images, tmp_path):
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    args = (images[2], "-p", "What does the picture show?", "--max-tokens", "8", "--json")
+    cold = json.loads(chat(model, *args, env=env, prefix_cache=True).stdout)
+    warm = json.loads(chat(model, *args, env=env, prefix_cache=True).stdout)
+    assert cold["counters"]["images_encoded"] == 1 and cold["counters"]["prefix_cache_hits"] == 0
+    assert warm["counters"]["images_encoded"] == 0 and warm["counters"]["prefix_cache_hits"] == 1
+    assert warm["counters"]["tokens_reused"] >= 577  # "<|user|>\n" and the image
+    assert warm["counters"]["prompt_tokens_evaluated"] == warm["tokens"]["prompt"] - warm["counters"]["tokens_reused"]
+    assert warm["answer"] == cold["answer"]
+    entries = list((tmp_path / "home" / "prefix-cache").glob("*.kv"))
+    assert len(entries) == 1 and oct(entries[0].stat().st_mode & 0o777) == "0o600"
+    other = json.loads(chat(model, images[3], "-p", "What does the picture show?", "--max-tokens", "8", "--json",
+                            env=env, prefix_cache=True).stdout)
+    assert other["counters"]["images_encoded"] == 1, "another image must not hit the cache"
+    off = json.loads(chat(model, *args, env=env).stdout)
+    assert off["counters"]["images_encoded"] == 1 and off["answer"] == cold["answer"]
 
 
 def test_errors_are_one_line_and_exit_non_zero(model, images, tmp_path):

@@ -211,7 +211,7 @@ def test_hostile_files_through_the_cli_and_the_session_survives(tmp_path, conver
         assert not (tmp_path / "out.png").exists()
     from huatuo_local import HuatuoChatbot
 
-    with HuatuoChatbot(converted().manifest_path, temperature=0, max_new_tokens=4) as bot:
+    with HuatuoChatbot(converted().manifest_path, temperature=0, max_new_tokens=4, prefix_cache=False) as bot:
         for name in ("truncated.jpg", "random.dcm", "bomb.png"):
             with pytest.raises(HuatuoError):
                 bot.chat("What is this?", [corpus[name]])
@@ -235,7 +235,8 @@ def test_preview_writes_what_the_model_sees(tmp_path):
 
 def test_chat_about_a_dicom_end_to_end(converted):
     proc = run_cli("chat", bundled("CT_small.dcm"), "-p", "Which organ is shown?", "--window", "lung",
-                   "--model", str(converted().manifest_path), "--temperature", "0", "--max-tokens", "6", "--json")
+                   "--model", str(converted().manifest_path), "--temperature", "0", "--max-tokens", "6", "--json",
+                   "--no-prefix-cache")
     assert proc.returncode == 0, proc.stderr
     import json
 
