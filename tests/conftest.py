@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from dataclasses import astuple
 from pathlib import Path
 
