@@ -1,0 +1,284 @@
+"""Runtime speed and memory: huatuo-local vs llama.cpp's own tools vs the PyTorch stack.
+
+Models with HuatuoGPT-Vision-7B's real shapes and random weights, written by this script:
+the full CLIP ViT-L/14-336 tower and projector, the full 152064-token embeddings and LM head,
+and Qwen2-7B decoder layers at two reduced depths. Per-layer costs are fitted on the two depths
+and extrapolated to 28 layers (marked "→28L"). Every contender uses the same thread count.
+
+    .venv/bin/python bench/runtime.py [--depths 2 4] [--quants F16 Q8_0 Q4_K_M] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+import convert as shapes  # noqa: E402  (bench/convert.py: the checkpoint writer)
+from common import append, run_measured  # noqa: E402
+
+FULL_DEPTH = 28
+QUESTION = "What does the picture show? Describe the findings."
+FOLLOW_UP = "Is there anything abnormal in the lower left part of the image?"
+
+
+def write_checkpoint(work: Path, depth: int) -> Path:
+    import qwen_vocab
+
+    tok = work / "tokenizer"
+    if not tok.is_dir():
+        qwen_vocab.build(tok)
+    ckpt = work / f"ckpt-{depth}"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    ckpt.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(depth)
+    shapes.write_st(ckpt / "model-00001-of-00002.safetensors", shapes.llm_tensors(depth), rng)
+    shapes.write_st(ckpt / "model-00002-of-00002.safetensors", shapes.mm_tensors(), rng)
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in shapes.llm_tensors(depth)}
+    weight_map.update({n: "model-00002-of-00002.safetensors" for n in shapes.mm_tensors()})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (ckpt / "config.json").write_text(json.dumps(shapes.config(depth, True)))
+    for f in tok.iterdir():
+        shutil.copy(f, ckpt / f.name)
+    return ckpt
+
+
+def ours(manifest: Path, image: Path, threads: int, home: Path, n_gen: int) -> dict:
+    """Turn 1 with an image, turn 2 about it, then a new process asking about the cached image."""
+    turn = f"""
+import json, time
+from huatuo_local import HuatuoChatbot
+from huatuo_local.runtime.images import load_rgb, prepare
+bot = HuatuoChatbot({str(manifest)!r}, temperature=0, max_new_tokens={n_gen}, threads={threads})
+bot.sampling.min_new_tokens = {n_gen}  # random weights: decode a fixed number of tokens
+out = {{}}
+bot.chat({QUESTION!r}, [{str(image)!r}])
+r = bot.last_reply
+out.update(ttft_s=r.timings.first_token_s, positions=r.prompt_positions, gen_tokens=len(r.tokens),
+           gen_s=r.timings.generation_s, image_s=r.timings.image_encode_s, prompt_s=r.timings.prompt_s,
+           hits=r.counters.prefix_cache_hits, encoded=r.counters.images_encoded)
+if {{MODE!r}} == "cold":
+    bot.chat({FOLLOW_UP!r})
+    out["turn2_ttft_s"] = bot.last_reply.timings.first_token_s
+    out["turn2_evaluated"] = bot.last_reply.counters.prompt_tokens_evaluated
+    pic = prepare(load_rgb({str(image)!r}), bot.engine.vision)
+    t0 = time.perf_counter(); bot.engine.image_embeddings(pic); out["encode_s"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+    env = {"HUATUO_LOCAL_HOME": str(home)}
+    shutil.rmtree(home / "prefix-cache", ignore_errors=True)
+    cold = run_measured(turn.replace("{MODE!r}", repr("cold")), env)
+    warm = run_measured(turn.replace("{MODE!r}", repr("warm")), env)
+    assert warm["hits"] == 1 and warm["encoded"] == 0, warm
+    return {"cold": cold, "cached": warm}
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
+    proc = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "600", "-n",
+                           "32", "-r", "2", "-o", "json"], capture_output=True, text=True, timeout=3600,
+                          env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-500:])
+    rows = json.loads(proc.stdout)
+    out = {}
+    for row in rows:
+        key = "pp_tok_s" if row.get("n_prompt") else "tg_tok_s"
+        out[key] = float(row["avg_ts"])
+    return out
+
+
+def llama_mtmd_cli(bin_dir: Path, gguf: Path, mmproj: Path, image: Path, threads: int) -> dict:
+    cmd = [str(bin_dir / "llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image),
+           "-p", QUESTION, "-n", "32", "-t", str(threads), "--temp", "0", "--no-warmup", "-c", "4096"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                          env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-800:])
+    log = proc.stdout + proc.stderr
+    out = {"wall_s": wall}
+    m = re.search(r"image slice encoded in (\d+) ms", log)
+    if m:
+        out["encode_s"] = int(m.group(1)) / 1000
+    decoded = [int(x) for x in re.findall(r"image decoded \(batch \d+/\d+\) in (\d+) ms", log)]
+    out["image_decode_s"] = sum(decoded) / 1000
+    m = re.search(r"prompt eval time =\s+([\d.]+) ms /\s+(\d+) tokens", log)
+    if m:
+        out["prompt_eval_s"] = float(m.group(1)) / 1000
+    m = re.search(r"\beval time =\s+([\d.]+) ms /\s+(\d+) runs", log)
+    if m:
+        out["decode_tok_s"] = int(m.group(2)) / (float(m.group(1)) / 1000)
+    out["ttft_s"] = out.get("encode_s", 0) + out["image_decode_s"] + out.get("prompt_eval_s", 0)
+    return out
+
+
+def pytorch(depth: int, dtype: str, threads: int, n_gen: int = 8) -> dict:
+    code = f"""
+import json, time, torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM
+torch.set_num_threads({threads}); torch.set_grad_enabled(False)
+dt = getattr(torch, {dtype!r})
+tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+        num_attention_heads=16, image_size=336, patch_size=14)).to(dt).eval()
+llm = Qwen2ForCausalLM(Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers={depth},
+      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)).to(dt).eval()
+proj = torch.nn.Sequential(torch.nn.Linear(1024, 3584), torch.nn.GELU(), torch.nn.Linear(3584, 3584)).to(dt)
+px = torch.randn(1, 3, 336, 336, dtype=dt)
+t0 = time.perf_counter(); feats = proj(tower(px, output_hidden_states=True).hidden_states[-2][:, 1:])
+enc = time.perf_counter() - t0
+emb = torch.cat([llm.get_input_embeddings()(torch.arange(12)[None]), feats], 1)
+t0 = time.perf_counter(); out = llm(inputs_embeds=emb, use_cache=True); prefill = time.perf_counter() - t0
+cache = getattr(out, "cache", None) or out.past_key_values
+t0 = time.perf_counter()
+for _ in range({n_gen}):
+    out = llm(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+dec = time.perf_counter() - t0
+print(json.dumps(dict(encode_s=enc, prefill_s=prefill, ttft_s=enc + prefill, decode_tok_s={n_gen} / dec,
+                      positions=emb.shape[1])))
+"""
+    return run_measured(code)
+
+
+def copy_bandwidth_gb_s() -> float:
+    a = np.ones(256 * 1024 * 1024 // 8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t0) / 1e9)  # read + write
+    return best
+
+
+def fit(d: list[int], v: list[float], target: int = FULL_DEPTH) -> float:
+    """Linear in the number of layers: v = a + b * layers, evaluated at `target`."""
+    b = (v[1] - v[0]) / (d[1] - d[0])
+    return v[0] + b * (target - d[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depths", type=int, nargs=2, default=[2, 4])
+    ap.add_argument("--quants", nargs="+", default=["F16", "Q8_0", "Q4_K_M"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/huatuo-bench-runtime"))
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--no-pytorch", action="store_true")
+    ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
+    ap.add_argument("--gen", type=int, default=32)
+    args = ap.parse_args()
+    if args.tiny:
+        shapes.H, shapes.FFN, shapes.HEADS, shapes.KV, shapes.VH, shapes.VFFN, shapes.VLAYERS = (
+            256, 512, 2, 1, 64, 128, 3)
+    from huatuo_local.convert.pipeline import convert
+    from PIL import Image
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((512, 640, 3)) * 255).astype(np.uint8)).save(image)
+    bin_dir = None
+    if not args.no_llama_cpp:
+        try:
+            import llama_tools
+
+            bin_dir = llama_tools.build()
+        except Exception as exc:  # a missing compiler must not stop our own figures
+            print(f"llama.cpp tools skipped: {exc}")
+    results: dict = {}
+    for depth in args.depths:
+        ckpt = write_checkpoint(work, depth)
+        for quant in args.quants:
+            out = work / f"gguf-{depth}"
+            manifest = out / f"m-{quant}.manifest.json"
+            if not manifest.is_file():
+                convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+            r = {"ours": ours(manifest, image, args.threads, work / "home", args.gen)}
+            gguf, mmproj = out / f"m-{quant}.gguf", out / "mmproj-m-f16.gguf"
+            r["size_gib"] = gguf.stat().st_size / 1024**3  # what decoding reads per token, roughly
+            if bin_dir is not None:
+                try:
+                    r["llama_bench"] = llama_bench(bin_dir, gguf, args.threads)
+                    r["mtmd_cli"] = llama_mtmd_cli(bin_dir, gguf, mmproj, image, args.threads)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    print(f"llama.cpp tools failed on {gguf.name}: {exc}")
+            results[(depth, quant)] = r
+            print(depth, quant, json.dumps(r), flush=True)
+        if not args.no_pytorch and not args.tiny:
+            for dtype in ("bfloat16", "float32"):
+                try:
+                    results[(depth, f"torch-{dtype}")] = pytorch(depth, dtype, args.threads)
+                except RuntimeError as exc:
+                    print(f"PyTorch {dtype} failed at depth {depth}: {str(exc).splitlines()[-1]}")
+    bw = copy_bandwidth_gb_s()
+    (work / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=1))
+    report(results, args, bw)
+
+
+def report(results: dict, args, bw: float) -> None:
+    d = args.depths
+    lines = ["| contender | quant | TTFT turn 1 (image) →28L | image encode | prefill tok/s →28L | decode tok/s →28L "
+             "| turn 2 TTFT →28L | new process, cached image TTFT →28L | peak RSS →28L | decode / bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for quant in args.quants:
+        rs = [results.get((x, quant)) for x in d]
+        if not all(rs):
+            continue
+        cold = [r["ours"]["cold"] for r in rs]
+        warm = [r["ours"]["cached"] for r in rs]
+        ttft = fit(d, [c["ttft_s"] for c in cold])
+        prefill_s = fit(d, [c["ttft_s"] - c["encode_s"] for c in cold])
+        positions = cold[0]["positions"]
+        dec_s = fit(d, [c["gen_s"] / c["gen_tokens"] for c in cold])
+        turn2 = fit(d, [c["turn2_ttft_s"] for c in cold])
+        cached = fit(d, [w["ttft_s"] for w in warm])
+        rss = fit(d, [c["peak_rss_kib"] / 1024**2 for c in cold])
+        size28 = fit(d, [r["size_gib"] for r in rs])
+        bound = bw / (size28 * 1.0737)  # every LLM weight is read once per token; GB/s over GB
+        lines.append(f"| huatuo-local | {quant} | {ttft:.1f} s | {cold[-1]['encode_s']:.2f} s | "
+                     f"{positions / prefill_s:.1f} | {1 / dec_s:.2f} | {turn2:.2f} s | {cached:.2f} s | "
+                     f"{rss:.2f} GiB | {1 / dec_s / bound:.0%} of {bound:.2f} |")
+        if all("mtmd_cli" in r for r in rs):
+            m = [r["mtmd_cli"] for r in rs]
+            b = [r["llama_bench"] for r in rs]
+            lines.append(f"| llama.cpp (mtmd-cli, llama-bench) | {quant} | {fit(d, [x['ttft_s'] for x in m]):.1f} s | "
+                         f"{m[-1].get('encode_s', float('nan')):.2f} s | "
+                         f"{1 / fit(d, [1 / x['pp_tok_s'] for x in b]):.1f} | "
+                         f"{1 / fit(d, [1 / x['tg_tok_s'] for x in b]):.2f} | – | – | – | – |")
+    for dtype in ("bfloat16", "float32"):
+        rs = [results.get((x, f"torch-{dtype}")) for x in d]
+        if all(rs):
+            lines.append(f"| PyTorch (transformers) | {dtype} | {fit(d, [r['ttft_s'] for r in rs]):.1f} s | "
+                         f"{rs[-1]['encode_s']:.2f} s | {rs[0]['positions'] / fit(d, [r['prefill_s'] for r in rs]):.1f} | "
+                         f"{1 / fit(d, [1 / r['decode_tok_s'] for r in rs]):.2f} | – | – | "
+                         f"{fit(d, [r['peak_rss_kib'] / 1024**2 for r in rs]):.2f} GiB | – |")
+    table = "\n".join(lines)
+    notes = (f"Random weights, real shapes: CLIP ViT-L/14-336 + projector in full, Qwen2-7B layers at depths {d[0]} and "
+             f"{d[1]} fitted linearly and extrapolated to 28 layers (→28L). {args.threads} threads for every "
+             f"contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s; the decode bound is that over the "
+             "weights' size. Turn 2 is a 15-token follow-up on the kept context; the cached row is a new process "
+             "restoring the image prefix from disk. llama.cpp's TTFT is its image encode + image decode + prompt "
+             "eval as printed by llama-mtmd-cli; its prefill and decode columns are llama-bench pp600 / tg32.")
+    if args.no_append:
+        print(table + "\n\n" + notes)
+    else:
+        append("Runtime: time to first token, decode, memory", "`.venv/bin/just bench-runtime` (= `.venv/bin/python "
+               "bench/runtime.py " + " ".join(sys.argv[1:]) + "`)", table, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The bench scripts stay runnable (tiny shapes, no timing assertions: figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(script: str, *args: str, tmp_path) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", "--no-append",
+                           "--workdir", str(tmp_path / script), *args], capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_convert_bench_runs(tmp_path):
+    out = run_bench("convert.py", "--depths", "1", "2", "--no-llama-cpp", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith("| huatuo-local convert")]
+    assert len(rows) == 2 and all("MB/s" in r and "GiB" in r for r in rows)
+
+
+def test_runtime_bench_runs(tmp_path):
+    out = run_bench("runtime.py", "--depths", "1", "2", "--quants", "Q8_0", "--no-llama-cpp", "--no-pytorch",
+                    "--gen", "4", tmp_path=tmp_path)
+    row = next(ln for ln in out.splitlines() if ln.startswith("| huatuo-local | Q8_0"))
+    assert row.count("|") == 11 and "GiB" in row
+    assert "Copy bandwidth measured in the same run" in out
