@@ -68,7 +68,8 @@ def run_measured(code: str, env: dict | None = None, timeout: float = 3600) -> d
     wrapper = code + ("\nimport json as _j\n"
                       "_hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
                       "print(_j.dumps({'peak_rss_kib': int(_hwm)}))\n")
-    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, errors="replace",
+                          timeout=timeout,
                           env=dict(os.environ, **(env or {})), cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models.bytelevel import bytes_to_unicode
 
 IMAGE_SIZE, PATCH, V_HIDDEN, V_HEADS, V_FFN, V_LAYERS = 28, 14, 16, 2, 24, 2
 LLM_HIDDEN = 16
@@ -158,7 +159,7 @@ def write_probe_pair(folder: Path) -> tuple[Path, Path]:
     writer.add_head_count_kv(2)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list([byte_chars[b] for b in range(256)] + ["ab", "<|endoftext|>", "<|pad|>"])
@@ -188,16 +189,6 @@ def write_probe_pair(folder: Path) -> tuple[Path, Path]:
     return llm, mm
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def library_path() -> Path:

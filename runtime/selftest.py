@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models.bytelevel import bytes_to_unicode
 from huatuo_local.models.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from PIL import Image
 
@@ -31,15 +32,6 @@ class SelftestResult:
     seconds: float
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -60,7 +52,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 def write_random_checkpoint(folder: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     h, layers, ffn, vh, vffn, vlayers = 64, 2, 128, 32, 64, 3
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     vocab = {byte_chars[b]: b for b in range(256)}
     merges = [("Ġ", "t"), ("h", "e"), ("i", "n"), ("Ġt", "he")]
     for a, b in merges:

@@ -125,6 +125,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--venv", type=Path, default=ROOT / ".venv", help="virtual environment to create or update")
     ap.add_argument("--no-dev", action="store_true", help="skip test and benchmark tools (torch, transformers, ...)")
+    ap.add_argument("--skip-first-run", action="store_true", help="do not run the self-test after installing")
     args = ap.parse_args()
 
     venv = args.venv.resolve()
@@ -146,7 +147,30 @@ def main() -> int:
 
     extras = "" if args.no_dev else "[dev]"
     run([python, "-m", "pip", "install", "-q", "-e", f"{ROOT}{extras}"])
-    print(f"\nhuatuo-local is ready: {venv / 'bin' / 'huatuo-local'} doctor")
+    return first_run(venv, args.skip_first_run)
+
+
+def first_run(venv: Path, skip: bool) -> int:
+    """Prove the install end to end, then do the main job if the model is already here.
+
+    The real model is ~15 GB to download and convert, so setup never fetches it by itself;
+    it says the one command that does.
+    """
+    cli = venv / ("Scripts/huatuo-local.exe" if os.name == "nt" else "bin/huatuo-local")
+    example = ROOT / "examples" / "chest_ct.png"
+    question = "What does this image show?"
+    if skip:
+        print(f"\nhuatuo-local is ready: {cli} doctor")
+        return 0
+    run([cli, "doctor", "--selftest"])
+    has_model = subprocess.run([cli, "info", "huatuo-vision-7b"], capture_output=True).returncode == 0
+    if has_model:
+        run([cli, "chat", example, "-p", question])
+    else:
+        print("\nhuatuo-local is ready. To chat with HuatuoGPT-Vision-7B (downloads ~15 GB once, then works offline):\n"
+              f"  {cli} pull huatuo-vision-7b\n  {cli} chat {example} -p \"{question}\"\n"
+              "On a machine without access to Hugging Face, copy the checkpoint over and run\n"
+              f"  {cli} convert CHECKPOINT_FOLDER -o models/  then  {cli} chat {example} --model models/ -p ...")
     return 0
 
 
