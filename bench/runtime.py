@@ -173,9 +173,16 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--title", default="Runtime: time to first token, decode, memory")
     ap.add_argument("--from-results", action="store_true",
                     help="re-measure llama-mtmd-cli's encode on the GGUFs of results.json, then report")
+    ap.add_argument("--report-only", type=Path, help="report a saved results.json (no measuring)")
     args = ap.parse_args()
+    if args.report_only:
+        saved = json.loads(args.report_only.read_text())
+        results = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in saved.items()}
+        report(results, args, saved.get("0|bandwidth", {}).get("gb_s", copy_bandwidth_gb_s()))
+        return
     if args.tiny:
         shapes.H, shapes.FFN, shapes.HEADS, shapes.KV, shapes.VH, shapes.VFFN, shapes.VLAYERS = (
             256, 512, 2, 1, 64, 128, 3)
@@ -230,6 +237,7 @@ def main() -> None:
                 except RuntimeError as exc:
                     print(f"PyTorch {dtype} failed at depth {depth}: {str(exc).splitlines()[-1]}")
     bw = copy_bandwidth_gb_s()
+    results[(0, "bandwidth")] = {"gb_s": bw}
     (work / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=1))
     report(results, args, bw)
 
@@ -292,7 +300,7 @@ def report(results: dict, args, bw: float) -> None:
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append("Runtime: time to first token, decode, memory", "`.venv/bin/just bench-runtime` (= `.venv/bin/python "
+        append(args.title, "`.venv/bin/just bench-runtime` (= `.venv/bin/python "
                "bench/runtime.py " + " ".join(sys.argv[1:]) + "`)", table, notes)
 
 

@@ -53,6 +53,7 @@ class HuatuoChatbot:
         frame: int | None = None,
         max_pixels: int | None = None,
         prefix_cache: bool = True,
+        use_mmap: bool | None = None,
     ):
         self.model: ResolvedModel = resolve(model)
         if offline:
@@ -61,6 +62,7 @@ class HuatuoChatbot:
             n_ctx=n_ctx, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
             n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
             seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
+            use_mmap=use_mmap,
         )
         self.engine = Engine(self.model.llm_path, self.model.mmproj_path, options, eos_id=self.model.eos_id)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,

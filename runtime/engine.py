@@ -83,6 +83,9 @@ class EngineOptions:
     mmproj_offload: bool = True
     seed: int = 0
     allow_unverified_vision: bool = False
+    # None: off on CPU, where llama.cpp repacks the weights and a mapped file would keep them resident
+    # twice (measured: 8.4 GiB vs the file's 4.4 GiB for the 7B at Q4_K_M); on when offloading.
+    use_mmap: bool | None = None
 
 
 def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
@@ -167,6 +170,7 @@ class Engine:
                 model_path=str(self.llm_path), n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.n_ubatch,
                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=opts.n_gpu_layers, seed=opts.seed,
                 type_k=kv, type_v=kv, flash_attn=opts.flash_attn, verbose=False,
+                use_mmap=opts.use_mmap if opts.use_mmap is not None else opts.n_gpu_layers != 0,
             )
         except ValueError as exc:
             raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({exc})") from exc
