@@ -14,7 +14,7 @@ lint:
     {{python}} -m ruff check .
 
 # All benchmarks (each appends its table to BENCHMARKS.md)
-bench: bench-convert bench-runtime
+bench: bench-convert bench-runtime bench-encode
 
 # Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
 bench-convert *ARGS:
@@ -27,3 +27,7 @@ bench-runtime *ARGS:
 # Check the install: vision probe, engine build, RAM
 doctor:
     .venv/bin/huatuo-local doctor
+
+# Image encode time by mmproj type (after bench-runtime, which writes the checkpoint)
+bench-encode *ARGS:
+    {{python}} bench/encode.py {{ARGS}}
