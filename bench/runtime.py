@@ -157,7 +157,9 @@ def copy_bandwidth_gb_s() -> float:
 
 
 def fit(d: list[int], v: list[float], target: int = FULL_DEPTH) -> float:
-    """Linear in the number of layers: v = a + b * layers, evaluated at `target`."""
+    """Linear in the number of layers: v = a + b * layers, evaluated at `target` (measured at full depth)."""
+    if d[0] == d[1]:
+        return v[0] if d[0] == target else float("nan")
     b = (v[1] - v[0]) / (d[1] - d[0])
     return v[0] + b * (target - d[0])
 
@@ -212,7 +214,7 @@ def main() -> None:
                                                args.threads)
         report(results, args, copy_bandwidth_gb_s())
         return
-    for depth in args.depths:
+    for depth in dict.fromkeys(args.depths):  # --depths 28 28: one full-depth run, nothing extrapolated
         ckpt = write_checkpoint(work, depth)
         for quant in args.quants:
             out = work / f"gguf-{depth}"
