@@ -292,10 +292,11 @@ def report(results: dict, args, bw: float) -> None:
         ratios.append(f"PyTorch bf16 TTFT →28L {fit(d, [r['ttft_s'] for r in torch_bf16]):.1f} s, peak RSS →28L "
                       f"{fit(d, [r['peak_rss_kib'] / 1024**2 for r in torch_bf16]):.2f} GiB")
     table = "\n".join(lines) + ("\n\nRatios: " + "; ".join(ratios) if ratios else "")
-    notes = (f"Random weights, real shapes: CLIP ViT-L/14-336 + projector in full, Qwen2-7B layers at depths "
-             f"{d[0]} and {d[1]} fitted linearly and extrapolated to 28 layers (→28L). {args.threads} threads for "
-             "every "
-             f"contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s; the decode bound is that over the "
+    depth_text = (f"all {d[0]} Qwen2-7B layers, measured (nothing extrapolated)" if d[0] == d[1] else
+                  f"Qwen2-7B layers at depths {d[0]} and {d[1]} fitted linearly and extrapolated to 28 layers (→28L)")
+    notes = (f"Random weights, real shapes: CLIP ViT-L/14-336 + projector in full, {depth_text}. "
+             f"{args.threads} threads for every contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s; "
+             "the decode bound is that over the "
              "weights' size. Turn 2 is a 15-token follow-up on the kept context; the cached row is a new process "
              "restoring the image prefix from disk. llama.cpp's TTFT is llama-mtmd-cli's image encode time plus the "
              "prompt positions at llama-bench's pp600 rate; its decode column is llama-bench tg32.")
