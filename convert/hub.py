@@ -23,7 +23,7 @@ def looks_like_repo(text: str) -> bool:
 def download(repo_id: str, patterns: list[str] | None = None, subfolder: str | None = None) -> Path:
     """Fetch (or resume) a snapshot of the files matching `patterns`; return its local folder."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     pats = patterns or CHECKPOINT_FILES
     if subfolder:
@@ -38,7 +38,7 @@ def download(repo_id: str, patterns: list[str] | None = None, subfolder: str | N
             f"{repo_id}: cannot download (no network?) and not in the local cache; "
             "download it elsewhere and pass the folder instead"
         ) from exc
-    except (HfHubHTTPError, OSError, Exception) as exc:  # httpx errors carry no common base
+    except Exception as exc:  # HTTP errors, OS errors and httpx's own, which share no narrower base
         raise HuatuoError(f"{repo_id}: download failed ({exc}); run the command again to resume") from exc
     return folder / subfolder if subfolder else folder
 
