@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gguf import TokenType
+from huatuo_local.models.bytelevel import QWEN2_PRETOKENIZER_REGEX
 from huatuo_local.models.errors import CheckpointError, UnsupportedModelError
-
-# The pre-tokenizer regex of Qwen2's tokenizer.json; llama.cpp's `qwen2` pre-type implements it.
-QWEN2_PRETOKENIZER_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 @dataclass

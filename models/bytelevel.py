@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from functools import cache
 
+# The pre-tokenizer regex of Qwen2's tokenizer.json; llama.cpp's `qwen2` pre-type implements it.
+QWEN2_PRETOKENIZER_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 @cache
 def bytes_to_unicode() -> dict[int, str]:

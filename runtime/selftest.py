@@ -15,13 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models.bytelevel import QWEN2_PRETOKENIZER_REGEX as QWEN2_REGEX
 from huatuo_local.models.bytelevel import bytes_to_unicode
 from huatuo_local.models.towers import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from PIL import Image
-
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 
 @dataclass

@@ -15,10 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from huatuo_local.models.bytelevel import QWEN2_PRETOKENIZER_REGEX as QWEN2_REGEX
 
 CORPUS = """The chest radiograph shows a right lower lobe consolidation consistent with pneumonia.
 No pleural effusion or pneumothorax is seen. The cardiac silhouette is within normal limits.
