@@ -14,7 +14,7 @@ lint:
     {{python}} -m ruff check .
 
 # All benchmarks (each appends its table to BENCHMARKS.md)
-bench: bench-convert bench-runtime bench-encode
+bench: bench-convert bench-runtime bench-encode bench-settings
 
 # Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
 bench-convert *ARGS:
@@ -31,3 +31,7 @@ doctor:
 # Image encode time by mmproj type (after bench-runtime, which writes the checkpoint)
 bench-encode *ARGS:
     {{python}} bench/encode.py {{ARGS}}
+
+# Engine settings sweep (micro-batch, flash attention, threads) on runtime.py's 4-layer checkpoint
+bench-settings *ARGS:
+    {{python}} bench/settings.py {{ARGS}}

@@ -29,8 +29,12 @@ from common import append, run_measured  # noqa: E402
 import convert as shapes  # noqa: E402  (bench/convert.py: the checkpoint writer)
 
 FULL_DEPTH = 28
+IMAGE_TOKENS = (336 // 14) ** 2  # every shape here keeps CLIP-336's image and patch sizes
 QUESTION = "What does the picture show? Describe the findings."
 FOLLOW_UP = "Is there anything abnormal in the lower left part of the image?"
+ANSWER = ("The image is an axial CT slice of the chest in the lung window. There is a small, well-defined nodule of "
+          "about eight millimetres in the right upper lobe; the airways are patent and there is no pleural effusion "
+          "or enlarged lymph node.")
 
 
 def write_checkpoint(work: Path, depth: int) -> Path:
@@ -55,6 +59,20 @@ def write_checkpoint(work: Path, depth: int) -> Path:
     return ckpt
 
 
+def tiny_shapes() -> None:
+    shapes.H, shapes.FFN, shapes.HEADS, shapes.KV, shapes.VH, shapes.VFFN, shapes.VLAYERS = (
+        256, 512, 2, 1, 64, 128, 3)
+
+
+def write_image(work: Path) -> Path:
+    from PIL import Image
+
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((512, 640, 3)) * 255).astype(np.uint8)).save(image)
+    return image
+
+
 def ours(manifest: Path, image: Path, threads: int, home: Path, n_gen: int) -> dict:
     """Turn 1 with an image, turn 2 about it, then a new process asking about the cached image."""
     turn = f"""
@@ -63,8 +81,20 @@ from huatuo_local import HuatuoChatbot
 from huatuo_local.runtime.images import load_rgb, prepare
 bot = HuatuoChatbot({str(manifest)!r}, temperature=0, max_new_tokens={n_gen}, threads={threads})
 bot.sampling.min_new_tokens = {n_gen}  # random weights: decode a fixed number of tokens
+# Random weights answer with token sequences no tokenizer would produce, so the answer's text
+# re-tokenizes differently and turn 2 re-evaluates it. A trained model's answers re-tokenize as
+# generated: turn 1 is steered through a real answer's tokens (same work per step).
+forced = iter(bot.engine.tokenize({ANSWER!r})[:{n_gen}])
+real_logits = bot.engine.logits
+def steered():
+    logits = real_logits()
+    logits.fill(-1e9)
+    logits[next(forced, 0)] = 1e4  # stays on top through the repetition penalty
+    return logits
+bot.engine.logits = steered
 out = {{}}
 bot.chat({QUESTION!r}, [{str(image)!r}])
+bot.engine.logits = real_logits
 r = bot.last_reply
 out.update(ttft_s=r.timings.first_token_s, positions=r.prompt_positions, gen_tokens=len(r.tokens),
            gen_s=r.timings.generation_s, image_s=r.timings.image_encode_s, prompt_s=r.timings.prompt_s,
@@ -156,6 +186,31 @@ def copy_bandwidth_gb_s() -> float:
     return best
 
 
+def sgemm_gflop_s(threads: int) -> float:
+    """fp32 matrix-multiply rate (numpy's BLAS, `threads` threads): the compute ceiling prefill and encode face."""
+    code = ("import os, time, numpy as np\n"
+            "a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32); a @ a\n"
+            "best = min((lambda t0: (a @ a, time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))\n"
+            "print(2 * 2048**3 / best / 1e9)\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(proc.stdout.split()[-1])
+
+
+def encode_gflop(positions: int) -> float:
+    """Multiply-adds of the CLIP tower up to the selected layer (the second to last) and the projector."""
+    t, h, f = positions + 1, shapes.VH, shapes.VFFN  # + the class token
+    layer = 2 * t * (4 * h * h + 2 * h * f) + 2 * 2 * t * t * h
+    return ((shapes.VLAYERS - 1) * layer + 2 * positions * (h * shapes.H + shapes.H * shapes.H)) / 1e9
+
+
+def prefill_gflop(positions: int, layers: int = FULL_DEPTH) -> float:
+    """Multiply-adds of the decoder layers over a prompt (causal attention: half the square)."""
+    h, kv = shapes.H, shapes.H * shapes.KV // shapes.HEADS
+    layer = 2 * positions * (2 * h * h + 2 * h * kv + 3 * h * shapes.FFN) + 2 * positions * positions * h
+    return (layers * layer + 2 * h * shapes.VOCAB) / 1e9
+
+
 def fit(d: list[int], v: list[float], target: int = FULL_DEPTH) -> float:
     """Linear in the number of layers: v = a + b * layers, evaluated at `target` (measured at full depth)."""
     if d[0] == d[1]:
@@ -183,18 +238,14 @@ def main() -> None:
     if args.report_only:
         saved = json.loads(args.report_only.read_text())
         results = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in saved.items()}
-        report(results, args, saved.get("0|bandwidth", {}).get("gb_s", copy_bandwidth_gb_s()))
+        report(results, args, saved.get("0|bandwidth") or {"gb_s": copy_bandwidth_gb_s()})
         return
     if args.tiny:
-        shapes.H, shapes.FFN, shapes.HEADS, shapes.KV, shapes.VH, shapes.VFFN, shapes.VLAYERS = (
-            256, 512, 2, 1, 64, 128, 3)
+        tiny_shapes()
     from huatuo_local.convert.pipeline import convert
-    from PIL import Image
 
     work = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    image = work / "scan.png"
-    Image.fromarray((np.random.default_rng(0).random((512, 640, 3)) * 255).astype(np.uint8)).save(image)
+    image = write_image(work)
     bin_dir = None
     if not args.no_llama_cpp:
         try:
@@ -212,7 +263,7 @@ def main() -> None:
                 out = work / f"gguf-{depth}"
                 r["mtmd_cli"] = llama_mtmd_cli(bin_dir, out / f"m-{quant}.gguf", out / "mmproj-m-f16.gguf", image,
                                                args.threads)
-        report(results, args, copy_bandwidth_gb_s())
+        report(results, args, {"gb_s": copy_bandwidth_gb_s(), "sgemm_gflop_s": sgemm_gflop_s(args.threads)})
         return
     for depth in dict.fromkeys(args.depths):  # --depths 28 28: one full-depth run, nothing extrapolated
         ckpt = write_checkpoint(work, depth)
@@ -238,18 +289,21 @@ def main() -> None:
                     results[(depth, f"torch-{dtype}")] = pytorch(depth, dtype, args.threads)
                 except RuntimeError as exc:
                     print(f"PyTorch {dtype} failed at depth {depth}: {str(exc).splitlines()[-1]}")
-    bw = copy_bandwidth_gb_s()
-    results[(0, "bandwidth")] = {"gb_s": bw}
+    rates = {"gb_s": copy_bandwidth_gb_s(), "sgemm_gflop_s": sgemm_gflop_s(args.threads)}
+    results[(0, "bandwidth")] = rates
     (work / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=1))
-    report(results, args, bw)
+    report(results, args, rates)
 
 
-def report(results: dict, args, bw: float) -> None:
+def report(results: dict, args, rates: dict) -> None:
     d = args.depths
+    bw, peak = rates["gb_s"], rates.get("sgemm_gflop_s")
     lines = ["| contender | quant | TTFT turn 1 (image) →28L | image encode | prefill tok/s →28L | decode tok/s →28L "
              "| turn 2 TTFT →28L | new process, cached image TTFT →28L | peak RSS →28L | decode / bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     ratios: list[str] = []
+    torch_bf16 = [results.get((x, "torch-bfloat16")) for x in d]
+    torch_bf16 = torch_bf16 if all(torch_bf16) else None
     for quant in args.quants:
         rs = [results.get((x, quant)) for x in d]
         if not all(rs):
@@ -266,19 +320,30 @@ def report(results: dict, args, bw: float) -> None:
         size28 = fit(d, [r["size_gib"] for r in rs])
         bound = bw / (size28 * 1.0737)  # every LLM weight is read once per token; GB/s over GB
         lines.append(f"| huatuo-local | {quant} | {ttft:.1f} s | {cold[-1]['encode_s']:.2f} s | "
-                     f"{positions / prefill_s:.1f} | {1 / dec_s:.2f} | {turn2:.2f} s | {cached:.2f} s | "
+                     f"{positions / prefill_s:.1f} | {1 / dec_s:.2f} | "
+                     f"{turn2:.2f} s ({cold[-1]['turn2_evaluated']} new) | {cached:.2f} s | "
                      f"{rss:.2f} GiB | {1 / dec_s / bound:.0%} of {bound:.2f} |")
+        parts = []
         if all("mtmd_cli" in r for r in rs):
             m = [r["mtmd_cli"] for r in rs]
             b = [r["llama_bench"] for r in rs]
             pp = 1 / fit(d, [1 / x["pp_tok_s"] for x in b])
+            tg = 1 / fit(d, [1 / x["tg_tok_s"] for x in b])
             ttft_cpp = m[-1].get("encode_s", float("nan")) + positions / pp
             lines.append(f"| llama.cpp (llama-mtmd-cli, llama-bench) | {quant} | {ttft_cpp:.1f} s | "
-                         f"{m[-1].get('encode_s', float('nan')):.2f} s | {pp:.1f} | "
-                         f"{1 / fit(d, [1 / x['tg_tok_s'] for x in b]):.2f} | – | – | – | – |")
-            ratios.append(f"{quant}: TTFT ours/llama.cpp {ttft / ttft_cpp:.2f}, decode ours/llama.cpp "
-                          f"{(1 / dec_s) / (1 / fit(d, [1 / x['tg_tok_s'] for x in b])):.2f}, "
-                          f"turn 2 / turn 1 {turn2 / ttft:.3f}, cached / cold {cached / ttft:.3f}")
+                         f"{m[-1].get('encode_s', float('nan')):.2f} s | {pp:.1f} | {tg:.2f} | – | – | – | – |")
+            parts.append(f"TTFT ours/llama.cpp {ttft / ttft_cpp:.2f}, decode ours/llama.cpp {(1 / dec_s) / tg:.2f}")
+        if torch_bf16:
+            parts.append(f"TTFT ours/PyTorch bf16 {ttft / fit(d, [r['ttft_s'] for r in torch_bf16]):.2f}, peak RSS "
+                         f"ours/PyTorch bf16 {rss / fit(d, [r['peak_rss_kib'] / 1024**2 for r in torch_bf16]):.2f}")
+        parts.append(f"turn 2 / turn 1 {turn2 / ttft:.3f}, cached / cold {cached / ttft:.3f}, "
+                     f"decode / bound {1 / dec_s / bound:.2f}")
+        if peak:
+            enc = encode_gflop(IMAGE_TOKENS) / cold[-1]["encode_s"]
+            pre = prefill_gflop(positions) / prefill_s
+            parts.append(f"image encode {enc:.0f} GFLOP/s ({enc / peak:.0%} of the sgemm peak), prefill →28L "
+                         f"{pre:.0f} GFLOP/s ({pre / peak:.0%})")
+        ratios.append(f"{quant}: " + ", ".join(parts))
     for dtype in ("bfloat16", "float32"):
         rs = [results.get((x, f"torch-{dtype}")) for x in d]
         if all(rs):
@@ -287,17 +352,16 @@ def report(results: dict, args, bw: float) -> None:
                          f"{rs[-1]['encode_s']:.2f} s | {prefill:.1f} | "
                          f"{1 / fit(d, [1 / r['decode_tok_s'] for r in rs]):.2f} | – | – | "
                          f"{fit(d, [r['peak_rss_kib'] / 1024**2 for r in rs]):.2f} GiB | – |")
-    torch_bf16 = [results.get((x, "torch-bfloat16")) for x in d]
-    if all(torch_bf16):
-        ratios.append(f"PyTorch bf16 TTFT →28L {fit(d, [r['ttft_s'] for r in torch_bf16]):.1f} s, peak RSS →28L "
-                      f"{fit(d, [r['peak_rss_kib'] / 1024**2 for r in torch_bf16]):.2f} GiB")
     table = "\n".join(lines) + ("\n\nRatios: " + "; ".join(ratios) if ratios else "")
     depth_text = (f"all {d[0]} Qwen2-7B layers, measured (nothing extrapolated)" if d[0] == d[1] else
                   f"Qwen2-7B layers at depths {d[0]} and {d[1]} fitted linearly and extrapolated to 28 layers (→28L)")
     notes = (f"Random weights, real shapes: CLIP ViT-L/14-336 + projector in full, {depth_text}. "
-             f"{args.threads} threads for every contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s; "
+             f"{args.threads} threads for every contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s"
+             + (f", fp32 sgemm peak (numpy's BLAS, same threads) {peak:.0f} GFLOP/s" if peak else "") + "; "
              "the decode bound is that over the "
-             "weights' size. Turn 2 is a 15-token follow-up on the kept context; the cached row is a new process "
+             "weights' size. Turn 2 is a 15-token follow-up on the kept context (positions evaluated in brackets), "
+             "after a turn 1 steered through a real answer's tokens (random weights' answers do not re-tokenize "
+             "as generated, and a trained model's do); the cached row is a new process "
              "restoring the image prefix from disk. llama.cpp's TTFT is llama-mtmd-cli's image encode time plus the "
              "prompt positions at llama-bench's pp600 rate; its decode column is llama-bench tg32.")
     if args.no_append:

@@ -75,7 +75,9 @@ def quiet_logs() -> None:
 class EngineOptions:
     n_ctx: int = 4096
     n_batch: int = 2048
-    n_ubatch: int = 512
+    # None: 256 on CPU, where it runs as fast as 512 and its compute buffer is ~80 MB smaller
+    # (bench/settings.py, BENCHMARKS.md); 512 when offloading, where larger micro-batches pay.
+    n_ubatch: int | None = None
     n_threads: int | None = None
     n_gpu_layers: int = 0
     kv_type: str = "f16"
@@ -86,6 +88,10 @@ class EngineOptions:
     # None: off on CPU, where llama.cpp repacks the weights and a mapped file would keep them resident
     # twice (measured: 8.4 GiB vs the file's 4.4 GiB for the 7B at Q4_K_M); on when offloading.
     use_mmap: bool | None = None
+
+    @property
+    def ubatch(self) -> int:
+        return self.n_ubatch or (256 if self.n_gpu_layers == 0 else 512)
 
 
 def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
@@ -167,7 +173,7 @@ class Engine:
         kv = KV_TYPES[opts.kv_type]
         try:
             self.llm = Llama(
-                model_path=str(self.llm_path), n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.n_ubatch,
+                model_path=str(self.llm_path), n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.ubatch,
                 n_threads=threads, n_threads_batch=threads, n_gpu_layers=opts.n_gpu_layers, seed=opts.seed,
                 type_k=kv, type_v=kv, flash_attn=opts.flash_attn, verbose=False,
                 use_mmap=opts.use_mmap if opts.use_mmap is not None else opts.n_gpu_layers != 0,
