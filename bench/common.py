@@ -48,10 +48,15 @@ def versions() -> str:
             f"Python {platform.python_version()}")
 
 
+def invocation() -> str:
+    """This script's command line, as a user would type it from the repository root."""
+    return " ".join([".venv/bin/python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
 def append(title: str, command: str, table: str, notes: str = "") -> None:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     block = (f"\n## {title} ({stamp})\n\n- Machine: {machine()}\n- Versions: {versions()}\n"
-             f"- Command: `{command}`\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
+             f"- Command: {command}\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     if not BENCHMARKS.exists():
         BENCHMARKS.write_text("# Benchmarks\n\nEach section is appended by a script in `bench/`; "
                               "newest last.\n")

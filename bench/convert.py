@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import ROOT, append, run_measured  # noqa: E402
+from common import ROOT, append, invocation, run_measured  # noqa: E402
 
 H, FFN, HEADS, KV, VOCAB = 3584, 18944, 28, 4, 152064
 VH, VFFN, VLAYERS = 1024, 4096, 24
@@ -206,7 +206,7 @@ def main() -> None:
         print(text)
     else:
         append("Converter: throughput and peak memory",
-               "`.venv/bin/just bench-convert` (= `.venv/bin/python bench/convert.py " + " ".join(sys.argv[1:]) + "`)",
+               f"`.venv/bin/just bench-convert` (= `{invocation()}`)",
                text, notes)
 
 

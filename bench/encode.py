@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append  # noqa: E402
+from common import append, invocation  # noqa: E402
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     if args.no_append:
         print(table)
     else:
-        append("Image encode by mmproj type", "`.venv/bin/python bench/encode.py " + " ".join(sys.argv[1:]) + "`",
+        append("Image encode by mmproj type", f"`.venv/bin/just bench-encode` (= `{invocation()}`)",
                table, f"Full CLIP ViT-L/14-336 + projector, random weights, {args.threads} threads, libmtmd with "
                "its default flash attention.")
 

@@ -24,7 +24,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import append, run_measured  # noqa: E402
+from common import append, invocation, run_measured  # noqa: E402
 
 import convert as shapes  # noqa: E402  (bench/convert.py: the checkpoint writer)
 
@@ -105,6 +105,11 @@ if {{MODE!r}} == "cold":
     out["turn2_evaluated"] = bot.last_reply.counters.prompt_tokens_evaluated
     pic = prepare(load_rgb({str(image)!r}), bot.engine.vision)
     t0 = time.perf_counter(); bot.engine.image_embeddings(pic); out["encode_s"] = time.perf_counter() - t0
+else:  # as in the REPL: the follow-up's shared start is evaluated while the user types
+    t0 = time.perf_counter(); out["prefilled"] = bot.prefill_next_turn(); out["prefill_s"] = time.perf_counter() - t0
+    bot.chat({FOLLOW_UP!r})
+    out["turn2_ttft_s"] = bot.last_reply.timings.first_token_s
+    out["turn2_evaluated"] = bot.last_reply.counters.prompt_tokens_evaluated
 print(json.dumps(out))
 """
     env = {"HUATUO_LOCAL_HOME": str(home)}
@@ -299,8 +304,9 @@ def report(results: dict, args, rates: dict) -> None:
     d = args.depths
     bw, peak = rates["gb_s"], rates.get("sgemm_gflop_s")
     lines = ["| contender | quant | TTFT turn 1 (image) →28L | image encode | prefill tok/s →28L | decode tok/s →28L "
-             "| turn 2 TTFT →28L | new process, cached image TTFT →28L | peak RSS →28L | decode / bound |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| turn 2 TTFT →28L | turn 2, start pre-filled →28L | new process, cached image TTFT →28L | peak RSS →28L "
+             "| decode / bound |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ratios: list[str] = []
     torch_bf16 = [results.get((x, "torch-bfloat16")) for x in d]
     torch_bf16 = torch_bf16 if all(torch_bf16) else None
@@ -316,12 +322,14 @@ def report(results: dict, args, rates: dict) -> None:
         dec_s = fit(d, [c["gen_s"] / c["gen_tokens"] for c in cold])
         turn2 = fit(d, [c["turn2_ttft_s"] for c in cold])
         cached = fit(d, [w["ttft_s"] for w in warm])
+        pre2 = fit(d, [w["turn2_ttft_s"] for w in warm]) if "turn2_ttft_s" in warm[0] else float("nan")
+        pre2_text = f"{pre2:.2f} s ({warm[-1]['turn2_evaluated']} new)" if pre2 == pre2 else "–"
         rss = fit(d, [c["peak_rss_kib"] / 1024**2 for c in cold])
         size28 = fit(d, [r["size_gib"] for r in rs])
         bound = bw / (size28 * 1.0737)  # every LLM weight is read once per token; GB/s over GB
         lines.append(f"| huatuo-local | {quant} | {ttft:.1f} s | {cold[-1]['encode_s']:.2f} s | "
                      f"{positions / prefill_s:.1f} | {1 / dec_s:.2f} | "
-                     f"{turn2:.2f} s ({cold[-1]['turn2_evaluated']} new) | {cached:.2f} s | "
+                     f"{turn2:.2f} s ({cold[-1]['turn2_evaluated']} new) | {pre2_text} | {cached:.2f} s | "
                      f"{rss:.2f} GiB | {1 / dec_s / bound:.0%} of {bound:.2f} |")
         parts = []
         if all("mtmd_cli" in r for r in rs):
@@ -331,13 +339,13 @@ def report(results: dict, args, rates: dict) -> None:
             tg = 1 / fit(d, [1 / x["tg_tok_s"] for x in b])
             ttft_cpp = m[-1].get("encode_s", float("nan")) + positions / pp
             lines.append(f"| llama.cpp (llama-mtmd-cli, llama-bench) | {quant} | {ttft_cpp:.1f} s | "
-                         f"{m[-1].get('encode_s', float('nan')):.2f} s | {pp:.1f} | {tg:.2f} | – | – | – | – |")
+                         f"{m[-1].get('encode_s', float('nan')):.2f} s | {pp:.1f} | {tg:.2f} | – | – | – | – | – |")
             parts.append(f"TTFT ours/llama.cpp {ttft / ttft_cpp:.2f}, decode ours/llama.cpp {(1 / dec_s) / tg:.2f}")
         if torch_bf16:
             parts.append(f"TTFT ours/PyTorch bf16 {ttft / fit(d, [r['ttft_s'] for r in torch_bf16]):.2f}, peak RSS "
                          f"ours/PyTorch bf16 {rss / fit(d, [r['peak_rss_kib'] / 1024**2 for r in torch_bf16]):.2f}")
-        parts.append(f"turn 2 / turn 1 {turn2 / ttft:.3f}, cached / cold {cached / ttft:.3f}, "
-                     f"decode / bound {1 / dec_s / bound:.2f}")
+        parts.append(f"turn 2 / turn 1 {turn2 / ttft:.3f} (pre-filled {pre2 / ttft:.3f}), "
+                     f"cached / cold {cached / ttft:.3f}, decode / bound {1 / dec_s / bound:.2f}")
         if peak:
             enc = encode_gflop(IMAGE_TOKENS) / cold[-1]["encode_s"]
             pre = prefill_gflop(positions) / prefill_s
@@ -350,7 +358,7 @@ def report(results: dict, args, rates: dict) -> None:
             prefill = rs[0]["positions"] / fit(d, [r["prefill_s"] for r in rs])
             lines.append(f"| PyTorch (transformers) | {dtype} | {fit(d, [r['ttft_s'] for r in rs]):.1f} s | "
                          f"{rs[-1]['encode_s']:.2f} s | {prefill:.1f} | "
-                         f"{1 / fit(d, [1 / r['decode_tok_s'] for r in rs]):.2f} | – | – | "
+                         f"{1 / fit(d, [1 / r['decode_tok_s'] for r in rs]):.2f} | – | – | – | "
                          f"{fit(d, [r['peak_rss_kib'] / 1024**2 for r in rs]):.2f} GiB | – |")
     table = "\n".join(lines) + ("\n\nRatios: " + "; ".join(ratios) if ratios else "")
     depth_text = (f"all {d[0]} Qwen2-7B layers, measured (nothing extrapolated)" if d[0] == d[1] else
@@ -361,14 +369,15 @@ def report(results: dict, args, rates: dict) -> None:
              "the decode bound is that over the "
              "weights' size. Turn 2 is a 15-token follow-up on the kept context (positions evaluated in brackets), "
              "after a turn 1 steered through a real answer's tokens (random weights' answers do not re-tokenize "
-             "as generated, and a trained model's do); the cached row is a new process "
+             "as generated, and a trained model's do); \"start pre-filled\" is the same follow-up in the second "
+             "process, after `prefill_next_turn()` evaluated what every follow-up starts with (the REPL does it while "
+             "the user types); the cached column is a new process "
              "restoring the image prefix from disk. llama.cpp's TTFT is llama-mtmd-cli's image encode time plus the "
              "prompt positions at llama-bench's pp600 rate; its decode column is llama-bench tg32.")
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append(args.title, "`.venv/bin/just bench-runtime` (= `.venv/bin/python "
-               "bench/runtime.py " + " ".join(sys.argv[1:]) + "`)", table, notes)
+        append(args.title, f"`.venv/bin/just bench-runtime` (= `{invocation()}`)", table, notes)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import append, run_measured  # noqa: E402
+from common import append, invocation, run_measured  # noqa: E402
 
-# (label, EngineOptions fields, libmtmd flash attention: None = its default, else on/off)
+# (label, EngineOptions fields (or "quant": another weight type), libmtmd flash attention: None = its
+# default, else on/off)
 SETTINGS: list[tuple[str, dict, bool | None]] = [
     ("default", {}, None),
     ("flash attention on", {"flash_attn": True}, None),
@@ -31,6 +32,8 @@ SETTINGS: list[tuple[str, dict, bool | None]] = [
     ("ubatch 1024", {"n_ubatch": 1024}, None),
     ("encoder flash attention off", {}, False),
     ("1 thread", {"n_threads": 1}, None),
+    # Q4_0 has simpler CPU kernels than Q4_K; FIDELITY.md ranks its quality below Q4_K_M's
+    ("Q4_0 weights", {"quant": "Q4_0"}, None),
 ]
 
 CHILD = """
@@ -108,13 +111,16 @@ def main() -> None:
     image = rb.write_image(work)
     ckpt = rb.write_checkpoint(work, args.depth)
     out = work / f"gguf-{args.depth}"
-    if not (out / f"m-{args.quant}.manifest.json").is_file():
-        convert(ckpt, out, quant=args.quant, mmproj_type="f16", name="m")
-    llm, mmproj = str(out / f"m-{args.quant}.gguf"), str(out / "mmproj-m-f16.gguf")
     chosen = [s for s in SETTINGS if not args.only or s[0] in args.only]
+    for quant in dict.fromkeys(opts.get("quant", args.quant) for _, opts, _ in chosen):
+        if not (out / f"m-{quant}.manifest.json").is_file():
+            convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+    mmproj = str(out / "mmproj-m-f16.gguf")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for label, options, vision_fa in chosen:
+            options = dict(options)
+            llm = str(out / f"m-{options.pop('quant', args.quant)}.gguf")
             r = run_measured(CHILD.format(options=options, vision_fa=vision_fa, llm=llm, mmproj=mmproj,
                                           image=str(image)))
             print(label, json.dumps(r), flush=True)
@@ -149,7 +155,7 @@ def main() -> None:
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append("Engine settings sweep", "`.venv/bin/python bench/settings.py " + " ".join(sys.argv[1:]) + "`",
+        append("Engine settings sweep", f"`.venv/bin/just bench-settings` (= `{invocation()}`)",
                table, notes)
 
 

@@ -94,6 +94,10 @@ class HuatuoChatbot:
         """Like `chat`, yielding the answer as it is generated; `last_reply` has the details."""
         yield from self.session.stream(text, list(images or []))
 
+    def prefill_next_turn(self) -> int:
+        """Evaluate the start every follow-up shares, e.g. while the user types; returns positions."""
+        return self.session.prefill_next_turn()
+
     @property
     def last_reply(self) -> Reply:
         return self.session.last_reply

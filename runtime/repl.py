@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
@@ -37,11 +38,47 @@ def _save(bot: HuatuoChatbot, target: str) -> str:
     return str(path)
 
 
+class _NextTurnPrefill:
+    """Evaluates the next turn's shared beginning in a thread while the user types.
+
+    llama.cpp releases the GIL, so typing stays responsive; anything else that touches the
+    session waits for it first (`settle`). Errors are left to the next turn, which redoes the work.
+    """
+
+    def __init__(self, bot: HuatuoChatbot):
+        self.bot = bot
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.settle()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.bot.prefill_next_turn()
+        except Exception:  # the next turn starts clean and reports real errors
+            pass
+
+    def settle(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+
 def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    prefill = _NextTurnPrefill(bot)
+    try:
+        return _loop(bot, images, out, prefill)
+    finally:
+        prefill.settle()
+
+
+def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill) -> int:
     pending = list(images)
     print(f"huatuo-local chat with {bot.model.name}. /help for commands, Ctrl-D to leave.", file=out)
     if bot.engine.vision_warning:
@@ -58,6 +95,7 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
         line = line.strip()
         if not line:
             continue
+        prefill.settle()
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
             arg = arg.strip()
@@ -104,3 +142,4 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
         if warning:
             print(warning, file=sys.stderr)
         out.flush()
+        prefill.start()

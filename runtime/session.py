@@ -3,7 +3,8 @@
 Every turn re-renders the whole conversation exactly as the release does (chunk-wise
 tokenization around each image, answers re-tokenized from text), then evaluates only
 what differs from what the KV cache already holds. Earlier images are never encoded
-again while they stay in the cache.
+again while they stay in the cache. `prefill_next_turn` evaluates the beginning every
+follow-up shares while the user is still typing it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .engine import Engine
 from .images import LoadOptions, load_rgb, prepare
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, next_token
+
+_NEXT_QUESTION = "\ue000"  # stands in for a question not asked yet (a private-use character)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,9 @@ class Session:
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
         """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
-        prompt = render_prompt(turns, IMAGE_TOKEN)
+        return self._items(render_prompt(turns, IMAGE_TOKEN), images)
+
+    def _items(self, prompt: str, images: list[ImageItem]) -> list[Item]:
         chunks = prompt.split(IMAGE_TOKEN)
         if len(chunks) - 1 != len(images):
             raise HuatuoError("internal: image placeholders and images disagree")
@@ -245,6 +250,30 @@ class Session:
             self.images.extend(new_images)
             delta = Counters(**{k: getattr(self.counters, k) - getattr(before, k) for k in before.__dict__})
             self.last_reply = Reply(answer, generated, prompt_positions, delta, timings, engine.vision_warning)
+
+    def prefill_next_turn(self) -> int:
+        """Evaluate what any follow-up starts with; returns the positions evaluated.
+
+        After an answer, every next turn begins with the same tokens (the answer's ending and
+        the user tag). Evaluated while the user types (the REPL runs this in a thread), they
+        leave the next turn's time to first token. The next turn still compares all it reuses
+        with what it needs, so a question that tokenizes differently costs only what differs.
+        """
+        if not self.turns:
+            return 0
+        prompt = render_prompt([*self.turns, Turn(_NEXT_QUESTION)], IMAGE_TOKEN)
+        items = self._items(prompt[: prompt.index(_NEXT_QUESTION)], self.images)
+        # The last token may merge with the question's first characters (SentencePiece has no
+        # pre-tokenizer boundary there): leave it to the next turn.
+        items = items[:-1]
+        before = self.counters.prompt_tokens_evaluated
+        try:
+            self._sync(items, Timings())
+        except BaseException:
+            self.engine.truncate(0)
+            self.cached = []
+            raise
+        return self.counters.prompt_tokens_evaluated - before
 
     def ask(self, text: str, image_paths: list[str | Path] | None = None,
             params: SamplingParams | None = None) -> Reply:

@@ -26,7 +26,7 @@ def test_runtime_bench_runs(tmp_path):
     out = run_bench("runtime.py", "--depths", "1", "2", "--quants", "Q8_0", "--no-llama-cpp", "--no-pytorch",
                     "--gen", "4", tmp_path=tmp_path)
     row = next(ln for ln in out.splitlines() if ln.startswith("| huatuo-local | Q8_0"))
-    assert row.count("|") == 11 and "GiB" in row
+    assert row.count("|") == 12 and "GiB" in row
     assert "Copy bandwidth measured in the same run" in out and "sgemm peak" in out
     # turn 1 was steered through a real answer, so turn 2 evaluates only the new turn's tokens
     new = int(row.split("s (")[1].split(" new)")[0])
@@ -35,7 +35,7 @@ def test_runtime_bench_runs(tmp_path):
 
 def test_settings_bench_runs(tmp_path):
     out = run_bench("settings.py", "--depth", "1", "--quant", "Q8_0", "--rounds", "1", "--only", "default",
-                    "flash attention on", tmp_path=tmp_path)
-    rows = [ln for ln in out.splitlines() if ln.startswith(("| default", "| flash attention on"))]
-    assert len(rows) == 2 and all(r.count("|") == 8 and "GiB" in r for r in rows)
+                    "flash attention on", "Q4_0 weights", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| default", "| flash attention on", "| Q4_0"))]
+    assert len(rows) == 3 and all(r.count("|") == 8 and "GiB" in r for r in rows)
     assert "n_ubatch" in out

@@ -91,8 +91,11 @@ def test_follow_up_reuses_the_kv_cache_through_the_api(model, images):
         assert turn2.counters.tokens_reused >= turn1.prompt_positions > 576
         assert turn2.counters.prompt_tokens_evaluated == turn2.prompt_positions - turn2.counters.tokens_reused
         assert turn2.counters.prompt_tokens_evaluated < 60
+        assert bot.prefill_next_turn() >= 2  # what the REPL runs while the user types
+        kept = bot.engine.n_past
         streamed = "".join(bot.stream("And the size?"))
         assert streamed.strip() == bot.last_reply.text
+        assert bot.last_reply.counters.tokens_reused == kept
         assert bot.counters.images_encoded == 1
         bot.clear_history()
         again = bot.inference("What does the picture show?", [images[0]])

@@ -123,14 +123,24 @@ def test_logits_and_greedy_tokens_match_the_reference(arch, seed, n_images, setu
     session.engine.close()
 
 
-@pytest.mark.parametrize("arch,seed", CASES[:1] + CASES[2:3])
-def test_second_turn_matches_the_release_rebuilding_the_whole_prompt(arch, seed, setup):
-    """Turn 2 adds two images; the release re-renders the history, we reuse the KV cache."""
+@pytest.mark.parametrize("arch,seed,prefill", [(*CASES[0], False), (*CASES[2], False), (*CASES[0], True),
+                                               (*CASES[2], True)])
+def test_second_turn_matches_the_release_rebuilding_the_whole_prompt(arch, seed, prefill, setup):
+    """Turn 2 adds two images; the release re-renders the history, we reuse the KV cache.
+
+    With `prefill`, the start every follow-up shares is evaluated before the question is known
+    (as the REPL does while the user types): the answer must not change, turn 2 evaluates less.
+    """
     _, result, ref, images = setup(arch, seed)
     session = open_session(result)
     first = session.ask(PROMPT_1, images[:1])
     reused_before = session.counters.tokens_reused
+    prefilled = session.prefill_next_turn() if prefill else 0
+    kept = session.engine.n_past
     second = session.ask(PROMPT_3, images[1:3])
+    if prefill:
+        assert prefilled >= 2, "the answer's ending and the user tag"
+        assert second.counters.tokens_reused == kept, "turn 2 reuses everything the pre-fill evaluated"
     prompt = ("<|user|>\n<image>\n" + PROMPT_1 + "\n<|assistant|>\n" + first.text + " \n"
               + "<|user|>\n<image>\n<image>\n" + PROMPT_3 + "\n<|assistant|>\n")
     want_tokens, _ = ref.generate(prompt, images[:3])
