@@ -216,6 +216,16 @@ def prefill_gflop(positions: int, layers: int = FULL_DEPTH) -> float:
     return (layers * layer + 2 * h * shapes.VOCAB) / 1e9
 
 
+def median(runs: list):
+    """Value by value median of repeated runs (numbers); the first run's value for anything else."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: median([r[k] for r in runs if k in r]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return float(np.median(runs))
+    return first
+
+
 def fit(d: list[int], v: list[float], target: int = FULL_DEPTH) -> float:
     """Linear in the number of layers: v = a + b * layers, evaluated at `target` (measured at full depth)."""
     if d[0] == d[1]:
@@ -235,6 +245,8 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="run every contender this many times, alternating; "
+                    "report medians")
     ap.add_argument("--title", default="Runtime: time to first token, decode, memory")
     ap.add_argument("--from-results", action="store_true",
                     help="re-measure llama-mtmd-cli's encode on the GGUFs of results.json, then report")
@@ -277,17 +289,21 @@ def main() -> None:
             manifest = out / f"m-{quant}.manifest.json"
             if not manifest.is_file():
                 convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
-            r = {"ours": ours(manifest, image, args.threads, work / "home", args.gen)}
             gguf, mmproj = out / f"m-{quant}.gguf", out / "mmproj-m-f16.gguf"
-            r["size_gib"] = gguf.stat().st_size / 1024**3  # what decoding reads per token, roughly
-            if bin_dir is not None:
-                try:
-                    r["llama_bench"] = llama_bench(bin_dir, gguf, args.threads)
-                    r["mtmd_cli"] = llama_mtmd_cli(bin_dir, gguf, mmproj, image, args.threads)
-                except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                    print(f"llama.cpp tools failed on {gguf.name}: {exc}")
+            runs = []
+            for _ in range(args.repeat):  # contenders alternate, so a drift of the machine hits both
+                r = {"ours": ours(manifest, image, args.threads, work / "home", args.gen)}
+                r["size_gib"] = gguf.stat().st_size / 1024**3  # what decoding reads per token, roughly
+                if bin_dir is not None:
+                    try:
+                        r["llama_bench"] = llama_bench(bin_dir, gguf, args.threads)
+                        r["mtmd_cli"] = llama_mtmd_cli(bin_dir, gguf, mmproj, image, args.threads)
+                    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                        print(f"llama.cpp tools failed on {gguf.name}: {exc}")
+                print(depth, quant, json.dumps(r), flush=True)
+                runs.append(r)
+            r = median(runs)
             results[(depth, quant)] = r
-            print(depth, quant, json.dumps(r), flush=True)
         if not args.no_pytorch and not args.tiny:
             for dtype in ("bfloat16", "float32"):
                 try:
@@ -323,13 +339,13 @@ def report(results: dict, args, rates: dict) -> None:
         turn2 = fit(d, [c["turn2_ttft_s"] for c in cold])
         cached = fit(d, [w["ttft_s"] for w in warm])
         pre2 = fit(d, [w["turn2_ttft_s"] for w in warm]) if "turn2_ttft_s" in warm[0] else float("nan")
-        pre2_text = f"{pre2:.2f} s ({warm[-1]['turn2_evaluated']} new)" if pre2 == pre2 else "–"
+        pre2_text = f"{pre2:.2f} s ({int(warm[-1]['turn2_evaluated'])} new)" if pre2 == pre2 else "–"
         rss = fit(d, [c["peak_rss_kib"] / 1024**2 for c in cold])
         size28 = fit(d, [r["size_gib"] for r in rs])
         bound = bw / (size28 * 1.0737)  # every LLM weight is read once per token; GB/s over GB
         lines.append(f"| huatuo-local | {quant} | {ttft:.1f} s | {cold[-1]['encode_s']:.2f} s | "
                      f"{positions / prefill_s:.1f} | {1 / dec_s:.2f} | "
-                     f"{turn2:.2f} s ({cold[-1]['turn2_evaluated']} new) | {pre2_text} | {cached:.2f} s | "
+                     f"{turn2:.2f} s ({int(cold[-1]['turn2_evaluated'])} new) | {pre2_text} | {cached:.2f} s | "
                      f"{rss:.2f} GiB | {1 / dec_s / bound:.0%} of {bound:.2f} |")
         parts = []
         if all("mtmd_cli" in r for r in rs):
@@ -363,7 +379,9 @@ def report(results: dict, args, rates: dict) -> None:
     table = "\n".join(lines) + ("\n\nRatios: " + "; ".join(ratios) if ratios else "")
     depth_text = (f"all {d[0]} Qwen2-7B layers, measured (nothing extrapolated)" if d[0] == d[1] else
                   f"Qwen2-7B layers at depths {d[0]} and {d[1]} fitted linearly and extrapolated to 28 layers (→28L)")
+    repeat = getattr(args, "repeat", 1)
     notes = (f"Random weights, real shapes: CLIP ViT-L/14-336 + projector in full, {depth_text}. "
+             + (f"Median of {repeat} runs, the contenders alternating. " if repeat > 1 else "") +
              f"{args.threads} threads for every contender. Copy bandwidth measured in the same run: {bw:.1f} GB/s"
              + (f", fp32 sgemm peak (numpy's BLAS, same threads) {peak:.0f} GFLOP/s" if peak else "") + "; "
              "the decode bound is that over the "
