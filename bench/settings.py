@@ -32,6 +32,7 @@ SETTINGS: list[tuple[str, dict, bool | None]] = [
     ("ubatch 1024", {"n_ubatch": 1024}, None),
     ("encoder flash attention off", {}, False),
     ("1 thread", {"n_threads": 1}, None),
+    ("weights mapped (mmap)", {"use_mmap": True}, None),
     # Q4_0 has simpler CPU kernels than Q4_K; FIDELITY.md ranks its quality below Q4_K_M's
     ("Q4_0 weights", {"quant": "Q4_0"}, None),
 ]
