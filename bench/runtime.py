@@ -289,13 +289,19 @@ def main() -> None:
         report(results, args, {"gb_s": copy_bandwidth_gb_s(), "sgemm_gflop_s": sgemm_gflop_s(args.threads)})
         return
     peaks: list[float] = []
-    for depth in dict.fromkeys(args.depths):  # --depths 28 28: one full-depth run, nothing extrapolated
-        ckpt = write_checkpoint(work, depth)
-        for quant in args.quants:
+    depths = list(dict.fromkeys(args.depths))  # --depths 28 28: one full-depth run, nothing extrapolated
+    ckpts = {depth: write_checkpoint(work, depth) for depth in depths}
+    # The two depths of a fit run back to back for each contender: the machine's speed drifts over
+    # minutes, and the fit multiplies a difference between them by 13.
+    for quant in args.quants:
+        for depth in depths:
             out = work / f"gguf-{depth}"
             manifest = out / f"m-{quant}.manifest.json"
             if not manifest.is_file():
-                convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+                convert(ckpts[depth], out, quant=quant, mmproj_type="f16", name="m")
+        for depth in depths:
+            out = work / f"gguf-{depth}"
+            manifest = out / f"m-{quant}.manifest.json"
             gguf, mmproj = out / f"m-{quant}.gguf", out / "mmproj-m-f16.gguf"
             runs = []
             for _ in range(args.repeat):  # contenders alternate, so a drift of the machine hits both
@@ -310,10 +316,10 @@ def main() -> None:
                 print(depth, quant, json.dumps(r), flush=True)
                 runs.append(r)
                 peaks.append(sgemm_gflop_s(args.threads))  # through the run: the machine's speed drifts
-            r = median(runs)
-            results[(depth, quant)] = r
-        if not args.no_pytorch and not args.tiny:
-            for dtype in ("bfloat16", "float32"):
+            results[(depth, quant)] = median(runs)
+    if not args.no_pytorch and not args.tiny:
+        for dtype in ("bfloat16", "float32"):
+            for depth in depths:
                 try:
                     results[(depth, f"torch-{dtype}")] = pytorch(depth, dtype, args.threads)
                 except RuntimeError as exc:
