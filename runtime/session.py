@@ -157,6 +157,15 @@ class Session:
 
     def _sync(self, items: list[Item], timings: Timings) -> int:
         """Bring the KV cache to `items`, reusing the common prefix; returns positions reused."""
+        try:
+            return self._extend_cache(items, timings)
+        except BaseException:
+            # A failed or interrupted prefill leaves the cache in an unknown state: start clean.
+            self.engine.truncate(0)
+            self.cached = []
+            raise
+
+    def _extend_cache(self, items: list[Item], timings: Timings) -> int:
         engine = self.engine
         common, pos = self._common_prefix(items)
         restored = self._restore_from_disk(items, common)
@@ -208,13 +217,7 @@ class Session:
         timings = Timings()
         start = time.perf_counter()
         before = Counters(**self.counters.__dict__)
-        try:
-            self._sync(items, timings)
-        except BaseException:
-            # A failed or interrupted prefill leaves the cache in an unknown state: start clean.
-            self.engine.truncate(0)
-            self.cached = []
-            raise
+        self._sync(items, timings)
         prompt_positions = self.engine.n_past
         engine = self.engine
         generated: list[int] = []
@@ -267,12 +270,7 @@ class Session:
         # pre-tokenizer boundary there): leave it to the next turn.
         items = items[:-1]
         before = self.counters.prompt_tokens_evaluated
-        try:
-            self._sync(items, Timings())
-        except BaseException:
-            self.engine.truncate(0)
-            self.cached = []
-            raise
+        self._sync(items, Timings())
         return self.counters.prompt_tokens_evaluated - before
 
     def ask(self, text: str, image_paths: list[str | Path] | None = None,
