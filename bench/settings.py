@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -130,7 +129,7 @@ def main() -> None:
                 if k.endswith("_s"):
                     keep[k] = min(keep[k], v)
     d = EngineOptions()
-    threads = d.n_threads or os.cpu_count() or 1
+    threads = d.threads
     peak = rb.sgemm_gflop_s(threads)
     positions = next(iter(best.values()))["positions"]
     enc_gflop, pre_gflop = rb.encode_gflop(positions), rb.prefill_gflop(positions, args.depth)
@@ -148,7 +147,7 @@ def main() -> None:
     notes = (f"{args.quant} LLM with Qwen2-7B layer shapes at {args.depth} layers (not extrapolated), F16 mmproj "
              f"with the full CLIP ViT-L/14-336 tower, random weights; best of {args.rounds} interleaved rounds, each "
              f"setting in a fresh process. The default row is `EngineOptions()`: n_batch {d.n_batch}, n_ubatch "
-             f"{d.ubatch}, flash attention {'on' if d.flash_attn else 'off'}, all cores ({os.cpu_count()}); the "
+             f"{d.ubatch}, flash attention {'on' if d.flash_attn else 'off'}, all cores ({threads}); the "
              "other rows change only what they name. In brackets: the share of the fp32 sgemm peak measured in the "
              f"same run ({peak:.0f} GFLOP/s, numpy's BLAS, {threads} threads) that the encode ({enc_gflop:.0f} GFLOP "
              f"for CLIP up to its second-to-last layer and the projector) and the image prefill ({pre_gflop:.0f} "

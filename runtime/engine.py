@@ -90,6 +90,10 @@ class EngineOptions:
     use_mmap: bool | None = None
 
     @property
+    def threads(self) -> int:
+        return self.n_threads or max(1, os.cpu_count() or 1)
+
+    @property
     def ubatch(self) -> int:
         return self.n_ubatch or (256 if self.n_gpu_layers == 0 else 512)
 
@@ -169,7 +173,7 @@ class Engine:
         from llama_cpp import Llama
 
         quiet_logs()
-        threads = opts.n_threads or max(1, os.cpu_count() or 1)
+        threads = opts.threads
         kv = KV_TYPES[opts.kv_type]
         try:
             self.llm = Llama(

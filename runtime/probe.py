@@ -189,8 +189,6 @@ def write_probe_pair(folder: Path) -> tuple[Path, Path]:
     return llm, mm
 
 
-
-
 def library_path() -> Path:
     """The libmtmd the engine loads (its identity keys the cached verdict)."""
     import llama_cpp

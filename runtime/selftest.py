@@ -29,8 +29,6 @@ class SelftestResult:
     seconds: float
 
 
-
-
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
