@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 from huatuo_local.models.errors import CheckpointError
+from huatuo_local.models.manifest import is_plain_file_name
 
 from .safetensors import SafetensorsFile
 from .torch_zip import TorchZipFile
@@ -29,9 +30,18 @@ class TensorSource(Protocol):
 
 def _read_index(index: Path) -> list[Path]:
     try:
+        if index.stat().st_size > 64 * 1024 * 1024:
+            raise ValueError("too large")
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("weight_map is not a non-empty object")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: unreadable shard index; download it again") from exc
+    for f in set(weight_map.values()):
+        # Shards live beside their index: `../x` or an absolute path would read any file on the machine.
+        if not is_plain_file_name(f):
+            raise CheckpointError(f"{index}: shard name {f!r} is not a file in the checkpoint folder; "
+                                  "the index is corrupt or hostile")
     files = sorted({index.parent / f for f in weight_map.values()})
     for f in files:
         if not f.is_file():

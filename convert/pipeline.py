@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,6 +236,28 @@ class _Bar:
             self.progress(self.stage, self.done, self.total)
 
 
+def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
+    """Move a finished mmproj into place without breaking a manifest that uses the file there.
+
+    The same checkpoint gives the same bytes, so a second quant reuses the mmproj already
+    present; a different one (another checkpoint converted under the same name) gets its own name.
+    """
+    sha = sha256_file(stage)
+    if final.is_file():
+        if sha256_file(final) == sha:
+            return final, sha
+        users = []
+        for m in final.parent.glob(f"*{MANIFEST_SUFFIX}"):
+            try:
+                users.append(Manifest.read(m).mmproj_file)
+            except HuatuoError:
+                continue
+        if final.name in users:
+            final = final.with_name(f"{final.stem}-{sha[:12]}.gguf")
+    os.replace(stage, final)
+    return final, sha
+
+
 def convert(
     src: str | Path,
     out_dir: str | Path,
@@ -244,6 +267,7 @@ def convert(
     name: str | None = None,
     progress: Progress | None = None,
     threads: int = 0,
+    revision: str | None = None,
 ) -> ConvertResult:
     """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair."""
     quant = quant.upper()
@@ -287,41 +311,48 @@ def convert(
     llm_plans = plan_llm(spec, llm_tensors, llm_target)
     mm_plans = plan_mmproj(spec, tower, projector, mm_target)
 
-    created: list[Path] = []
+    # Both files are written under temporary names and only renamed into place once everything
+    # succeeded: a failed or interrupted convert leaves the folder exactly as it was, including
+    # files that another quant's manifest points to (the shared mmproj).
+    mm_stage = out / f".{mmproj_path.name}.staging"
+    llm_stage = out / f".{llm_path.name}.staging"
     try:
-        write_gguf(mmproj_path, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
+        write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
                    _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
-        created.append(mmproj_path)
         llm_meta = llm_metadata(spec, vocab, name, llm_target)
         llm_bar = _Bar(progress, "language model", sum(p.nbytes for p in llm_plans))
         if direct is not None:
-            write_gguf(llm_path, spec.llm.arch, llm_meta, llm_plans, llm_bar)
+            write_gguf(llm_stage, spec.llm.arch, llm_meta, llm_plans, llm_bar)
         else:
             intermediate = out / f".{name}-{llm_target.name}.intermediate.gguf"
             try:
                 write_gguf(intermediate, spec.llm.arch, llm_meta, llm_plans, llm_bar)
-                with atomic_output(llm_path) as tmp:
+                with atomic_output(llm_stage) as tmp:
                     quantize_gguf(intermediate, tmp, quant, threads,
                                   (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None)
             finally:
                 intermediate.unlink(missing_ok=True)
-        created.append(llm_path)
         if progress:
             progress("checksums", 0, 1)
+        llm_sha = sha256_file(llm_stage)
+        mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path)
+        os.replace(llm_stage, llm_path)
         manifest = Manifest(
             name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,
             arch=spec.llm.arch, source=src_text if not Path(src_text).exists() else str(folder.resolve()),
             eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size,
-            llm_sha256=sha256_file(llm_path), mmproj_sha256=sha256_file(mmproj_path),
+            llm_sha256=llm_sha, mmproj_sha256=mm_sha, revision=revision or "",
             converter=f"huatuo-local {__version__}",
             extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
                    "selected_layers": spec.selected_layers(tower.spec.n_layer)},
         )
         manifest.write(manifest_path)
-    except BaseException:
-        for p in created:
-            p.unlink(missing_ok=True)
-        raise
+    finally:
+        for p in (mm_stage, llm_stage):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:  # the folder itself could not be created: nothing was staged
+                pass
     return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
 
 

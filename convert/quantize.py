@@ -30,7 +30,6 @@ def quantize_gguf(
 ) -> None:
     """Quantize `src` into `dst` (which should be a temporary name; the caller renames)."""
     import llama_cpp
-    from llama_cpp import _logger
 
     ftype = QUANT_FTYPES[quant]
     params = llama_cpp.llama_model_quantize_default_params()
@@ -46,11 +45,15 @@ def quantize_gguf(
         if level == 3 and text:
             errors.append(text.decode("utf-8", "replace").strip())
 
+    # Put back whatever callback was installed before (the runtime's error collector, or
+    # llama-cpp-python's own): restoring a fixed one would silence the runtime's error messages.
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
     try:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_log_set(previous, previous_data)
     if rc != 0:
         detail = errors[-1] if errors else f"code {rc}"
         raise HuatuoError(f"{dst}: llama.cpp could not quantize to {quant} ({detail})")

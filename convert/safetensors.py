@@ -75,34 +75,66 @@ class SafetensorsFile:
                 if len(head) < 8:
                     raise CheckpointError(f"{self.path}: truncated safetensors file (no header); download it again")
                 (n,) = struct.unpack("<Q", head)
-                if n > _MAX_HEADER or 8 + n > size:
+                if n < 2 or n > _MAX_HEADER or 8 + n > size:
                     raise CheckpointError(
                         f"{self.path}: truncated or corrupt safetensors header; download the file again"
                     )
                 header = json.loads(f.read(n))
+        except RecursionError as exc:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (nested too deep)") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
                 raise CheckpointError(f"{self.path}: cannot read ({exc.strerror}); check the file") from exc
             if isinstance(exc, FileNotFoundError):
                 raise CheckpointError(f"{self.path}: missing; download the checkpoint again") from exc
             raise CheckpointError(f"{self.path}: corrupt safetensors header; download the file again") from exc
-        self.metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); download it again")
+        metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError(f"{self.path}: corrupt safetensors metadata (must map text to text)")
+        self.metadata = metadata
         data_start = 8 + n
         self.tensors: dict[str, TensorRef] = {}
+        spans: list[tuple[int, int, str]] = []
         for name, info in header.items():
-            dtype = info.get("dtype")
-            if dtype not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
-            start, end = (data_start + int(o) for o in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-            expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if end - start != expected:
-                raise CheckpointError(f"{self.path}: tensor {name} has inconsistent size; the file is corrupt")
-            if end > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated (tensor {name} ends past the end of the file); download it again"
-                )
+            start, end, dtype, shape = self._entry(name, info, data_start, size)
             self.tensors[name] = TensorRef(name, dtype, shape, self, start, end)
+            if end > start:
+                spans.append((start, end, name))
+        # Tensors may not share bytes: an overlap means the header lies about the layout.
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise CheckpointError(f"{self.path}: tensors {a} and {b} overlap; the file is corrupt")
+
+    def _entry(self, name: str, info: object, data_start: int, size: int) -> tuple[int, int, str, tuple[int, ...]]:
+        """One header entry, checked: dtype known, shape and offsets integers, size consistent, in the file."""
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path}: tensor {name} has a malformed header entry; the file is corrupt")
+        dtype, offsets, shape = info.get("dtype"), info.get("data_offsets"), info.get("shape")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}")
+
+        def ints(v: object, n: int | None) -> bool:
+            return (isinstance(v, list) and (n is None or len(v) == n) and len(v) <= 8
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+        if not ints(offsets, 2) or not ints(shape, None):
+            raise CheckpointError(f"{self.path}: tensor {name} has invalid shape or offsets; the file is corrupt")
+        lo, hi = offsets  # type: ignore[misc]
+        if hi < lo:
+            raise CheckpointError(f"{self.path}: tensor {name} ends before it starts; the file is corrupt")
+        start, end = data_start + lo, data_start + hi
+        expected = int(np.prod(shape, dtype=object)) * _DTYPES[dtype].itemsize
+        if end - start != expected:
+            raise CheckpointError(f"{self.path}: tensor {name} has inconsistent size; the file is corrupt")
+        if end > size:
+            raise CheckpointError(
+                f"{self.path}: truncated (tensor {name} ends past the end of the file); download it again"
+            )
+        return start, end, dtype, tuple(shape)  # type: ignore[arg-type]
 
     def view(self, ref: TensorRef) -> np.ndarray:
         if self._mmap is None:

@@ -15,10 +15,10 @@ from huatuo_local.models import defaults
 from huatuo_local.models.store import ResolvedModel, resolve
 
 from .dicom import parse_window
-from .engine import Engine, EngineOptions
+from .engine import Engine, EngineOptions, engine_build_id
 from .images import DEFAULT_MAX_PIXELS, LoadOptions
 from .offline import forbid_network
-from .prefix_cache import PrefixCache, model_identity
+from .prefix_cache import PrefixCache, file_checksum
 from .sampling import SamplingParams
 from .session import Counters, Reply, Session
 
@@ -37,7 +37,7 @@ class HuatuoChatbot:
         model: str | Path | None = None,
         *,
         n_gpu_layers: int | None = None,
-        n_ctx: int = 4096,
+        n_ctx: int | None = None,
         threads: int | None = None,
         kv_type: str = "f16",
         mmproj_offload: bool = True,
@@ -59,7 +59,7 @@ class HuatuoChatbot:
         if offline:
             forbid_network()
         options = EngineOptions(
-            n_ctx=n_ctx, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
+            n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
             n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
             seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
             use_mmap=use_mmap,
@@ -68,9 +68,20 @@ class HuatuoChatbot:
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
-        cache = PrefixCache.default(model_identity(self.model.llm_path, self.model.mmproj_path)) if prefix_cache \
-            else None
+        cache = PrefixCache.default(self._cache_identity()) if prefix_cache else None
         self.session = Session(self.engine, self.sampling, images, cache)
+
+    def _cache_identity(self) -> dict[str, str]:
+        """Everything that changes what a saved KV state means (see prefix_cache.py)."""
+        m, opts = self.model, self.engine.options
+        manifest = m.manifest
+        return {
+            "llm_sha256": (manifest.llm_sha256 if manifest and manifest.llm_sha256 else file_checksum(m.llm_path)),
+            "mmproj_sha256": (manifest.mmproj_sha256 if manifest and manifest.mmproj_sha256
+                              else file_checksum(m.mmproj_path)),
+            "engine": engine_build_id(), "kv_type": opts.kv_type, "n_ctx": str(opts.n_ctx),
+            "gpu_layers": str(opts.n_gpu_layers),
+        }
 
     # --- the release's interface ----------------------------------------------------
 

@@ -15,6 +15,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: rich markup would eat `[verify]`-style words and re-wrap the examples.
+    rich_markup_mode=None,
 )
 
 
@@ -126,15 +128,18 @@ def chat(
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
                                                         "(default: all when a GPU is available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    ctx: Annotated[int, typer.Option(help="Context length in tokens.")] = 4096,
+    ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, or the model's "
+                                                  "training context if smaller).")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
     repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")] = 1.2,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 512,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     kv_type: Annotated[str, typer.Option(help="KV cache type: f16, f32 or q8_0.")] = "f16",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
-    no_mmproj_offload: Annotated[bool, typer.Option(help="Keep the vision encoder on the CPU.")] = False,
-    allow_unverified_vision: Annotated[bool, typer.Option(help="Answer even if the vision probe fails.")] = False,
+    no_mmproj_offload: Annotated[bool, typer.Option("--no-mmproj-offload",
+                                                    help="Keep the vision encoder on the CPU.")] = False,
+    allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
+                                                          help="Answer even if the vision probe fails.")] = False,
     window: Annotated[str | None, typer.Option(help="Grayscale window: lung, mediastinum, bone, brain, abdomen, "
                                                     "liver, or CENTER,WIDTH (default: the file's, else 0.5-99.5%).")]
     = None,
@@ -142,7 +147,8 @@ def chat(
     = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels (decompression-bomb "
                                                         "guard; default 178956970).")] = None,
-    no_prefix_cache: Annotated[bool, typer.Option(help="Do not keep encoded images on disk for the next run.")]
+    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
+                                                  help="Do not keep encoded images on disk for the next run.")]
     = False,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
@@ -207,10 +213,10 @@ def list_cmd() -> None:
     if not found:
         typer.echo(f"no models in {models_dir()}; get one with: huatuo-local pull huatuo-vision-7b")
         return
+    width = max(len(m.ref) for m in found)
+    typer.echo(f"{'NAME':<{width}}  {'SIZE':>9}  FILES")
     for m in found:
-        size = (m.llm_path.stat().st_size + m.mmproj_path.stat().st_size) / 1024**3
-        quant = m.manifest.quant if m.manifest else "?"
-        typer.echo(f"{m.name:<24} {quant:<8} {size:6.2f} GiB  {m.folder}")
+        typer.echo(f"{m.ref:<{width}}  {m.size_bytes / 1024**3:5.2f} GiB  {m.llm_path.name} + {m.mmproj_path.name}")
 
 
 @app.command(epilog="Example: huatuo-local info huatuo-vision-7b")
@@ -227,12 +233,27 @@ def info(model: Annotated[str, typer.Argument(help="Model name, folder, manifest
     typer.echo(json.dumps(data, indent=2))
 
 
-@app.command(epilog="Example: huatuo-local rm huatuo-vision-7b")
-def rm(model: Annotated[str, typer.Argument(help="Name of a model in the local store.")]) -> None:
-    """Delete a model from the local store."""
-    from huatuo_local.models.store import remove
+@app.command(epilog="Examples:\n\n  huatuo-local rm huatuo-vision-7b:q8_0\n\n"
+                   "  huatuo-local rm huatuo-vision-7b --all --yes")
+def rm(
+    model: Annotated[str, typer.Argument(help="NAME or NAME:QUANT as `huatuo-local list` shows it.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    all_quants: Annotated[bool, typer.Option("--all", help="Every quant of NAME.")] = False,
+) -> None:
+    """Delete a model from the local store (only files its manifest lists; the shared mmproj stays while
+    another quant uses it)."""
+    from huatuo_local.models.store import plan_removal, remove
 
-    typer.echo(f"removed {remove(model)}")
+    targets, delete, kept = plan_removal(model, all_quants)
+    size = sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink()) / 1024**3
+    if not yes and sys.stdin.isatty():
+        names = ", ".join(m.ref for m in targets)
+        if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(p.name for p in delete)})?"):
+            fail("nothing deleted")
+    done = remove(model, all_quants)
+    typer.echo(f"removed {', '.join(done.refs)} ({done.bytes_freed / 1024**3:.2f} GiB freed)")
+    for p in done.kept:
+        typer.echo(f"kept {p.name} (another quant uses it)")
 
 
 @app.command(epilog="Example: huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png")
@@ -244,7 +265,8 @@ def verify(
     tokens: Annotated[int, typer.Option(help="Greedy tokens to compare.")] = 32,
     vision_tower: Annotated[str | None, typer.Option(help="Tower folder, if not found from the checkpoint.")] = None,
 ) -> None:
-    """Measure converted models against the original PyTorch model (needs the [verify] extra)."""
+    """Measure converted models against the original PyTorch model (needs the `verify` extra:
+    pip install 'huatuo-local[verify]')."""
     from huatuo_local.verify import format_table
     from huatuo_local.verify import verify as run_verify
 
@@ -279,6 +301,39 @@ def preview(
         tmp.unlink(missing_ok=True)
         fail(f"{target}: cannot write ({exc.strerror or exc}); choose another -o")
     typer.echo(f"wrote {target} ({picture.size[0]}x{picture.size[1]}, what the model sees)")
+
+
+cache_app = typer.Typer(help="Show or clear the on-disk prefix cache (encoded images, derived from your scans).",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(cache_app, name="cache")
+
+
+def _when(ts: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else "-"
+
+
+@cache_app.command("info", epilog="Example: huatuo-local cache info")
+def cache_info() -> None:
+    """What the prefix cache holds: entries, bytes, oldest and newest, and where."""
+    from .prefix_cache import info as cache_state
+
+    state = cache_state()
+    typer.echo(f"folder   {state.folder} (owner-only)")
+    typer.echo(f"entries  {state.entries}")
+    typer.echo(f"size     {state.bytes / 1024**2:.1f} MiB")
+    typer.echo(f"oldest   {_when(state.oldest)}")
+    typer.echo(f"newest   {_when(state.newest)}")
+
+
+@cache_app.command("clear", epilog="Example: huatuo-local cache clear")
+def cache_clear() -> None:
+    """Delete every prefix cache entry (only the cache's own files)."""
+    from .prefix_cache import clear
+
+    gone = clear()
+    typer.echo(f"removed {gone.entries} entries ({gone.bytes / 1024**2:.1f} MiB) from {gone.folder}")
 
 
 def main() -> None:

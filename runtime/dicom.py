@@ -8,6 +8,7 @@ is converted to RGB. Multi-frame files take `--frame N` (default: the middle fra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,74 @@ def _first(value) -> float | None:
         return None
 
 
-def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int | None = None) -> Image.Image:
+def _int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _frame_index(path: Path, n_frames: int, frame: int | None) -> int:
+    if n_frames > 1:
+        index = n_frames // 2 if frame is None else frame
+        if not 0 <= index < n_frames:
+            raise ImageError(
+                f"{path}: --frame {frame} is out of range (the file has {n_frames} frames, 0-{n_frames - 1})")
+        return index
+    if frame not in (None, 0):
+        raise ImageError(f"{path}: --frame {frame}: the file has a single frame")
+    return 0
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or physical memory where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+# Decoding one frame and windowing it holds the frame a few times over, as float64 at worst.
+_WORKING_BYTES_PER_SAMPLE = 8 * 3
+
+
+def _check_size(ds, path: Path, n_frames: int, samples: int, max_pixels: int) -> None:
+    """Refuse from the header alone what would not fit, before any pixel is decoded."""
+    rows, cols = _int(ds.get("Rows", 0)), _int(ds.get("Columns", 0))
+    bits = _int(ds.get("BitsAllocated", 0))
+    if rows <= 0 or cols <= 0 or bits <= 0 or samples not in (1, 3) or n_frames < 1:
+        raise ImageError(f"{path}: corrupt DICOM header (Rows {rows}, Columns {cols}, BitsAllocated {bits}, "
+                         f"SamplesPerPixel {samples}, NumberOfFrames {n_frames})")
+    if rows * cols > max_pixels:
+        raise ImageError(f"{path}: image too large ({rows}x{cols} = {rows * cols} pixels per frame, limit "
+                         f"{max_pixels}); raise the limit with --max-pixels if you trust the file")
+    need = rows * cols * samples * _WORKING_BYTES_PER_SAMPLE
+    if need > available_memory():
+        raise ImageError(f"{path}: decoding one {rows}x{cols} frame needs about {need / 2**30:.1f} GiB of memory, "
+                         "more than is available; free memory or use a smaller image")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    compressed = bool(syntax is not None and getattr(syntax, "is_compressed", False))
+    if not compressed and "PixelData" in ds:
+        from pydicom.pixels.utils import get_expected_length
+
+        try:
+            expected = get_expected_length(ds, "bytes")  # knows subsampled YBR and 1-bit packing
+        except (AttributeError, KeyError, ValueError, TypeError):
+            expected = (rows * cols * samples * bits + 7) // 8 * n_frames
+        have = len(ds.PixelData or b"")
+        if have < expected:
+            raise ImageError(f"{path}: truncated pixel data ({have} bytes, but the header promises {n_frames} "
+                             f"frame(s), {expected} bytes)")
+
+
+def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int | None = None,
+               max_pixels: int = 178_956_970) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
@@ -98,6 +166,12 @@ def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi not in ("MONOCHROME1", "MONOCHROME2", *COLOR_INTERPRETATIONS):
         raise ImageError(f"{path}: unsupported photometric interpretation {pi or '(missing)'}")
+    n_frames = _int(ds.get("NumberOfFrames", 1)) or 1
+    samples = _int(ds.get("SamplesPerPixel", 1)) or 1
+    index = _frame_index(path, n_frames, frame)
+    _check_size(ds, path, n_frames, samples, max_pixels)
+    # Only the requested frame is decoded (pydicom decodes one frame of a multi-frame file).
+    ds.pixel_array_options(index=index if n_frames > 1 else None)
     try:
         pixels = ds.pixel_array
     except (RuntimeError, NotImplementedError) as exc:
@@ -106,19 +180,12 @@ def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int
         hint = ("install a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
                 if "plugin" in text or "decode" in text.lower() else text.splitlines()[0])
         raise ImageError(f"{path}: cannot decode {syntax} pixel data; {hint}") from exc
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise ImageError(f"{path}: corrupt or truncated pixel data ({str(exc).splitlines()[0]})") from exc
-
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if n_frames > 1:
-        index = n_frames // 2 if frame is None else frame
-        if not 0 <= index < n_frames:
-            raise ImageError(
-                f"{path}: --frame {frame} is out of range (the file has {n_frames} frames, 0-{n_frames - 1})")
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError, EOFError, OverflowError,
+            MemoryError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path}: corrupt or truncated pixel data ({detail})") from exc
+    if pixels.ndim == (4 if samples > 1 else 3):  # a decoder that ignored the index
         pixels = pixels[index]
-    elif frame not in (None, 0):
-        raise ImageError(f"{path}: --frame {frame}: the file has a single frame")
 
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)

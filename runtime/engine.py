@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
 import os
 import re
 import unicodedata
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.gguf_check import check_gguf, read_fields
 from PIL import Image
 
 from .images import VisionInput
@@ -71,9 +73,12 @@ def quiet_logs() -> None:
     _mtmd().mtmd_helper_log_set(log, ctypes.c_void_p(0))
 
 
+DEFAULT_CTX = 8192
+
+
 @dataclass
 class EngineOptions:
-    n_ctx: int = 4096
+    n_ctx: int = 0  # 0: DEFAULT_CTX, capped at the model's training context
     n_batch: int = 2048
     # None: 256 on CPU, where it runs as fast as 512 and its compute buffer is ~80 MB smaller
     # (bench/settings.py, BENCHMARKS.md); 512 when offloading, where larger micro-batches pay.
@@ -98,20 +103,27 @@ class EngineOptions:
         return self.n_ubatch or (256 if self.n_gpu_layers == 0 else 512)
 
 
-def read_gguf_fields(path: Path, keys: tuple[str, ...]) -> dict:
-    """A few metadata values of a GGUF file (no tensor data is read)."""
-    from gguf import GGUFReader
+_BUILD_ID: str | None = None
 
-    try:
-        reader = GGUFReader(str(path))
-    except (OSError, ValueError, IndexError) as exc:
-        raise EngineError(f"{path}: not a GGUF file; give a model converted with `huatuo-local convert`") from exc
-    out = {}
-    for key in keys:
-        field = reader.get_field(key)
-        if field is not None:
-            out[key] = field.contents()
-    return out
+
+def engine_build_id() -> str:
+    """A digest of the loaded llama.cpp libraries' bytes: another build may lay out KV state differently."""
+    global _BUILD_ID
+    if _BUILD_ID is None:
+        llama_cpp = _llama()
+        h = hashlib.sha256(f"llama-cpp-python {llama_cpp.__version__}".encode())
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        for lib in sorted(lib_dir.glob("*")) if lib_dir.is_dir() else []:
+            if lib.is_file():
+                h.update(lib.name.encode())
+                h.update(lib.read_bytes())
+        _BUILD_ID = h.hexdigest()
+    return _BUILD_ID
+
+
+def read_gguf_fields(path: Path, keys: tuple[str, ...], expect: str | None = None) -> dict:
+    """A few metadata values of a GGUF file, after the bounded check (no tensor data is read)."""
+    return read_fields(path, keys, expect)
 
 
 class TextDecoder:
@@ -157,17 +169,23 @@ class Engine:
         for p in (self.llm_path, self.mmproj_path):
             if not p.is_file():
                 raise EngineError(f"{p}: no such model file")
-            with open(p, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise EngineError(f"{p}: not a GGUF file; give a model converted with `huatuo-local convert`")
         if opts.kv_type not in KV_TYPES:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
-        vision = read_gguf_fields(self.mmproj_path, ("clip.vision.image_size", "clip.vision.image_mean",
-                                                     "clip.vision.projection_dim", "general.architecture"))
-        if vision.get("general.architecture") != "clip":
-            raise EngineError(f"{self.mmproj_path}: not a vision projector (mmproj) GGUF")
+        # Both files are checked (bounded header walk) before llama.cpp's parser sees them.
+        llm_info = check_gguf(self.llm_path, "llm")
+        vision = check_gguf(self.mmproj_path, "mmproj").fields
+        for key in ("clip.vision.image_size", "clip.vision.image_mean", "clip.vision.patch_size"):
+            if key not in vision:
+                raise EngineError(f"{self.mmproj_path}: vision projector without {key}; convert the model again")
+        train_ctx = llm_info.fields.get(f"{llm_info.arch}.context_length")
+        if not opts.n_ctx:
+            # Room for the release's limits (6 images of 576 positions, a 512-token answer) and
+            # a conversation's history; never past what the model was trained for.
+            opts.n_ctx = min(DEFAULT_CTX, train_ctx) if isinstance(train_ctx, int) and train_ctx > 0 else DEFAULT_CTX
         self.vision = VisionInput(int(vision["clip.vision.image_size"]),
                                   tuple(float(x) for x in vision["clip.vision.image_mean"]))  # type: ignore[arg-type]
+        # A LLaVA-1.5 image always takes (size / patch)^2 positions: 576 for CLIP ViT-L/14-336.
+        self.image_tokens = (int(vision["clip.vision.image_size"]) // int(vision["clip.vision.patch_size"])) ** 2
 
         llama_cpp = _llama()
         from llama_cpp import Llama
@@ -371,6 +389,8 @@ class Engine:
                     raise EngineError(f"libmtmd failed to encode or decode the image ({rc})")
                 added += new_past.value - self.n_past
                 self.n_past = new_past.value
+            if added != self.image_tokens:
+                raise EngineError(f"libmtmd gave {added} positions for an image, expected {self.image_tokens}")
             return added
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -406,24 +426,42 @@ class Engine:
         llama_cpp.llama_memory_seq_rm(mem, 0, n_past, -1)
         self.n_past = n_past
 
-    def save_sequence(self, path: Path) -> bool:
-        """Write the KV cache of sequence 0 (positions 0..n_past) to a file; False on failure."""
+    def sequence_state(self) -> bytes:
+        """The KV state of sequence 0 (positions 0..n_past), as llama.cpp serializes it."""
         llama_cpp = _llama()
-        empty = (llama_cpp.llama_token * 1)()
-        return llama_cpp.llama_state_seq_save_file(self.ctx, str(path).encode(), 0, empty, 0) > 0
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        if written != size:
+            raise EngineError(f"llama.cpp wrote {written} of {size} state bytes")
+        return bytes(buf)
 
-    def load_sequence(self, path: Path) -> int:
-        """Replace sequence 0 with a saved one; returns the positions restored (0 on failure)."""
+    def restore_sequence_state(self, data: bytes) -> int:
+        """Replace sequence 0 with a saved state; returns the positions restored, 0 on failure.
+
+        On failure the sequence is left empty (n_past 0), never half-restored.
+        """
         llama_cpp = _llama()
         self.truncate(0)
-        tokens = (llama_cpp.llama_token * 1)()
-        count = ctypes.c_size_t(0)
-        if llama_cpp.llama_state_seq_load_file(self.ctx, str(path).encode(), 0, tokens, 1, ctypes.byref(count)) == 0:
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0) != len(data):
             self.truncate(0)
             return 0
         mem = llama_cpp.llama_get_memory(self.ctx)
-        self.n_past = int(llama_cpp.llama_memory_seq_pos_max(mem, 0)) + 1
+        lo, hi = llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)
+        if lo != 0 or hi < 0 or hi + 1 > self.options.n_ctx:
+            self.truncate(0)
+            return 0
+        self.n_past = int(hi) + 1
         return self.n_past
+
+    def __del__(self) -> None:
+        # A discarded HuatuoChatbot must give its memory back (the CLIP weights live in libmtmd,
+        # outside Python's accounting) even when nobody called close().
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def close(self) -> None:
         if getattr(self, "mtmd_ctx", None):

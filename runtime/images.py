@@ -51,7 +51,7 @@ def load_rgb(path: str | Path, options: LoadOptions | None = None) -> Image.Imag
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     if is_dicom(path):
-        return read_dicom(path, opts.window, opts.frame)
+        return read_dicom(path, opts.window, opts.frame, opts.max_pixels)
     Image.MAX_IMAGE_PIXELS = opts.max_pixels
     try:
         with warnings.catch_warnings():

@@ -1,7 +1,19 @@
 """Medical data stays on this machine: once a model is local, no network at all.
 
-An audit hook refuses every socket connection and name lookup that leaves the loopback
-interface, for the whole process, from any Python code (huggingface-hub included).
+An audit hook (PEP 578) refuses, for the whole process and from any Python code
+(huggingface-hub included), every network event that could leave the loopback interface:
+
+| event                                   | refused when                           |
+|-----------------------------------------|----------------------------------------|
+| socket.connect                          | the address is not loopback            |
+| socket.sendto, socket.sendmsg           | the address is not loopback (UDP)      |
+| socket.getaddrinfo, gethostbyname(_ex)  | the name is not localhost or loopback  |
+| socket.gethostbyaddr, socket.getnameinfo| the address is not loopback            |
+
+Unix-domain sockets (a path, not a host) are local by nature and allowed. What an audit
+hook cannot see: native code that opens sockets itself (a C library, llama.cpp) and child
+processes. For certainty at the OS level, run inside a network namespace without
+interfaces, e.g. `unshare -rn huatuo-local chat scan.png` or `docker run --network none`.
 """
 
 from __future__ import annotations
@@ -13,7 +25,10 @@ import sys
 from huatuo_local.models.errors import HuatuoError
 
 _INSTALLED = False
-_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+# Environment switches that keep Hugging Face libraries from trying the network at all.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 class NetworkBlocked(HuatuoError):
@@ -23,9 +38,9 @@ class NetworkBlocked(HuatuoError):
 def _is_local(host: object) -> bool:
     if host is None:
         return True
-    if isinstance(host, bytes):
-        host = host.decode("ascii", "replace")
-    host = str(host)
+    if isinstance(host, (bytes, bytearray)):
+        host = bytes(host).decode("ascii", "replace")
+    host = str(host).strip().lower().rstrip(".")
     if host in _LOCAL_NAMES:
         return True
     try:
@@ -34,21 +49,47 @@ def _is_local(host: object) -> bool:
         return False
 
 
+def _address_is_local(address: object) -> bool:
+    """A socket address: (host, port[, ...]) for IP, a str/bytes path for Unix sockets, None when connected."""
+    if address is None or isinstance(address, (str, bytes, bytearray)):
+        return True  # no destination (a connected socket) or a Unix-domain path
+    if isinstance(address, tuple) and address:
+        return _is_local(address[0])
+    return False
+
+
+def _refuse(what: str, target: object) -> None:
+    raise NetworkBlocked(f"{what} {target!r} refused: huatuo-local runs offline")
+
+
 def _hook(event: str, args: tuple) -> None:
+    if not event.startswith("socket."):
+        return
     if event == "socket.connect":
-        address = args[1]
-        if isinstance(address, tuple) and address and not _is_local(address[0]):
-            raise NetworkBlocked(f"network access to {address[0]} refused: huatuo-local runs offline")
-    elif event == "socket.getaddrinfo":
+        if not _address_is_local(args[1]):
+            _refuse("network access to", args[1][0] if isinstance(args[1], tuple) else args[1])
+    elif event in ("socket.sendto", "socket.sendmsg"):
+        if not _address_is_local(args[1]):
+            _refuse("sending to", args[1][0] if isinstance(args[1], tuple) else args[1])
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex"):
+        if args[0] not in (None, "", b"") and not _is_local(args[0]):
+            _refuse("name lookup of", args[0])
+    elif event == "socket.gethostbyaddr":
         if not _is_local(args[0]):
-            raise NetworkBlocked(f"name lookup of {args[0]} refused: huatuo-local runs offline")
+            _refuse("address lookup of", args[0])
+    elif event == "socket.getnameinfo":
+        if not _address_is_local(args[0]):
+            _refuse("address lookup of", args[0][0] if isinstance(args[0], tuple) else args[0])
 
 
 def forbid_network() -> None:
     """Install the guard (irreversible for this process) and tell libraries to stay offline."""
     global _INSTALLED
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.update(OFFLINE_ENV)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant too if it is loaded.
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = True
     if not _INSTALLED:
         sys.addaudithook(_hook)
         _INSTALLED = True

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.private import write_private
 
 from .api import HuatuoChatbot
 
@@ -32,9 +33,11 @@ def _save(bot: HuatuoChatbot, target: str) -> str:
         text = "\n".join(parts)
     else:
         raise HuatuoError(f"{path}: use a .md or .json file name")
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    # A transcript holds patient information: created owner-only (0600), atomically.
+    try:
+        write_private(path, text)
+    except OSError as exc:
+        raise HuatuoError(f"{path}: cannot write ({exc.strerror or exc}); choose another file") from exc
     return str(path)
 
 

@@ -20,9 +20,9 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import IMAGE_TOKEN, MAX_IMAGES, Turn, render_prompt
 from PIL import Image
 
-from .engine import Engine
+from .engine import Engine, EngineError
 from .images import LoadOptions, load_rgb, prepare
-from .prefix_cache import PrefixCache
+from .prefix_cache import CacheEntryError, PrefixCache
 from .sampling import SamplingParams, next_token
 
 _NEXT_QUESTION = "\ue000"  # stands in for a question not asked yet (a private-use character)
@@ -84,6 +84,7 @@ class Session:
         self.counters = Counters()
         self._image_widths: dict[str, int] = {}
         self.logit_hook = None  # called with each step's logits (fidelity checks)
+        self.notices: list[str] = []  # warnings for the user, handed out with the next reply
         self._rng = np.random.default_rng(self.sampling.seed)
 
     # --- conversation state --------------------------------------------------------
@@ -130,27 +131,45 @@ class Session:
         return common, pos
 
     def _restore_from_disk(self, items: list[Item], common: int) -> int:
-        """Load the longest on-disk prefix ending at an image beyond `common`; new `common` or -1."""
-        if self.prefix_cache is None:
+        """Load the longest on-disk prefix ending at an image beyond `common`.
+
+        Returns the new `common` on a hit, -1 when there is nothing to load, and 0 when an
+        entry was unusable: it is deleted with one warning and the KV cache is emptied, so
+        the caller evaluates everything and the answer is the no-cache answer.
+        """
+        cache = self.prefix_cache
+        if cache is None:
             return -1
         for k in range(len(items) - 1, common - 1, -1):
             if not isinstance(items[k], ImageItem):
                 continue
-            entry = self.prefix_cache.lookup(self.prefix_cache.key(items[: k + 1], self.engine.options.kv_type))
-            if entry is None:
-                continue
-            restored = self.engine.load_sequence(entry)
-            if restored <= 0:
-                continue
-            # Text items take one position each; images whose width this process has not seen
-            # share what remains (every image of a LLaVA tower yields the same number of tokens).
             prefix = items[: k + 1]
-            pending = {it.digest for it in prefix if isinstance(it, ImageItem) and it.digest not in self._image_widths}
-            known = sum(self._width(it) for it in prefix if not isinstance(it, ImageItem) or it.digest not in pending)
-            n_pending = sum(1 for it in prefix if isinstance(it, ImageItem) and it.digest in pending)
-            for digest in pending:
-                self._image_widths[digest] = (restored - known) // n_pending
-            self.cached = list(items[: k + 1])
+            key = cache.key(prefix)
+            path = cache.lookup(key)
+            if path is None:
+                continue
+            # The entry holds an encoded image: a build that fails the vision probe must not be
+            # let through just because the work was done earlier.
+            self.engine.verify_vision()
+            try:
+                entry = cache.read(path, key, prefix)
+                if any(w != self.engine.image_tokens for w in entry.image_widths):
+                    raise CacheEntryError(f"image widths {entry.image_widths} differ from this mmproj's "
+                                          f"{self.engine.image_tokens}")
+                restored = self.engine.restore_sequence_state(entry.payload)
+                if restored != entry.positions:
+                    raise CacheEntryError(f"llama.cpp restored {restored} of {entry.positions} positions")
+            except CacheEntryError as exc:
+                cache.discard(path)
+                self.notices.append(f"warning: prefix cache entry {path.name} was unusable ({exc}); "
+                                    "deleted it and computed the prefix again")
+                self.engine.truncate(0)
+                self.cached = []
+                return 0
+            images = [it for it in prefix if isinstance(it, ImageItem)]
+            for it, width in zip(images, entry.image_widths):
+                self._image_widths[it.digest] = width
+            self.cached = list(prefix)
             self.counters.prefix_cache_hits += 1
             return k + 1
         return -1
@@ -171,6 +190,8 @@ class Session:
         restored = self._restore_from_disk(items, common)
         if restored > 0:
             common, pos = restored, engine.n_past
+        elif restored == 0:
+            common, pos = 0, 0
         else:
             engine.truncate(pos)
             self.cached = self.cached[:common]
@@ -186,9 +207,7 @@ class Session:
                 self.counters.prompt_tokens_evaluated += n
                 self.cached.append(items[i])
                 if self.prefix_cache is not None:
-                    key = self.prefix_cache.key(items[: i + 1], engine.options.kv_type)
-                    if self.prefix_cache.lookup(key) is None:
-                        self.prefix_cache.store(key, engine.save_sequence)
+                    self._save_prefix(items[: i + 1])
                 i += 1
                 continue
             j = i
@@ -203,6 +222,18 @@ class Session:
             i = j
         self.counters.tokens_reused += reused
         return reused
+
+    def _save_prefix(self, prefix: list[Item]) -> None:
+        cache = self.prefix_cache
+        assert cache is not None
+        key = cache.key(prefix)
+        if cache.lookup(key) is not None:
+            return
+        widths = [self._image_widths[it.digest] for it in prefix if isinstance(it, ImageItem)]
+        try:
+            cache.store(key, prefix, widths, self.engine.n_past, self.engine.sequence_state())
+        except (OSError, EngineError) as exc:  # a cache that cannot be written only costs time
+            self.notices.append(f"warning: could not save the prefix cache entry ({exc})")
 
     def _width(self, item: Item) -> int:
         return self._image_widths[item.digest] if isinstance(item, ImageItem) else 1
@@ -252,7 +283,9 @@ class Session:
             self.turns.append(Turn(text, len(new_images), answer))
             self.images.extend(new_images)
             delta = Counters(**{k: getattr(self.counters, k) - getattr(before, k) for k in before.__dict__})
-            self.last_reply = Reply(answer, generated, prompt_positions, delta, timings, engine.vision_warning)
+            notes = [w for w in (engine.vision_warning, *self.notices) if w]
+            self.notices.clear()
+            self.last_reply = Reply(answer, generated, prompt_positions, delta, timings, "\n".join(notes) or None)
 
     def prefill_next_turn(self) -> int:
         """Evaluate what any follow-up starts with; returns the positions evaluated.
