@@ -22,6 +22,7 @@ QUANT_FTYPES = {
     "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "Q2_K_S": 21,
     "TQ1_0": 36, "TQ2_0": 37,
 }
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
 
@@ -42,7 +43,7 @@ def quantize_gguf(
         m = _PROGRESS.search(text or b"")
         if m and on_progress:
             on_progress(int(m.group(1)), int(m.group(2)))
-        if level == 3 and text:
+        if level == GGML_LOG_LEVEL_ERROR and text:
             errors.append(text.decode("utf-8", "replace").strip())
 
     # Put back whatever callback was installed before (the runtime's error collector, or

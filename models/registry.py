@@ -20,7 +20,7 @@ class KnownModel:
     mmproj_gib: float = 0.6
     kv_gib_per_4k: float = 0.25
 
-    def ram_needed_gib(self, quant: str, n_ctx: int = 4096) -> float:
+    def ram_needed_gib(self, quant: str, n_ctx: int = 8192) -> float:
         return self.llm_gib[quant] + self.mmproj_gib + self.kv_gib_per_4k * n_ctx / 4096 + 0.5
 
 

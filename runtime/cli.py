@@ -128,8 +128,8 @@ def chat(
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
                                                         "(default: all when a GPU is available).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, or the model's "
-                                                  "training context if smaller).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, room for the "
+                                                  "release's 6 images and a 512-token answer).")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
     repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")] = 1.2,
     max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 512,

@@ -47,6 +47,7 @@ def _mtmd():
 
 _LOG_CALLBACK = None
 LAST_ERRORS: list[str] = []
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 
 
 def quiet_logs() -> None:
@@ -64,7 +65,7 @@ def quiet_logs() -> None:
     def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if verbose:
             os.write(2, text or b"")
-        elif level == 3 and text:
+        elif level == GGML_LOG_LEVEL_ERROR and text:
             LAST_ERRORS.append(text.decode("utf-8", "replace").strip())
             del LAST_ERRORS[:-20]
 
@@ -78,7 +79,7 @@ DEFAULT_CTX = 8192
 
 @dataclass
 class EngineOptions:
-    n_ctx: int = 0  # 0: DEFAULT_CTX, capped at the model's training context
+    n_ctx: int = 0  # 0: DEFAULT_CTX
     n_batch: int = 2048
     # None: 256 on CPU, where it runs as fast as 512 and its compute buffer is ~80 MB smaller
     # (bench/settings.py, BENCHMARKS.md); 512 when offloading, where larger micro-batches pay.
@@ -172,16 +173,16 @@ class Engine:
         if opts.kv_type not in KV_TYPES:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
         # Both files are checked (bounded header walk) before llama.cpp's parser sees them.
-        llm_info = check_gguf(self.llm_path, "llm")
+        check_gguf(self.llm_path, "llm")
         vision = check_gguf(self.mmproj_path, "mmproj").fields
         for key in ("clip.vision.image_size", "clip.vision.image_mean", "clip.vision.patch_size"):
             if key not in vision:
                 raise EngineError(f"{self.mmproj_path}: vision projector without {key}; convert the model again")
-        train_ctx = llm_info.fields.get(f"{llm_info.arch}.context_length")
         if not opts.n_ctx:
-            # Room for the release's limits (6 images of 576 positions, a 512-token answer) and
-            # a conversation's history; never past what the model was trained for.
-            opts.n_ctx = min(DEFAULT_CTX, train_ctx) if isinstance(train_ctx, int) and train_ctx > 0 else DEFAULT_CTX
+            # Room for the release's own limits (6 images of 576 positions and a 512-token answer
+            # need 3968) plus a conversation's history; 4096 overflowed within them. Like the
+            # release's `generate`, this does not stop at the model's training context.
+            opts.n_ctx = DEFAULT_CTX
         self.vision = VisionInput(int(vision["clip.vision.image_size"]),
                                   tuple(float(x) for x in vision["clip.vision.image_mean"]))  # type: ignore[arg-type]
         # A LLaVA-1.5 image always takes (size / patch)^2 positions: 576 for CLIP ViT-L/14-336.
@@ -191,6 +192,7 @@ class Engine:
         from llama_cpp import Llama
 
         quiet_logs()
+        LAST_ERRORS.clear()
         threads = opts.threads
         kv = KV_TYPES[opts.kv_type]
         try:
@@ -201,7 +203,8 @@ class Engine:
                 use_mmap=opts.use_mmap if opts.use_mmap is not None else opts.n_gpu_layers != 0,
             )
         except ValueError as exc:
-            raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({exc})") from exc
+            detail = next((e for e in LAST_ERRORS if "error loading model" in e), None) or str(exc)
+            raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({detail})") from exc
         self.ctx = self.llm.ctx
         self.model = self.llm.model
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -1,0 +1,181 @@
+"""Smaller defects from the hardening review: offline guard, help texts, context size, finalizer,
+the chat template, and llama.cpp's log callback after an in-process quantize."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+from tiny_models import TinySpec
+
+GUARD_EVENTS = {
+    "connect": "socket.create_connection(('203.0.113.1', 80), timeout=1)",
+    "getaddrinfo": "socket.getaddrinfo('huggingface.co', 443)",
+    "gethostbyname": "socket.gethostbyname('huggingface.co')",
+    "gethostbyname_ex": "socket.gethostbyname_ex('huggingface.co')",
+    "gethostbyaddr": "socket.gethostbyaddr('203.0.113.1')",
+    "getnameinfo": "socket.getnameinfo(('203.0.113.1', 80), 0)",
+    "udp_sendto": "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('203.0.113.1', 53))",
+    "udp_sendmsg": "socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendmsg([b'x'], [], 0, ('203.0.113.1', 53))",
+    "ipv6_connect": "socket.socket(socket.AF_INET6).connect(('2001:db8::1', 80))",
+}
+LOCAL_EVENTS = {
+    "udp_loopback": "u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('127.0.0.1', 0)); "
+                    "u.sendto(b'x', u.getsockname())",
+    "resolve_localhost": "socket.gethostbyname('localhost')",
+    "tcp_loopback": "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(1); "
+                    "socket.create_connection(s.getsockname(), timeout=1).close()",
+}
+
+
+def _run_guarded(statement: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(f"""
+        import socket
+        from huatuo_local.runtime.offline import forbid_network, NetworkBlocked
+        forbid_network()
+        try:
+            {statement}
+        except NetworkBlocked as e:
+            print("BLOCKED", e)
+        except OSError as e:
+            print("REACHED-OS", type(e).__name__)
+        else:
+            print("ALLOWED")
+    """)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.parametrize("event", sorted(GUARD_EVENTS))
+def test_the_offline_guard_refuses_every_network_event(event):
+    proc = _run_guarded(GUARD_EVENTS[event])
+    assert proc.stdout.startswith("BLOCKED") and "runs offline" in proc.stdout, (event, proc.stdout, proc.stderr)
+
+
+@pytest.mark.parametrize("event", sorted(LOCAL_EVENTS))
+def test_the_offline_guard_allows_loopback(event):
+    proc = _run_guarded(LOCAL_EVENTS[event])
+    assert proc.stdout.startswith("ALLOWED"), (event, proc.stdout, proc.stderr)
+
+
+def test_the_guard_sets_the_hub_offline_even_when_already_imported():
+    code = textwrap.dedent("""
+        import os
+        import huggingface_hub.constants as c
+        assert not c.HF_HUB_OFFLINE
+        from huatuo_local.runtime.offline import forbid_network
+        forbid_network()
+        print(c.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"], os.environ["TRANSFORMERS_OFFLINE"])
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith("_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.stdout.split() == ["True", "1", "1"], proc.stdout + proc.stderr
+
+
+COMMANDS = ("convert", "chat", "doctor", "pull", "list", "info", "rm", "verify", "preview", "cache info",
+            "cache clear")
+
+
+def test_help_texts_keep_their_words_and_flags_have_sane_names():
+    for cmd in COMMANDS:
+        proc = run_cli(*cmd.split(), "--help")
+        assert proc.returncode == 0, cmd
+        text = proc.stdout
+        assert "Example" in text and f"huatuo-local {cmd}" in " ".join(text.split()), cmd
+        assert "--no-no-" not in text, cmd
+        assert "the  extra" not in text, cmd
+    verify = run_cli("verify", "--help").stdout
+    assert "huatuo-local[verify]" in verify
+    chat = " ".join(run_cli("chat", "--help").stdout.split())
+    for flag in ("--no-mmproj-offload", "--no-prefix-cache", "--allow-unverified-vision"):
+        assert flag in chat
+
+
+def test_default_context_holds_the_releases_limits(converted, tmp_path):
+    """6 images (576 positions each), a long question and history: more than the old 4096."""
+    from huatuo_local import HuatuoChatbot
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"i{i}.png"
+        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(str(p))
+    long_question = " ".join(["Describe the lesion in the left lower lobe and its margins."] * 60)
+    with HuatuoChatbot(converted(TinySpec(seed=8, tower="folder")).manifest_path, temperature=0,
+                       max_new_tokens=4, prefix_cache=False) as bot:
+        reply = bot.session.ask(long_question, paths)
+        assert reply.prompt_positions > 4096
+        assert bot.engine.options.n_ctx == 8192
+
+
+def test_a_discarded_chatbot_frees_its_engine(converted, monkeypatch):
+    from huatuo_local.runtime import engine as engine_mod
+
+    from huatuo_local import HuatuoChatbot
+
+    freed = []
+    real = engine_mod._mtmd
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "mtmd_free":
+                return lambda ctx: (freed.append(ctx), real().mtmd_free(ctx))
+            return getattr(real(), name)
+
+    monkeypatch.setattr(engine_mod, "_mtmd", lambda: Spy())
+    bot = HuatuoChatbot(converted().manifest_path, prefix_cache=False)
+    del bot
+    gc.collect()
+    assert len(freed) == 1
+
+
+def test_the_gguf_chat_template_renders_exactly_render_prompt(converted):
+    from huatuo_local.models.gguf_check import read_fields
+    from huatuo_local.models.prompt import MEDIA_MARKER, Turn, render_prompt
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = read_fields(converted().llm_path, ("tokenizer.chat_template",))["tokenizer.chat_template"]
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders it
+    compiled = env.from_string(template)
+    conversations = [
+        [Turn("What does the picture show?", 1)],
+        [Turn("  Describe <image> this </s> scan <s> ", 2, "A chest CT."), Turn("Any nodules?", 0)],
+        [Turn("这是什么器官？", 1, "肝脏。"), Turn("有病变吗？", 1, "没有。"), Turn("Summarise in English.", 0)],
+        [Turn("", 3)],
+    ]
+    for turns in conversations:
+        messages = []
+        for t in turns:
+            parts = [{"type": "image"}] * t.n_images + [{"type": "text", "text": t.text}]
+            messages.append({"role": "user", "content": parts if t.n_images else t.text})
+            if t.answer is not None:
+                messages.append({"role": "assistant", "content": t.answer})
+        assert compiled.render(messages=messages) == render_prompt(turns, MEDIA_MARKER), turns
+
+
+def test_quantize_gives_back_the_runtimes_log_callback(tiny, tmp_path):
+    """After an in-process quantize, llama.cpp's errors still reach the runtime's error list."""
+    from huatuo_local.convert.pipeline import convert
+    from huatuo_local.runtime import engine as engine_mod
+    from huatuo_local.runtime.engine import LAST_ERRORS, Engine, EngineError, EngineOptions, quiet_logs
+
+    quiet_logs()
+    convert(tiny(TinySpec(seed=8, tower="folder"))["ckpt"], tmp_path, quant="Q4_K_M", name="t")
+    LAST_ERRORS.clear()
+    broken = tmp_path / "broken.gguf"
+    data = (tmp_path / "t-Q4_K_M.gguf").read_bytes()
+    broken.write_bytes(data[: len(data) - 64])  # the header is intact; the last tensor's data is cut
+    with pytest.raises(EngineError, match="not within the file"):
+        # Skip our own pre-check so that llama.cpp's loader reports the damage through the log.
+        orig = engine_mod.check_gguf
+        engine_mod.check_gguf = lambda p, e=None: orig(tmp_path / "t-Q4_K_M.gguf", e) if p == broken else orig(p, e)
+        try:
+            Engine(broken, tmp_path / "mmproj-t-f16.gguf", EngineOptions(n_ctx=256))
+        finally:
+            engine_mod.check_gguf = orig
+    assert any("error loading model" in e for e in LAST_ERRORS), "llama.cpp's error did not reach the runtime"
