@@ -268,6 +268,7 @@ def convert(
     progress: Progress | None = None,
     threads: int = 0,
     revision: str | None = None,
+    source: str | None = None,
 ) -> ConvertResult:
     """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair."""
     quant = quant.upper()
@@ -281,7 +282,7 @@ def convert(
     if not folder.exists():
         if not hub.looks_like_repo(src_text):
             raise HuatuoError(f"{src_text}: no such folder; give a checkpoint folder or a Hugging Face repo id")
-        folder = hub.download(src_text)
+        folder, revision = hub.fetch_checkpoint(src_text, revision, progress, store=Path(out_dir).expanduser())
     elif not folder.is_dir():
         raise HuatuoError(f"{folder}: not a folder; give the checkpoint folder that holds config.json")
 
@@ -339,7 +340,8 @@ def convert(
         os.replace(llm_stage, llm_path)
         manifest = Manifest(
             name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,
-            arch=spec.llm.arch, source=src_text if not Path(src_text).exists() else str(folder.resolve()),
+            arch=spec.llm.arch,
+            source=source or (src_text if not Path(src_text).exists() else str(folder.resolve())),
             eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size,
             llm_sha256=llm_sha, mmproj_sha256=mm_sha, revision=revision or "",
             converter=f"huatuo-local {__version__}",

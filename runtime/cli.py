@@ -188,20 +188,24 @@ def chat(
         typer.echo(bot.last_reply.warning, err=True)
 
 
-@app.command(epilog="Example: huatuo-local pull huatuo-vision-7b --quant Q4_K_M")
+@app.command(epilog="Examples:\n\n  huatuo-local pull huatuo-vision-7b\n\n"
+                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside Q4_K_M as huatuo-vision-7b:q8_0)")
 def pull(
     model: Annotated[str, typer.Argument(help="huatuo-vision-7b, huatuo-vision-34b, or a Hugging Face repo id.")],
     quant: Annotated[str | None, typer.Option(help="LLM quant (default: the model's, Q4_K_M).")] = None,
     name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of the repository (default: main); "
+                                                      "the commit is recorded in the manifest.")] = None,
 ) -> None:
-    """Download a model (and convert it when needed) into the local store."""
+    """Download a model (and convert it when needed) into the local store. Converting a 7B needs about 2.5x
+    its download size of free disk while it runs; pull checks before downloading."""
     from .progress import StageProgress
     from .pull import pull as run_pull
 
     with StageProgress() as bar:
-        resolved = run_pull(model, quant, name, progress=bar.update)
-    typer.echo(f"ready: {resolved.name} ({resolved.llm_path.name}); "
-               f"try: huatuo-local chat IMAGE --model {resolved.name}")
+        resolved = run_pull(model, quant, name, progress=bar.update, revision=revision)
+    typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}, commit {resolved.manifest.revision[:12]}); "
+               f"try: huatuo-local chat IMAGE --model {resolved.ref}")
 
 
 @app.command(name="list", epilog="Example: huatuo-local list")

@@ -1,51 +1,82 @@
 """`huatuo-local pull`: fetch a model into the local store, ready to chat.
 
 A known name or a Hugging Face repo holding the original checkpoint is downloaded (only
-the needed files, resumable), converted and quantized; a repo that already holds a
-converted GGUF pair is downloaded as it is.
+the needed files, at one pinned commit, resumable), converted and quantized; a repo that
+already holds converted GGUF files gives exactly the quant asked for, copied (not linked)
+into the store. The commit sha is recorded in the manifest.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.gguf_check import check_gguf
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.registry import KNOWN_MODELS
-from huatuo_local.models.store import ResolvedModel, models_dir, resolve
-
-from .engine import read_gguf_fields
+from huatuo_local.models.store import ResolvedModel, is_valid_name, resolve, store_folder
 
 
-def _repo_files(repo_id: str) -> list[str]:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    try:
-        return HfApi().list_repo_files(repo_id)
-    except RepositoryNotFoundError as exc:
-        raise HuatuoError(f"{repo_id}: no such Hugging Face repository (or it is private)") from exc
-    except Exception as exc:  # HTTP errors, OS errors and httpx's own, which share no narrower base
-        raise HuatuoError(
-            f"{repo_id}: cannot reach Hugging Face ({type(exc).__name__}); on an offline machine copy the "
-            "checkpoint over and run: huatuo-local convert FOLDER -o OUT"
-        ) from exc
-
-
-def _pick_gguf_pair(files: list[str], quant: str) -> tuple[str, str]:
-    ggufs = [f for f in files if f.endswith(".gguf")]
+def pick_gguf_pair(files: list[str], quant: str) -> tuple[str, str]:
+    """The LLM file of exactly `quant` (Q4_K never matches Q4_K_M) and its mmproj (F16 preferred)."""
+    ggufs = [f for f in files if f.lower().endswith(".gguf")]
     projectors = [f for f in ggufs if Path(f).name.lower().startswith("mmproj")]
     llms = [f for f in ggufs if f not in projectors]
-    wanted = [f for f in llms if quant.lower() in Path(f).name.lower()]
     if not projectors or not llms:
         raise HuatuoError("the repository has GGUF files but not an LLM and an mmproj pair")
+    exact = re.compile(rf"(^|[-_.]){re.escape(quant.lower())}\.gguf$")
+    wanted = [f for f in llms if exact.search(Path(f).name.lower())]
     if not wanted:
         raise HuatuoError(f"no {quant} GGUF in the repository; available: {', '.join(Path(f).name for f in llms)}")
+    if len(wanted) > 1:
+        raise HuatuoError(f"several {quant} GGUF files in the repository ({', '.join(wanted)}); pull one by name")
     return wanted[0], sorted(projectors, key=lambda f: ("f16" not in f.lower(), f))[0]
 
 
-def pull(model: str, quant: str | None = None, name: str | None = None, progress=None) -> ResolvedModel:
+def _copy_into(src: Path, dst: Path) -> None:
+    """A real copy, written under a temporary name: the store never depends on the download cache."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progress) -> ResolvedModel:
+    from huatuo_local.convert import hub
+
+    llm_file, mm_file = pick_gguf_pair(list(listing.sizes), quant)
+    size = listing.sizes.get(llm_file, 0) + listing.sizes.get(mm_file, 0)
+    hub.check_space(folder, 2 * size, f"{repo_id} ({size / 1e9:.1f} GB to download and copy into the store)")
+    local = hub.download(repo_id, [llm_file, mm_file], listing.sha, progress)
+    llm_src, mm_src = local / llm_file, local / mm_file
+    info = check_gguf(llm_src, "llm")
+    check_gguf(mm_src, "mmproj")
+    folder.mkdir(parents=True, exist_ok=True)
+    llm, mm = folder / Path(llm_file).name, folder / Path(mm_file).name
+    mm_sha = sha256_file(mm_src)
+    if not (mm.is_file() and not mm.is_symlink() and sha256_file(mm) == mm_sha):
+        _copy_into(mm_src, mm)
+    _copy_into(llm_src, llm)
+    shutil.rmtree(hub.snapshot_dir(repo_id, listing.sha), ignore_errors=True)  # copied into the store now
+    eos = info.fields.get("tokenizer.ggml.eos_token_id")
+    n_embd = info.fields.get(f"{info.arch}.embedding_length")
+    if not isinstance(eos, int) or not isinstance(n_embd, int):
+        raise HuatuoError(f"{repo_id}: {llm_file} lacks its eos token or embedding length; not a usable model")
+    manifest = Manifest(name=name, llm_file=llm.name, mmproj_file=mm.name, quant=quant, mmproj_type="",
+                        arch=info.arch, source=repo_id, eos_id=eos, n_embd=n_embd, llm_sha256=sha256_file(llm),
+                        mmproj_sha256=mm_sha, converter="downloaded", revision=listing.sha)
+    manifest_path = folder / f"{llm.name[: -len('.gguf')]}{MANIFEST_SUFFIX}"
+    manifest.write(manifest_path)
+    return resolve(f"{name}:{quant.lower()}")
+
+
+def pull(model: str, quant: str | None = None, name: str | None = None, progress=None,
+         revision: str | None = None) -> ResolvedModel:
     from huatuo_local.convert import hub
     from huatuo_local.convert.pipeline import convert
 
@@ -54,24 +85,14 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
     if not hub.REPO_ID.match(repo_id):
         raise HuatuoError(f"{model}: not a known model ({', '.join(KNOWN_MODELS)}) nor a Hugging Face repo id")
     quant = (quant or (known.default_quant if known else "Q4_K_M")).upper()
-    name = name or (known.name if known else re.sub(r"[^\w.-]+", "-", repo_id.split("/")[-1]))
-    folder = models_dir() / name
-    files = _repo_files(repo_id)
-    if any(f.endswith(".gguf") for f in files):
-        llm_file, mm_file = _pick_gguf_pair(files, quant)
-        local = hub.download(repo_id, [llm_file, mm_file])
-        folder.mkdir(parents=True, exist_ok=True)
-        llm, mm = folder / Path(llm_file).name, folder / Path(mm_file).name
-        for src, dst in ((local / llm_file, llm), (local / mm_file, mm)):
-            if not dst.exists():
-                dst.symlink_to(src.resolve())
-        arch = read_gguf_fields(llm, ("general.architecture",))["general.architecture"]
-        meta = read_gguf_fields(llm, ("tokenizer.ggml.eos_token_id", f"{arch}.embedding_length"))
-        manifest = Manifest(name=name, llm_file=llm.name, mmproj_file=mm.name, quant=quant, mmproj_type="",
-                            arch=arch, source=repo_id, eos_id=int(meta["tokenizer.ggml.eos_token_id"]),
-                            n_embd=int(meta[f"{arch}.embedding_length"]), llm_sha256=sha256_file(llm),
-                            mmproj_sha256=sha256_file(mm), converter="downloaded")
-        manifest.write(folder / f"{llm.stem}{MANIFEST_SUFFIX}")
-        return resolve(str(folder))
-    result = convert(repo_id, folder, quant=quant, name=name, progress=progress)
-    return resolve(str(result.manifest_path))
+    name = name or (known.name if known else re.sub(r"[^\w.-]+", "-", repo_id.split("/")[-1]).lstrip(".-_"))
+    if not is_valid_name(name):
+        raise HuatuoError(f"--name {name}: use letters, digits, '.', '_' and '-' (no folders)")
+    folder = store_folder(name)
+    listing = hub.list_repo(repo_id, revision)
+    if any(f.lower().endswith(".gguf") for f in listing.sizes):
+        return _pull_gguf(repo_id, listing, quant, name, folder, progress)
+    local, sha = hub.fetch_checkpoint(repo_id, listing.sha, progress, store=folder)
+    convert(local, folder, quant=quant, name=name, progress=progress, revision=sha, source=repo_id)
+    shutil.rmtree(hub.snapshot_dir(repo_id, sha), ignore_errors=True)  # ours, and converted now
+    return resolve(f"{name}:{quant.lower()}")

@@ -1,0 +1,138 @@
+"""`huatuo-local pull` against a Hub-compatible server on 127.0.0.1: the routes huggingface_hub uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from conftest import CLI, ROOT, run_cli
+from fake_hub import FakeHub, Repo
+from PIL import Image
+from tiny_models import TinySpec
+
+REPO = "FreedomIntelligence/HuatuoGPT-Vision-7B"  # what `pull huatuo-vision-7b` asks for
+BIG = TinySpec(seed=21, tower="folder", ffn=16384)  # ~25 MB of F32 weights: above hf's 10 MB chunk
+
+
+def _env(tmp_path, hub) -> dict:
+    return {"HUATUO_LOCAL_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url,
+            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "10"}
+
+
+def _repo_folder(tiny, tmp_path, spec: TinySpec) -> tuple:
+    src = tiny(spec)["ckpt"]
+    folder = tmp_path / "repo"
+    shutil.copytree(src, folder)
+    # Files a conversion does not need: never fetched.
+    (folder / "README.md").write_text("# model card\n")
+    (folder / "training_args.bin").write_bytes(b"\0" * 4096)
+    (folder / "pytorch_model.bin").write_bytes(b"\0" * 4096)  # safetensors are preferred
+    return folder
+
+
+@pytest.fixture
+def image(tmp_path):
+    p = tmp_path / "scan.png"
+    Image.fromarray((np.random.default_rng(3).random((60, 80, 3)) * 255).astype(np.uint8)).save(p)
+    return p
+
+
+def test_pull_downloads_only_what_it_needs_converts_and_chats(tiny, tmp_path, image):
+    folder = _repo_folder(tiny, tmp_path, TinySpec(seed=8, tower="folder"))
+    with FakeHub({REPO: Repo(folder)}) as hub:
+        env = _env(tmp_path, hub)
+        proc = run_cli("pull", "huatuo-vision-7b", "--quant", "Q8_0", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert "download" in proc.stderr  # progress
+        sha = hub.repos[REPO].sha
+        got = {p.split(f"/resolve/{sha}/", 1)[1] for p in hub.fetched("GET") if f"/resolve/{sha}/" in p}
+        expected = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {
+            "README.md", "training_args.bin", "pytorch_model.bin"}
+        assert got == expected, got ^ expected
+        assert any(g.startswith("vit/tiny_clip/") for g in got)  # the tower's sub-folder was found
+    assert "ready: huatuo-vision-7b:q8_0" in proc.stdout and sha[:12] in proc.stdout
+    manifest = json.loads(next((tmp_path / "home" / "models" / "huatuo-vision-7b").glob("*.manifest.json"))
+                          .read_text())
+    assert manifest["revision"] == sha and manifest["source"] == REPO and manifest["quant"] == "Q8_0"
+    chat = run_cli("chat", str(image), "-p", "hi", "--model", "huatuo-vision-7b:q8_0", "--max-tokens", "3",
+                   env={"HUATUO_LOCAL_HOME": str(tmp_path / "home")})
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_an_interrupted_pull_resumes_without_fetching_bytes_twice(tiny, tmp_path):
+    folder = _repo_folder(tiny, tmp_path, BIG)
+    weights = "model.safetensors"
+    size = (folder / weights).stat().st_size
+    assert size > 20 * 1024 * 1024
+    with FakeHub({REPO: Repo(folder)}) as hub:
+        env = dict(os.environ, **_env(tmp_path, hub))
+        hub.stall_after[weights] = 12 * 1024 * 1024
+        first = subprocess.Popen([*CLI, "pull", "huatuo-vision-7b", "--quant", "F16"], env=env, cwd=ROOT,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while hub.sent[weights] < 12 * 1024 * 1024 and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # let the client write its first 10 MB chunk
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        hub.release.set()
+        sent_before = hub.sent[weights]
+        del hub.stall_after[weights]
+        second = run_cli("pull", "huatuo-vision-7b", "--quant", "F16", env=_env(tmp_path, hub))
+        assert second.returncode == 0, second.stderr
+        ranges = [r for m, p, r in hub.requests if m == "GET" and p.endswith(weights) and r]
+        assert ranges, "the second run did not resume with a Range request"
+        start = int(ranges[-1].split("=")[1].split("-")[0])
+        assert start >= 10 * 1024 * 1024
+        resumed = hub.sent[weights] - sent_before
+        assert resumed == size - start  # the bytes already on disk were not fetched again
+    assert (tmp_path / "home" / "models" / "huatuo-vision-7b" / "huatuo-vision-7b-F16.gguf").is_file()
+
+
+def test_pull_checks_disk_space_before_downloading(tiny, tmp_path):
+    folder = _repo_folder(tiny, tmp_path, TinySpec(seed=8, tower="folder"))
+    with FakeHub({REPO: Repo(folder, claimed_sizes={"model.safetensors": 10**15})}) as hub:
+        proc = run_cli("pull", "huatuo-vision-7b", env=_env(tmp_path, hub))
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "needs about" in last and "GB free" in last and "2.5x" in last, last
+        assert not any(p.endswith("model.safetensors") for p in hub.fetched("GET"))
+
+
+def test_pull_of_a_gguf_repo_copies_exactly_the_quant_asked_for(converted, tmp_path, image):
+    folder = tmp_path / "gguf-repo"
+    folder.mkdir()
+    for quant in ("Q8_0", "F16"):
+        result = converted(TinySpec(seed=8, tower="folder"), quant, "f16")
+        shutil.copy(result.llm_path, folder / f"tiny-{quant}.gguf")
+        shutil.copy(result.mmproj_path, folder / "mmproj-tiny-f16.gguf")
+    (folder / "tiny-Q8_0-extra.gguf").write_bytes((folder / "tiny-Q8_0.gguf").read_bytes())  # not exactly Q8_0
+    with FakeHub({"someone/tiny-GGUF": Repo(folder)}) as hub:
+        env = _env(tmp_path, hub)
+        proc = run_cli("pull", "someone/tiny-GGUF", "--quant", "q8_0", "--name", "tiny", env=env)
+        assert proc.returncode == 0, proc.stderr
+        fetched = {p.rsplit("/", 1)[1] for p in hub.fetched("GET") if "/resolve/" in p}
+        assert fetched == {"tiny-Q8_0.gguf", "mmproj-tiny-f16.gguf"}, fetched
+        missing = run_cli("pull", "someone/tiny-GGUF", "--quant", "Q4_K_M", "--name", "tiny", env=env)
+        assert missing.returncode != 0 and "no Q4_K_M GGUF" in missing.stderr
+        badrev = run_cli("pull", "someone/tiny-GGUF", "--revision", "nope", "--name", "tiny", env=env)
+        assert badrev.returncode != 0 and "no such revision" in badrev.stderr
+        nothere = run_cli("pull", "someone/absent", env=env)
+        assert nothere.returncode != 0 and "no such Hugging Face repository" in nothere.stderr
+    stored = tmp_path / "home" / "models" / "tiny"
+    for f in ("tiny-Q8_0.gguf", "mmproj-tiny-f16.gguf"):
+        p = stored / f
+        assert p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1
+    manifest = json.loads((stored / "tiny-Q8_0.manifest.json").read_text())
+    assert manifest["revision"] == hub.repos["someone/tiny-GGUF"].sha
+    # The download folder is gone once copied: the store depends on nothing else.
+    assert not list((tmp_path / "home" / "downloads").rglob("*.gguf"))
+    chat = run_cli("chat", str(image), "-p", "hi", "--model", "tiny:q8_0", "--max-tokens", "3",
+                   env={"HUATUO_LOCAL_HOME": str(tmp_path / "home")})
+    assert chat.returncode == 0, chat.stderr
