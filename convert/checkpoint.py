@@ -7,12 +7,12 @@ references; nothing is read until the converter asks for it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from huatuo_local.models.errors import CheckpointError
+from huatuo_local.models.jsonfile import read_json
 from huatuo_local.models.manifest import is_plain_file_name
 
 from .safetensors import SafetensorsFile
@@ -29,14 +29,9 @@ class TensorSource(Protocol):
 
 
 def _read_index(index: Path) -> list[Path]:
-    try:
-        if index.stat().st_size > 64 * 1024 * 1024:
-            raise ValueError("too large")
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise TypeError("weight_map is not a non-empty object")
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise CheckpointError(f"{index}: unreadable shard index; download it again") from exc
+    weight_map = read_json(index, expect=dict).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: unreadable shard index (no weight_map); download it again")
     for f in set(weight_map.values()):
         # Shards live beside their index: `../x` or an absolute path would read any file on the machine.
         if not is_plain_file_name(f):

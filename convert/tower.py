@@ -7,11 +7,11 @@ checkpoint; (c) given by the user with --vision-tower. A repo id is downloaded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from huatuo_local.models.errors import CheckpointError, HuatuoError
+from huatuo_local.models.jsonfile import read_json
 from huatuo_local.models.layout import ModelSpec
 from huatuo_local.models.towers import VisionSpec, known_tower, spec_from_config, with_preprocessor
 
@@ -43,10 +43,7 @@ def _folder_spec(folder: Path) -> VisionSpec | None:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         return None
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON; download the vision tower again") from exc
+    cfg = read_json(cfg_path, "download the vision tower again", expect=dict)
     return with_preprocessor(spec_from_config(cfg, cfg_path), folder)
 
 

@@ -7,7 +7,6 @@ that is parsed here field by field.
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from gguf import TokenType
 from huatuo_local.models.bytelevel import QWEN2_PRETOKENIZER_REGEX
 from huatuo_local.models.errors import CheckpointError, UnsupportedModelError
+from huatuo_local.models.jsonfile import read_json
 
 
 @dataclass
@@ -36,10 +36,7 @@ class Vocab:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON; download it again") from exc
+    return read_json(path)
 
 
 def _token_text(value: Any) -> str | None:
@@ -115,6 +112,12 @@ def bpe_vocab(folder: Path, n_vocab: int, model_cfg: dict) -> Vocab:
     lookup = dict(vocab)
     for t in added:
         lookup[t["content"]] = int(t["id"])
+    bad = [(k, v) for k, v in lookup.items() if not isinstance(k, str) or not isinstance(v, int)
+           or isinstance(v, bool) or not 0 <= v < n_vocab]
+    if bad or not lookup:
+        # Ids index the embedding matrix; one of 10**9 would also make this list 10**9 long.
+        raise CheckpointError(f"{tok_path if tok_json is not None else folder / 'vocab.json'}: token "
+                              f"{bad[0] if bad else '(none)'} is not an id below the {n_vocab} embedding rows")
     size = max(lookup.values()) + 1
     tokens: list[str | None] = [None] * size
     types = [TokenType.NORMAL] * size
@@ -270,8 +273,14 @@ def spm_vocab(folder: Path, n_vocab: int, model_cfg: dict) -> Vocab:
 
 def read_vocab(folder: Path, arch: str, n_vocab: int, model_cfg: dict) -> Vocab:
     """The checkpoint's tokenizer, for a `qwen2` (BPE) or `llama` (SentencePiece) LLM."""
-    if arch == "qwen2":
-        return bpe_vocab(folder, n_vocab, model_cfg)
-    if (Path(folder) / "tokenizer.model").is_file():
-        return spm_vocab(folder, n_vocab, model_cfg)
+    try:
+        if arch == "qwen2":
+            return bpe_vocab(folder, n_vocab, model_cfg)
+        if (Path(folder) / "tokenizer.model").is_file():
+            return spm_vocab(folder, n_vocab, model_cfg)
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        # Tokenizer files are nested JSON (or protobuf) of a fixed shape; any other shape is a
+        # damaged or hostile file, whichever field it trips on.
+        raise CheckpointError(f"{folder}: malformed tokenizer files ({type(exc).__name__}: {exc}); "
+                              "download the tokenizer again") from exc
     raise CheckpointError(f"{folder}: tokenizer.model missing; the Yi/Llama backbone needs its SentencePiece model")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedModelError
+from .jsonfile import read_json
 
 # architectures / model_type → llama.cpp LLM architecture.
 ARCHITECTURES = {"LlavaQwen2ForCausalLM": "qwen2", "LlavaLlamaForCausalLM": "llama"}
@@ -76,13 +76,26 @@ def _get(cfg: dict[str, Any], path: Path, key: str, default: Any = ..., kind: ty
     return value
 
 
+def _size(cfg: dict[str, Any], path: Path, key: str, default: Any = ...) -> int:
+    """A shape field: an integer in a range real models use (a hostile 0 or 10**12 stops here)."""
+    value = _get(cfg, path, key, default)
+    if not 1 <= value <= MAX_DIM:
+        raise CheckpointError(f"{path}: field '{key}' is {value}, outside 1..{MAX_DIM}; the config is damaged")
+    return value
+
+
+MAX_DIM = 1 << 24
+
+
 def detect_arch(cfg: dict[str, Any], path: Path) -> str:
-    for arch in cfg.get("architectures") or []:
+    archs = cfg.get("architectures")
+    for arch in archs if isinstance(archs, list) else []:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
     if cfg.get("model_type") in MODEL_TYPES:
         return MODEL_TYPES[cfg["model_type"]]
-    named = ", ".join(cfg.get("architectures") or []) or cfg.get("model_type") or "nothing"
+    named = ", ".join(str(a) for a in archs) if isinstance(archs, list) and archs else None
+    named = named or str(cfg.get("model_type") or "nothing")
     raise UnsupportedModelError(f"{path}: unsupported model ({named}); huatuo-local converts {SUPPORTED_TEXT}")
 
 
@@ -90,15 +103,9 @@ def load_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: not found; point to a HuatuoGPT-Vision checkpoint folder") from exc
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON; download config.json again") from exc
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: not a JSON object; download config.json again")
-    return cfg
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; point to a HuatuoGPT-Vision checkpoint folder")
+    return read_json(path, "download config.json again", expect=dict)
 
 
 def read_spec(checkpoint: Path) -> ModelSpec:
@@ -109,22 +116,27 @@ def read_spec(checkpoint: Path) -> ModelSpec:
 
     rope = cfg.get("rope_parameters") or {}
     rope_scaling = cfg.get("rope_scaling")
+    if not isinstance(rope, dict) or (rope_scaling is not None and not isinstance(rope_scaling, dict)):
+        raise CheckpointError(f"{path}: rope_parameters / rope_scaling must be objects; the config is damaged")
     if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) not in (None, "default"):
         raise UnsupportedModelError(f"{path}: rope_scaling {rope_scaling} is not supported")
-    n_head = _get(cfg, path, "num_attention_heads")
-    hidden = _get(cfg, path, "hidden_size")
+    theta = rope.get("rope_theta")
+    if theta is not None and (not isinstance(theta, (int, float)) or isinstance(theta, bool)):
+        raise CheckpointError(f"{path}: rope_theta should be a number, got {theta!r}")
+    n_head = _size(cfg, path, "num_attention_heads")
+    hidden = _size(cfg, path, "hidden_size")
     llm = LLMSpec(
         arch=arch,
         hidden_size=hidden,
-        n_layer=_get(cfg, path, "num_hidden_layers"),
+        n_layer=_size(cfg, path, "num_hidden_layers"),
         n_head=n_head,
-        n_kv_head=_get(cfg, path, "num_key_value_heads", n_head),
-        ffn_size=_get(cfg, path, "intermediate_size"),
-        vocab_size=_get(cfg, path, "vocab_size"),
-        rope_theta=float(rope.get("rope_theta") or _get(cfg, path, "rope_theta", 10000.0, float)),
+        n_kv_head=_size(cfg, path, "num_key_value_heads", n_head),
+        ffn_size=_size(cfg, path, "intermediate_size"),
+        vocab_size=_size(cfg, path, "vocab_size"),
+        rope_theta=float(theta or _get(cfg, path, "rope_theta", 10000.0, float)),
         rms_eps=_get(cfg, path, "rms_norm_eps", 1e-6, float),
-        context_length=_get(cfg, path, "max_position_embeddings", 4096),
-        head_dim=_get(cfg, path, "head_dim", hidden // n_head),
+        context_length=_size(cfg, path, "max_position_embeddings", 4096),
+        head_dim=_size(cfg, path, "head_dim", max(1, hidden // n_head)),
         tie_embeddings=_get(cfg, path, "tie_word_embeddings", False, bool),
     )
     if hidden % n_head or llm.n_head % llm.n_kv_head:
@@ -150,7 +162,7 @@ def read_spec(checkpoint: Path) -> ModelSpec:
         config_path=path,
         model_type=str(cfg.get("model_type", "")),
         llm=llm,
-        mm_hidden_size=_get(cfg, path, "mm_hidden_size"),
+        mm_hidden_size=_size(cfg, path, "mm_hidden_size"),
         projector_type=projector,
         select_layer=_get(cfg, path, "mm_vision_select_layer", -2),
         vision_tower=tower if isinstance(tower, str) else None,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedModelError
+from .jsonfile import read_json
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -83,10 +83,7 @@ def with_preprocessor(spec: VisionSpec, folder: Path | None) -> VisionSpec:
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return spec
-    try:
-        pp = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON; download it again") from exc
+    pp = read_json(path, expect=dict)
     mean = tuple(float(x) for x in pp.get("image_mean", spec.image_mean))
     std = tuple(float(x) for x in pp.get("image_std", spec.image_std))
     crop = pp.get("crop_size", spec.image_size)

@@ -229,11 +229,15 @@ def info(model: Annotated[str, typer.Argument(help="Model name, folder, manifest
     import json
     from dataclasses import asdict
 
+    from huatuo_local.models.gguf_check import check_gguf
     from huatuo_local.models.store import resolve
 
     m = resolve(model)
+    llm, mmproj = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")
     data = asdict(m.manifest) if m.manifest else {"name": m.name}
-    data.update({"llm_path": str(m.llm_path), "mmproj_path": str(m.mmproj_path)})
+    data.update({"ref": m.ref, "llm_path": str(m.llm_path), "mmproj_path": str(m.mmproj_path),
+                 "llm_arch": llm.arch, "llm_tensors": len(llm.tensors), "mmproj_tensors": len(mmproj.tensors),
+                 "size_bytes": m.size_bytes})
     typer.echo(json.dumps(data, indent=2))
 
 

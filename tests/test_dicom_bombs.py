@@ -57,8 +57,13 @@ def three_frames(path) -> None:
 def preview_with_peak_memory(image, out, *extra) -> tuple[subprocess.CompletedProcess, int]:
     """`huatuo-local preview` in a fresh process that reports its own peak RSS (KiB) on its last line."""
     code = textwrap.dedent("""
-        import atexit, resource, sys
-        atexit.register(lambda: print("PEAK_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))
+        import atexit, sys
+        # VmHWM is this address space's peak; ru_maxrss would include the parent's RSS at fork.
+        def peak():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    print("PEAK_KIB", line.split()[1], file=sys.stderr)
+        atexit.register(peak)
         from huatuo_local.runtime.cli import main
         sys.argv = ["huatuo-local"] + sys.argv[1:]
         main()

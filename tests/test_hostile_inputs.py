@@ -1,0 +1,268 @@
+"""Every reader against hostile input: one clear line (or a correct result), never a traceback,
+a crash, a hang or a half-written file. Property-based fuzzing of the four untrusted parsers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import hostile
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from huatuo_local.models.errors import HuatuoError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tiny_models import TinySpec
+
+SPEC = TinySpec(seed=8, tower="folder")
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _one_line(exc: BaseException, *names: str) -> str:
+    message = str(exc)
+    assert message and "\n" not in message and "Traceback" not in message, message
+    assert any(n in message for n in names), (names, message)
+    return message
+
+
+def test_corpus_size():
+    from test_images import _hostile_corpus  # noqa: F401  (21 image files, counted in SECURITY.md)
+
+    counted = (len(hostile.SAFETENSORS) + len(hostile.BIN) + len(hostile.CHECKPOINTS) + len(hostile.MANIFESTS)
+               + len(hostile.GGUFS))
+    assert counted + 21 + 4 >= 60, counted
+
+
+@pytest.mark.parametrize("case", sorted(hostile.CHECKPOINTS))
+def test_damaged_checkpoints_convert_to_one_line_and_leave_nothing(case, tiny, tmp_path):
+    from huatuo_local.convert.pipeline import convert
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny(SPEC)["ckpt"], ckpt)
+    hostile.CHECKPOINTS[case](ckpt)
+    out = tmp_path / "out"
+    try:
+        result = convert(ckpt, out, quant="F16", name="x")
+    except HuatuoError as exc:
+        _one_line(exc, str(ckpt), "config.json", "tokenizer")
+        assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    else:  # accepted: then it must be a complete, loadable result
+        from huatuo_local.models.store import resolve
+
+        assert resolve(str(result.manifest_path)).llm_path.is_file(), case
+
+
+def test_damaged_checkpoints_through_the_cli(tiny, tmp_path):
+    for case in ("config-deep", "shard-index-traversal", "checkpoint-bin-evil-global", "weights-st-overlap"):
+        ckpt = tmp_path / case
+        shutil.copytree(tiny(SPEC)["ckpt"], ckpt)
+        hostile.CHECKPOINTS[case](ckpt)
+        proc = run_cli("convert", str(ckpt), "-o", str(tmp_path / f"out-{case}"), "--quant", "F16")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and "pwned" not in proc.stdout, case
+        assert lines[-1].startswith("error: "), (case, proc.stderr)
+        assert not (tmp_path / f"out-{case}").exists() or not any((tmp_path / f"out-{case}").iterdir())
+
+
+@pytest.mark.parametrize("case", sorted(hostile.SAFETENSORS))
+def test_hostile_safetensors(case, tmp_path):
+    from huatuo_local.convert.safetensors import SafetensorsFile
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(hostile.SAFETENSORS[case])
+    with pytest.raises(HuatuoError) as info:
+        SafetensorsFile(path)
+    _one_line(info.value, str(path))
+
+
+@pytest.mark.parametrize("case", sorted(hostile.BIN))
+def test_hostile_bin_files(case, tmp_path, capfd):
+    from huatuo_local.convert.torch_zip import TorchZipFile
+
+    make = hostile.BIN[case]
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(make() if callable(make) else make)
+    with pytest.raises(HuatuoError) as info:
+        TorchZipFile(path)
+    _one_line(info.value, str(path))
+    assert "pwned" not in capfd.readouterr().out  # nothing from the pickle ever runs
+
+
+@pytest.mark.parametrize("case", sorted(hostile.MANIFESTS))
+def test_hostile_manifests(case, converted, tmp_path):
+    from huatuo_local.models.store import resolve
+
+    good = converted(SPEC, "F32", "f32")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for p in (good.llm_path, good.mmproj_path):
+        shutil.copy(p, folder / p.name)
+    text = hostile.MANIFESTS[case]
+    if text is None:
+        text = hostile.damage_manifest(case, json.loads(good.manifest_path.read_text()))
+    manifest = folder / "tiny-F32.manifest.json"
+    manifest.write_text(text)
+    with pytest.raises(HuatuoError) as info:
+        resolve(str(manifest))
+    _one_line(info.value, str(manifest))
+    proc = run_cli("info", str(manifest))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_hostile_ggufs_never_reach_llama_cpp_unchecked_and_never_crash(converted, tmp_path):
+    """One process loads every hostile GGUF as the LLM and as the mmproj; a native crash would kill it."""
+    good = converted(SPEC, "F32", "f32")
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    for name, data in hostile.GGUFS.items():
+        (folder / f"{name}.gguf").write_bytes(data)
+    script = textwrap.dedent(f"""
+        import pathlib
+        from huatuo_local.models.errors import HuatuoError
+        from huatuo_local.runtime.engine import Engine, EngineOptions
+        good_llm, good_mm = pathlib.Path({str(good.llm_path)!r}), pathlib.Path({str(good.mmproj_path)!r})
+        for path in sorted(pathlib.Path({str(folder)!r}).glob("*.gguf")):
+            for llm, mm in ((path, good_mm), (good_llm, path)):
+                try:
+                    Engine(llm, mm, EngineOptions(n_ctx=256)).close()
+                    print("OK", path.stem)
+                except HuatuoError as exc:
+                    print("ERR", path.stem, "|", exc)
+                except Exception as exc:
+                    print("TRACEBACK", path.stem, type(exc).__name__, exc)
+        print("DONE")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "DONE" and len(lines) == 2 * len(hostile.GGUFS) + 1
+    for line in lines[:-1]:
+        assert line.startswith("ERR "), line
+        name, message = line[4:].split(" | ", 1)
+        assert name in message, line  # the line names the file
+
+
+def test_info_prechecks_gguf_files(tmp_path):
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    (folder / "m.gguf").write_bytes(hostile.GGUFS["gguf-array-count-huge"])
+    (folder / "mmproj-m.gguf").write_bytes(hostile.GGUFS["gguf-valid-header-missing-tensors"])
+    proc = run_cli("info", str(folder / "m.gguf"))
+    assert proc.returncode != 0 and "damaged or hostile GGUF" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- property-based fuzzing ---------------------------------------------------------------
+
+_entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8", 3, None]),
+    "shape": st.one_of(st.lists(st.integers(-3, 40), max_size=4), st.just("x"), st.lists(st.booleans(), max_size=2)),
+    "data_offsets": st.one_of(st.lists(st.integers(-10, 300), min_size=2, max_size=2), st.lists(st.integers(),
+                                                                                               max_size=3)),
+})
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=6), _entry, max_size=4), data=st.binary(max_size=300),
+       length_delta=st.sampled_from([0, 0, 0, 1, -1, 7, 2**40]))
+def test_fuzz_safetensors_header(tmp_path_factory, header, data, length_delta):
+    from huatuo_local.convert.safetensors import SafetensorsFile
+
+    raw = json.dumps(header).encode()
+    path = tmp_path_factory.mktemp("st") / "f.safetensors"
+    path.write_bytes(hostile.safetensors_bytes(raw, data, header_len=len(raw) + length_delta))
+    try:
+        f = SafetensorsFile(path)
+    except HuatuoError as exc:
+        _one_line(exc, str(path))
+        return
+    size = path.stat().st_size
+    spans = sorted((r.start, r.end) for r in f.tensors.values())
+    for (_, e0), (s1, _) in zip(spans, spans[1:]):
+        assert e0 <= s1
+    for ref in f.tensors.values():
+        assert 0 <= ref.start <= ref.end <= size
+        assert ref.load().shape == ref.shape
+
+
+@FUZZ
+@given(offset=st.integers(-5, 40), size=st.lists(st.integers(-2, 6), min_size=1, max_size=3),
+       stride=st.lists(st.integers(-3, 8), min_size=1, max_size=3), numel=st.integers(0, 64),
+       have=st.integers(0, 64))
+def test_fuzz_bin_reader(tmp_path_factory, offset, size, stride, numel, have):
+    from huatuo_local.convert.torch_zip import TorchZipFile
+
+    path = tmp_path_factory.mktemp("bin") / "pytorch_model.bin"
+    path.write_bytes(hostile.torch_zip({"w": hostile._Tensor(hostile._Storage("0", numel), offset, tuple(size),
+                                                             tuple(stride))}, {"0": b"\1" * (4 * have)}))
+    try:
+        f = TorchZipFile(path)
+    except HuatuoError as exc:
+        _one_line(exc, str(path))
+        return
+    ref = f.tensors["w"]
+    arr = ref.load()
+    # Every element comes from the storage (all bytes 0x01): nothing was read from outside it.
+    one = np.frombuffer(b"\1" * 4, "<f4")[0]
+    assert arr.shape == tuple(size) and (arr.size == 0 or bool((arr == one).all()))
+    assert numel <= have
+
+
+def _valid_gguf(converted) -> bytes:
+    return converted(SPEC, "F32", "f32").mmproj_path.read_bytes()[:200_000]
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_gguf_precheck(converted, tmp_path_factory, data):
+    """Byte flips and truncations of a real header: the walk refuses or gives ranges inside the file,
+    and what it accepts, gguf's own reader parses the same way."""
+    from gguf import GGUFReader
+    from huatuo_local.models.gguf_check import check_gguf
+
+    raw = bytearray(_valid_gguf(converted))
+    header_end = 4096
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, header_end))
+        raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
+    if cut is not None:
+        raw = raw[:cut]
+    path = tmp_path_factory.mktemp("gguf") / "f.gguf"
+    path.write_bytes(bytes(raw))
+    try:
+        summary = check_gguf(path)
+    except HuatuoError as exc:
+        _one_line(exc, str(path))
+        return
+    for _, _, offset, nbytes in summary.tensors.values():
+        assert nbytes >= 0 and offset >= 0
+    reader = GGUFReader(str(path))  # safe once the walk accepted it
+    assert {t.name for t in reader.tensors} == set(summary.tensors)
+
+
+@FUZZ
+@given(doc=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=4), max_leaves=12),
+       base=st.booleans())
+def test_fuzz_manifest_reader(tmp_path_factory, doc, base):
+    from huatuo_local.models.manifest import Manifest, is_plain_file_name
+
+    if base and isinstance(doc, dict):
+        doc = {"name": "x", "llm_file": "a.gguf", "mmproj_file": "b.gguf", "quant": "F16", "mmproj_type": "f16",
+               "arch": "qwen2", "source": "s", "eos_id": 1, "n_embd": 8, **doc}
+    path = tmp_path_factory.mktemp("manifest") / "x.manifest.json"
+    path.write_text(json.dumps(doc))
+    try:
+        m = Manifest.read(path)
+    except HuatuoError as exc:
+        _one_line(exc, str(path))
+        return
+    assert is_plain_file_name(m.llm_file) and is_plain_file_name(m.mmproj_file)
+    assert isinstance(m.eos_id, int) and isinstance(m.extra, dict)
