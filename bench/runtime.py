@@ -84,15 +84,13 @@ bot.sampling.min_new_tokens = {n_gen}  # random weights: decode a fixed number o
 # Random weights answer with token sequences no tokenizer would produce, so an answer's text
 # re-tokenizes differently and the next turn re-evaluates it. A trained model's answers
 # re-tokenize as generated: every answer is steered through a real answer's tokens (same work).
-real_logits = bot.engine.logits
 def steer():
     forced = iter(bot.engine.tokenize({ANSWER!r}))
-    def steered():
-        logits = real_logits()
+    def steered(logits):
         logits.fill(-1e9)
         logits[next(forced, 0)] = 1e4  # stays on top through the repetition penalty
         return logits
-    bot.engine.logits = steered
+    bot.session.logit_hook = steered
 out = {{}}
 steer()
 bot.chat({QUESTION!r}, [{str(image)!r}])
@@ -113,7 +111,7 @@ if {{MODE!r}} == "cold":
         bot.chat({FOLLOW_UP!r})
         out[key + "_ttft_s"] = min(out.get(key + "_ttft_s", 1e9), bot.last_reply.timings.first_token_s)
         out[key + "_evaluated"] = bot.last_reply.counters.prompt_tokens_evaluated
-    bot.engine.logits = real_logits
+    bot.session.logit_hook = None
     pic = prepare(load_rgb({str(image)!r}), bot.engine.vision)
     t0 = time.perf_counter(); bot.engine.image_embeddings(pic); out["encode_s"] = time.perf_counter() - t0
 print(json.dumps(out))

@@ -53,36 +53,41 @@ t0 = time.perf_counter()
 eng = E.Engine({llm!r}, {mmproj!r}, opts)
 load_s = time.perf_counter() - t0
 pic = prepare(load_rgb({image!r}), eng.vision)
-mtmd, llama = E._mtmd(), E._llama()
 prefix, question = eng.tokenize("<|user|>\\n"), eng.tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
 out = dict(load_s=load_s, encode_s=1e9, image_prefill_s=1e9, question_s=1e9, text_prefill_s=1e9, decode_s=1e9)
+n = eng.image_tokens
+ub = opts.ubatch
+
+
+def tokens(seq_tokens, start, logits_last=True):
+    # The engine's batched decode, in n_batch pieces, as the scheduler feeds a sequence alone.
+    for i in range(0, len(seq_tokens), opts.n_batch):
+        part = seq_tokens[i:i + opts.n_batch]
+        last = i + len(part) == len(seq_tokens)
+        eng.decode_tokens([(0, t, start + i + k, logits_last and last and k == len(part) - 1)
+                           for k, t in enumerate(part)])
+    return start + len(seq_tokens)
+
+
 for _ in range(2):
-    eng.truncate(0)
-    eng.eval_tokens(prefix, logits_last=False)
-    chunks = eng._image_chunks(pic)
-    chunk = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
-    chunk = next(c for c in chunk if mtmd.mtmd_input_chunk_get_type(c) != 0)
-    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-    t0 = time.perf_counter(); assert mtmd.mtmd_encode_chunk(eng.mtmd_ctx, chunk) == 0
+    eng.seq_rm(0, 0)
+    pos = tokens(prefix, 0, logits_last=False)
+    t0 = time.perf_counter(); embd = eng.image_embeddings(pic)
     out["encode_s"] = min(out["encode_s"], time.perf_counter() - t0)
-    new_past = llama.llama_pos(0)
     t0 = time.perf_counter()
-    rc = mtmd.mtmd_helper_decode_image_chunk(eng.mtmd_ctx, eng.ctx, chunk, mtmd.mtmd_get_output_embd(eng.mtmd_ctx),
-                                             eng.n_past, 0, opts.n_batch, ctypes.byref(new_past),
-                                             mtmd.mtmd_helper_post_decode_callback(), None)
-    assert rc == 0, rc
+    for i in range(0, n, ub):
+        eng.decode_embeddings(0, embd[i:i + ub], pos + i)
     out["image_prefill_s"] = min(out["image_prefill_s"], time.perf_counter() - t0)
-    mtmd.mtmd_input_chunks_free(chunks)
-    eng.n_past = new_past.value
-    t0 = time.perf_counter(); eng.eval_tokens(question); eng.logits()
+    pos += n
+    t0 = time.perf_counter(); pos = tokens(question, pos); eng.logits_at(len(question) - 1)
     out["question_s"] = min(out["question_s"], time.perf_counter() - t0)
     t0 = time.perf_counter()
     for tok in range(1000, 1016):
-        eng.eval_tokens([tok]); eng.logits()
+        pos = tokens([tok], pos); eng.logits_at(0)
     out["decode_s"] = min(out["decode_s"], (time.perf_counter() - t0) / 16)
-    eng.truncate(0)
+    eng.seq_rm(0, 0)
     text = [int(t) for t in np.random.default_rng(0).integers(1000, 100000, n)]
-    t0 = time.perf_counter(); eng.eval_tokens(text); eng.logits()
+    t0 = time.perf_counter(); tokens(text, 0); eng.logits_at((len(text) - 1) % opts.n_batch)
     out["text_prefill_s"] = min(out["text_prefill_s"], time.perf_counter() - t0)
 out.update(positions=n, question_tokens=len(question))
 eng.close()

@@ -191,7 +191,7 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
     from huatuo_local.models.store import resolve
     from huatuo_local.runtime.engine import Engine, EngineOptions
     from huatuo_local.runtime.images import load_rgb, prepare
-    from huatuo_local.runtime.session import Session, Timings
+    from huatuo_local.runtime.session import Session
 
     ref = OriginalModel(original, vision_tower)
     full = render_prompt([Turn(prompt, len(images))], IMAGE_TOKEN)
@@ -209,15 +209,14 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
                 mx = max(mx, float(np.abs(ours - theirs).max()))
             session = Session(engine)
             items = session.items_for([Turn(prompt, len(images))], session.prepare_images(list(images)))
-            session._sync(items, Timings())
             kls, agree = [], 0
             for step, want in enumerate(want_logits):
-                got = engine.logits().astype(np.float64)
+                # Teacher forcing: the release's own tokens so far; only the newest is evaluated.
+                got = session.evaluate(items + list(want_tokens[:step])).astype(np.float64)
                 p, q = _log_softmax(want), _log_softmax(got)
                 kls.append(float((np.exp(p) * (p - q)).sum()))
                 agree += int(np.argmax(got) == np.argmax(want))
-                if step < len(want_tokens):
-                    engine.eval_tokens([want_tokens[step]])
+            session.close()
         rows.append(VerifyRow(m.llm_path.name, float(min(cos)) if cos else float("nan"), mx,
                               float(np.mean(kls)), float(np.max(kls)), agree / len(want_logits), len(want_logits)))
     return rows

@@ -29,6 +29,38 @@ def default_gpu_layers() -> int:
     return -1 if llama_cpp.llama_supports_gpu_offload() else 0
 
 
+def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
+    """Everything that changes what a saved KV state means (see prefix_cache.py)."""
+    manifest = model.manifest
+    return {
+        "llm_sha256": manifest.llm_sha256 if manifest and manifest.llm_sha256 else file_checksum(model.llm_path),
+        "mmproj_sha256": (manifest.mmproj_sha256 if manifest and manifest.mmproj_sha256
+                          else file_checksum(model.mmproj_path)),
+        "engine": engine_build_id(), "kv_type": options.kv_type, "n_ctx": str(options.n_ctx),
+        "gpu_layers": str(options.n_gpu_layers),
+    }
+
+
+def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
+               threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
+               seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
+               prefix_cache: bool = True, use_mmap: bool | None = None,
+               n_seq: int = 1) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
+    """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
+    resolved = resolve(model)
+    if offline:
+        forbid_network()
+    options = EngineOptions(
+        n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
+        n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
+        seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
+        use_mmap=use_mmap, n_seq=n_seq,
+    )
+    engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
+    cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
+    return resolved, engine, cache
+
+
 class HuatuoChatbot:
     """A loaded model and one conversation. `inference` is single-turn, `chat` keeps history."""
 
@@ -55,33 +87,14 @@ class HuatuoChatbot:
         prefix_cache: bool = True,
         use_mmap: bool | None = None,
     ):
-        self.model: ResolvedModel = resolve(model)
-        if offline:
-            forbid_network()
-        options = EngineOptions(
-            n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
-            n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
-            seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
-            use_mmap=use_mmap,
-        )
-        self.engine = Engine(self.model.llm_path, self.model.mmproj_path, options, eos_id=self.model.eos_id)
+        self.model, self.engine, cache = open_model(
+            model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, kv_type=kv_type,
+            mmproj_offload=mmproj_offload, seed=seed, allow_unverified_vision=allow_unverified_vision,
+            offline=offline, prefix_cache=prefix_cache, use_mmap=use_mmap)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
-        cache = PrefixCache.default(self._cache_identity()) if prefix_cache else None
         self.session = Session(self.engine, self.sampling, images, cache)
-
-    def _cache_identity(self) -> dict[str, str]:
-        """Everything that changes what a saved KV state means (see prefix_cache.py)."""
-        m, opts = self.model, self.engine.options
-        manifest = m.manifest
-        return {
-            "llm_sha256": (manifest.llm_sha256 if manifest and manifest.llm_sha256 else file_checksum(m.llm_path)),
-            "mmproj_sha256": (manifest.mmproj_sha256 if manifest and manifest.mmproj_sha256
-                              else file_checksum(m.mmproj_path)),
-            "engine": engine_build_id(), "kv_type": opts.kv_type, "n_ctx": str(opts.n_ctx),
-            "gpu_layers": str(opts.n_gpu_layers),
-        }
 
     # --- the release's interface ----------------------------------------------------
 
@@ -118,7 +131,19 @@ class HuatuoChatbot:
         return self.session.counters
 
     def close(self) -> None:
-        self.engine.close()
+        session = getattr(self, "session", None)
+        if session is not None:
+            session.close()  # stops the scheduler's thread, which holds the engine
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+
+    def __del__(self) -> None:
+        # A discarded chatbot gives its memory back (the CLIP weights live in libmtmd, outside
+        # Python's accounting) even when nobody called close().
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> HuatuoChatbot:
         return self

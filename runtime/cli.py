@@ -311,6 +311,64 @@ def preview(
     typer.echo(f"wrote {target} ({picture.size[0]}x{picture.size[1]}, what the model sees)")
 
 
+@app.command(epilog="Examples:\n\n  huatuo-local serve --model huatuo-vision-7b --parallel 4\n\n"
+                   "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                   "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n\n"
+                   "  huatuo-local serve --host 0.0.0.0 --api-key-file ~/.huatuo-key   (reachable from the network)")
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or .gguf file "
+                                                                    "(default: huatuo-vision-7b).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable by others.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    parallel: Annotated[int, typer.Option(help="Conversations answered at once (llama.cpp sequences).")] = 4,
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the API key from a file.")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
+                                                        "(default: all when a GPU is available).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context per conversation in tokens (default 8192).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a free sequence; more get 503.")]
+    = 64,
+    allow_files: Annotated[list[Path] | None, typer.Option(help="A folder whose images may be sent as file:// "
+                                                                "URLs (repeat the option).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser pages from this origin "
+                                                               "(repeat the option; default: none).")] = None,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (off: no patient text in "
+                                                                     "logs).")] = False,
+    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
+                                                  help="Do not keep encoded images on disk.")] = False,
+    max_body_mb: Annotated[int, typer.Option(help="Largest request body.")] = 64,
+    max_image_mb: Annotated[int, typer.Option(help="Largest image in a request.")] = 32,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels.")] = None,
+    allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
+                                                          help="Answer even if the vision probe fails.")] = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (chat completions with images, streaming), on this machine
+    only unless --host says otherwise."""
+    from .server import ServeConfig
+    from .server import serve as run_server
+
+    if api_key and api_key_file:
+        fail("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = api_key_file.expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            fail(f"{api_key_file}: cannot read the API key ({exc.strerror or exc})")
+        if not api_key:
+            fail(f"{api_key_file}: empty; put the API key in it")
+    if parallel < 1 or parallel > 64:
+        fail("--parallel must be between 1 and 64")
+    config = ServeConfig(
+        model=model, host=host, port=port, parallel=parallel, api_key=api_key, n_gpu_layers=n_gpu_layers, ctx=ctx,
+        threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
+        log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
+        max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
+        allow_unverified_vision=allow_unverified_vision)
+    run_server(config)
+
+
 cache_app = typer.Typer(help="Show or clear the on-disk prefix cache (encoded images, derived from your scans).",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")

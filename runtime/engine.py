@@ -90,6 +90,7 @@ class EngineOptions:
     flash_attn: bool = False
     mmproj_offload: bool = True
     seed: int = 0
+    n_seq: int = 1  # parallel sequences (server slots), each with n_ctx positions
     allow_unverified_vision: bool = False
     # None: off on CPU, where llama.cpp repacks the weights and a mapped file would keep them resident
     # twice (measured: 8.4 GiB vs the file's 4.4 GiB for the 7B at Q4_K_M); on when offloading.
@@ -161,7 +162,11 @@ class TextDecoder:
 
 
 class Engine:
-    """One loaded model: the LLM context (sequence 0) and the libmtmd vision context."""
+    """One loaded model: the LLM context with `n_seq` sequences and the libmtmd vision context.
+
+    Only primitive operations live here; which sequence runs what, and when, is decided by
+    runtime/scheduler.py.
+    """
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
                  eos_id: int | None = None):
@@ -189,24 +194,36 @@ class Engine:
         self.image_tokens = (int(vision["clip.vision.image_size"]) // int(vision["clip.vision.patch_size"])) ** 2
 
         llama_cpp = _llama()
-        from llama_cpp import Llama
-
         quiet_logs()
         LAST_ERRORS.clear()
         threads = opts.threads
         kv = KV_TYPES[opts.kv_type]
-        try:
-            self.llm = Llama(
-                model_path=str(self.llm_path), n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.ubatch,
-                n_threads=threads, n_threads_batch=threads, n_gpu_layers=opts.n_gpu_layers, seed=opts.seed,
-                type_k=kv, type_v=kv, flash_attn=opts.flash_attn, verbose=False,
-                use_mmap=opts.use_mmap if opts.use_mmap is not None else opts.n_gpu_layers != 0,
-            )
-        except ValueError as exc:
-            detail = next((e for e in LAST_ERRORS if "error loading model" in e), None) or str(exc)
-            raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({detail})") from exc
-        self.ctx = self.llm.ctx
-        self.model = self.llm.model
+        self.n_seq = max(1, opts.n_seq)
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = opts.n_gpu_layers
+        mparams.use_mmap = opts.use_mmap if opts.use_mmap is not None else opts.n_gpu_layers != 0
+        self.model = llama_cpp.llama_model_load_from_file(str(self.llm_path).encode(), mparams)
+        if not self.model:
+            detail = next((e for e in LAST_ERRORS if "error loading model" in e), None) or "see HUATUO_LOCAL_VERBOSE=1"
+            raise EngineError(f"{self.llm_path}: llama.cpp could not load the model ({detail})")
+        cparams = llama_cpp.llama_context_default_params()
+        # Each sequence gets its own KV stream of n_ctx cells (kv_unified off): a sequence's cells
+        # start at 0 whatever the others hold, so its arithmetic is the same alone or beside others.
+        cparams.n_ctx = opts.n_ctx * self.n_seq
+        cparams.n_batch = opts.n_batch
+        cparams.n_ubatch = opts.ubatch
+        cparams.n_seq_max = self.n_seq
+        cparams.kv_unified = False
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.type_k = cparams.type_v = kv
+        cparams.flash_attn_type = 1 if opts.flash_attn else 0
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+            raise EngineError(f"{self.llm_path}: llama.cpp could not create a context of {cparams.n_ctx} tokens "
+                              "(out of memory? lower --ctx or --parallel)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
@@ -235,8 +252,8 @@ class Engine:
         self.marker = mtmd.mtmd_default_marker().decode()
         self.vision_warning: str | None = None
         self._vision_checked = False
-        self.n_past = 0
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
+        self._embd_batch = llama_cpp.llama_batch_init(opts.ubatch, self.n_embd, 1)
 
     # --- tokens -----------------------------------------------------------------------
 
@@ -307,32 +324,60 @@ class Engine:
 
     # --- evaluation -------------------------------------------------------------------
 
-    def eval_tokens(self, tokens: list[int], logits_last: bool = True) -> None:
-        """Append tokens at n_past; the logits of the last one are kept."""
-        llama_cpp = _llama()
-        step = self.options.n_batch
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
-            self._check_room(len(chunk))
-            b = self._batch
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self.n_past + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = bool(logits_last and start + i == len(tokens) - 1)
-            rc = llama_cpp.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise EngineError(f"llama_decode failed ({rc}); the context may be full, raise --ctx")
-            self.n_past += len(chunk)
+    # --- evaluation (sequence-aware primitives; runtime/scheduler.py decides what runs when) ----
 
-    def _check_room(self, n: int) -> None:
-        if self.n_past + n > self.options.n_ctx:
-            raise EngineError(
-                f"the conversation needs {self.n_past + n} tokens but the context holds {self.options.n_ctx}; "
-                "raise --ctx or /clear the history"
-            )
+    def decode_tokens(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (seq, token, position, wants logits) entries; logits by batch index."""
+        if len(entries) > self.options.n_batch:
+            raise EngineError(f"internal: {len(entries)} tokens in one batch (n_batch {self.options.n_batch})")
+        b = self._batch
+        b.n_tokens = len(entries)
+        for i, (seq, tok, pos, logits) in enumerate(entries):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = bool(logits)
+        self._decode(b)
+
+    def decode_embeddings(self, seq: int, embd: np.ndarray, pos: int) -> None:
+        """Append image embeddings (n, n_embd) to `seq` from `pos` on, in one llama_decode."""
+        n = len(embd)
+        if n > self.options.ubatch:
+            raise EngineError(f"internal: {n} embeddings in one batch (ubatch {self.options.ubatch})")
+        b = self._embd_batch
+        b.n_tokens = n
+        flat = np.ascontiguousarray(embd, dtype=np.float32).reshape(-1)
+        ctypes.memmove(b.embd, flat.ctypes.data, flat.nbytes)
+        for i in range(n):
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = False
+        self._decode(b)
+
+    def _decode(self, batch) -> None:
+        rc = _llama().llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed ({rc}); the context may be full, raise --ctx")
+
+    def logits_at(self, index: int) -> np.ndarray:
+        """Logits of the batch entry `index` of the last decode (a copy)."""
+        ptr = _llama().llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def seq_rm(self, seq: int, start: int) -> None:
+        """Forget positions >= start of `seq`."""
+        llama_cpp = _llama()
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, start, -1)
+
+    def encode_image(self, image: Image.Image) -> np.ndarray:
+        """The projector's output for one prepared image, (image_tokens, n_embd); the vision probe first."""
+        self.verify_vision()
+        embd = self.image_embeddings(image)
+        if len(embd) != self.image_tokens:
+            raise EngineError(f"libmtmd gave {len(embd)} positions for an image, expected {self.image_tokens}")
+        return embd
 
     def _image_chunks(self, image: Image.Image):
         """libmtmd chunks for one prepared image (already padded and resized)."""
@@ -370,34 +415,6 @@ class Engine:
             self.vision_warning = "warning: image encoding is unverified; " + message
         self._vision_checked = True
 
-    def eval_image(self, image: Image.Image) -> int:
-        """Encode one prepared image and append its embeddings; returns its token count."""
-        self.verify_vision()
-        mtmd = _mtmd()
-        chunks = self._image_chunks(image)
-        try:
-            added = 0
-            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                if mtmd.mtmd_input_chunk_get_type(chunk) == 0:  # text
-                    if n:
-                        raise EngineError("libmtmd added text around the image; this projector is not LLaVA-style")
-                    continue
-                self._check_room(n)
-                new_past = _llama().llama_pos(0)
-                rc = mtmd.mtmd_helper_eval_chunk_single(self.mtmd_ctx, self.ctx, chunk, self.n_past, 0,
-                                                        self.options.n_batch, True, ctypes.byref(new_past))
-                if rc != 0:
-                    raise EngineError(f"libmtmd failed to encode or decode the image ({rc})")
-                added += new_past.value - self.n_past
-                self.n_past = new_past.value
-            if added != self.image_tokens:
-                raise EngineError(f"libmtmd gave {added} positions for an image, expected {self.image_tokens}")
-            return added
-        finally:
-            mtmd.mtmd_input_chunks_free(chunks)
-
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """The projector's output for one prepared image, (n_tokens, n_embd)."""
         mtmd = _mtmd()
@@ -416,47 +433,33 @@ class Engine:
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
 
-    def logits(self) -> np.ndarray:
-        """Logits of the last evaluated position (a copy)."""
+    def sequence_state(self, seq: int) -> bytes:
+        """The KV state of `seq`, as llama.cpp serializes it."""
         llama_cpp = _llama()
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def truncate(self, n_past: int) -> None:
-        """Forget everything from position n_past on (KV cache and counter)."""
-        llama_cpp = _llama()
-        mem = llama_cpp.llama_get_memory(self.ctx)
-        llama_cpp.llama_memory_seq_rm(mem, 0, n_past, -1)
-        self.n_past = n_past
-
-    def sequence_state(self) -> bytes:
-        """The KV state of sequence 0 (positions 0..n_past), as llama.cpp serializes it."""
-        llama_cpp = _llama()
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, 0)
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
         if written != size:
             raise EngineError(f"llama.cpp wrote {written} of {size} state bytes")
         return bytes(buf)
 
-    def restore_sequence_state(self, data: bytes) -> int:
-        """Replace sequence 0 with a saved state; returns the positions restored, 0 on failure.
+    def restore_sequence_state(self, seq: int, data: bytes) -> int:
+        """Replace `seq` with a saved state; returns the positions restored, 0 on failure.
 
-        On failure the sequence is left empty (n_past 0), never half-restored.
+        On failure the sequence is left empty, never half-restored.
         """
         llama_cpp = _llama()
-        self.truncate(0)
+        self.seq_rm(seq, 0)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0) != len(data):
-            self.truncate(0)
+        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq) != len(data):
+            self.seq_rm(seq, 0)
             return 0
         mem = llama_cpp.llama_get_memory(self.ctx)
-        lo, hi = llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)
+        lo, hi = llama_cpp.llama_memory_seq_pos_min(mem, seq), llama_cpp.llama_memory_seq_pos_max(mem, seq)
         if lo != 0 or hi < 0 or hi + 1 > self.options.n_ctx:
-            self.truncate(0)
+            self.seq_rm(seq, 0)
             return 0
-        self.n_past = int(hi) + 1
-        return self.n_past
+        return int(hi) + 1
 
     def __del__(self) -> None:
         # A discarded HuatuoChatbot must give its memory back (the CLIP weights live in libmtmd,
@@ -470,12 +473,16 @@ class Engine:
         if getattr(self, "mtmd_ctx", None):
             _mtmd().mtmd_free(self.mtmd_ctx)
             self.mtmd_ctx = None
-        if getattr(self, "_batch", None) is not None:
-            _llama().llama_batch_free(self._batch)
-            self._batch = None
-        if getattr(self, "llm", None) is not None:
-            self.llm.close()
-            self.llm = None
+        for name in ("_batch", "_embd_batch"):
+            if getattr(self, name, None) is not None:
+                _llama().llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "ctx", None):
+            _llama().llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            _llama().llama_model_free(self.model)
+            self.model = None
 
     def __enter__(self) -> Engine:
         return self

@@ -92,7 +92,7 @@ def test_follow_up_reuses_the_kv_cache_through_the_api(model, images):
         assert turn2.counters.prompt_tokens_evaluated == turn2.prompt_positions - turn2.counters.tokens_reused
         assert turn2.counters.prompt_tokens_evaluated < 60
         assert bot.prefill_next_turn() >= 2  # what the REPL runs while the user types
-        kept = bot.engine.n_past
+        kept = bot.session.positions
         streamed = "".join(bot.stream("And the size?"))
         assert streamed.strip() == bot.last_reply.text
         assert bot.last_reply.counters.tokens_reused == kept

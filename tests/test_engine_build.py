@@ -115,10 +115,10 @@ def test_engine_refuses_images_when_the_probe_fails(converted, monkeypatch):
     image = Image.new("RGB", (336, 336), (10, 20, 30))
     with Engine(result.llm_path, result.mmproj_path, EngineOptions(n_ctx=1024)) as engine:
         with pytest.raises(EngineError, match="bootstrap.py.*--allow-unverified-vision"):
-            engine.eval_image(image)
+            engine.encode_image(image)
     opts = EngineOptions(n_ctx=1024, allow_unverified_vision=True)
     with Engine(result.llm_path, result.mmproj_path, opts) as engine:
-        assert engine.eval_image(image) == 576
+        assert engine.encode_image(image).shape == (576, engine.n_embd)
         assert engine.vision_warning and "unverified" in engine.vision_warning
 
 

@@ -136,7 +136,7 @@ def test_second_turn_matches_the_release_rebuilding_the_whole_prompt(arch, seed,
     first = session.ask(PROMPT_1, images[:1])
     reused_before = session.counters.tokens_reused
     prefilled = session.prefill_next_turn() if prefill else 0
-    kept = session.engine.n_past
+    kept = session.positions
     second = session.ask(PROMPT_3, images[1:3])
     if prefill:
         assert prefilled >= 2, "the answer's ending and the user tag"

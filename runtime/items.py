@@ -1,0 +1,42 @@
+"""What a prompt is made of, for the scheduler: token ids and images (atomic, compared by content)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """An image's place in the token stream: compared by content hash, never re-encoded."""
+
+    digest: str
+    picture: Image.Image = field(compare=False, hash=False, repr=False)
+
+
+Item = int | ImageItem
+
+
+def image_item(picture: Image.Image) -> ImageItem:
+    return ImageItem(hashlib.sha256(picture.tobytes()).hexdigest(), picture)
+
+
+def prompt_items(tokenize, prompt: str, images: list[ImageItem]) -> list[Item]:
+    """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
+    chunks = prompt.split(IMAGE_TOKEN)
+    if len(chunks) - 1 != len(images):
+        raise HuatuoError("internal: image placeholders and images disagree")
+    items: list[Item] = []
+    for i, chunk in enumerate(chunks):
+        items.extend(tokenize(chunk))
+        if i < len(images):
+            items.append(images[i])
+    return items
+
+
+def conversation_items(tokenize, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
+    return prompt_items(tokenize, render_prompt(turns, IMAGE_TOKEN), images)

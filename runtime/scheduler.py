@@ -1,0 +1,539 @@
+"""One scheduler per loaded model: every conversation (chat, HuatuoChatbot, serve) runs here.
+
+The scheduler owns the engine's N sequences ("slots") and one thread that loops:
+
+1. admit queued jobs (fair FIFO, bounded) into free slots, choosing the slot whose KV cache
+   already holds the longest prefix of the job's items, else loading one from the on-disk
+   prefix cache; only what differs is evaluated;
+2. start encoding the next image of a prefilling slot on a worker thread (CLIP runs beside
+   the language model, so streams keep flowing while an image is read);
+3. decode one chunk of a ready image's embeddings for one slot;
+4. one llama_decode batching the next token of every generating slot with a chunk of some
+   slot's prompt text;
+5. sample each slot's next token from its own logits (runtime/sampling.py, the release's
+   semantics), and hand the text to the job's consumer.
+
+A slot's `cached` list always says exactly what its sequence holds, position by position
+(an image is one item of `engine.image_tokens` positions); any failure empties the slot.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+from huatuo_local.models.errors import HuatuoError
+
+from .engine import Engine, EngineError
+from .items import ImageItem, Item
+from .prefix_cache import CacheEntryError, PrefixCache
+from .sampling import SamplingParams, next_token
+
+
+class QueueFull(HuatuoError):
+    """More jobs are waiting than --max-queue allows."""
+
+
+class ContextFull(EngineError):
+    """The prompt does not fit in a sequence's context."""
+
+
+@dataclass
+class Counters:
+    images_encoded: int = 0
+    prompt_tokens_evaluated: int = 0
+    tokens_reused: int = 0
+    tokens_generated: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclass
+class Timings:
+    image_encode_s: float = 0.0
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
+    first_token_s: float = 0.0
+    queued_s: float = 0.0
+
+
+@dataclass
+class Result:
+    """What a finished job hands back with its last event."""
+
+    tokens: list[int]
+    text: str
+    prompt_positions: int
+    finish_reason: str  # "stop" (eos), "length", "cancelled", "prefilled"
+    counters: Counters
+    timings: Timings
+    notices: list[str]
+    logits: np.ndarray | None = None  # prefill-only jobs: the last position's logits
+
+
+@dataclass(eq=False)
+class Job:
+    items: list[Item]
+    params: SamplingParams
+    rng: np.random.Generator | None = None
+    prefill_only: bool = False  # evaluate the items, keep their logits, generate nothing
+    slot_hint: int | None = None  # a conversation's own slot, when it has one
+    # Called with each step's logits; may return replacement logits (benchmarks steer answers).
+    logit_hook: Callable[[np.ndarray], np.ndarray | None] | None = None
+    events: queue.Queue = field(default_factory=queue.Queue)
+    # Instead of the queue: called from the scheduler's thread with each event (the server hands
+    # events to its asyncio loop this way, without a thread per waiting client).
+    on_event: Callable[[tuple[str, object]], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, kind: str, value: object) -> None:
+        """("piece", text) while generating, then ("done", Result) or ("error", exception)."""
+        if self.on_event is not None:
+            self.on_event((kind, value))
+        else:
+            self.events.put((kind, value))
+
+    def stream(self) -> Iterator[str]:
+        """The answer's text as it is generated; `result` is set when the iterator ends.
+
+        Closing the iterator early (a client that went away, Ctrl-C) cancels the job.
+        """
+        finished = False
+        try:
+            while True:
+                kind, value = self.events.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "done":
+                    self.result = value
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise value
+        finally:
+            if not finished:
+                self.cancel()
+
+    def wait(self) -> Result:
+        for _ in self.stream():
+            pass
+        return self.result
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq: int
+    cached: list[Item] = field(default_factory=list)
+    pos: int = 0
+    job: Job | None = None
+    pending: list[Item] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    last_token: int | None = None
+    embd: Future | None = None  # the next pending image's embeddings, being encoded
+    embd_done: int = 0  # positions of that image already decoded
+    encode_started: float = 0.0
+    decoder: object = None
+    counters: Counters = field(default_factory=Counters)
+    timings: Timings = field(default_factory=Timings)
+    notices: list[str] = field(default_factory=list)
+    t_start: float = 0.0
+    t_gen: float = 0.0
+    last_used: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, prefix_cache: PrefixCache | None = None, max_queue: int = 0,
+                 chunk: int | None = None):
+        self.engine = engine
+        self.prefix_cache = prefix_cache
+        self.max_queue = max_queue  # 0: unbounded (chat, eval); serve sets it
+        self.chunk = chunk or engine.options.ubatch  # prompt positions per step
+        self.slots = [_Slot(seq) for seq in range(engine.n_seq)]
+        self._queue: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="huatuo-encode")
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="huatuo-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- the public side ------------------------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.options.n_ctx
+
+    def width(self, item: Item) -> int:
+        return self.engine.image_tokens if isinstance(item, ImageItem) else 1
+
+    def positions(self, items: list[Item]) -> int:
+        return sum(self.width(it) for it in items)
+
+    def submit(self, job: Job) -> Job:
+        need = self.positions(job.items)
+        if need > self.n_ctx:
+            raise ContextFull(f"the conversation needs {need} positions but the context holds {self.n_ctx}; "
+                              "raise --ctx or start a new conversation")
+        with self._lock:
+            if self._closed:
+                raise EngineError("the model is shutting down")
+            waiting = len(self._queue)
+            if self.max_queue and waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting; try again shortly")
+            self._queue.append(job)
+            self._lock.notify_all()
+        return job
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def active(self) -> int:
+        with self._lock:
+            return sum(1 for s in self.slots if s.job is not None)
+
+    def slot_positions(self, seq: int) -> int:
+        """Positions the sequence holds now (tests and counters)."""
+        return self.slots[seq].pos
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for job in self._queue:
+                job.emit("error", EngineError("the model is shutting down"))
+            self._queue.clear()
+            for s in self.slots:
+                if s.job is not None:
+                    s.job.cancel()
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    while not self._closed and not self._queue and not any(s.job for s in self.slots):
+                        self._lock.wait()
+                    if self._closed and not any(s.job for s in self.slots):
+                        return
+                    self._admit()
+                self._step()
+            except BaseException as exc:  # never let the loop die: fail what was running
+                self._fail_all(exc)
+
+    def _admit(self) -> None:
+        """Move queued jobs into free slots (called with the lock held)."""
+        kept: deque[Job] = deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.cancelled.is_set():
+                job.emit("done", self._empty_result(job, "cancelled"))
+                continue
+            slot = self._choose_slot(job)
+            if slot is None:
+                kept.append(job)
+                # FIFO: a job that must wait for its own slot does not hold back others.
+                continue
+            try:
+                self._start(slot, job)
+            except BaseException as exc:  # e.g. a vision probe that fails before a cache hit
+                self._fail(slot, exc, locked=True)
+        self._queue = kept
+
+    def _choose_slot(self, job: Job) -> _Slot | None:
+        free = [s for s in self.slots if s.job is None]
+        if job.slot_hint is not None:
+            hinted = self.slots[job.slot_hint % len(self.slots)]
+            return hinted if hinted.job is None else None
+        if not free:
+            return None
+        return max(free, key=lambda s: (self._common(s.cached, job.items), -s.last_used))
+
+    @staticmethod
+    def _common(cached: list[Item], items: list[Item]) -> int:
+        """How many leading items the sequence already holds."""
+        n = 0
+        for a, b in zip(cached, items):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        slot.job = job
+        slot.generated, slot.pieces, slot.last_token = [], [], None
+        slot.counters, slot.timings, slot.notices = Counters(), Timings(), []
+        slot.t_start = time.perf_counter()
+        slot.timings.queued_s = slot.t_start - job.submitted
+        slot.decoder = self.engine.text_decoder()
+        slot.embd, slot.embd_done = None, 0
+        items = job.items
+        common = self._common(slot.cached, items)
+        if common == len(items) and items:
+            common -= 1  # the whole prompt is cached: evaluate its last item again for its logits
+        pos = self.positions(items[:common])
+        restored = self._restore_from_disk(slot, items, common)
+        if restored > 0:
+            common, pos = restored, slot.pos
+        elif restored == 0:
+            common, pos = 0, 0
+        self.engine.seq_rm(slot.seq, pos)
+        slot.cached, slot.pos = list(items[:common]), pos
+        slot.pending = list(items[common:])
+        slot.counters.tokens_reused = pos
+
+    def _restore_from_disk(self, slot: _Slot, items: list[Item], common: int) -> int:
+        """Load the longest on-disk prefix ending at an image beyond `common`.
+
+        Returns the new `common` on a hit, -1 when there is nothing to load, and 0 when an
+        entry was unusable: it is deleted with one warning and the slot is emptied, so the
+        job evaluates everything and the answer is the no-cache answer.
+        """
+        cache = self.prefix_cache
+        if cache is None:
+            return -1
+        for k in range(len(items) - 1, common - 1, -1):
+            if not isinstance(items[k], ImageItem):
+                continue
+            prefix = items[: k + 1]
+            key = cache.key(prefix)
+            path = cache.lookup(key)
+            if path is None:
+                continue
+            # The entry holds an encoded image: a build that fails the vision probe must not be
+            # let through just because the work was done earlier.
+            self.engine.verify_vision()
+            try:
+                entry = cache.read(path, key, prefix)
+                if any(w != self.engine.image_tokens for w in entry.image_widths):
+                    raise CacheEntryError(f"image widths {entry.image_widths} differ from this mmproj's "
+                                          f"{self.engine.image_tokens}")
+                restored = self.engine.restore_sequence_state(slot.seq, entry.payload)
+                if restored != entry.positions:
+                    raise CacheEntryError(f"llama.cpp restored {restored} of {entry.positions} positions")
+            except CacheEntryError as exc:
+                cache.discard(path)
+                slot.notices.append(f"warning: prefix cache entry {path.name} was unusable ({exc}); "
+                                    "deleted it and computed the prefix again")
+                self.engine.seq_rm(slot.seq, 0)
+                slot.cached, slot.pos = [], 0
+                return 0
+            slot.cached, slot.pos = list(prefix), restored
+            slot.counters.prefix_cache_hits += 1
+            return k + 1
+        return -1
+
+    def _step(self) -> None:
+        # Jobs cancelled by their consumer leave first.
+        for s in self.slots:
+            if s.job is not None and s.job.cancelled.is_set():
+                self._finish(s, "cancelled")
+        self._step_images()
+        self._step_tokens()
+
+    # --- images -----------------------------------------------------------------------
+
+    def _step_images(self) -> None:
+        waiting = [s for s in self.slots if s.job is not None and s.pending and isinstance(s.pending[0], ImageItem)]
+        for s in waiting:
+            if s.embd is None:
+                s.encode_started = time.perf_counter()
+                s.embd = self._encoder.submit(self.engine.encode_image, s.pending[0].picture)
+        ready = [s for s in waiting if s.embd is not None and s.embd.done()]
+        if not ready:
+            tokens_to_run = any(s.job is not None and (s.last_token is not None or (
+                s.pending and not isinstance(s.pending[0], ImageItem))) for s in self.slots)
+            if waiting and not tokens_to_run:
+                # Only images are being read: wait for the encoder rather than spin.
+                wait([s.embd for s in waiting if s.embd is not None], timeout=0.1, return_when=FIRST_COMPLETED)
+            return
+        s = min(ready, key=lambda x: x.t_start)  # one image chunk per step, oldest job first
+        try:
+            embd = s.embd.result()
+        except BaseException as exc:
+            self._fail(s, exc)
+            return
+        if s.embd_done == 0:
+            s.timings.image_encode_s += time.perf_counter() - s.encode_started
+            s.counters.images_encoded += 1
+        t0 = time.perf_counter()
+        end = min(len(embd), s.embd_done + self.chunk)
+        try:
+            self.engine.decode_embeddings(s.seq, embd[s.embd_done:end], s.pos + s.embd_done)
+        except BaseException as exc:
+            self._fail(s, exc)
+            return
+        s.timings.prompt_s += time.perf_counter() - t0
+        s.embd_done = end
+        if end == len(embd):
+            image = s.pending.pop(0)
+            s.cached.append(image)
+            s.pos += len(embd)
+            s.counters.prompt_tokens_evaluated += len(embd)
+            s.embd, s.embd_done = None, 0
+            if self.prefix_cache is not None:
+                self._save_prefix(s)
+            if not s.pending:  # a prompt never ends with an image; nothing to sample from
+                self._fail(s, EngineError("internal: a prompt ended with an image"))
+
+    def _save_prefix(self, s: _Slot) -> None:
+        cache = self.prefix_cache
+        assert cache is not None
+        key = cache.key(s.cached)
+        if cache.lookup(key) is not None:
+            return
+        widths = [self.engine.image_tokens for it in s.cached if isinstance(it, ImageItem)]
+        try:
+            cache.store(key, s.cached, widths, s.pos, self.engine.sequence_state(s.seq))
+        except (OSError, EngineError) as exc:  # a cache that cannot be written only costs time
+            s.notices.append(f"warning: could not save the prefix cache entry ({exc})")
+
+    # --- tokens -----------------------------------------------------------------------
+
+    def _step_tokens(self) -> None:
+        entries: list[tuple[int, int, int, bool]] = []
+        owners: list[tuple[_Slot, int, str]] = []  # (slot, batch index of its logits, kind)
+        budget = max(self.chunk, 1)
+        for s in self.slots:  # every generating slot advances by one token
+            if s.job is not None and s.last_token is not None:
+                if s.pos + 1 > self.n_ctx:
+                    self._finish(s, "length")
+                    continue
+                entries.append((s.seq, s.last_token, s.pos, True))
+                owners.append((s, len(entries) - 1, "gen"))
+        budget = max(budget - len(entries), 1)
+        # Then prompt text, oldest job first, as much as the chunk allows.
+        prefilling = sorted((s for s in self.slots if s.job is not None and s.last_token is None and s.pending
+                             and not isinstance(s.pending[0], ImageItem)), key=lambda x: x.t_start)
+        runs: list[tuple[_Slot, int]] = []
+        for s in prefilling:
+            if budget <= 0:
+                break
+            n = 0
+            while n < len(s.pending) and n < budget and not isinstance(s.pending[n], ImageItem):
+                n += 1
+            last = n == len(s.pending)
+            for i in range(n):
+                entries.append((s.seq, int(s.pending[i]), s.pos + i, last and i == n - 1))
+            if last:
+                owners.append((s, len(entries) - 1, "prompt"))
+            runs.append((s, n))
+            budget -= n
+        if not entries:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.engine.decode_tokens(entries)
+        except BaseException as exc:
+            for s in {o[0] for o in owners} | {r[0] for r in runs}:
+                self._fail(s, exc)
+            return
+        elapsed = time.perf_counter() - t0
+        for s, n in runs:
+            s.cached.extend(int(t) for t in s.pending[:n])
+            s.pending = s.pending[n:]
+            s.pos += n
+            s.counters.prompt_tokens_evaluated += n
+            s.timings.prompt_s += elapsed
+        for s, index, kind in owners:
+            if kind == "gen":
+                s.cached.append(s.last_token)
+                s.pos += 1
+            if s.job is None:
+                continue
+            logits = self.engine.logits_at(index)
+            self._after_logits(s, logits)
+
+    def _after_logits(self, s: _Slot, logits: np.ndarray) -> None:
+        job = s.job
+        assert job is not None
+        if job.logit_hook is not None:
+            replaced = job.logit_hook(logits)
+            if replaced is not None:
+                logits = replaced
+        if job.prefill_only:
+            self._finish(s, "prefilled", logits)
+            return
+        if not s.generated and s.last_token is None:
+            s.t_gen = time.perf_counter()
+            s.timings.first_token_s = s.t_gen - s.t_start
+        tok = next_token(logits, s.generated, job.params, job.rng or np.random.default_rng(), self.engine.eos_id)
+        if tok == self.engine.eos_id:
+            self._finish(s, "stop")
+            return
+        s.generated.append(tok)
+        piece = s.decoder.feed(tok)
+        if piece:
+            s.pieces.append(piece)
+            job.emit("piece", piece)
+        if len(s.generated) >= job.params.max_new_tokens:
+            self._finish(s, "length")
+            return
+        s.last_token = tok
+
+    # --- endings ----------------------------------------------------------------------
+
+    def _finish(self, s: _Slot, reason: str, logits: np.ndarray | None = None) -> None:
+        job = s.job
+        if job is None:
+            return
+        tail = s.decoder.flush() if s.decoder is not None else ""
+        if tail:
+            s.pieces.append(tail)
+            job.emit("piece", tail)
+        if s.t_gen:
+            s.timings.generation_s = time.perf_counter() - s.t_gen
+        s.counters.tokens_generated = len(s.generated)
+        prompt_positions = self.positions(job.items)
+        result = Result(list(s.generated), "".join(s.pieces).strip(), prompt_positions, reason, s.counters,
+                        s.timings, list(s.notices), logits)
+        self._release(s)
+        job.emit("done", result)
+
+    def _fail(self, s: _Slot, exc: BaseException, locked: bool = False) -> None:
+        job = s.job
+        # A failed or interrupted prefill leaves the sequence in an unknown state: start clean.
+        try:
+            self.engine.seq_rm(s.seq, 0)
+        except Exception:
+            pass
+        s.cached, s.pos = [], 0
+        self._release(s, locked)
+        if job is not None:
+            job.emit("error", exc if isinstance(exc, Exception) else EngineError(str(exc)))
+
+    def _release(self, s: _Slot, locked: bool = False) -> None:
+        if s.embd is not None:
+            s.embd.cancel()
+        s.job, s.pending, s.last_token, s.embd, s.embd_done = None, [], None, None, 0
+        s.t_gen = 0.0
+        s.last_used = time.perf_counter()
+        if locked:
+            self._lock.notify_all()
+        else:
+            with self._lock:
+                self._lock.notify_all()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for s in self.slots:
+            if s.job is not None:
+                self._fail(s, exc)
+
+    def _empty_result(self, job: Job, reason: str) -> Result:
+        return Result([], "", self.positions(job.items), reason, Counters(), Timings(), [])
