@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -351,6 +352,13 @@ def serve(config: ServeConfig) -> None:
     print(f"huatuo-local serve: http://{config.host}:{config.port}/v1 (OpenAI API), loading "
           f"{config.model or 'the default model'}...", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    def stopped(sig, frame):  # uvicorn re-raises the signal once its graceful shutdown is done
+        print("huatuo-local serve: stopped", file=sys.stderr, flush=True)
+        raise SystemExit(0)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopped)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=10, access_log=False)
 
