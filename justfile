@@ -14,7 +14,7 @@ lint:
     {{python}} -m ruff check .
 
 # All benchmarks (each appends its table to BENCHMARKS.md)
-bench: bench-convert bench-runtime bench-encode bench-settings
+bench: bench-convert bench-runtime bench-encode bench-settings bench-serve
 
 # Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
 bench-convert *ARGS:
@@ -35,3 +35,7 @@ bench-encode *ARGS:
 # Engine settings sweep (micro-batch, flash attention, threads) on runtime.py's 4-layer checkpoint
 bench-settings *ARGS:
     {{python}} bench/settings.py {{ARGS}}
+
+# Serving: huatuo-local serve vs llama-server, 1/2/4 clients, image interference, memory
+bench-serve *ARGS:
+    {{python}} bench/serve.py {{ARGS}}

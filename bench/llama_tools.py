@@ -1,4 +1,4 @@
-"""Build llama.cpp's own `llama-bench` and `llama-mtmd-cli` from the engine's source and fix.
+"""Build llama.cpp's own `llama-bench`, `llama-mtmd-cli` and `llama-server` from the engine's source and fix.
 
 Same source distribution, same one-line LLaVA fix as `scripts/bootstrap.py`; built once into
 ~/.cache/huatuo-local/llama-tools/KEY/ (outside the repository), so the bench compares our
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bootstrap  # noqa: E402
 from fix_llava_concat import apply_fix  # noqa: E402
 
-TARGETS = ("llama-bench", "llama-mtmd-cli")
+TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-server")
 
 
 def tools_dir() -> Path:
@@ -47,7 +47,9 @@ def build() -> Path:
     build_dir = out / "build"
     cmake_args = os.environ.get("CMAKE_ARGS", "").split()
     subprocess.run(["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", *cmake_args], check=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                    # The default downloads prebuilt web-UI assets; without them the server builds offline.
+                    "-DLLAMA_USE_PREBUILT_UI=OFF", *cmake_args], check=True)
     subprocess.run(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
                    check=True)
     bin_dir.mkdir()

@@ -13,7 +13,7 @@ No HTTP here (runtime/server.py has that): a request body in, a `ChatRequest` ou
   Extension fields beside `url`: `window` (`lung`, ... or `C,W`) and `frame` (multi-frame
   files), as `chat --window/--frame`.
 - Sampling: `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`,
-  and `repetition_penalty` / `top_k` as extensions; absent ones take the release's defaults
+  and `repetition_penalty` / `top_k` / `min_tokens` (as vLLM) as extensions; absent ones take the release's defaults
   (temperature 0.2, repetition penalty 1.2, top-k 50, top-p 1, 512 new tokens).
 """
 
@@ -105,6 +105,10 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
         repetition_penalty=float(_number(body, "repetition_penalty", 0.01, 10, defaults.REPETITION_PENALTY)),
         max_new_tokens=int(max_tokens or defaults.MAX_NEW_TOKENS),
     )
+    # vLLM's extension: at least this many new tokens (eos is masked until then); benchmarks use it
+    # to make every answer the same length.
+    min_tokens = int(_number(body, "min_tokens", 0, params.max_new_tokens, defaults.MIN_NEW_TOKENS, integer=True))
+    params.min_new_tokens = max(defaults.MIN_NEW_TOKENS, min_tokens)
     if params.top_p == 0:
         raise _bad("'top_p' must be greater than 0", "top_p")
     seed = body.get("seed")

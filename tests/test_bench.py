@@ -39,3 +39,11 @@ def test_settings_bench_runs(tmp_path):
     rows = [ln for ln in out.splitlines() if ln.startswith(("| default", "| flash attention on", "| Q4_0"))]
     assert len(rows) == 3 and all(r.count("|") == 8 and "GiB" in r for r in rows)
     assert "n_ubatch" in out
+
+
+def test_serve_bench_runs(tmp_path):
+    out = run_bench("serve.py", "--depth", "1", "--quant", "Q8_0", "--no-llama-server", "--tokens", "6",
+                    "--rounds", "1", "--clients", "1", "2", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and all(r.count("|") == 4 for r in rows), out[-1500:]
+    assert "while another client's image is read" in out and "GiB with 2" in out
