@@ -126,17 +126,21 @@ def clients(url: str, n: int, rounds: int, tokens: int, fixed: dict) -> dict:
             "p95_ttft_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]}
 
 
+def image_message(image: Path, n: int) -> list:
+    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                         {"type": "text", "text": QUESTION.format(n)}]}]
+
+
 def image_interference(url: str, image: Path, tokens: int, fixed: dict) -> dict:
     """A text question's time to first token alone, and while another client's image is read."""
-    uri = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
     text = [{"role": "user", "content": QUESTION.format(999)}]
     solos = []
     for _ in range(2):
         r = ask(url, text, 4, fixed)
         solos.append(r["first"] - r["start"])
     solo = min(solos)
-    image_msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                              {"type": "text", "text": QUESTION.format(998)}]}]
+    image_msg = image_message(image, 998)
     out: dict = {}
 
     def image_client() -> None:
@@ -199,7 +203,7 @@ def main() -> None:
             contenders["llama-server"] = lambda np_: Server("llama-server", [
                 str(bin_dir / "llama-server"), "-m", str(llm), "--mmproj", str(mmproj), "--jinja", "-np", str(np_),
                 "-c", str(args.ctx * np_), "-t", str(args.threads), "--host", "127.0.0.1", "--port", "PORT",
-                "--no-mmap"], {"LD_LIBRARY_PATH": str(bin_dir)})
+                "--load-mode", "none"], {"LD_LIBRARY_PATH": str(bin_dir)})
         except Exception as exc:  # a missing compiler must not stop our own figures
             print(f"llama-server skipped: {exc}")
     results: dict = {}
@@ -207,6 +211,7 @@ def main() -> None:
         solo = start(1)
         try:
             results[(name, "1seq")] = clients(solo.url, 1, args.rounds, args.tokens, fixed[name])
+            ask(solo.url, image_message(image, 997), args.tokens, fixed[name])  # the same kinds of work as below
         finally:
             results[(name, "peak1")] = solo.stop()
         srv = start(max(args.clients))

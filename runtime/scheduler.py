@@ -98,7 +98,10 @@ class Job:
     def emit(self, kind: str, value: object) -> None:
         """("piece", text) while generating, then ("done", Result) or ("error", exception)."""
         if self.on_event is not None:
-            self.on_event((kind, value))
+            try:
+                self.on_event((kind, value))
+            except RuntimeError:  # the consumer's event loop is gone (server shutting down)
+                self.cancel()
         else:
             self.events.put((kind, value))
 

@@ -101,23 +101,32 @@ class Session:
         start = time.perf_counter()
         job = self._submit(items, params)
         pieces: list[str] = []
+        failed = False
         try:
             for piece in job.stream():
                 pieces.append(piece)
                 yield piece
+        except Exception:
+            failed = True  # the turn did not happen: the conversation stays as it was
+            raise
         finally:
-            result = getattr(job, "result", None)
-            answer = result.text if result is not None else "".join(pieces).strip()
-            self.turns.append(Turn(text, len(new_images), answer))
-            self.images.extend(new_images)
-            if result is not None:
-                self._account(result)
-                notes = [w for w in (self.engine.vision_warning, *result.notices) if w]
-                timings = result.timings
-                if not timings.first_token_s and result.tokens:
-                    timings.first_token_s = time.perf_counter() - start
-                self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, timings,
-                                        "\n".join(notes) or None, result.finish_reason)
+            if not failed:  # finished, or stopped by the user (Ctrl-C): the answer so far is kept
+                self._record(Turn(text, len(new_images)), new_images, job, pieces, start)
+
+    def _record(self, turn: Turn, new_images: list[ImageItem], job: Job, pieces: list[str], start: float) -> None:
+        result = getattr(job, "result", None)
+        answer = result.text if result is not None else "".join(pieces).strip()
+        self.turns.append(Turn(turn.text, turn.n_images, answer))
+        self.images.extend(new_images)
+        if result is None:
+            return
+        self._account(result)
+        notes = [w for w in (self.engine.vision_warning, *result.notices) if w]
+        timings = result.timings
+        if not timings.first_token_s and result.tokens:
+            timings.first_token_s = time.perf_counter() - start
+        self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, timings,
+                                "\n".join(notes) or None, result.finish_reason)
 
     def ask(self, text: str, image_paths: list[str | Path] | None = None,
             params: SamplingParams | None = None) -> Reply:

@@ -78,7 +78,7 @@ def test_the_guard_sets_the_hub_offline_even_when_already_imported():
 
 
 COMMANDS = ("convert", "chat", "doctor", "pull", "list", "info", "rm", "verify", "preview", "cache info",
-            "cache clear")
+            "cache clear", "serve")
 
 
 def test_help_texts_keep_their_words_and_flags_have_sane_names():
@@ -179,3 +179,23 @@ def test_quantize_gives_back_the_runtimes_log_callback(tiny, tmp_path):
         finally:
             engine_mod.check_gguf = orig
     assert any("error loading model" in e for e in LAST_ERRORS), "llama.cpp's error did not reach the runtime"
+
+
+def test_a_failed_turn_leaves_the_conversation_as_it_was(converted, tmp_path, monkeypatch):
+    from huatuo_local.models.errors import HuatuoError
+    from huatuo_local.runtime import probe
+
+    from huatuo_local import HuatuoChatbot
+
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(5).random((40, 50, 3)) * 255).astype(np.uint8)).save(img)
+    with HuatuoChatbot(converted().manifest_path, temperature=0, max_new_tokens=4, prefix_cache=False) as bot:
+        bot.chat("Hello.")
+        failing = probe.ProbeResult(ok=False, verdict="class-token-last", library="libmtmd.so", max_abs_diff=1.0,
+                                    scale=1.0, detail="simulated")
+        monkeypatch.setattr(probe, "check_library", lambda use_cache=True: failing)
+        with pytest.raises(HuatuoError, match="encodes LLaVA images wrongly"):
+            bot.chat("What is this?", [str(img)])
+        assert [t.text for t in bot.session.turns] == ["Hello."] and bot.session.images == []
+        monkeypatch.undo()
+        assert bot.chat("And now?") is not None and len(bot.session.turns) == 2

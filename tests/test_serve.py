@@ -189,6 +189,14 @@ def test_multi_turn_history_reuses_the_kv_prefix_and_matches_the_api(live, model
     assert ext["images_encoded"] == 0 and ext["tokens_reused"] > 576, ext
 
 
+def test_a_system_message_is_prepended_to_the_next_user_message(live, model, images):
+    url, _, _ = live
+    system, question = "You are a careful radiologist.", QUESTIONS[0]
+    want = chat_reference(model, str(images[0]), "-p", f"{system}\n\n{question}")
+    got = ask(client(url), [{"role": "system", "content": system}, user(question, data_uri(images[0]))])
+    assert got.choices[0].message.content == want
+
+
 def test_same_answer_while_three_other_clients_stream(live, model, images):
     url, _, _ = live
     want = chat_reference(model, str(images[2]), "-p", QUESTIONS[2])
