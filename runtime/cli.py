@@ -343,9 +343,10 @@ def serve(
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels.")] = None,
     allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
                                                           help="Answer even if the vision probe fails.")] = False,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
 ) -> None:
-    """Serve the model over an OpenAI-compatible API (chat completions with images, streaming), on this machine
-    only unless --host says otherwise."""
+    """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
+    ask), on this machine only unless --host says otherwise."""
     from .server import ServeConfig
     from .server import serve as run_server
 
@@ -366,7 +367,7 @@ def serve(
         log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
         max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
         allow_unverified_vision=allow_unverified_vision)
-    run_server(config)
+    run_server(config, open_browser)
 
 
 cache_app = typer.Typer(help="Show or clear the on-disk prefix cache (encoded images, derived from your scans).",

@@ -193,14 +193,38 @@ class ImageLoader:
             raise ApiError(413, "image file too large", param=where, code="image_too_large")
         return self._prepare(real, options, where, str(path))
 
+    def preview(self, spec: dict) -> tuple[ImageItem, int]:
+        """What the model will see for one image part, and how many frames the file has."""
+        item = self.load({"image_url": spec}, "image")
+        return item, self.last_frames
+
     def _prepare(self, path: Path, options: LoadOptions, where: str, label: str) -> ImageItem:
         try:
+            self.last_frames = frame_count(path)
             return image_item(prepare(load_rgb(path, options), self.vision))
         except HuatuoError as exc:
             message = str(exc).replace(str(path), label).replace("--max-pixels", "the server's --max-pixels")
             status = 413 if "too large" in message else 400
             raise ApiError(status, message, param=where,
                            code="image_too_large" if status == 413 else "invalid_image") from None
+
+
+def frame_count(path: Path) -> int:
+    """Frames of a DICOM or multi-frame image, read from the header only (1 when unknown)."""
+    from .dicom import is_dicom
+
+    try:
+        if is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return max(1, int(getattr(img, "n_frames", 1)))
+    except Exception:  # the loader that follows reports the real problem
+        return 1
 
 
 def _text_and_images(content, role: str, index: int, loader: ImageLoader | None) -> tuple[str, list[ImageItem]]:

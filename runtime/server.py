@@ -8,7 +8,9 @@ in the background: /health answers 503 until it is ready.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import io
 import json
 import logging
 import signal
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -62,6 +64,7 @@ class _State:
         self.config = config
         self.scheduler: Scheduler | None = None
         self.model_id = config.model or ""
+        self.quant = ""
         self.names: set[str] = set()
         self.error: str | None = None
         self.created = int(time.time())
@@ -80,6 +83,7 @@ class _State:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return
         self.model_id = model.ref
+        self.quant = model.quant or "?"
         self.names = {model.ref, model.name, model.store_name or "", str(c.model or "")} - {""}
         limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
                         [p.expanduser().resolve() for p in c.allow_files])
@@ -211,11 +215,45 @@ def create_app(config: ServeConfig) -> FastAPI:
         except (ValueError, RecursionError):
             raise ApiError(400, "the request body is not valid JSON") from None
 
+    web = Path(__file__).parent / "web"
+
+    @app.get("/")
+    async def page():
+        return FileResponse(web / "index.html", media_type="text/html; charset=utf-8",
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
+    @app.get("/static/{name}")
+    async def static(name: str):
+        files = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+        if name not in files:  # a fixed list: nothing else on disk can be asked for
+            raise ApiError(404, f"no file {name}", "not_found_error")
+        return FileResponse(web / name, media_type=files[name], headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/huatuo/preview")
+    async def preview(request: Request):
+        """The exact picture the model receives for one image (window, frame, pad, 336 px), as PNG."""
+        check_key(request)
+        state.ready()
+        body = await read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("image_url"), dict):
+            raise ApiError(400, "send {\"image_url\": {\"url\": \"data:...\", \"window\": ..., \"frame\": ...}}",
+                           param="image_url")
+        assert state.loader is not None
+        item, frames = await run_in_threadpool(state.loader.preview, body["image_url"])
+        buf = io.BytesIO()
+        item.picture.save(buf, format="PNG")
+        return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "frames": frames,
+                "width": item.picture.size[0], "height": item.picture.size[1], "digest": item.digest}
+
     @app.get("/health")
     async def health():
         if state.scheduler is not None:
-            return {"status": "ok", "model": state.model_id, "active": state.scheduler.active(),
-                    "queued": state.scheduler.queued()}
+            return {"status": "ok", "model": state.model_id, "quant": state.quant, "auth": bool(config.api_key),
+                    "active": state.scheduler.active(), "queued": state.scheduler.queued()}
         status = "error" if state.error else "loading"
         return JSONResponse({"status": status, "error": state.error}, status_code=503,
                             headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -339,7 +377,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def serve(config: ServeConfig) -> None:
+def serve(config: ServeConfig, open_browser: bool = False) -> None:
     import ipaddress
 
     import uvicorn
@@ -359,6 +397,11 @@ def serve(config: ServeConfig) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopped)
+    if open_browser:
+        import webbrowser
+
+        host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+        threading.Timer(1.0, webbrowser.open, args=(f"http://{host}:{config.port}/",)).start()
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning",
                 timeout_graceful_shutdown=10, access_log=False)
 

@@ -147,7 +147,31 @@ def main() -> int:
 
     extras = "" if args.no_dev else "[dev]"
     run([python, "-m", "pip", "install", "-q", "-e", f"{ROOT}{extras}"])
+    if not args.no_dev:
+        browser_for_tests()
     return first_run(venv, args.skip_first_run)
+
+
+BROWSER_PACKAGES = ["chromium", "fonts-noto-cjk"]  # the page's browser test; CJK fonts so Chinese renders
+
+
+def browser_for_tests() -> None:
+    """The page's test drives the system's Chromium through Playwright; Playwright downloads no browser.
+
+    On Debian/Ubuntu as root (CI, containers) the packages are installed here; elsewhere the
+    command to run is printed, and the browser test fails until the browser is there.
+    """
+    if shutil.which("chromium") or shutil.which("chromium-browser"):
+        return
+    apt = shutil.which("apt-get")
+    if apt and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run([apt, "update", "-qq"], check=True, env=env)
+        subprocess.run([apt, "install", "-y", "-qq", "--no-install-recommends", *BROWSER_PACKAGES], check=True,
+                       env=env)
+        return
+    print("note: the page's browser test needs Chromium: sudo apt-get install " + " ".join(BROWSER_PACKAGES)
+          + " (or your system's chromium package)")
 
 
 def first_run(venv: Path, skip: bool) -> int:

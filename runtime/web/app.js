@@ -1,0 +1,351 @@
+// huatuo-local's page: the same OpenAI-compatible API as every other client, nothing fetched from elsewhere.
+"use strict";
+
+const MAX_IMAGES = 6;  // the release's limit per conversation
+const $ = (sel) => document.querySelector(sel);
+
+const state = {
+  key: sessionStorage.getItem("huatuo-key") || "",  // the tab's only: gone when the tab closes
+  model: "", quant: "",
+  history: [],      // OpenAI messages sent so far (images as data: URIs, with their window and frame)
+  turns: [],        // for the page and the export: {question, images: [{name, seen}], answer, note}
+  pending: [],      // images waiting for the next question
+  controller: null, // the answer being streamed (Stop aborts it)
+};
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if (state.key) h.Authorization = "Bearer " + state.key;
+  return h;
+}
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// One sentence for every error the server can give, in its own words plus what to do.
+function explain(status, body) {
+  const err = (body && body.error) || {};
+  const text = err.message || `HTTP ${status}`;
+  if (status === 401) { askKey(); return "The API key was refused: enter this server's key."; }
+  if (err.code === "context_length_exceeded") return text + " Start a new conversation.";
+  if (err.code === "queue_full") return "The server is busy answering others; try again in a few seconds.";
+  if (err.code === "loading") return "The model is still loading; try again in a few seconds.";
+  if (err.code === "model_not_loaded") return "The model could not be loaded: " + text;
+  if (status === 413) return "Too large: " + text;
+  if (err.code === "invalid_image") return "This image cannot be read: " + text;
+  return text;
+}
+
+async function api(path, body) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!response.ok) {
+    let data = null;
+    try { data = await response.json(); } catch (e) { /* not JSON */ }
+    throw new Error(explain(response.status, data));
+  }
+  return response.json();
+}
+
+function askKey() {
+  $("#key-form").hidden = false;
+  $("#key").focus();
+}
+
+$("#key-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  state.key = $("#key").value.trim();
+  sessionStorage.setItem("huatuo-key", state.key);
+  $("#key-form").hidden = true;
+  showError("");
+  refreshPreviews();
+});
+
+async function loadStatus() {
+  try {
+    const h = await (await fetch("/health")).json();
+    if (h.status === "ok") {
+      state.model = h.model; state.quant = h.quant || "";
+      $("#model").textContent = h.model;
+      $("#quant").textContent = state.quant ? "(" + state.quant + ")" : "";
+      if (h.auth && !state.key) askKey();
+      return;
+    }
+    $("#model").textContent = h.status === "error" ? "model not loaded: " + h.error : "loading the model…";
+    if (h.status === "error") { showError("The model could not be loaded: " + h.error); return; }
+  } catch (e) {
+    $("#model").textContent = "server not reachable";
+  }
+  setTimeout(loadStatus, 1500);
+}
+
+// --- images -------------------------------------------------------------------------------
+
+function isDicom(file) {
+  return /\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom";
+}
+
+function readAsDataUri(file, mime) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).replace(/^data:[^;,]*/, "data:" + mime));
+    reader.onerror = () => reject(new Error(file.name + ": cannot be read"));
+    reader.readAsDataURL(file);
+  });
+}
+
+function imageSpec(img) {
+  const spec = { url: img.uri };
+  if (img.dicom) {
+    if (img.window === "custom") spec.window = `${img.center},${img.width}`;
+    else if (img.window) spec.window = img.window;
+    if (img.frames > 1) spec.frame = img.frame;
+  }
+  return spec;
+}
+
+async function addFiles(files) {
+  showError("");
+  const used = state.history.reduce((n, m) => n + (Array.isArray(m.content)
+    ? m.content.filter((p) => p.type === "image_url").length : 0), 0);
+  for (const file of files) {
+    if (used + state.pending.length >= MAX_IMAGES) {
+      showError(`At most ${MAX_IMAGES} images per conversation (the model's limit); start a new conversation.`);
+      break;
+    }
+    const dicom = isDicom(file);
+    const mime = dicom ? "application/dicom" : (file.type || "application/octet-stream");
+    const img = { name: file.name, dicom, uri: await readAsDataUri(file, mime), window: "", center: 40, width: 400,
+                  frame: 0, frames: 1, seen: "", card: null, firstPreview: true };
+    state.pending.push(img);
+    renderCard(img);
+    await preview(img);
+  }
+}
+
+function renderCard(img) {
+  const card = $("#image-card").content.firstElementChild.cloneNode(true);
+  img.card = card;
+  card.querySelector("figcaption").textContent = img.name;
+  card.querySelector("img").alt = "What the model sees for " + img.name;
+  const dicom = card.querySelector(".dicom");
+  dicom.hidden = !img.dicom;
+  const windowSel = card.querySelector(".window"), center = card.querySelector(".center"),
+        width = card.querySelector(".width"), frame = card.querySelector(".frame");
+  const label = (el, text) => el.setAttribute("aria-label", text + " for " + img.name);
+  label(windowSel, "Window"); label(center, "Window centre"); label(width, "Window width"); label(frame, "Frame");
+  windowSel.addEventListener("change", () => {
+    img.window = windowSel.value;
+    center.disabled = width.disabled = img.window !== "custom";
+    preview(img);
+  });
+  for (const input of [center, width]) {
+    input.addEventListener("change", () => {
+      img.center = Number(center.value); img.width = Math.max(1, Number(width.value));
+      preview(img);
+    });
+  }
+  frame.addEventListener("change", () => { img.frame = Number(frame.value); preview(img); });
+  card.querySelector(".remove").setAttribute("aria-label", "Remove " + img.name);
+  card.querySelector(".remove").addEventListener("click", () => {
+    state.pending = state.pending.filter((p) => p !== img);
+    card.remove();
+  });
+  $("#pending").appendChild(card);
+}
+
+async function preview(img) {
+  const el = img.card.querySelector("img");
+  el.setAttribute("aria-busy", "true");
+  try {
+    const data = await api("/v1/huatuo/preview", { image_url: imageSpec(img) });
+    img.seen = data.png;
+    img.frames = data.frames;
+    const frame = img.card.querySelector(".frame");
+    frame.max = String(Math.max(0, data.frames - 1));
+    frame.disabled = data.frames <= 1;
+    if (img.firstPreview && data.frames > 1) {  // the loader's default: the middle frame
+      img.frame = Math.floor(data.frames / 2); frame.value = String(img.frame); img.firstPreview = false;
+    }
+    el.src = data.png;
+    el.dataset.digest = data.digest;
+  } catch (e) {
+    showError(img.name + ": " + e.message);
+  } finally {
+    el.removeAttribute("aria-busy");
+  }
+}
+
+function refreshPreviews() { for (const img of state.pending) preview(img); }
+
+const drop = $("#drop");
+drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (ev) => {
+  ev.preventDefault();
+  drop.classList.remove("over");
+  addFiles([...ev.dataTransfer.files]);
+});
+drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") $("#file").click(); });
+$("#file").addEventListener("change", (ev) => { addFiles([...ev.target.files]); ev.target.value = ""; });
+
+// --- conversation -------------------------------------------------------------------------
+
+function renderTurn(turn) {
+  const li = document.createElement("li");
+  const q = document.createElement("p");
+  q.innerHTML = '<span class="who">You</span>';
+  q.append(document.createTextNode(turn.question));
+  li.appendChild(q);
+  if (turn.images.length) {
+    const thumbs = document.createElement("div");
+    thumbs.className = "thumbs";
+    for (const im of turn.images) {
+      const t = document.createElement("img");
+      t.src = im.seen; t.alt = "What the model saw for " + im.name;
+      thumbs.appendChild(t);
+    }
+    li.appendChild(thumbs);
+  }
+  const a = document.createElement("p");
+  a.innerHTML = '<span class="who">Assistant</span>';
+  const text = document.createElement("span");
+  text.className = "answer";
+  a.appendChild(text);
+  const note = document.createElement("span");
+  note.className = "note";
+  a.appendChild(note);
+  li.appendChild(a);
+  $("#turns").appendChild(li);
+  turn.el = text; turn.noteEl = note;
+  li.scrollIntoView({ block: "end" });
+}
+
+function setBusy(busy) {
+  $("#send").disabled = busy;
+  $("#stop").disabled = !busy;
+  $("#question").setAttribute("aria-busy", String(busy));
+}
+
+async function ask(question) {
+  showError("");
+  const images = state.pending.slice();
+  const content = images.map((img) => ({ type: "image_url", image_url: imageSpec(img) }));
+  content.push({ type: "text", text: question });
+  const message = { role: "user", content };
+  const turn = { question, images: images.map((i) => ({ name: i.name, seen: i.seen })), answer: "", note: "" };
+  const body = {
+    model: state.model, messages: [...state.history, message], stream: true, stream_options: { include_usage: true },
+    temperature: Number($("#temperature").value), max_tokens: Math.max(1, Number($("#max-tokens").value)),
+  };
+  state.controller = new AbortController();
+  setBusy(true);
+  const started = performance.now();
+  let first = 0, usage = null, shown = false;
+  try {
+    const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
+      body: JSON.stringify(body), signal: state.controller.signal });
+    if (!response.ok) {
+      let data = null;
+      try { data = await response.json(); } catch (e) { /* not JSON */ }
+      throw new Error(explain(response.status, data));
+    }
+    state.turns.push(turn); renderTurn(turn); shown = true;
+    state.pending = []; $("#pending").replaceChildren();
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, cut).replace(/\r$/, "");
+        buffer = buffer.slice(cut + 1);
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") continue;
+        const event = JSON.parse(data);
+        if (event.error) throw new Error(event.error.message);
+        if (event.usage) usage = event.usage;
+        for (const choice of event.choices || []) {
+          const piece = (choice.delta && choice.delta.content) || "";
+          if (piece) {
+            if (!first) first = performance.now();
+            turn.answer += piece;
+            turn.el.textContent = turn.answer;
+          }
+        }
+      }
+    }
+    turn.noteEl.textContent = "";
+    if (usage && first) {
+      const seconds = (performance.now() - first) / 1000;
+      const rate = usage.completion_tokens > 1 && seconds > 0 ? (usage.completion_tokens - 1) / seconds : 0;
+      $("#stats").textContent = `last answer: first token ${((first - started) / 1000).toFixed(2)} s, ` +
+        `${rate.toFixed(1)} tokens/s`;
+    }
+    $("#chat").dataset.state = "done";
+  } catch (e) {
+    if (e.name === "AbortError") {
+      turn.note = " (stopped)";
+      if (turn.noteEl) turn.noteEl.textContent = turn.note;
+      $("#chat").dataset.state = "stopped";
+    } else {
+      showError(e.message);
+      $("#chat").dataset.state = "error";
+      if (!shown) { setBusy(false); state.controller = null; return; }
+    }
+  }
+  state.history.push(message, { role: "assistant", content: turn.answer });
+  state.controller = null;
+  setBusy(false);
+  $("#question").focus();
+}
+
+$("#ask").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const question = $("#question").value.trim();
+  if (!question || state.controller) return;
+  $("#question").value = "";
+  $("#chat").dataset.state = "asking";
+  ask(question);
+});
+
+$("#question").addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {  // Shift+Enter: a new line
+    ev.preventDefault();
+    $("#ask").requestSubmit();
+  }
+});
+
+$("#stop").addEventListener("click", () => { if (state.controller) state.controller.abort(); });
+
+$("#new").addEventListener("click", () => {
+  if (state.controller) state.controller.abort();
+  state.history = []; state.turns = []; state.pending = [];
+  $("#turns").replaceChildren(); $("#pending").replaceChildren();
+  $("#stats").textContent = ""; showError("");
+  $("#question").focus();
+});
+
+$("#export").addEventListener("click", () => {
+  const lines = [`# huatuo-local conversation (${state.model}${state.quant ? ", " + state.quant : ""})`, ""];
+  for (const t of state.turns) {
+    const names = t.images.map((i) => i.name).join(", ");
+    lines.push(`**You**${names ? " (images: " + names + ")" : ""}: ${t.question}`, "");
+    lines.push(`**Assistant**: ${t.answer}${t.note}`, "");
+  }
+  const blob = new Blob([lines.join("\n")], { type: "text/markdown;charset=utf-8" });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = "huatuo-conversation.md";
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+});
+
+loadStatus();

@@ -1,0 +1,212 @@
+"""The page at / in a real browser: headless Chromium (Debian's, installed by scripts/bootstrap.py)
+driven by Playwright, against a real server process with a tiny model."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+from pydicom.data import get_testdata_file
+from test_serve import KEY, client, data_uri, server
+from tiny_models import TinySpec
+
+SPEC = TinySpec(arch="qwen2", seed=8, tower="folder")
+
+
+def pixels_of(uri_or_path) -> np.ndarray:
+    if isinstance(uri_or_path, str) and uri_or_path.startswith("data:"):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri_or_path.split(",", 1)[1]))).convert("RGB"))
+    return np.asarray(Image.open(uri_or_path).convert("RGB"))
+
+
+def preview_cli(path, tmp_path, *args) -> np.ndarray:
+    out = tmp_path / f"preview-{abs(hash((str(path), args)))}.png"
+    proc = run_cli("preview", str(path), "-o", str(out), *args)
+    assert proc.returncode == 0, proc.stderr
+    return pixels_of(out)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "Debian's chromium is missing: python3 scripts/bootstrap.py installs it"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("web") / "chest.png"
+    shutil.copy(ROOT / "examples" / "chest_ct.png", path)
+    return path
+
+
+def drop_file(page, path, mime: str) -> None:
+    """A real drop event on the drop zone, carrying the file as a browser would."""
+    page.evaluate("""([name, b64, mime]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: mime}));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+    }""", [path.name, base64.b64encode(path.read_bytes()).decode(), mime])
+
+
+def wait_state(page, state: str, timeout: float = 60_000) -> None:
+    page.wait_for_function(f"document.querySelector('#chat').dataset.state === '{state}'", timeout=timeout)
+
+
+def ask_on_page(page, question: str) -> None:
+    page.fill("#question", question)
+    page.press("#question", "Enter")
+
+
+def test_the_page_end_to_end(browser, converted, png, tmp_path):
+    from pathlib import Path
+
+    model = converted(SPEC, "F32", "f32")
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    with server(str(model.manifest_path), tmp_path, "--parallel", "2", "--api-key", KEY, "--ctx", "4096") as (
+            url, _, _):
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        problems: list[str] = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        # Stop aborts its request (net::ERR_ABORTED): that one is meant; any other failure is not.
+        page.on("requestfailed", lambda r: None if r.failure == "net::ERR_ABORTED"
+                else problems.append(f"failed {r.url} {r.failure}"))
+        page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith(("data:", "blob:"))
+                else problems.append(f"offline page asked for {r.url}"))
+        page.goto(url + "/")
+        # The key is asked once and kept for the tab only.
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#key", KEY)
+        page.press("#key", "Enter")
+        page.wait_for_function("document.querySelector('#model').textContent === 'tiny'")
+        assert page.evaluate("sessionStorage.getItem('huatuo-key')") == KEY
+        assert page.evaluate("localStorage.length") == 0
+
+        # Drop a PNG, pick CT_small: each shows exactly what `preview` computes.
+        drop_file(page, png, "image/png")
+        page.set_input_files("#file", str(ct))
+        page.wait_for_function("document.querySelectorAll('#pending img[data-digest]').length === 2")
+        cards = page.locator("#pending .card")
+        assert np.array_equal(pixels_of(cards.nth(0).locator("img").get_attribute("src")),
+                              preview_cli(png, tmp_path))
+        ct_img = cards.nth(1).locator("img")
+        assert cards.nth(0).locator(".dicom").is_hidden() and cards.nth(1).locator(".dicom").is_visible()
+        default = pixels_of(ct_img.get_attribute("src"))
+        assert np.array_equal(default, preview_cli(ct, tmp_path))
+        before = ct_img.get_attribute("data-digest")
+        cards.nth(1).locator(".window").select_option("lung")
+        page.wait_for_function(f"document.querySelectorAll('#pending img')[1].dataset.digest !== '{before}'")
+        lung = pixels_of(ct_img.get_attribute("src"))
+        assert not np.array_equal(lung, default) and np.array_equal(lung, preview_cli(ct, tmp_path, "--window", "lung"))
+        cards.nth(1).locator(".window").select_option("custom")
+        cards.nth(1).locator(".center").fill("-100")
+        cards.nth(1).locator(".width").fill("900")
+        cards.nth(1).locator(".width").press("Tab")
+        custom = preview_cli(ct, tmp_path, "--window", "-100,900")
+        # The page shows each picture's digest (SHA-256 of its pixels): wait for exactly `preview`'s.
+        page.wait_for_function(f"document.querySelectorAll('#pending img')[1].dataset.digest === "
+                               f"'{hashlib.sha256(custom.tobytes()).hexdigest()}'")
+        assert np.array_equal(pixels_of(ct_img.get_attribute("src")), custom)
+        cards.nth(1).locator(".window").select_option("lung")
+        page.wait_for_function("document.querySelectorAll('#pending img[aria-busy]').length === 0")
+        if os.environ.get("HUATUO_LOCAL_SCREENSHOT"):  # the README's picture: a CT in the lung window
+            page.fill("#question", "这是什么器官？ Describe the findings in the lung window.")
+            page.screenshot(path=os.environ["HUATUO_LOCAL_SCREENSHOT"], full_page=True)
+
+        # Ask greedily; the streamed answer equals the API's.
+        page.click("#ask summary")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "16")
+        page.fill("#question", "Line one")
+        page.press("#question", "Shift+Enter")  # a new line, not a send
+        assert page.input_value("#question") == "Line one\n" and page.locator("#turns li").count() == 0
+        q1 = "这是什么器官？ Describe the findings."
+        ask_on_page(page, q1)
+        wait_state(page, "done")
+        images = [{"type": "image_url", "image_url": {"url": data_uri(png)}},
+                  {"type": "image_url", "image_url": {"url": data_uri(ct, "application/dicom"), "window": "lung"}}]
+        first_msg = {"role": "user", "content": [*images, {"type": "text", "text": q1}]}
+        c = client(url)
+        want1 = c.chat.completions.create(model="tiny", messages=[first_msg], temperature=0,
+                                          max_tokens=16).choices[0].message.content
+        answers = page.locator("#turns li .answer")
+        assert answers.nth(0).inner_text() == want1
+        assert "first token" in page.inner_text("#stats") and "tokens/s" in page.inner_text("#stats")
+        assert page.locator("#pending .card").count() == 0
+
+        # Follow-up: the conversation goes on with its history.
+        q2 = "And the size?"
+        ask_on_page(page, q2)
+        wait_state(page, "done")
+        want2 = c.chat.completions.create(model="tiny", temperature=0, max_tokens=16, messages=[
+            first_msg, {"role": "assistant", "content": want1}, {"role": "user", "content": [
+                {"type": "text", "text": q2}]}]).choices[0].message.content
+        assert answers.nth(1).inner_text() == want2
+
+        # Stop mid-answer: the answer stays, marked, and the sequence is freed.
+        page.fill("#max-tokens", "3000")
+
+        def longer(route):
+            body = json.loads(route.request.post_data)
+            body["min_tokens"] = 3000  # the tiny model would otherwise often finish at once
+            route.continue_(post_data=json.dumps(body))
+
+        page.route("**/v1/chat/completions", longer)
+        ask_on_page(page, "Write a long report.")
+        page.wait_for_function("(document.querySelectorAll('#turns li .answer')[2]?.textContent || '').length > 0")
+        page.click("#stop")
+        wait_state(page, "stopped")
+        page.unroute("**/v1/chat/completions")
+        assert "(stopped)" in page.locator("#turns li").nth(2).inner_text()
+        assert page.locator("#send").is_enabled() and page.locator("#stop").is_disabled()
+        page.wait_for_function("fetch('/health').then(r => r.json()).then(h => h.active === 0)")
+        page.fill("#max-tokens", "16")
+        ask_on_page(page, "Summarise.")
+        wait_state(page, "done")
+
+        # Errors are shown, never silent.
+        ask_on_page(page, "lesion " * 6000)
+        wait_state(page, "error")
+        assert "Start a new conversation" in page.inner_text("#error")
+        bad = tmp_path / "notes.png"
+        bad.write_text("a clinical note, not an image")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function("document.querySelector('#error').textContent.includes('cannot be read')")
+
+        # Export the conversation as Markdown.
+        with page.expect_download() as info:
+            page.click("#export")
+        text = Path(info.value.path()).read_text(encoding="utf-8")
+        assert text.startswith("# huatuo-local conversation (tiny, F32)")
+        assert q1 in text and want1 in text and q2 in text and want2 in text and "(stopped)" in text
+        assert "images: chest.png, CT_small.dcm" in text
+
+        # Keyboard order and labels; readable at 1280x800 and narrow.
+        for sel in ("#question", "#temperature", "#max-tokens", "#file"):
+            assert page.locator(sel).evaluate("el => el.labels.length > 0"), sel
+        order = []
+        page.focus("#new")
+        for _ in range(3):
+            page.keyboard.press("Tab")
+            order.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+        assert order[0] == "export", order
+        for width in (1280, 420):
+            page.set_viewport_size({"width": width, "height": 800})
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1"), width
+        page.click("#new")
+        assert page.locator("#turns li").count() == 0
+        assert not problems, problems
