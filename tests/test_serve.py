@@ -42,10 +42,10 @@ def rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def server(model_path: str, tmp: Path, *args: str, wait: bool = True):
+def server(model_path: str, tmp: Path, *args: str, wait: bool = True, env: dict | None = None):
     port = free_port()
     log = tmp / f"serve-{port}.log"
-    env = dict(os.environ, HUATUO_LOCAL_HOME=str(tmp / "home"))
+    env = dict(os.environ, HUATUO_LOCAL_HOME=str(tmp / "home"), **(env or {}))
     with open(log, "w") as err:
         proc = subprocess.Popen([*CLI, "serve", "--model", model_path, "--port", str(port), *args], cwd=ROOT,
                                 env=env, stdout=err, stderr=err)

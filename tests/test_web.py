@@ -9,6 +9,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -210,3 +211,62 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
         page.click("#new")
         assert page.locator("#turns li").count() == 0
         assert not problems, problems
+
+
+def test_frames_errors_and_open(browser, converted, tmp_path):
+    """A multi-frame DICOM's frame control, the page's message for each server error, and `serve --open`."""
+    from pathlib import Path
+
+    model = converted(SPEC, "F32", "f32")
+    opened = tmp_path / "opened.txt"
+    fake_browser = tmp_path / "browser.sh"
+    fake_browser.write_text(f"#!/bin/sh\necho \"$1\" > {opened}\n")
+    fake_browser.chmod(0o755)
+    mri = Path(get_testdata_file("rtdose.dcm"))  # 15 frames
+    with server(str(model.manifest_path), tmp_path, "--open", env={"BROWSER": f"{fake_browser} %s"}) as (url, _, _):
+        deadline = time.time() + 30
+        while not opened.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert opened.read_text().strip() == url + "/"
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url + "/")
+        page.set_input_files("#file", str(mri))
+        page.wait_for_function("document.querySelectorAll('#pending img[data-digest]').length === 1")
+        frame = page.locator("#pending .frame")
+        assert frame.input_value() == "7" and frame.get_attribute("max") == "14"  # the loader's middle frame
+        assert np.array_equal(pixels_of(page.locator("#pending img").get_attribute("src")),
+                              preview_cli(mri, tmp_path))
+        want = preview_cli(mri, tmp_path, "--frame", "2")
+        frame.fill("2")
+        frame.press("Tab")
+        page.wait_for_function("document.querySelector('#pending img').dataset.digest === "
+                               f"'{hashlib.sha256(want.tobytes()).hexdigest()}'")
+        # Each error the server can give, in the server's own shape, gets a clear line in the page.
+        cases = {
+            413: ({"message": "request body larger than 64 MB", "type": "invalid_request_error", "param": None,
+                   "code": "body_too_large"}, "Too large"),
+            503: ({"message": "the server is busy (9 requests are already waiting)", "type": "server_error",
+                   "param": None, "code": "queue_full"}, "busy answering others"),
+            500: ({"message": "generation failed: boom", "type": "server_error", "param": None, "code": None},
+                  "generation failed"),
+        }
+        def answer_with(status: int, error: dict):
+            return lambda route: route.fulfill(status=status, content_type="application/json",
+                                               body=json.dumps({"error": error}))
+
+        for status, (error, needle) in cases.items():
+            page.route("**/v1/chat/completions", answer_with(status, error))
+            ask_on_page(page, "Hello?")
+            wait_state(page, "error")
+            assert needle in page.inner_text("#error"), (status, page.inner_text("#error"))
+            page.unroute("**/v1/chat/completions")
+    with server(str(tmp_path / "missing.gguf"), tmp_path, wait=False) as (url, _, _):
+        page = browser.new_page()
+        for _ in range(100):
+            try:
+                page.goto(url + "/")
+                break
+            except Exception:
+                time.sleep(0.2)
+        page.wait_for_function("document.querySelector('#error').textContent.includes('could not be loaded')")
+        assert "missing.gguf" in page.inner_text("#error")
