@@ -132,7 +132,8 @@ class ImageLoader:
     def __init__(self, limits: Limits, vision):
         self.limits, self.vision = limits, vision
 
-    def load(self, part: dict, where: str) -> ImageItem:
+    def load(self, part: dict, where: str, with_frames: bool = False):
+        """The picture the model sees for one image part; with `with_frames`, (picture, frame count)."""
         spec = part.get("image_url")
         if isinstance(spec, str):
             spec = {"url": spec}
@@ -148,16 +149,15 @@ class ImageLoader:
             raise _bad("'frame' must be an integer", where)
         options = LoadOptions(window, frame, self.limits.max_pixels)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme == "data":
-            return self._from_data(url, options, where)
-        if scheme == "file":
-            return self._from_file(url, options, where)
+        if scheme in ("data", "file"):
+            loaded = (self._from_data if scheme == "data" else self._from_file)(url, options, where)
+            return loaded if with_frames else loaded[0]
         if scheme in ("http", "https"):
             raise _bad("the server never fetches URLs (images stay on this machine); send the image as a data: "
                        "URI, e.g. data:image/png;base64,...", where, "url_not_allowed")
         raise _bad(f"unsupported image URL scheme {scheme or '(none)'!r}; use a data: URI", where)
 
-    def _from_data(self, url: str, options: LoadOptions, where: str) -> ImageItem:
+    def _from_data(self, url: str, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
         head, sep, payload = url.partition(",")
         if not sep or not head.lower().endswith(";base64"):
             raise _bad("image data URIs must be base64: data:MIME;base64,...", where)
@@ -179,7 +179,7 @@ class ImageLoader:
         finally:
             os.unlink(tmp)
 
-    def _from_file(self, url: str, options: LoadOptions, where: str) -> ImageItem:
+    def _from_file(self, url: str, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise _bad("file:// URLs name a file on this machine: file:///path", where)
@@ -195,13 +195,11 @@ class ImageLoader:
 
     def preview(self, spec: dict) -> tuple[ImageItem, int]:
         """What the model will see for one image part, and how many frames the file has."""
-        item = self.load({"image_url": spec}, "image")
-        return item, self.last_frames
+        return self.load({"image_url": spec}, "image", with_frames=True)
 
-    def _prepare(self, path: Path, options: LoadOptions, where: str, label: str) -> ImageItem:
+    def _prepare(self, path: Path, options: LoadOptions, where: str, label: str) -> tuple[ImageItem, int]:
         try:
-            self.last_frames = frame_count(path)
-            return image_item(prepare(load_rgb(path, options), self.vision))
+            return image_item(prepare(load_rgb(path, options), self.vision)), frame_count(path)
         except HuatuoError as exc:
             message = str(exc).replace(str(path), label).replace("--max-pixels", "the server's --max-pixels")
             status = 413 if "too large" in message else 400

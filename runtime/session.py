@@ -9,7 +9,6 @@ evaluates the beginning every follow-up shares while the user is still typing it
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +97,6 @@ class Session:
         new_images = self.prepare_images(list(image_paths or []))
         turn = Turn(text, len(new_images))
         items = self.items_for([*self.turns, turn], [*self.images, *new_images])
-        start = time.perf_counter()
         job = self._submit(items, params)
         pieces: list[str] = []
         failed = False
@@ -111,9 +109,9 @@ class Session:
             raise
         finally:
             if not failed:  # finished, or stopped by the user (Ctrl-C): the answer so far is kept
-                self._record(Turn(text, len(new_images)), new_images, job, pieces, start)
+                self._record(Turn(text, len(new_images)), new_images, job, pieces)
 
-    def _record(self, turn: Turn, new_images: list[ImageItem], job: Job, pieces: list[str], start: float) -> None:
+    def _record(self, turn: Turn, new_images: list[ImageItem], job: Job, pieces: list[str]) -> None:
         result = getattr(job, "result", None)
         answer = result.text if result is not None else "".join(pieces).strip()
         self.turns.append(Turn(turn.text, turn.n_images, answer))
@@ -122,10 +120,7 @@ class Session:
             return
         self._account(result)
         notes = [w for w in (self.engine.vision_warning, *result.notices) if w]
-        timings = result.timings
-        if not timings.first_token_s and result.tokens:
-            timings.first_token_s = time.perf_counter() - start
-        self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, timings,
+        self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, result.timings,
                                 "\n".join(notes) or None, result.finish_reason)
 
     def ask(self, text: str, image_paths: list[str | Path] | None = None,

@@ -108,10 +108,17 @@ def _bin(offset=0, size=(4,), stride=(1,), numel=4, data=b"\0" * 16, **kw) -> by
     return torch_zip({"w": _Tensor(_Storage("0", numel), offset, size, stride)}, {"0": data}, **kw)
 
 
+def _zip_without_pickle() -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("archive/version", "3\n")
+    return out.getvalue()
+
+
 BIN = {
     "bin-not-zip": b"PK\x03\x04 definitely not a zip",
-    "bin-no-pickle": b"",  # replaced below: a zip without data.pkl
-    "bin-evil-global": b"",  # replaced below: os.system in the pickle
+    "bin-no-pickle": _zip_without_pickle,
+    "bin-evil-global": lambda: torch_zip({"w": _Evil()}, {}),
     "bin-negative-stride": lambda: _bin(offset=3, size=(4,), stride=(-1,)),
     "bin-negative-offset": lambda: _bin(offset=-4),
     "bin-offset-past-end": lambda: _bin(offset=100),
@@ -124,16 +131,6 @@ BIN = {
     "bin-string-shape": lambda: _bin(size=("4",)),
 }
 
-
-def _finish_bin() -> None:
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as z:
-        z.writestr("archive/version", "3\n")
-    BIN["bin-no-pickle"] = out.getvalue()
-    BIN["bin-evil-global"] = lambda: torch_zip({"w": _Evil()}, {})
-
-
-_finish_bin()
 
 # --- whole checkpoints (damage applied to a copy of a good tiny checkpoint) ----------------
 
