@@ -101,6 +101,8 @@ def doctor(
             f"library          {probe.get('library')}",
             f"GPU offload      {'available' if report.gpu_offload else 'none (CPU only)'}",
             f"CPU features     {report.system_info}",
+            f"CPU cores        {report.physical_cores} physical, {report.logical_cores} logical (threads default to "
+            "the physical count)",
             f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
         ]
         for name, fits in report.fits.items():
@@ -127,7 +129,7 @@ def chat(
                                                  ".gguf file (default: huatuo-vision-7b).")] = None,
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
                                                         "(default: all when a GPU is available).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, room for the "
                                                   "release's 6 images and a 512-token answer).")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
@@ -327,7 +329,7 @@ def serve(
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
                                                         "(default: all when a GPU is available).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context per conversation in tokens (default 8192).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a free sequence; more get 503.")]
     = 64,
     allow_files: Annotated[list[Path] | None, typer.Option(help="A folder whose images may be sent as file:// "

@@ -25,6 +25,8 @@ class Report:
     ram_available_gib: float
     fits: dict[str, dict[str, bool]]
     recommended: dict
+    physical_cores: int = 0
+    logical_cores: int = 0
 
 
 def memory_gib() -> tuple[float, float]:
@@ -52,7 +54,7 @@ def gather(run_probe: bool = True) -> Report:
 
     from huatuo_local import __version__
 
-    from .engine import quiet_logs
+    from .engine import physical_cores, quiet_logs
     from .probe import check_library
 
     quiet_logs()
@@ -68,6 +70,6 @@ def gather(run_probe: bool = True) -> Report:
     for m in KNOWN_MODELS.values():
         ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if fits[m.name].get(q)]
         best[m.name] = ok[0] if ok else None
-    recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": os.cpu_count() or 1, "quant": best}
+    recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
-                  recommended)
+                  recommended, physical_cores(), os.cpu_count() or 1)

@@ -77,6 +77,27 @@ def quiet_logs() -> None:
 DEFAULT_CTX = 8192
 
 
+def physical_cores(cpuinfo: str | None = None) -> int:
+    """Physical cores, the thread count llama.cpp's own tools default to: with SMT, a second thread on a
+    core competes for the same vector units and these kernels slow down (bench/settings.py measures it)."""
+    try:
+        cores, block = set(), {}
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines() + [""]:
+            if not line.strip():
+                if "core id" in block:
+                    cores.add((block.get("physical id", "0"), block["core id"]))
+                block = {}
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                block[key.strip()] = value.strip()
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return max(1, os.cpu_count() or 1)
+
+
 @dataclass
 class EngineOptions:
     n_ctx: int = 0  # 0: DEFAULT_CTX
@@ -98,7 +119,7 @@ class EngineOptions:
 
     @property
     def threads(self) -> int:
-        return self.n_threads or max(1, os.cpu_count() or 1)
+        return self.n_threads or physical_cores()
 
     @property
     def ubatch(self) -> int:

@@ -4,6 +4,7 @@ the chat template, and llama.cpp's log callback after an in-process quantize."""
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,15 @@ def test_a_failed_turn_leaves_the_conversation_as_it_was(converted, tmp_path, mo
         assert [t.text for t in bot.session.turns] == ["Hello."] and bot.session.images == []
         monkeypatch.undo()
         assert bot.chat("And now?") is not None and len(bot.session.turns) == 2
+
+
+def test_threads_default_to_physical_cores_and_doctor_says_so():
+    from huatuo_local.runtime.engine import EngineOptions, physical_cores
+
+    smt = "".join(f"processor\t: {i}\nphysical id\t: {i // 4}\ncore id\t\t: {(i % 4) // 2}\n\n" for i in range(8))
+    assert physical_cores(smt) == 4  # 2 sockets x 2 cores, 2 threads each
+    assert EngineOptions().threads == physical_cores()
+    proc = run_cli("doctor", "--json")
+    report = json.loads(proc.stdout)
+    assert report["physical_cores"] == physical_cores() and report["logical_cores"] >= report["physical_cores"]
+    assert report["recommended"]["threads"] == physical_cores()
