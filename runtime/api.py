@@ -122,6 +122,10 @@ class HuatuoChatbot:
         """Evaluate the start every follow-up shares, e.g. while the user types; returns positions."""
         return self.session.prefill_next_turn()
 
+    def prefill_images(self, images: list[str | Path]) -> int:
+        """Encode and evaluate the next question's images now, e.g. while the user types it; returns positions."""
+        return self.session.prefill_images(list(images))
+
     @property
     def last_reply(self) -> Reply:
         return self.session.last_reply

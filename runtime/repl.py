@@ -52,21 +52,33 @@ class _NextTurnPrefill:
         self.bot = bot
         self.thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, images: list[str] | None = None) -> None:
+        """After an answer: the next turn's shared start; with `images`: those images, read now."""
         self.settle()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        work = (lambda: self.bot.prefill_images(images)) if images else self.bot.prefill_next_turn
+        self.thread = threading.Thread(target=self._run, args=(work,), daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    @staticmethod
+    def _run(work) -> None:
         try:
-            self.bot.prefill_next_turn()
+            work()
         except Exception:  # the next turn starts clean and reports real errors
             pass
 
     def settle(self) -> None:
-        if self.thread is not None:
+        """Wait for the background work; Ctrl-C stops it instead (the next turn redoes what is missing)."""
+        if self.thread is None:
+            return
+        try:
             self.thread.join()
-            self.thread = None
+        except KeyboardInterrupt:
+            self.bot.session.cancel_background()
+            self.thread.join()
+            raise
+        finally:
+            if not self.thread.is_alive():
+                self.thread = None
 
 
 def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
@@ -86,6 +98,8 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
     print(f"huatuo-local chat with {bot.model.name}. /help for commands, Ctrl-D to leave.", file=out)
     if bot.engine.vision_warning:
         print(bot.engine.vision_warning, file=sys.stderr)
+    if pending:
+        prefill.start(list(pending))  # the images come first in the turn: read them while the question is typed
     while True:
         try:
             line = input(">>> ")
@@ -98,7 +112,11 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
         line = line.strip()
         if not line:
             continue
-        prefill.settle()
+        try:
+            prefill.settle()
+        except KeyboardInterrupt:
+            print("(stopped)", file=out)
+            continue
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
             arg = arg.strip()
@@ -118,6 +136,7 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
                         raise HuatuoError(f"{arg}: no such file")
                     pending.append(str(Path(arg).expanduser()))
                     print(f"(image added: {arg}; it goes with your next question)", file=out)
+                    prefill.start(list(pending))
                 elif cmd == "/save":
                     if not arg:
                         raise HuatuoError("usage: /save FILE.md or /save FILE.json")

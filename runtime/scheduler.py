@@ -392,8 +392,11 @@ class Scheduler:
             s.embd, s.embd_done = None, 0
             if self.prefix_cache is not None:
                 self._save_prefix(s)
-            if not s.pending:  # a prompt never ends with an image; nothing to sample from
-                self._fail(s, EngineError("internal: a prompt ended with an image"))
+            if not s.pending:
+                if s.job is not None and s.job.prefill_only:  # a turn's images, read before its question
+                    self._finish(s, "prefilled")
+                else:  # a full prompt never ends with an image: nothing to sample from
+                    self._fail(s, EngineError("internal: a prompt ended with an image"))
 
     def _save_prefix(self, s: _Slot) -> None:
         cache = self.prefix_cache

@@ -56,6 +56,7 @@ class Session:
         self.images: list[ImageItem] = []
         self.counters = Counters()
         self.logit_hook = None  # called with each step's logits; may return replacements
+        self._background: Job | None = None
         self._rng = np.random.default_rng(self.sampling.seed)
 
     # --- conversation state --------------------------------------------------------
@@ -135,6 +136,36 @@ class Session:
         self._account(result)
         assert result.logits is not None
         return result.logits
+
+    def prefill_images(self, image_paths: list[str | Path]) -> int:
+        """Encode and evaluate the next turn's images before its question is known; returns positions evaluated.
+
+        The release puts a turn's images before its text, so everything up to the last image is
+        already fixed when the user picks the images: the REPL runs this in a thread while the
+        question is typed. The turn then compares all it reuses as usual, so this can only save
+        time, never change an answer.
+        """
+        new_images = self.prepare_images(list(image_paths))
+        if not new_images:
+            return 0
+        prompt = render_prompt([*self.turns, Turn(_NEXT_QUESTION, len(new_images))], IMAGE_TOKEN)
+        items = prompt_items(self.engine.tokenize, prompt[: prompt.index(_NEXT_QUESTION)],
+                             [*self.images, *new_images])
+        last_image = max(i for i, it in enumerate(items) if isinstance(it, ImageItem))
+        job = self._submit(items[: last_image + 1], self.sampling, prefill_only=True)
+        self._background = job
+        try:
+            result = job.wait()
+        finally:
+            self._background = None
+        self._account(result)
+        return result.counters.prompt_tokens_evaluated
+
+    def cancel_background(self) -> None:
+        """Stop a `prefill_images` in progress (Ctrl-C while it runs)."""
+        job = self._background
+        if job is not None:
+            job.cancel()
 
     def prefill_next_turn(self) -> int:
         """Evaluate what any follow-up starts with; returns the positions evaluated.

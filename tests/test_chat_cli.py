@@ -245,3 +245,56 @@ def test_interactive_session_in_a_terminal(model, images, tmp_path):
     assert [t["images"] for t in saved["turns"]] == [1, 1]
     assert saved["turns"][0]["user"] == "What does the picture show?"
     assert saved["turns"][1]["user"] == "Describe everything in detail."
+
+
+def test_images_are_read_while_the_question_is_typed(model, images):
+    """Issue 16: the next turn's images are encoded and evaluated before its question exists; answers
+    stay those of a fresh one-shot chat, also when the question comes before that work ends, or after
+    the conversation was cleared or another image added meanwhile."""
+    import threading
+
+    from huatuo_local import HuatuoChatbot
+
+    question = "What does the picture show?"
+    want = json.loads(chat(model, images[0], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
+    other = json.loads(chat(model, images[3], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8, prefix_cache=False) as bot:
+        assert bot.prefill_images([images[0]]) >= 576
+        assert bot.chat(question, [images[0]]) == want
+        assert bot.last_reply.counters.images_encoded == 0  # read before the question was asked
+        assert bot.last_reply.counters.prompt_tokens_evaluated < 40
+        # The question arrives while the image is still being read.
+        bot.clear_history()
+        t = threading.Thread(target=bot.prefill_images, args=([images[0]],))
+        t.start()
+        assert bot.chat(question, [images[0]]) == want
+        t.join()
+        # Cleared, or another image picked, while the reading runs: the answer is the other image's.
+        bot.clear_history()
+        t = threading.Thread(target=bot.prefill_images, args=([images[1]],))
+        t.start()
+        bot.clear_history()
+        assert bot.chat(question, [images[3]]) == other
+        t.join()
+
+
+def test_the_repl_reads_the_image_before_the_question(model, images):
+    import pexpect
+
+    question = "What does the picture show?"
+    want = json.loads(chat(model, images[2], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
+                                   "--max-tokens", "8", "--no-prefix-cache", images[2]],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child.expect(">>> ")
+    child.sendline(question)  # at once: possibly before the background reading ends
+    child.expect_exact(question + "\r\n")
+    child.expect(">>> ")
+    assert child.before.strip() == want
+    child.sendline(f"/image {images[0]}")
+    child.expect("image added")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
