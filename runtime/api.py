@@ -114,9 +114,11 @@ class HuatuoChatbot:
 
     # --- beyond the release ---------------------------------------------------------
 
-    def stream(self, text: str, images: list[str | Path] | None = None) -> Iterator[str]:
-        """Like `chat`, yielding the answer as it is generated; `last_reply` has the details."""
-        yield from self.session.stream(text, list(images or []))
+    def stream(self, text: str, images: list[str | Path] | None = None, on_progress=None) -> Iterator[str]:
+        """Like `chat`, yielding the answer as it is generated; `last_reply` has the details.
+
+        `on_progress(Progress)` reports the prompt being read (images encoded, positions done/total)."""
+        yield from self.session.stream(text, list(images or []), on_progress=on_progress)
 
     def prefill_next_turn(self) -> int:
         """Evaluate the start every follow-up shares, e.g. while the user types; returns positions."""

@@ -161,11 +161,18 @@ def chat(
         prompt = sys.stdin.read().strip()
         if not prompt:
             fail("no question: give -p PROMPT or text on standard input")
-    bot = HuatuoChatbot(model, n_gpu_layers=n_gpu_layers, n_ctx=ctx, threads=threads, kv_type=kv_type,
-                        mmproj_offload=not no_mmproj_offload, temperature=temperature,
-                        repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
-                        allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
-                        max_pixels=max_pixels, prefix_cache=not no_prefix_cache)
+    from .progress import PromptStatus
+
+    status = PromptStatus(enabled=None if not as_json else False)
+    status.show(f"loading {model or 'huatuo-vision-7b'}…")
+    try:
+        bot = HuatuoChatbot(model, n_gpu_layers=n_gpu_layers, n_ctx=ctx, threads=threads, kv_type=kv_type,
+                            mmproj_offload=not no_mmproj_offload, temperature=temperature,
+                            repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
+                            allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
+                            max_pixels=max_pixels, prefix_cache=not no_prefix_cache)
+    finally:
+        status.stop()
     if prompt is None:
         from . import repl
 
@@ -182,9 +189,13 @@ def chat(
             "session_counters": asdict(bot.counters), "warning": reply.warning,
         }, ensure_ascii=False, indent=2))
         return
-    for piece in bot.stream(prompt, paths):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in bot.stream(prompt, paths, on_progress=status):
+            status.stop()  # the answer starts: the status line goes
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        status.stop()
     sys.stdout.write("\n")
     if bot.last_reply.warning:
         typer.echo(bot.last_reply.warning, err=True)

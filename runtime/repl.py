@@ -11,6 +11,7 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.private import write_private
 
 from .api import HuatuoChatbot
+from .progress import PromptStatus
 
 HELP = """Commands:
   /image PATH   add an image to your next question (up to 6 per conversation)
@@ -146,9 +147,11 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
             except HuatuoError as exc:
                 print(f"error: {exc}", file=sys.stderr)
             continue
+        status = PromptStatus()
         try:
-            stream = bot.stream(line, pending)
+            stream = bot.stream(line, pending, on_progress=status)
             for piece in stream:
+                status.stop()  # the answer starts: the status line goes
                 out.write(piece)
                 out.flush()
             pending = []
@@ -159,6 +162,8 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
         except HuatuoError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
+        finally:
+            status.stop()
         out.write("\n")
         warning = bot.engine.vision_warning
         if warning:

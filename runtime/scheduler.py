@@ -62,6 +62,15 @@ class Timings:
     queued_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a job's prompt is: `stage` is "encoding image" or "reading"; positions done of total."""
+
+    stage: str
+    done: int
+    total: int
+
+
 @dataclass
 class Result:
     """What a finished job hands back with its last event."""
@@ -85,6 +94,8 @@ class Job:
     slot_hint: int | None = None  # a conversation's own slot, when it has one
     # Called with each step's logits; may return replacement logits (benchmarks steer answers).
     logit_hook: Callable[[np.ndarray], np.ndarray | None] | None = None
+    # Called (in the consumer's thread) with Progress while the prompt is read: images, positions.
+    on_progress: Callable[[Progress], None] | None = None
     events: queue.Queue = field(default_factory=queue.Queue)
     # Instead of the queue: called from the scheduler's thread with each event (the server hands
     # events to its asyncio loop this way, without a thread per waiting client).
@@ -116,6 +127,9 @@ class Job:
                 kind, value = self.events.get()
                 if kind == "piece":
                     yield value
+                elif kind == "progress":
+                    if self.on_progress is not None:
+                        self.on_progress(value)
                 elif kind == "done":
                     self.result = value
                     finished = True
@@ -145,6 +159,8 @@ class _Slot:
     last_token: int | None = None
     embd: Future | None = None  # the next pending image's embeddings, being encoded
     embd_done: int = 0  # positions of that image already decoded
+    prompt_start: int = 0  # positions reused when the job started
+    prompt_total: int = 0  # positions of the whole prompt
     encode_started: float = 0.0
     decoder: object = None
     counters: Counters = field(default_factory=Counters)
@@ -300,6 +316,7 @@ class Scheduler:
         slot.cached, slot.pos = list(items[:common]), pos
         slot.pending = list(items[common:])
         slot.counters.tokens_reused = pos
+        slot.prompt_start, slot.prompt_total = pos, self.positions(items)
 
     def _restore_from_disk(self, slot: _Slot, items: list[Item], common: int) -> int:
         """Load the longest on-disk prefix ending at an image beyond `common`.
@@ -358,6 +375,7 @@ class Scheduler:
             if s.embd is None:
                 s.encode_started = time.perf_counter()
                 s.embd = self._encoder.submit(self.engine.encode_image, s.pending[0].picture)
+                self._progress(s, "encoding image")
         ready = [s for s in waiting if s.embd is not None and s.embd.done()]
         if not ready:
             tokens_to_run = any(s.job is not None and (s.last_token is not None or (
@@ -384,6 +402,7 @@ class Scheduler:
             return
         s.timings.prompt_s += time.perf_counter() - t0
         s.embd_done = end
+        self._progress(s, "reading", s.pos + end)
         if end == len(embd):
             image = s.pending.pop(0)
             s.cached.append(image)
@@ -457,6 +476,7 @@ class Scheduler:
             s.pos += n
             s.counters.prompt_tokens_evaluated += n
             s.timings.prompt_s += elapsed
+            self._progress(s, "reading")
         for s, index, kind in owners:
             if kind == "gen":
                 s.cached.append(s.last_token)
@@ -492,6 +512,11 @@ class Scheduler:
             self._finish(s, "length")
             return
         s.last_token = tok
+
+    def _progress(self, s: _Slot, stage: str, pos: int | None = None) -> None:
+        if s.job is not None and s.job.on_progress is not None:
+            s.job.emit("progress", Progress(stage, (s.pos if pos is None else pos) - s.prompt_start,
+                                            s.prompt_total - s.prompt_start))
 
     # --- endings ----------------------------------------------------------------------
 

@@ -82,9 +82,10 @@ class Session:
 
     # --- turns -----------------------------------------------------------------------
 
-    def _submit(self, items: list[Item], params: SamplingParams, prefill_only: bool = False) -> Job:
+    def _submit(self, items: list[Item], params: SamplingParams, prefill_only: bool = False,
+                on_progress=None) -> Job:
         job = Job(items, params, self._rng, prefill_only=prefill_only, slot_hint=self.slot,
-                  logit_hook=self.logit_hook)
+                  logit_hook=self.logit_hook, on_progress=on_progress)
         return self.scheduler.submit(job)
 
     def _account(self, result) -> None:
@@ -92,13 +93,15 @@ class Session:
             setattr(self.counters, k, getattr(self.counters, k) + v)
 
     def stream(self, text: str, image_paths: list[str | Path] | None = None,
-               params: SamplingParams | None = None) -> Iterator[str]:
-        """Ask one turn; yields the answer's text as it is generated. `last_reply` holds the rest."""
+               params: SamplingParams | None = None, on_progress=None) -> Iterator[str]:
+        """Ask one turn; yields the answer's text as it is generated. `last_reply` holds the rest.
+
+        `on_progress(Progress)` is called, in this thread, while the prompt is read."""
         params = params or self.sampling
         new_images = self.prepare_images(list(image_paths or []))
         turn = Turn(text, len(new_images))
         items = self.items_for([*self.turns, turn], [*self.images, *new_images])
-        job = self._submit(items, params)
+        job = self._submit(items, params, on_progress=on_progress)
         pieces: list[str] = []
         failed = False
         try:

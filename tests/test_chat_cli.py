@@ -298,3 +298,24 @@ def test_the_repl_reads_the_image_before_the_question(model, images):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_progress_on_a_terminal_and_none_when_piped(model, images):
+    """Issue 16: a status line on stderr while the model loads and reads the image; gone when the answer
+    starts, and never in piped or --json output."""
+    import pexpect
+
+    question = "What does the picture show?"
+    want = json.loads(chat(model, images[1], "-p", question, "--json", "--max-tokens", "6").stdout)["answer"]
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
+                                   "--max-tokens", "6", "--no-prefix-cache", images[1], "-p", question],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="xterm-256color"))
+    child.expect(pexpect.EOF)
+    child.close()
+    screen = child.before
+    assert child.exitstatus == 0, screen
+    assert "loading " in screen and ("reading the prompt" in screen or "encoding the image" in screen), screen
+    assert want in screen
+    piped = chat(model, images[1], "-p", question, "--max-tokens", "6")
+    assert piped.returncode == 0 and piped.stdout.strip() == want
+    assert "loading" not in piped.stderr and "reading the prompt" not in piped.stderr and "encoding" not in piped.stderr

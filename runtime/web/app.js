@@ -158,9 +158,11 @@ function renderCard(img) {
 
 async function preview(img) {
   const el = img.card.querySelector("img");
+  const ticket = (img.ticket = (img.ticket || 0) + 1);  // answers can arrive out of order: keep the newest
   el.setAttribute("aria-busy", "true");
   try {
     const data = await api("/v1/huatuo/preview", { image_url: imageSpec(img) });
+    if (ticket !== img.ticket) return;
     img.seen = data.png;
     img.frames = data.frames;
     const frame = img.card.querySelector(".frame");
@@ -172,9 +174,9 @@ async function preview(img) {
     el.src = data.png;
     el.dataset.digest = data.digest;
   } catch (e) {
-    showError(img.name + ": " + e.message);
+    if (ticket === img.ticket) showError(img.name + ": " + e.message);
   } finally {
-    el.removeAttribute("aria-busy");
+    if (ticket === img.ticket) el.removeAttribute("aria-busy");
   }
 }
 
