@@ -33,6 +33,10 @@ class EngineError(HuatuoError):
     pass
 
 
+class DecodeAborted(EngineError):
+    """llama_decode stopped because the abort check said so; what it did is still in the KV cache."""
+
+
 def _llama():
     import llama_cpp
 
@@ -379,8 +383,20 @@ class Engine:
 
     def _decode(self, batch) -> None:
         rc = _llama().llama_decode(self.ctx, batch)
+        if rc == 2:
+            raise DecodeAborted("stopped")
         if rc != 0:
             raise EngineError(f"llama_decode failed ({rc}); the context may be full, raise --ctx")
+
+    def set_abort_check(self, check) -> None:
+        """`check()` is asked between the graph's operations; True stops llama_decode (CPU only).
+
+        It runs in llama.cpp's compute thread and takes the GIL each time, so it is only installed
+        where stopping at once matters (an interactive chat), not for the server.
+        """
+        llama_cpp = _llama()
+        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: bool(check())) if check else None
+        llama_cpp.llama_set_abort_callback(self.ctx, self._abort_cb, None)
 
     def logits_at(self, index: int) -> np.ndarray:
         """Logits of the batch entry `index` of the last decode (a copy)."""

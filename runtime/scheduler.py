@@ -22,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
 
-from .engine import Engine, EngineError
+from .engine import DecodeAborted, Engine, EngineError
 from .items import ImageItem, Item
 from .prefix_cache import CacheEntryError, PrefixCache
 from .sampling import SamplingParams, next_token
@@ -173,7 +174,7 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, engine: Engine, prefix_cache: PrefixCache | None = None, max_queue: int = 0,
-                 chunk: int | None = None):
+                 chunk: int | None = None, abortable: bool = False):
         self.engine = engine
         self.prefix_cache = prefix_cache
         self.max_queue = max_queue  # 0: unbounded (chat, eval); serve sets it
@@ -181,6 +182,17 @@ class Scheduler:
         self.slots = [_Slot(seq) for seq in range(engine.n_seq)]
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
+        # With `abortable`, a decode whose jobs were all cancelled stops between operations instead of
+        # finishing its chunk (Ctrl-C in a chat: a 256-position chunk of a 7B takes seconds on a CPU).
+        self._decoding: list[Job] = []
+        if abortable:
+            me = weakref.ref(self)  # the engine keeps the check: no cycle back to this scheduler
+
+            def check() -> bool:
+                sched = me()
+                return bool(sched and sched._decoding and all(j.cancelled.is_set() for j in sched._decoding))
+
+            engine.set_abort_check(check)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="huatuo-encode")
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="huatuo-scheduler", daemon=True)
@@ -396,10 +408,16 @@ class Scheduler:
         t0 = time.perf_counter()
         end = min(len(embd), s.embd_done + self.chunk)
         try:
+            self._decoding = [s.job] if s.job is not None else []
             self.engine.decode_embeddings(s.seq, embd[s.embd_done:end], s.pos + s.embd_done)
+        except DecodeAborted:
+            self._aborted([s])
+            return
         except BaseException as exc:
             self._fail(s, exc)
             return
+        finally:
+            self._decoding = []
         s.timings.prompt_s += time.perf_counter() - t0
         s.embd_done = end
         self._progress(s, "reading", s.pos + end)
@@ -463,12 +481,19 @@ class Scheduler:
         if not entries:
             return
         t0 = time.perf_counter()
+        involved = list({id(x): x for x in [o[0] for o in owners] + [r[0] for r in runs]}.values())
         try:
+            self._decoding = [x.job for x in involved if x.job is not None]
             self.engine.decode_tokens(entries)
+        except DecodeAborted:
+            self._aborted(involved)
+            return
         except BaseException as exc:
-            for s in {o[0] for o in owners} | {r[0] for r in runs}:
+            for s in involved:
                 self._fail(s, exc)
             return
+        finally:
+            self._decoding = []
         elapsed = time.perf_counter() - t0
         for s, n in runs:
             s.cached.extend(int(t) for t in s.pending[:n])
@@ -536,6 +561,15 @@ class Scheduler:
                         s.timings, list(s.notices), logits)
         self._release(s)
         job.emit("done", result)
+
+    def _aborted(self, slots: list[_Slot]) -> None:
+        """A stopped decode left part of its batch in the KV cache: remove it, then end the cancelled jobs."""
+        for s in slots:
+            self.engine.seq_rm(s.seq, s.pos)  # s.pos and s.cached still say what was there before
+            if s.embd is not None:
+                s.embd_done = 0
+            if s.job is not None and s.job.cancelled.is_set():
+                self._finish(s, "cancelled")
 
     def _fail(self, s: _Slot, exc: BaseException, locked: bool = False) -> None:
         job = s.job

@@ -47,7 +47,8 @@ class Session:
         if isinstance(engine, Scheduler):
             self.scheduler, self._owns_scheduler = engine, False
         else:
-            self.scheduler, self._owns_scheduler = Scheduler(engine, prefix_cache), True
+            # Its own scheduler serves one person: Ctrl-C may stop a decode between operations.
+            self.scheduler, self._owns_scheduler = Scheduler(engine, prefix_cache, abortable=True), True
         self.engine = self.scheduler.engine
         self.slot = slot  # the sequence this conversation keeps (None: any free one)
         self.image_options = image_options or LoadOptions()

@@ -319,3 +319,47 @@ def test_progress_on_a_terminal_and_none_when_piped(model, images):
     piped = chat(model, images[1], "-p", question, "--max-tokens", "6")
     assert piped.returncode == 0 and piped.stdout.strip() == want
     assert "loading" not in piped.stderr and "reading the prompt" not in piped.stderr and "encoding" not in piped.stderr
+
+
+def test_cancel_stops_a_long_decode_at_once_and_the_cache_stays_consistent(tiny, tmp_path):
+    """Issue 16: Ctrl-C inside a long llama_decode (a 2048-position chunk here, a 256-position chunk of a
+    7B on a laptop) stops between operations, not at the chunk's end; what it left is removed."""
+    import time
+
+    import numpy as np
+    from huatuo_local.convert.pipeline import convert
+    from huatuo_local.runtime.engine import Engine, EngineOptions
+    from huatuo_local.runtime.sampling import SamplingParams
+    from huatuo_local.runtime.scheduler import Job
+    from huatuo_local.runtime.session import Session
+
+    spec = TinySpec(seed=3, hidden=1024, layers=4, heads=8, kv_heads=4, ffn=4096, tower="folder")
+    m = convert(tiny(spec)["ckpt"], tmp_path, quant="Q8_0", mmproj_type="f32", name="mid")
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+
+    def session() -> Session:
+        return Session(Engine(m.llm_path, m.mmproj_path, EngineOptions(n_ctx=4096), eos_id=m.manifest.eos_id),
+                       params)
+
+    fresh = session()
+    want = fresh.ask("What does the picture show?").tokens
+    fresh.close()
+    s = session()
+    s.scheduler.chunk = 2048  # one decode of 2048 positions: seconds on this CPU
+    long = [int(t) for t in np.random.default_rng(0).integers(10, 300, 2040)]
+    t0 = time.perf_counter()
+    full = s.scheduler.submit(Job(long, SamplingParams(temperature=0, max_new_tokens=1))).wait()
+    uncancelled = time.perf_counter() - t0
+    assert full.finish_reason in ("stop", "length") and uncancelled > 1.0, uncancelled  # the test means something
+    s.scheduler.slots[0].cached, s.scheduler.slots[0].pos = [], 0
+    s.engine.seq_rm(0, 0)
+    job = s.scheduler.submit(Job(list(reversed(long)), params))
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    job.cancel()
+    result = job.wait()
+    stopped = time.perf_counter() - t0
+    assert result.finish_reason == "cancelled" and stopped < 0.5, (stopped, uncancelled)
+    assert s.scheduler.slots[0].pos == len(s.scheduler.slots[0].cached)  # the partial chunk is gone
+    assert s.ask("What does the picture show?").tokens == want
+    s.close()
