@@ -36,6 +36,7 @@ from .scheduler import ContextFull, Job, QueueFull, Result, Scheduler
 
 log = logging.getLogger("huatuo_local.serve")
 RETRY_AFTER_S = 2
+SHUTDOWN_GRACE_S = 8.0  # < uvicorn's timeout_graceful_shutdown (10 s) below
 
 
 @dataclass
@@ -372,7 +373,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                 if not done:  # the client went away: free its sequence at once
                     job.cancel()
 
-        return EventSourceResponse(stream(), ping=15, sep="\n")
+        # On SIGTERM, answers in flight get SHUTDOWN_GRACE_S to finish with their last chunk and
+        # [DONE] (sse-starlette would otherwise cut every stream at once); uvicorn waits longer.
+        return EventSourceResponse(stream(), ping=15, sep="\n", shutdown_grace_period=SHUTDOWN_GRACE_S)
 
     return app
 

@@ -341,10 +341,11 @@ def test_load_16_clients_cancellations_memory_and_graceful_shutdown(model, image
         after = rss_kib(proc.pid)
         assert after - before < 150 * 1024, f"RSS grew {(after - before) / 1024:.0f} MiB"
         # Graceful shutdown: a stream in flight ends, the process exits 0.
-        stream = ask(c, messages(0), stream=True, max_tokens=200)
+        stream = ask(c, messages(0), stream=True, max_tokens=1500, extra_body={"min_tokens": 1500})  # ~2 s
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)
-        streamed_text(stream)
+        text, reason = streamed_text(stream)  # raises if the stream is cut
+        assert reason == "length" and len(text) > 100
         assert proc.wait(30) == 0
     text = log.read_text()
     assert "Traceback" not in text
