@@ -350,7 +350,7 @@ def test_cancel_stops_a_long_decode_at_once_and_the_cache_stays_consistent(tiny,
     t0 = time.perf_counter()
     full = s.scheduler.submit(Job(long, SamplingParams(temperature=0, max_new_tokens=1))).wait()
     uncancelled = time.perf_counter() - t0
-    assert full.finish_reason in ("stop", "length") and uncancelled > 1.0, uncancelled  # the test means something
+    assert full.finish_reason in ("stop", "length") and uncancelled > 0.6, uncancelled  # the test means something
     s.scheduler.slots[0].cached, s.scheduler.slots[0].pos = [], 0
     s.engine.seq_rm(0, 0)
     job = s.scheduler.submit(Job(list(reversed(long)), params))
@@ -359,7 +359,8 @@ def test_cancel_stops_a_long_decode_at_once_and_the_cache_stays_consistent(tiny,
     job.cancel()
     result = job.wait()
     stopped = time.perf_counter() - t0
-    assert result.finish_reason == "cancelled" and stopped < 0.5, (stopped, uncancelled)
+    # Without the abort the chunk runs to its end, at least (uncancelled - 0.3) s more.
+    assert result.finish_reason == "cancelled" and stopped < min(0.5, (uncancelled - 0.3) / 2), (stopped, uncancelled)
     assert s.scheduler.slots[0].pos == len(s.scheduler.slots[0].cached)  # the partial chunk is gone
     assert s.ask("What does the picture show?").tokens == want
     s.close()

@@ -263,7 +263,8 @@ def test_a_full_queue_answers_503_with_retry_after(model, tmp_path):
 
         def one() -> None:
             r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-                "messages": [user("Write a long report.")], "max_tokens": 400, "temperature": 0.8})
+                "messages": [user("Write a long report.")], "max_tokens": 400, "min_tokens": 400,
+                "temperature": 0.8})
             codes.append(r.status_code)
             if r.status_code == 503:
                 retry.append(r.headers.get("retry-after"))
