@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.models.gguf_check import check_gguf, read_fields
+from huatuo_local.models.gguf_check import check_gguf
 from PIL import Image
 
 from .images import VisionInput
@@ -146,11 +146,6 @@ def engine_build_id() -> str:
                 h.update(lib.read_bytes())
         _BUILD_ID = h.hexdigest()
     return _BUILD_ID
-
-
-def read_gguf_fields(path: Path, keys: tuple[str, ...], expect: str | None = None) -> dict:
-    """A few metadata values of a GGUF file, after the bounded check (no tensor data is read)."""
-    return read_fields(path, keys, expect)
 
 
 class TextDecoder:

@@ -132,8 +132,11 @@ class ImageLoader:
     def __init__(self, limits: Limits, vision):
         self.limits, self.vision = limits, vision
 
-    def load(self, part: dict, where: str, with_frames: bool = False):
-        """The picture the model sees for one image part; with `with_frames`, (picture, frame count)."""
+    def load(self, part: dict, where: str) -> ImageItem:
+        """The picture the model sees for one image part."""
+        return self._load(part, where)[0]
+
+    def _load(self, part: dict, where: str) -> tuple[ImageItem, int]:
         spec = part.get("image_url")
         if isinstance(spec, str):
             spec = {"url": spec}
@@ -149,9 +152,10 @@ class ImageLoader:
             raise _bad("'frame' must be an integer", where)
         options = LoadOptions(window, frame, self.limits.max_pixels)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        if scheme in ("data", "file"):
-            loaded = (self._from_data if scheme == "data" else self._from_file)(url, options, where)
-            return loaded if with_frames else loaded[0]
+        if scheme == "data":
+            return self._from_data(url, options, where)
+        if scheme == "file":
+            return self._from_file(url, options, where)
         if scheme in ("http", "https"):
             raise _bad("the server never fetches URLs (images stay on this machine); send the image as a data: "
                        "URI, e.g. data:image/png;base64,...", where, "url_not_allowed")
@@ -195,7 +199,7 @@ class ImageLoader:
 
     def preview(self, spec: dict) -> tuple[ImageItem, int]:
         """What the model will see for one image part, and how many frames the file has."""
-        return self.load({"image_url": spec}, "image", with_frames=True)
+        return self._load({"image_url": spec}, "image")
 
     def _prepare(self, path: Path, options: LoadOptions, where: str, label: str) -> tuple[ImageItem, int]:
         try:

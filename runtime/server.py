@@ -200,6 +200,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "authentication_error",
                            code="invalid_api_key")
 
+    def check_model(name: str) -> None:
+        if name not in state.names:
+            raise ApiError(404, f"model {name!r} is not served here (this server serves {state.model_id})",
+                           "not_found_error", "model", "model_not_found")
+
     async def read_json(request: Request) -> object:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
@@ -270,9 +275,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def model(name: str, request: Request):
         check_key(request)
         state.ready()
-        if name not in state.names:
-            raise ApiError(404, f"model {name!r} is not served here (this server serves {state.model_id})",
-                           "not_found_error", "model", "model_not_found")
+        check_model(name)
         return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "huatuo-local"}
 
     @app.post("/v1/chat/completions")
@@ -280,9 +283,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         check_key(request)
         scheduler = state.ready()
         body = await read_json(request)
-        if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"] not in state.names:
-            raise ApiError(404, f"model {body['model']!r} is not served here (this server serves {state.model_id})",
-                           "not_found_error", "model", "model_not_found")
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            check_model(body["model"])
         assert state.loader is not None
         req: ChatRequest = await run_in_threadpool(parse_chat, body, state.loader)
         engine = scheduler.engine
@@ -322,7 +324,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                         break
                     else:
                         raise value
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:  # the client went away
                 job.cancel()
                 raise
             except ApiError:

@@ -162,10 +162,10 @@ def test_preprocessing_gives_the_reference_pixels_exactly(kind, w, h, mode, setu
     from huatuo_local.runtime.images import load_rgb, prepare
 
     _, result, ref, _ = setup("qwen2", 8)
-    from huatuo_local.runtime.engine import read_gguf_fields
+    from huatuo_local.models.gguf_check import read_fields
     from huatuo_local.runtime.images import VisionInput
 
-    meta = read_gguf_fields(result.mmproj_path, ("clip.vision.image_size", "clip.vision.image_mean",
+    meta = read_fields(result.mmproj_path, ("clip.vision.image_size", "clip.vision.image_mean",
                                                  "clip.vision.image_std"))
     vision = VisionInput(int(meta["clip.vision.image_size"]), tuple(meta["clip.vision.image_mean"]))
     path = make_image(tmp_path / f"{kind}.png", w, h, 7, mode)
