@@ -6,6 +6,12 @@ and Qwen2-7B decoder layers at two reduced depths. Per-layer costs are fitted on
 and extrapolated to 28 layers (marked "→28L"). Every contender uses the same thread count.
 
     .venv/bin/python bench/runtime.py [--depths 2 4] [--quants F16 Q8_0 Q4_K_M] [--threads 2]
+
+`--interactive` measures what a user of the REPL waits for instead: `huatuo-local chat scan.png` in a
+pseudo-terminal, the question typed 5, 20 and 60 s after the start (`--type-after`), and the time from
+pressing Enter to the answer's first byte, at one depth (`--depths 28 28` for the full 7B) and quant:
+
+    .venv/bin/python bench/runtime.py --interactive --depths 28 28 --quants Q4_K_M
 """
 
 from __future__ import annotations
@@ -238,6 +244,37 @@ def fit(d: list[int], v: list[float], target: int = FULL_DEPTH) -> float:
     return v[0] + b * (target - d[0])
 
 
+def interactive(manifest: Path, image: Path, home: Path, type_after: float) -> dict:
+    """Seconds from Enter to the answer's first byte when the question is typed `type_after` s after start.
+
+    stderr goes to /dev/null so that only the answer follows the echoed question (the progress line is
+    stderr's); stdin and stdout stay a terminal, so the REPL runs and reads the image in the background.
+    """
+    import pexpect
+
+    exe = Path(sys.executable).with_name("huatuo-local")
+    cmd = (f"exec {exe} chat {image} --model {manifest} --temperature 0 --max-tokens 4 --no-prefix-cache "
+           "2>/dev/null")
+    t_start = time.perf_counter()
+    child = pexpect.spawn("bash", ["-c", cmd], env=dict(os.environ, HUATUO_LOCAL_HOME=str(home)),
+                          encoding="utf-8", timeout=900)
+    try:
+        child.expect_exact(">>> ")
+        ready = time.perf_counter() - t_start
+        time.sleep(max(0.0, type_after - (time.perf_counter() - t_start)))
+        child.sendline(QUESTION)
+        t_enter = time.perf_counter()
+        child.expect_exact(QUESTION + "\r\n")  # the terminal's echo of the typed line
+        child.read_nonblocking(1, timeout=900)
+        first = time.perf_counter() - t_enter
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    return {"type_after_s": type_after, "prompt_ready_s": ready, "enter_to_first_byte_s": first}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", type=int, nargs=2, default=[2, 4])
@@ -255,6 +292,8 @@ def main() -> None:
     ap.add_argument("--from-results", action="store_true",
                     help="re-measure llama-mtmd-cli's encode on the GGUFs of results.json, then report")
     ap.add_argument("--report-only", type=Path, help="report a saved results.json (no measuring)")
+    ap.add_argument("--interactive", action="store_true", help="the REPL's wait after Enter (see above)")
+    ap.add_argument("--type-after", type=float, nargs="+", default=[5, 20, 60])
     args = ap.parse_args()
     if args.report_only:
         saved = json.loads(args.report_only.read_text())
@@ -276,6 +315,9 @@ def main() -> None:
         except Exception as exc:  # a missing compiler must not stop our own figures
             print(f"llama.cpp tools skipped: {exc}")
     results: dict = {}
+    if args.interactive:
+        run_interactive(args, work, image)
+        return
     if args.from_results:
         saved = json.loads((work / "results.json").read_text())
         results = {(int(k.split("|")[0]), k.split("|")[1]): v for k, v in saved.items()}
@@ -327,6 +369,47 @@ def main() -> None:
     results[(0, "bandwidth")] = rates
     (work / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}": v for k, v in results.items()}, indent=1))
     report(results, args, rates)
+
+
+def run_interactive(args, work: Path, image: Path) -> None:
+    from huatuo_local.convert.pipeline import convert
+
+    depth, quant = args.depths[0], args.quants[0]
+    ckpt = write_checkpoint(work, depth)
+    out = work / f"gguf-{depth}"
+    manifest = out / f"m-{quant}.manifest.json"
+    if not manifest.is_file():
+        convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+    # The one-shot path's time to first token on the same files: what the wait was without reading ahead.
+    oneshot = run_measured(f"""
+import json
+from huatuo_local import HuatuoChatbot
+bot = HuatuoChatbot({str(manifest)!r}, temperature=0, max_new_tokens=4, prefix_cache=False)
+bot.chat({QUESTION!r}, [{str(image)!r}])
+t = bot.last_reply.timings
+print(json.dumps(dict(ttft_s=t.first_token_s)))
+""")
+    print("one-shot", json.dumps(oneshot), flush=True)
+    runs = []
+    for after in args.type_after:
+        r = interactive(manifest, image, work / "home", after)
+        print(json.dumps(r), flush=True)
+        runs.append(r)
+    rows = ["| question typed after | prompt shown after | wait from Enter to the answer's first byte |",
+            "|---|---|---|"]
+    rows += [f"| {r['type_after_s']:.0f} s | {r['prompt_ready_s']:.1f} s | {r['enter_to_first_byte_s']:.2f} s |"
+             for r in runs]
+    rows.append(f"| (one-shot `chat -p`, nothing read ahead: time to first token) | | {oneshot['ttft_s']:.2f} s |")
+    notes = (f"`huatuo-local chat scan.png` in a pseudo-terminal, {quant} LLM with Qwen2-7B shapes at {depth} "
+             "layers, F16 mmproj, random weights, greedy, no prefix cache, each run a fresh process. The REPL "
+             "encodes and prefills the image part of the next turn as soon as it starts; the question then only "
+             "adds its own tokens. 'Prompt shown after': from the start of the command to the `>>>` prompt "
+             "(model load).")
+    if args.no_append:
+        print("\n".join(rows) + "\n\n" + notes)
+    else:
+        append(f"Interactive chat: wait after Enter ({depth} layers, {quant})", f"`{invocation()}`",
+               "\n".join(rows), notes)
 
 
 def report(results: dict, args, rates: dict) -> None:

@@ -8,6 +8,14 @@ encode), a 576-token text prefill, and decode; the image turn's time to first to
 encode + image prefill + the question's tokens. The first row is the engine's default.
 
     .venv/bin/python bench/settings.py [--depth 4] [--quant Q4_K_M] [--rounds 2]
+
+`--load` measures model loading instead: each load mode (`EngineOptions.load`) in a fresh process
+(load time, CPU time, peak anonymous and file-backed memory sampled every 10 ms, and the first decode
+after it, which touches every weight), then a whole one-shot `huatuo-local chat IMAGE -p ...
+--max-tokens 16` against `llama-mtmd-cli` on the same files. Use `--depth 28` for the 7B's full depth;
+`--shape 34b` for Yi-1.5-34B's layer shapes (at the depth given).
+
+    .venv/bin/python bench/settings.py --load --depth 28 [--rounds 2]
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ SETTINGS: list[tuple[str, dict, bool | None]] = [
     ("ubatch 1024", {"n_ubatch": 1024}, None),
     ("encoder flash attention off", {}, False),
     ("1 thread", {"n_threads": 1}, None),
-    ("weights mapped (mmap)", {"use_mmap": True}, None),
+    ("weights read, not mapped", {"load": "read"}, None),
     # Q4_0 has simpler CPU kernels than Q4_K; FIDELITY.md ranks its quality below Q4_K_M's
     ("Q4_0 weights", {"quant": "Q4_0"}, None),
 ]
@@ -95,6 +103,132 @@ print(json.dumps(out))
 """
 
 
+LOAD_CHILD = """
+import json, resource, threading, time
+from huatuo_local.runtime import engine as E
+
+
+def mem():
+    d = {{}}
+    for line in open("/proc/self/status"):
+        if line.startswith(("RssAnon:", "RssFile:")):
+            k, v = line.split(":")
+            d[k] = int(v.split()[0]) * 1024
+    return d["RssAnon"], d["RssFile"]
+
+
+peak = [0, 0]
+stop = False
+
+
+def watch():
+    while not stop:
+        a, f = mem()
+        peak[0], peak[1] = max(peak[0], a), max(peak[1], f)
+        time.sleep(0.01)
+
+
+th = threading.Thread(target=watch, daemon=True)
+th.start()
+r0 = resource.getrusage(resource.RUSAGE_SELF)
+t0 = time.perf_counter()
+eng = E.Engine({llm!r}, {mmproj!r}, E.EngineOptions(n_ctx=1024, load={load!r}))
+out = dict(load_s=time.perf_counter() - t0)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+out.update(user_s=r1.ru_utime - r0.ru_utime, sys_s=r1.ru_stime - r0.ru_stime)
+out["anon_loaded"], out["file_loaded"] = mem()
+toks = eng.tokenize("The chest radiograph shows " * 8)
+t0 = time.perf_counter()
+eng.decode_tokens([(0, t, i, i == len(toks) - 1) for i, t in enumerate(toks)])
+eng.logits_at(len(toks) - 1)
+out["first_decode_s"] = time.perf_counter() - t0
+out["anon_after"], out["file_after"] = mem()
+stop = True
+th.join()
+out["peak_anon"], out["peak_file"] = peak
+print(json.dumps(out))
+"""
+LOAD_MODES = ["read", "mmap", "mmap-release"]
+
+
+def wall_and_peak(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """A command's wall time and peak RSS (its own, from wait4), quiet."""
+    import os
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, **(env or {})))
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err[-800:]}")
+    return wall, usage.ru_maxrss / 1024**2
+
+
+def bench_load(args, out: Path, image: Path) -> None:
+    import os
+
+    from llama_tools import build
+
+    import runtime as rb
+
+    llm, mmproj = out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
+    best: dict[str, dict] = {}
+    for _ in range(args.rounds):
+        for mode in LOAD_MODES:
+            r = run_measured(LOAD_CHILD.format(llm=str(llm), mmproj=str(mmproj), load=mode))
+            print(mode, json.dumps(r), flush=True)
+            keep = best.setdefault(mode, r)
+            for k, v in r.items():
+                keep[k] = min(keep[k], v) if k.endswith("_s") else max(keep[k], v)
+    gib = 1024**3
+    rows = ["| load mode | load | CPU user / kernel | peak anonymous | peak file-backed | after first decode "
+            "(anon + file) | first decode (64 tokens) |", "|---|---|---|---|---|---|---|"]
+    for mode in LOAD_MODES:
+        r = best[mode]
+        rows.append(f"| {mode}{' (default)' if mode == 'mmap-release' else ''} | {r['load_s']:.2f} s | "
+                    f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_anon'] / gib:.2f} GiB | "
+                    f"{r['peak_file'] / gib:.2f} GiB | {r['anon_after'] / gib:.2f} + {r['file_after'] / gib:.2f} "
+                    f"GiB | {r['first_decode_s']:.2f} s |")
+    # The whole one-shot run, as a new user starts it, against llama.cpp's own tool on the same files.
+    bins = build()
+    question = "What does the picture show?"
+    ours_cmd = [str(Path(sys.executable).with_name("huatuo-local")), "chat", str(image), "-p", question,
+                "--model", str(out / f"m-{args.quant}.manifest.json"), "--max-tokens", "16", "--temperature", "0",
+                "--no-prefix-cache"]
+    e2e: dict[str, list] = {"huatuo-local chat": [], "llama-mtmd-cli": []}
+    if bins is not None:
+        theirs = [str(bins / "llama-mtmd-cli"), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image),
+                  "-p", question, "-n", "16", "--temp", "0", "-c", "4096", "-t", str(rb.os.cpu_count() or 2)]
+        from huatuo_local.runtime.engine import physical_cores
+        theirs[-1] = str(physical_cores())
+        for _ in range(args.rounds):
+            e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home")}))
+            e2e["llama-mtmd-cli"].append(wall_and_peak(theirs, {"LD_LIBRARY_PATH": str(bins)}))
+            print(e2e, flush=True)
+    rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (best) | peak RSS |", "|---|---|---|"]
+    for name, runs in e2e.items():
+        if runs:
+            rows2.append(f"| {name} | {min(w for w, _ in runs):.1f} s | {max(m for _, m in runs):.2f} GiB |")
+    table = "\n".join(rows) + "\n\n" + "\n".join(rows2)
+    notes = (f"{args.quant} LLM with {args.shape} layer shapes at {args.depth} layers, F16 mmproj, random weights; "
+             f"file {llm.stat().st_size / gib:.2f} GiB, in the page cache (warm) for every run. Best of "
+             f"{args.rounds} interleaved rounds for times, largest for memory, each in a fresh process. `read`: "
+             "llama.cpp reads the file into its buffers; `mmap`: it maps the file and copies the tensors it repacks, "
+             "whose mapped pages stay resident; `mmap-release` (the default on CPU): mapped, and the pages "
+             "already read are dropped as loading proceeds (`MappedPages` in runtime/engine.py). File-backed "
+             "pages are page cache the kernel can reclaim; anonymous pages are not. Threads: "
+             f"{os.cpu_count()} logical, the physical cores used.")
+    if args.no_append:
+        print(table + "\n\n" + notes)
+    else:
+        append(f"Model load ({args.shape} shapes, {args.depth} layers)",
+               f"`{invocation()}`", table, notes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/huatuo-bench-runtime"))
@@ -104,6 +238,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", help="labels of the settings to run (default: all)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--load", action="store_true", help="measure model loading (see above)")
+    ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes (--load)")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert
     from huatuo_local.runtime.engine import EngineOptions
@@ -113,9 +249,19 @@ def main() -> None:
     if args.tiny:
         rb.tiny_shapes()
     work = args.workdir
+    if args.shape == "34b":
+        # Yi-1.5-34B's layer shapes (hidden 7168, MLP 20480, 56 heads, 8 KV heads) on the qwen2 layout
+        # with the Qwen vocabulary: loading depends on tensor sizes and types, not on the architecture.
+        rb.shapes.H, rb.shapes.FFN, rb.shapes.HEADS, rb.shapes.KV = 7168, 20480, 56, 8
+        work = work / "34b"
     image = rb.write_image(work)
     ckpt = rb.write_checkpoint(work, args.depth)
     out = work / f"gguf-{args.depth}"
+    if args.load:
+        if not (out / f"m-{args.quant}.manifest.json").is_file():
+            convert(ckpt, out, quant=args.quant, mmproj_type="f16", name="m")
+        bench_load(args, out, image)
+        return
     chosen = [s for s in SETTINGS if not args.only or s[0] in args.only]
     for quant in dict.fromkeys(opts.get("quant", args.quant) for _, opts, _ in chosen):
         if not (out / f"m-{quant}.manifest.json").is_file():

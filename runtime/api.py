@@ -44,7 +44,7 @@ def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, st
 def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
                threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
                seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
-               prefix_cache: bool = True, use_mmap: bool | None = None,
+               prefix_cache: bool = True, load: str | None = None,
                n_seq: int = 1) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
     """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
     resolved = resolve(model)
@@ -54,7 +54,7 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
         n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
         seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
-        use_mmap=use_mmap, n_seq=n_seq,
+        load=load, n_seq=n_seq,
     )
     engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
@@ -85,12 +85,12 @@ class HuatuoChatbot:
         frame: int | None = None,
         max_pixels: int | None = None,
         prefix_cache: bool = True,
-        use_mmap: bool | None = None,
+        load: str | None = None,
     ):
         self.model, self.engine, cache = open_model(
             model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, kv_type=kv_type,
             mmproj_offload=mmproj_offload, seed=seed, allow_unverified_vision=allow_unverified_vision,
-            offline=offline, prefix_cache=prefix_cache, use_mmap=use_mmap)
+            offline=offline, prefix_cache=prefix_cache, load=load)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)

@@ -364,3 +364,40 @@ def test_cancel_stops_a_long_decode_at_once_and_the_cache_stays_consistent(tiny,
     assert s.scheduler.slots[0].pos == len(s.scheduler.slots[0].cached)  # the partial chunk is gone
     assert s.ask("What does the picture show?").tokens == want
     s.close()
+
+
+def test_ctrl_c_while_the_repl_reads_images_returns_at_once_and_the_next_answer_is_right(tiny, images, tmp_path):
+    """Issue 16: the question is sent while the REPL still reads five images in the background; Ctrl-C
+    returns to the prompt within a second, and the question asked again gets the one-shot answer."""
+    import time
+
+    import pexpect
+    from huatuo_local.convert.pipeline import convert
+
+    spec = TinySpec(seed=5, hidden=1024, layers=8, heads=8, kv_heads=4, ffn=4096, tower="folder")
+    m = convert(tiny(spec)["ckpt"], tmp_path / "mid", quant="Q8_0", mmproj_type="f32", name="mid")
+    pics = images[:5]
+    question = "What do the pictures show?"
+    one_shot = json.loads(chat(m, *pics, "-p", question, "--json", "--max-tokens", "6").stdout)
+    reading = one_shot["timings"]["prompt_s"] + one_shot["timings"]["image_encode_s"]
+    assert reading > 2.0, one_shot["timings"]  # long enough for the bound below to mean something
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(m.manifest_path), "--temperature", "0",
+                                   "--max-tokens", "6", "--no-prefix-cache", *pics],
+                          cwd=str(ROOT), encoding="utf-8", timeout=120, env=dict(os.environ, TERM="dumb"))
+    child.expect(">>> ")
+    child.sendline(question)  # the five images are still being read
+    child.expect_exact(question + "\r\n")
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    child.sendintr()
+    child.expect_exact("(stopped)")
+    child.expect_exact(">>> ")
+    assert time.perf_counter() - t0 < 1.0
+    child.sendline(question)
+    child.expect_exact(question + "\r\n")
+    child.expect_exact(">>> ")
+    assert child.before.strip() == one_shot["answer"].strip()
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
