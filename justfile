@@ -14,7 +14,7 @@ lint:
     {{python}} -m ruff check .
 
 # All benchmarks (each appends its table to BENCHMARKS.md)
-bench: bench-convert bench-runtime bench-encode bench-settings bench-serve
+bench: bench-convert bench-runtime bench-encode bench-settings bench-load bench-serve bench-eval bench-rpc
 
 # Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
 bench-convert *ARGS:
@@ -39,3 +39,19 @@ bench-settings *ARGS:
 # Serving: huatuo-local serve vs llama-server, 1/2/4 clients, image interference, memory
 bench-serve *ARGS:
     {{python}} bench/serve.py {{ARGS}}
+
+# Model load: read vs mmap vs mmap-release, and a whole one-shot chat vs llama-mtmd-cli (full 7B depth)
+bench-load *ARGS:
+    {{python}} bench/settings.py --load --depth 28 {{ARGS}}
+
+# The REPL's wait after Enter when the question is typed 5/20/60 s after the start (full 7B depth)
+bench-interactive *ARGS:
+    {{python}} bench/runtime.py --interactive --depths 28 28 --quants Q4_K_M {{ARGS}}
+
+# Eval: cost per question with and without shared images, vs llama-mtmd-cli per question
+bench-eval *ARGS:
+    {{python}} bench/eval.py {{ARGS}}
+
+# RPC: the model split over local llama.cpp RPC workers vs all local; bytes per token
+bench-rpc *ARGS:
+    {{python}} bench/rpc.py {{ARGS}}

@@ -152,20 +152,35 @@ LOAD_MODES = ["read", "mmap", "mmap-release"]
 
 
 def wall_and_peak(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """A command's wall time and peak RSS (its own, from wait4), quiet."""
+    """A command's wall time and peak RSS in GiB, quiet.
+
+    The peak is the child's own VmHWM, polled from /proc while it runs: ru_maxrss from wait4 would
+    start from this (forking) process's peak, which a conversion run in this process makes large.
+    """
     import os
     import subprocess
+    import tempfile
     import time
 
+    log = tempfile.TemporaryFile()  # not a pipe: llama.cpp's log would fill it and stall the child
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, **(env or {})))
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, **(env or {})))
+    hwm = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
+    log.seek(0)
+    err = log.read().decode(errors="replace")
+    if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {err[-800:]}")
-    return wall, usage.ru_maxrss / 1024**2
+    return wall, hwm / 1024**2
 
 
 def bench_load(args, out: Path, image: Path) -> None:
@@ -173,7 +188,6 @@ def bench_load(args, out: Path, image: Path) -> None:
 
     from llama_tools import build
 
-    import runtime as rb
 
     llm, mmproj = out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
     best: dict[str, dict] = {}
@@ -185,30 +199,32 @@ def bench_load(args, out: Path, image: Path) -> None:
             for k, v in r.items():
                 keep[k] = min(keep[k], v) if k.endswith("_s") else max(keep[k], v)
     gib = 1024**3
-    rows = ["| load mode | load | CPU user / kernel | peak anonymous | peak file-backed | after first decode "
-            "(anon + file) | first decode (64 tokens) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| load mode | load | CPU user / kernel | peak anonymous | peak file-backed | peak total (VmHWM) | "
+            "after first decode (anon + file) | first decode (64 tokens) |", "|---|---|---|---|---|---|---|---|"]
     for mode in LOAD_MODES:
         r = best[mode]
         rows.append(f"| {mode}{' (default)' if mode == 'mmap-release' else ''} | {r['load_s']:.2f} s | "
                     f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_anon'] / gib:.2f} GiB | "
-                    f"{r['peak_file'] / gib:.2f} GiB | {r['anon_after'] / gib:.2f} + {r['file_after'] / gib:.2f} "
+                    f"{r['peak_file'] / gib:.2f} GiB | {r['peak_rss_kib'] / 1024**2:.2f} GiB | "
+                    f"{r['anon_after'] / gib:.2f} + {r['file_after'] / gib:.2f} "
                     f"GiB | {r['first_decode_s']:.2f} s |")
     # The whole one-shot run, as a new user starts it, against llama.cpp's own tool on the same files.
-    bins = build()
+    bins = None if args.no_llama_cpp else build()
     question = "What does the picture show?"
     ours_cmd = [str(Path(sys.executable).with_name("huatuo-local")), "chat", str(image), "-p", question,
                 "--model", str(out / f"m-{args.quant}.manifest.json"), "--max-tokens", "16", "--temperature", "0",
                 "--no-prefix-cache"]
     e2e: dict[str, list] = {"huatuo-local chat": [], "llama-mtmd-cli": []}
-    if bins is not None:
-        theirs = [str(bins / "llama-mtmd-cli"), "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image),
-                  "-p", question, "-n", "16", "--temp", "0", "-c", "4096", "-t", str(rb.os.cpu_count() or 2)]
-        from huatuo_local.runtime.engine import physical_cores
-        theirs[-1] = str(physical_cores())
-        for _ in range(args.rounds):
-            e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home")}))
+    from huatuo_local.runtime.engine import physical_cores
+
+    for _ in range(args.rounds):
+        e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home")}))
+        if bins is not None:
+            theirs = [str(bins / "llama-mtmd-cli"), "-m", str(llm), "--mmproj", str(mmproj), "--image",
+                      str(image), "-p", question, "-n", "16", "--temp", "0", "-c", "4096", "-t",
+                      str(physical_cores())]
             e2e["llama-mtmd-cli"].append(wall_and_peak(theirs, {"LD_LIBRARY_PATH": str(bins)}))
-            print(e2e, flush=True)
+        print(e2e, flush=True)
     rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (best) | peak RSS |", "|---|---|---|"]
     for name, runs in e2e.items():
         if runs:
@@ -239,6 +255,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--load", action="store_true", help="measure model loading (see above)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="--load without the llama-mtmd-cli rows")
     ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes (--load)")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert

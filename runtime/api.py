@@ -24,9 +24,10 @@ from .session import Counters, Reply, Session
 
 
 def default_gpu_layers() -> int:
-    import llama_cpp
+    from .rpc import local_gpu
 
-    return -1 if llama_cpp.llama_supports_gpu_offload() else 0
+    # not llama_supports_gpu_offload(): it also says yes for a CPU build with the RPC backend
+    return -1 if local_gpu() else 0
 
 
 def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
@@ -38,14 +39,24 @@ def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, st
                           else file_checksum(model.mmproj_path)),
         "engine": engine_build_id(), "kv_type": options.kv_type, "n_ctx": str(options.n_ctx),
         "gpu_layers": str(options.n_gpu_layers),
+        "rpc": ",".join(options.rpc),
     }
+
+
+def _endpoints(rpc: str | list[str] | None) -> list[str]:
+    if not rpc:
+        return []
+    from .rpc import parse_endpoints
+
+    return parse_endpoints(rpc if isinstance(rpc, str) else ",".join(rpc))
 
 
 def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
                threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
                seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
-               prefix_cache: bool = True, load: str | None = None,
-               n_seq: int = 1) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
+               prefix_cache: bool = True, load: str | None = None, n_seq: int = 1,
+               rpc: str | list[str] | None = None,
+               tensor_split: list[float] | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
     """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
     resolved = resolve(model)
     if offline:
@@ -54,7 +65,8 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
         n_gpu_layers=default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
         seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
-        load=load, n_seq=n_seq,
+        load=load, n_seq=n_seq, rpc=tuple(_endpoints(rpc)),
+        tensor_split=tuple(tensor_split) if tensor_split else None,
     )
     engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
@@ -86,11 +98,13 @@ class HuatuoChatbot:
         max_pixels: int | None = None,
         prefix_cache: bool = True,
         load: str | None = None,
+        rpc: str | list[str] | None = None,
+        tensor_split: list[float] | None = None,
     ):
         self.model, self.engine, cache = open_model(
             model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, kv_type=kv_type,
             mmproj_offload=mmproj_offload, seed=seed, allow_unverified_vision=allow_unverified_vision,
-            offline=offline, prefix_cache=prefix_cache, load=load)
+            offline=offline, prefix_cache=prefix_cache, load=load, rpc=rpc, tensor_split=tensor_split)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)

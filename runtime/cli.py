@@ -41,6 +41,19 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _shares(text: str | None, rpc: str | None) -> list[float] | None:
+    """--tensor-split's numbers (this machine first, then each --rpc worker)."""
+    if text is None:
+        return None
+    if not rpc:
+        fail("--tensor-split needs --rpc")
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        fail(f"--tensor-split {text}: give numbers separated by commas, this machine's share first (e.g. 1,1,1)")
+    return None
+
+
 @app.command(epilog="Example: huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M")
 def convert(
     src: Annotated[str, typer.Argument(help="Checkpoint folder, or a Hugging Face repo id to download.")],
@@ -71,6 +84,8 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     selftest: Annotated[bool, typer.Option("--selftest", help="Also write, convert and chat with a tiny random "
                                                               "model (no download).")] = False,
+    rpc: Annotated[str | None, typer.Option(help="Also ask these RPC workers (HOST:PORT,...) for their memory and "
+                                            "show which quants fit across them and this machine.")] = None,
 ) -> None:
     """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
     import json
@@ -86,7 +101,9 @@ def doctor(
         typer.echo(f"selftest         ok on {where}: converted a random model and generated {result.tokens} "
                    f"tokens in {result.seconds:.1f} s (random weights: the answer is meaningless)")
 
-    report = gather()
+    from .rpc import parse_endpoints
+
+    report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None)
     if as_json:
         typer.echo(json.dumps(asdict(report), indent=2))
     else:
@@ -100,6 +117,7 @@ def doctor(
             f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),
             f"library          {probe.get('library')}",
             f"GPU offload      {'available' if report.gpu_offload else 'none (CPU only)'}",
+            f"RPC backend      {'built in (huatuo-local rpc-worker, --rpc)' if report.rpc else 'not built'}",
             f"CPU features     {report.system_info}",
             f"CPU cores        {report.physical_cores} physical, {report.logical_cores} logical (threads default to "
             "the physical count)",
@@ -108,6 +126,15 @@ def doctor(
         for name, fits in report.fits.items():
             ok = [q for q, f in fits.items() if f]
             lines.append(f"{name:<16} fits: {', '.join(ok) if ok else 'none of ' + ', '.join(fits)}")
+        for w in report.workers or []:
+            if "fits" in w:
+                for name, fits in w["fits"].items():
+                    ok = [q for q, f in fits.items() if f]
+                    lines.append(f"{name:<16} fits across the workers and this machine ({w['free_gib']:.1f} GiB "
+                                 f"free): {', '.join(ok) if ok else 'none'}")
+            else:
+                lines.append(f"RPC worker       {w['endpoint']}: {w['free_gib']:.1f} GiB free of "
+                             f"{w['total_gib']:.1f} GiB")
         rec = report.recommended
         lines.append(f"recommended      -ngl {rec['n_gpu_layers']} --threads {rec['threads']}, quant "
                      + ", ".join(f"{k}: {v or 'too large'}" for k, v in rec["quant"].items()))
@@ -152,6 +179,12 @@ def chat(
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
                                                   help="Do not keep encoded images on disk for the next run.")]
     = False,
+    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
+                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
+                                            "here.")] = None,
+    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
+                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
+    = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
     from .api import HuatuoChatbot
@@ -170,7 +203,8 @@ def chat(
                             mmproj_offload=not no_mmproj_offload, temperature=temperature,
                             repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
                             allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
-                            max_pixels=max_pixels, prefix_cache=not no_prefix_cache)
+                            max_pixels=max_pixels, prefix_cache=not no_prefix_cache, rpc=rpc,
+                            tensor_split=_shares(tensor_split, rpc))
     finally:
         status.stop()
     if prompt is None:
@@ -357,6 +391,12 @@ def serve(
     allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
                                                           help="Answer even if the vision probe fails.")] = False,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
+                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
+                                            "here.")] = None,
+    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
+                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
+    = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
     ask), on this machine only unless --host says otherwise."""
@@ -379,8 +419,106 @@ def serve(
         threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
         log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
         max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
-        allow_unverified_vision=allow_unverified_vision)
+        allow_unverified_vision=allow_unverified_vision, rpc=rpc, tensor_split=_shares(tensor_split, rpc))
     run_server(config, open_browser)
+
+
+@app.command(name="eval", epilog=(
+    "Examples:\n\n"
+    "  huatuo-local eval medical_multimodel_evaluation_data.json --model huatuo-vision-7b:q4_k_m\n\n"
+    "  huatuo-local eval data.json --model huatuo-vision-7b:q8_0 --datasets VQA-RAD,SLAKE --limit 50 --greedy\n\n"
+    "  huatuo-local eval data.json --model /shared/models/huatuo-vision-7b --ray auto --parallel 4\n\n"
+    "  huatuo-local eval compare eval-runs/huatuo-vision-7b-q8_0 eval-runs/huatuo-vision-7b-q4_k_m"))
+def eval_cmd(
+    args: Annotated[list[str], typer.Argument(
+        metavar="DATA.json | compare RUN_A RUN_B",
+        help="The release's evaluation file (medical_multimodel_evaluation_data.json, images beside it), or "
+             "`compare` and two run folders.")],
+    model: Annotated[str | None, typer.Option("-m", "--model", help="Model name, folder, manifest or .gguf "
+                                              "file (default: huatuo-vision-7b).")] = None,
+    datasets: Annotated[str | None, typer.Option(help="Comma-separated datasets or model-card columns "
+                                                 "(VQA-RAD,SLAKE,PathVQA,PMC-VQA,OmniMedVQA,MMMU); "
+                                                 "default: all.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most N questions per dataset (a quick "
+                                              "estimate).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder: answers (results.jsonl), results.json, "
+                                             "results.md; rerun to continue (default: "
+                                             "eval-runs/MODEL-QUANT).")] = None,
+    greedy: Annotated[bool, typer.Option(help="Greedy decoding (deterministic) instead of the release's "
+                                         "sampling (temperature 0.2, repetition penalty 1.2, seed 42).")] = False,
+    parallel: Annotated[int, typer.Option(min=1, max=64, help="Questions answered at once (parallel "
+                                          "sequences of one model).")] = 1,
+    ray: Annotated[str | None, typer.Option(help="Spread the questions over a Ray cluster: its ADDRESS, "
+                                            "`auto`, or `local` (a private one on this machine); needs "
+                                            "huatuo-local[distributed].")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Ray workers (model replicas; default: one per "
+                                                "machine).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads per model (default: the physical "
+                                                "cores).")] = None,
+    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
+                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
+                                            "here.")] = None,
+    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
+                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
+    = None,
+) -> None:
+    """The model card's accuracy table for your model files, measured the way the release measures it."""
+    from . import evaluate
+
+    if args and args[0] == "compare":
+        if len(args) != 3:
+            fail("usage: huatuo-local eval compare RUN_A RUN_B")
+        from .eval_report import compare, compare_markdown
+
+        rows = []
+        for run_dir in args[1:]:
+            path = Path(run_dir) / evaluate.RESULTS
+            if not path.is_file():
+                fail(f"{run_dir}: no {evaluate.RESULTS}; give two folders written by huatuo-local eval")
+            rows.append(evaluate.read_rows(path))
+        typer.echo(compare_markdown(compare(*rows), args[1], args[2]), nl=False)
+        return
+    if len(args) != 1:
+        fail("give one evaluation file (or: huatuo-local eval compare RUN_A RUN_B)")
+    if workers and not ray:
+        fail("--workers needs --ray")
+    if rpc and ray:
+        fail("give --ray (a model per machine) or --rpc (one model across machines), not both")
+    try:
+        folder, md = evaluate.run(
+            Path(args[0]), model, out, [d for d in datasets.split(",")] if datasets else None, limit, parallel,
+            greedy, ray, threads, show_progress=sys.stderr.isatty(), workers=workers, rpc=rpc,
+            tensor_split=_shares(tensor_split, rpc))
+    except KeyboardInterrupt:
+        typer.echo("stopped: every answer so far is saved; run the same command again to continue", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(md, nl=False)
+    typer.echo(f"(written to {folder}/results.md and results.json)", err=True)
+
+
+@app.command(name="rpc-worker", epilog=(
+    "Examples:\n\n"
+    "  huatuo-local rpc-worker --port 50052                 (this machine only; tunnel it, see README)\n\n"
+    "  huatuo-local rpc-worker --host 10.0.0.2 --i-understand-rpc-is-unauthenticated   (a trusted network)"))
+def rpc_worker(
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 50052,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
+    device: Annotated[str, typer.Option(help="Device whose memory to lend: cpu, cuda0, metal, ...")] = "cpu",
+    cache: Annotated[Path | None, typer.Option(help="Keep received weights in this folder (owner-only), so a "
+                                               "restart does not receive them again.")] = None,
+    acknowledged: Annotated[bool, typer.Option("--i-understand-rpc-is-unauthenticated",
+                                               help="Listen on a non-loopback --host although the protocol has "
+                                                    "no authentication or encryption.")] = False,
+) -> None:
+    """Lend this machine's memory to a model on another one (llama.cpp's RPC server, from the same library)."""
+    from .engine import physical_cores
+    from .rpc import serve_worker, worker_refusal
+
+    refusal = worker_refusal(host, acknowledged)
+    if refusal:
+        fail(refusal)
+    serve_worker(host, port, threads or physical_cores(), device, cache)
 
 
 cache_app = typer.Typer(help="Show or clear the on-disk prefix cache (encoded images, derived from your scans).",

@@ -27,6 +27,8 @@ class Report:
     recommended: dict
     physical_cores: int = 0
     logical_cores: int = 0
+    rpc: bool = False  # llama.cpp's RPC backend built in (huatuo-local rpc-worker, --rpc)
+    workers: list[dict] | None = None  # doctor --rpc: each worker's memory, and what fits across them
 
 
 def memory_gib() -> tuple[float, float]:
@@ -49,7 +51,12 @@ def engine_build() -> dict:
         return {}
 
 
-def gather(run_probe: bool = True) -> Report:
+def fits_across(free_bytes: float) -> dict[str, dict[str, bool]]:
+    """Which quant of each known model fits in this much memory."""
+    return {m.name: {q: m.ram_needed_gib(q) <= free_bytes / GIB for q in m.llm_gib} for m in KNOWN_MODELS.values()}
+
+
+def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Report:
     import llama_cpp
 
     from huatuo_local import __version__
@@ -59,7 +66,9 @@ def gather(run_probe: bool = True) -> Report:
 
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    from . import rpc
+
+    gpu = rpc.local_gpu()  # llama_supports_gpu_offload() says yes for an RPC build without a GPU
     probe = check_library().__dict__ if run_probe else {}
     total, avail = memory_gib()
     fits = {
@@ -71,5 +80,12 @@ def gather(run_probe: bool = True) -> Report:
         ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if fits[m.name].get(q)]
         best[m.name] = ok[0] if ok else None
     recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
+    workers = None
+    if rpc_endpoints:
+        found = [rpc.probe(ep) for ep in rpc_endpoints]
+        together = avail * GIB + sum(w.free for w in found)
+        workers = [{"endpoint": w.endpoint, "free_gib": w.free / GIB, "total_gib": w.total / GIB} for w in found]
+        workers.append({"endpoint": "together with this machine", "free_gib": together / GIB,
+                        "fits": fits_across(together)})
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
-                  recommended, physical_cores(), os.cpu_count() or 1)
+                  recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers)

@@ -108,6 +108,18 @@ LOAD_MODES = {"read": 0, "mmap": 1, "mmap-release": 1}
 _MADV_DONTNEED = 4
 
 
+def _rss_anon() -> int:
+    """This process's resident anonymous memory in bytes (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class MappedPages:
     """Drops the resident pages of llama.cpp's read-only mapping of a GGUF while and after it loads.
 
@@ -117,13 +129,19 @@ class MappedPages:
     page of an anonymous buffer. Mapping and dropping the pages already read keeps the mapping's speed
     and the read path's footprint. Dropping pages of a shared read-only file mapping is always safe:
     a tensor still used from the mapping (the token embeddings, norms) is faulted back in from the page
-    cache the next time it is read. Linux only; elsewhere a no-op.
+    cache the next time it is read. Pages are dropped only while loading copies most of what it reads
+    (anonymous memory grows with the data loaded): a model whose weights are used in place (F16 on
+    most CPUs) keeps its mapping as it is. Linux only; elsewhere a no-op.
     """
+
+    STEP = 64 << 20  # drop in steps of this many bytes of loaded data (each step reads /proc/self/status)
 
     def __init__(self, path: Path):
         self.path = os.path.realpath(path)
         self.size = os.path.getsize(path)
-        self.done = 0
+        self.dropped = 0  # file offset below which pages were dropped once
+        self.anon0 = _rss_anon()
+        self._maps: list[tuple[int, int, int]] | None = None
         try:
             self._madvise = ctypes.CDLL(None, use_errno=True).madvise
             self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -144,26 +162,36 @@ class MappedPages:
             pass
         return out
 
-    def _drop(self, upto: int) -> None:
+    def _drop(self, first: int, last: int, maps: list[tuple[int, int, int]]) -> None:
+        """Drop the pages of file bytes [first, last) wherever they are mapped."""
         if self._madvise is None:
             return
-        for start, end, offset in self._ranges():
-            stop = min(end, start + max(0, upto - offset))
-            stop -= stop % mmap.PAGESIZE
-            if stop > start:
-                self._madvise(start, stop - start, _MADV_DONTNEED)
+        page = mmap.PAGESIZE
+        for start, end, offset in maps:
+            lo = max(start, start + first - offset)
+            hi = min(end, start + last - offset)
+            lo += -(lo - start) % page
+            hi -= (hi - start) % page
+            if hi > lo:
+                self._madvise(lo, hi - lo, _MADV_DONTNEED)
 
     def progress(self, fraction: float, _user: object) -> bool:
-        # Tensors load in file order, so the first `fraction` of the data lies behind the loader; one
-        # tenth of the file is kept as a margin for a tensor still being copied.
+        # Called by llama.cpp between tensors. They load roughly in file order (per buffer type):
+        # a tenth of the file is kept as a margin behind the loader, and everything behind it is
+        # dropped again at each step (pages read twice come back). Only once the load is seen
+        # copying (anonymous memory growing past what loading allocates for itself).
         upto = int((fraction - 0.1) * self.size)
-        if upto - self.done >= 64 << 20:
-            self._drop(upto)
-            self.done = upto
+        if upto - self.dropped >= self.STEP and _rss_anon() - self.anon0 > max(256 << 20, self.size // 20):
+            if self._maps is None:
+                self._maps = self._ranges()
+            self._drop(0, upto, self._maps)
+            self.dropped = upto
         return True
 
     def release_all(self) -> None:
-        self._drop(self.size)
+        """After loading: drop every mapped page if the load copied the weights out of the mapping."""
+        if self.dropped or _rss_anon() - self.anon0 > self.size // 2:
+            self._drop(0, self.size, self._ranges())  # llama.cpp unmapped parts at the end: read the maps again
 
 
 @dataclass
@@ -183,6 +211,11 @@ class EngineOptions:
     allow_unverified_vision: bool = False
     # How the weights reach memory (LOAD_MODES). None: "mmap-release" on CPU, "mmap" when offloading.
     load: str | None = None
+    # llama.cpp RPC workers (HOST:PORT) that hold some of the layers (runtime/rpc.py); the vision
+    # encoder stays here. tensor_split: this machine's share first, then each worker's (None: by
+    # free memory).
+    rpc: tuple[str, ...] = ()
+    tensor_split: tuple[float, ...] | None = None
 
     @property
     def threads(self) -> int:
@@ -261,7 +294,7 @@ class Engine:
         if opts.kv_type not in KV_TYPES:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
         # Both files are checked (bounded header walk) before llama.cpp's parser sees them.
-        check_gguf(self.llm_path, "llm")
+        llm_fields = check_gguf(self.llm_path, "llm").fields
         vision = check_gguf(self.mmproj_path, "mmproj").fields
         for key in ("clip.vision.image_size", "clip.vision.image_mean", "clip.vision.patch_size"):
             if key not in vision:
@@ -284,6 +317,9 @@ class Engine:
         self.n_seq = max(1, opts.n_seq)
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = opts.n_gpu_layers
+        self.rpc_layers = 0
+        if opts.rpc:
+            self.rpc_layers = self._place_on_workers(opts, llm_fields, mparams)
         load = opts.load or ("mmap-release" if opts.n_gpu_layers == 0 else "mmap")
         if load not in LOAD_MODES:
             raise EngineError(f"unknown load mode {load!r}; use one of {', '.join(LOAD_MODES)}")
@@ -336,7 +372,8 @@ class Engine:
 
         mtmd = _mtmd()
         params = mtmd.mtmd_context_params_default()
-        params.use_gpu = bool(opts.mmproj_offload and opts.n_gpu_layers != 0)
+        # With RPC workers the encoder stays on this machine (an RPC device counts as a GPU to libmtmd).
+        params.use_gpu = bool(opts.mmproj_offload and opts.n_gpu_layers != 0 and not opts.rpc)
         params.n_threads = threads
         params.print_timings = False
         params.warmup = False
@@ -350,6 +387,35 @@ class Engine:
         self._embd_batch = llama_cpp.llama_batch_init(opts.ubatch, self.n_embd, 1)
 
     # --- tokens -----------------------------------------------------------------------
+
+    def _place_on_workers(self, opts: EngineOptions, llm_fields: dict, mparams) -> int:
+        """Register the RPC workers and say how many layers go to them, split by tensor_split."""
+        from . import rpc
+
+        if rpc.local_gpu():
+            raise EngineError("--rpc with a GPU on this machine is not supported yet; use the workers or the GPU")
+        workers = [rpc.probe(ep) for ep in opts.rpc]  # one line for a worker that is down, before loading
+        rpc.register(list(opts.rpc))
+        rpc.install_abort_message()
+        arch = llm_fields.get("general.architecture", "")
+        n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
+        local_free = 0
+        try:
+            with open("/proc/meminfo") as f:
+                local_free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            local_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        on_workers, shares = rpc.split(n_layer, workers, local_free,
+                                       list(opts.tensor_split) if opts.tensor_split else None)
+        llama_cpp = _llama()
+        split = (ctypes.c_float * llama_cpp.llama_max_devices())()
+        for i, share in enumerate(shares):  # RPC devices come in registration order (no local GPU)
+            split[i] = share
+        self._tensor_split = split  # llama.cpp copies it, but keep it alive through the load
+        mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        mparams.n_gpu_layers = on_workers
+        self.workers = workers
+        return on_workers
 
     def _scan_vocab(self) -> tuple[dict[str, int], frozenset[int]]:
         """Added tokens HF matches verbatim in text (control tokens), and byte-fallback tokens."""

@@ -58,6 +58,8 @@ class ServeConfig:
     max_image_bytes: int = 32 * 1024 * 1024
     max_pixels: int | None = None
     allow_unverified_vision: bool = False
+    rpc: str | None = None
+    tensor_split: list[float] | None = None
 
 
 class _State:
@@ -78,7 +80,8 @@ class _State:
         try:
             model, engine, cache = open_model(
                 c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads, prefix_cache=c.prefix_cache,
-                allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel)
+                allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel, rpc=c.rpc,
+                tensor_split=c.tensor_split)
         except Exception as exc:  # reported by /health and every request; the server stays up
             self.error = str(exc)
             print(f"error: {exc}", file=sys.stderr, flush=True)

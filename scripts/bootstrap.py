@@ -68,6 +68,14 @@ def build_key(cmake_args: str) -> str:
     return f"{LLAMA_CPP_PYTHON_VERSION}-{digest}"
 
 
+def engine_cmake_args(user: str) -> str:
+    """The user's CMAKE_ARGS (CUDA, Metal ...) plus llama.cpp's RPC backend (huatuo-local rpc-worker, --rpc)."""
+    args = user.strip()
+    if "GGML_RPC" not in args.upper():
+        args = (args + " -DGGML_RPC=ON").strip()
+    return args
+
+
 def run(cmd: list[str], **kw) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run([str(c) for c in cmd], check=True, **kw)
@@ -134,7 +142,7 @@ def main() -> int:
         run([sys.executable, "-m", "venv", venv])
     run([python, "-m", "pip", "install", "-q", "--upgrade", "pip"])
 
-    cmake_args = os.environ.get("CMAKE_ARGS", "").strip()
+    cmake_args = engine_cmake_args(os.environ.get("CMAKE_ARGS", ""))
     key = build_key(cmake_args)
     marker = venv / ENGINE_MARKER
     installed = json.loads(marker.read_text()) if marker.is_file() else {}

@@ -47,3 +47,32 @@ def test_serve_bench_runs(tmp_path):
     rows = [ln for ln in out.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
     assert len(rows) == 2 and all(r.count("|") == 4 for r in rows), out[-1500:]
     assert "while another client's image is read" in out and "GiB with 2" in out
+
+
+def test_load_bench_runs(tmp_path):
+    out = run_bench("settings.py", "--load", "--depth", "1", "--quant", "Q8_0", "--rounds", "1", "--no-llama-cpp",
+                    tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| read", "| mmap"))]
+    assert len(rows) == 3 and all(r.count("GiB") == 5 for r in rows), out[-1500:]
+    assert "| huatuo-local chat |" in out
+
+
+def test_interactive_bench_runs(tmp_path):
+    out = run_bench("runtime.py", "--interactive", "--depths", "1", "1", "--quants", "Q8_0", "--no-llama-cpp",
+                    "--type-after", "0", "3", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| 0 s", "| 3 s"))]
+    assert len(rows) == 2 and "one-shot" in out, out[-1500:]
+
+
+def test_eval_bench_runs(tmp_path):
+    out = run_bench("eval.py", "--depth", "1", "--quant", "Q8_0", "--no-llama-cpp", "--questions", "8",
+                    "--tokens", "2", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "huatuo-local eval" in ln]
+    assert len(rows) == 6 and all(" s | " in r and r.count("|") == 5 for r in rows), out[-1500:]
+
+
+def test_rpc_bench_runs(tmp_path):
+    out = run_bench("rpc.py", "--depth", "2", "--quant", "Q8_0", "--rounds", "1", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| all", "| half", "| a third"))]
+    assert len(rows) == 4 and all(r.count("|") == 8 for r in rows), out[-1500:]
+    assert "| all layers on 2 workers | 2 |" in out

@@ -1,0 +1,113 @@
+"""`eval --ray`: one model replica per Ray actor, the questions spread over them in small batches.
+
+Each actor is an `EvalWorker` (its own model, scheduler and parallel sequences) on one machine
+(or GPU), loading the model from the path or store name it is given, so every machine needs the
+model and the evaluation images at the same paths (a shared folder, or the same copy on each).
+The driver keeps every actor busy with a few batches, appends each answer to the run's
+results.jsonl as its batch returns, and resubmits a batch whose actor died to a new actor: the
+file is the only record, so an answer is never lost nor written twice, and a rerun resumes.
+
+Ray is an optional extra: `pip install 'huatuo-local[distributed]'`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.evaluation import Record
+
+from .evaluate import EvalSettings, EvalWorker, ResultsFile, eprint
+
+MAX_REPLACEMENTS = 8  # actors started to replace dead ones before the run gives up
+
+
+class _Replica:
+    """The actor's body: an EvalWorker answering one batch at a time."""
+
+    def __init__(self, model: str, settings: dict, parallel: int, threads: int | None):
+        self.worker = EvalWorker(model, EvalSettings(**settings), parallel, threads)
+
+    def answer(self, records: list[Record]) -> list[dict]:
+        return list(self.worker.answer(records))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _connect(address: str):
+    try:
+        import ray
+    except ImportError:
+        raise HuatuoError("--ray needs Ray: pip install 'huatuo-local[distributed]'") from None
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            if address == "local":  # a private cluster on this machine, gone when the run ends
+                ray.init(**kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise HuatuoError(f"--ray {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
+                              "start one with `ray start --head` or use --ray local") from None
+    return ray
+
+
+def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: int, threads: int | None,
+                    pending: list[Record], results: ResultsFile, on_row: Callable[[dict], None],
+                    workers: int | None = None, batch: int | None = None) -> None:
+    ray = _connect(address)
+    from ray.exceptions import RayActorError, RayTaskError
+
+    try:
+        n = workers or max(1, len([nd for nd in ray.nodes() if nd.get("Alive")]))
+        replica = ray.remote(num_cpus=0)(_Replica).options(scheduling_strategy="SPREAD")
+        size = batch or 2 * max(1, parallel)
+        todo = sorted(pending, key=lambda r: (r.images, r.number))  # a batch shares images where it can
+        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
+        actors = [replica.remote(model, asdict(settings), parallel, threads) for _ in range(n)]
+        eprint(f"eval: {n} Ray workers, {len(batches)} batches of up to {size} questions")
+        inflight: dict = {}  # ref -> (actor, batch)
+        replacements = 0
+
+        def feed(actor) -> None:
+            if batches:
+                b = batches.pop(0)
+                inflight[actor.answer.remote(b)] = (actor, b)
+
+        for actor in actors:
+            for _ in range(2):  # one answering, one waiting: no idle gap between batches
+                feed(actor)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            actor, b = inflight.pop(ref)
+            try:
+                rows = ray.get(ref)
+            except RayActorError as exc:
+                # The actor (its process or machine) died: its batches go to a new actor.
+                replacements += 1
+                if replacements > MAX_REPLACEMENTS:
+                    why = str(exc).strip().splitlines()[-1][:300]
+                    raise HuatuoError(f"eval: {replacements} Ray workers died (last: {why}); the answers so far "
+                                      "are kept, rerun to continue") from None
+                eprint("eval: a Ray worker died; its questions go to a new one")
+                lost = [b]
+                for r, (a, bb) in list(inflight.items()):
+                    if a is actor:
+                        del inflight[r]
+                        lost.append(bb)
+                fresh = replica.remote(model, asdict(settings), parallel, threads)
+                for bb in lost:
+                    inflight[fresh.answer.remote(bb)] = (fresh, bb)
+                continue
+            except RayTaskError as exc:
+                raise HuatuoError(f"eval: a Ray worker failed: {str(exc.cause) if exc.cause else exc}") from None
+            for row in rows:
+                if results.append(row):
+                    on_row(row)
+            feed(actor)
+    finally:
+        ray.shutdown()  # the actors are not detached: they end with the driver

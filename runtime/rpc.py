@@ -1,0 +1,263 @@
+"""llama.cpp's RPC backend (ggml-rpc): other machines lend their memory to this one's model.
+
+Nothing here speaks the protocol: the worker is llama.cpp's own `ggml_backend_rpc_start_server`
+from the installed library (what its `rpc-server` tool runs), and the client side registers each
+worker with `ggml_backend_rpc_add_server`, after which llama.cpp places layers on it like on a GPU.
+
+llama.cpp aborts the whole process when a worker cannot be reached or speaks another protocol
+version, so each worker is first asked for its memory from a short-lived child process: a problem
+becomes one line before anything is loaded. The protocol has no authentication or encryption;
+see `worker_refusal` and README ("Two machines").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from huatuo_local.models.errors import HuatuoError
+
+# ggml-rpc.h of the pinned llama.cpp (RPC_PROTO_*_VERSION); a worker must speak the same major
+PROTOCOL = "7.0.0"
+DEFAULT_PORT = 50052
+PROBE_TIMEOUT_S = 15
+GGML_BACKEND_DEVICE_TYPE_GPU = 2  # ggml-backend.h: CPU 0, ACCEL 1, GPU 2, IGPU 3
+GGML_BACKEND_DEVICE_TYPE_IGPU = 3
+
+
+def _lib_dir() -> Path:
+    import llama_cpp  # loads libllama and libggml first
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def _ggml() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_lib_dir() / "libggml.so"))
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_load_all.argtypes = []
+    return lib
+
+
+def _rpc() -> ctypes.CDLL | None:
+    path = _lib_dir() / "libggml-rpc.so"
+    if not path.is_file():
+        return None
+    lib = ctypes.CDLL(str(path))
+    lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    lib.ggml_backend_rpc_get_device_memory.argtypes = [ctypes.c_char_p, ctypes.c_uint32,
+                                                        ctypes.POINTER(ctypes.c_size_t),
+                                                        ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_rpc_start_server.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                                                  ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]
+    return lib
+
+
+def available() -> bool:
+    """This engine build has llama.cpp's RPC backend."""
+    try:
+        return _rpc() is not None
+    except OSError:
+        return False
+
+
+def local_gpu() -> bool:
+    """A GPU on this machine (llama_supports_gpu_offload also says yes for RPC alone)."""
+    g = _ggml()
+    return bool(g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
+                or g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU))
+
+
+# --- the client side ------------------------------------------------------------------------
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """`HOST:PORT[,HOST:PORT...]` → endpoints, or one line saying what is wrong."""
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise HuatuoError(f"--rpc {part!r}: expected HOST:PORT (for example 192.168.1.20:{DEFAULT_PORT})")
+        out.append(f"{host}:{int(port)}")
+    if len(set(out)) != len(out):
+        raise HuatuoError(f"--rpc {text}: a worker is named twice")
+    return out
+
+
+@dataclass(frozen=True)
+class Worker:
+    endpoint: str
+    free: int
+    total: int
+
+
+_PROBE = """
+import ctypes, json, sys
+from huatuo_local.runtime.rpc import _rpc
+lib = _rpc()
+free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+lib.ggml_backend_rpc_get_device_memory(sys.argv[1].encode(), 0, ctypes.byref(free), ctypes.byref(total))
+print(json.dumps({"free": free.value, "total": total.value}))
+"""
+
+
+def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> Worker:
+    """Ask a worker for its memory from a child process (llama.cpp aborts on an unreachable one)."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, endpoint], capture_output=True, text=True,
+                              errors="replace", timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise HuatuoError(f"RPC worker {endpoint}: no answer within {timeout:.0f} s; is it busy serving another "
+                          "client (a worker serves one at a time) or behind a firewall?") from None
+    log = proc.stderr
+    if proc.returncode == 0:
+        try:
+            mem = json.loads(proc.stdout.strip().splitlines()[-1])
+            return Worker(endpoint, int(mem["free"]), int(mem["total"]))
+        except (ValueError, KeyError, IndexError):
+            pass
+    if "version mismatch" in log:
+        theirs = log.split("version mismatch:", 1)[1].split()[0]
+        raise HuatuoError(f"RPC worker {endpoint} speaks protocol {theirs}, this engine {PROTOCOL}; run the same "
+                          "huatuo-local version on both machines")
+    if "Failed to connect" in log or "handshake failed" in log:
+        raise HuatuoError(f"RPC worker {endpoint}: unreachable; start it there with `huatuo-local rpc-worker "
+                          f"--port {endpoint.rsplit(':', 1)[1]}` (or check the address and the tunnel)")
+    last = next((ln for ln in reversed(log.splitlines()) if ln.strip()), f"exit status {proc.returncode}")
+    raise HuatuoError(f"RPC worker {endpoint}: {last.strip()[:200]}")
+
+
+_REGISTERED: dict[str, int] = {}
+
+
+def register(endpoints: list[str]) -> None:
+    """Make each worker a llama.cpp device (once per process); call `probe` first."""
+    lib, g = _rpc(), _ggml()
+    if lib is None:
+        raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
+    for ep in endpoints:
+        if ep in _REGISTERED:
+            continue
+        reg = lib.ggml_backend_rpc_add_server(ep.encode())
+        if not reg:
+            raise HuatuoError(f"RPC worker {ep}: llama.cpp could not add it")
+        g.ggml_backend_register(reg)
+        _REGISTERED[ep] = len(_REGISTERED)
+
+
+def install_abort_message() -> None:
+    """A worker that dies mid-answer makes llama.cpp abort the process: say so in one line first."""
+    base = ctypes.CDLL(str(_lib_dir() / "libggml-base.so"))
+    callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+    def on_abort(message: bytes | None) -> None:
+        text = (message or b"").decode(errors="replace").strip().splitlines()
+        why = text[0] if text else "llama.cpp aborted"
+        if "RPC" in why or "connect" in why:
+            sys.stderr.write(f"error: an RPC worker stopped answering ({why}); restart it and ask again\n")
+        else:
+            sys.stderr.write(f"error: llama.cpp stopped: {why}\n")
+        sys.stderr.flush()
+        os._exit(3)  # instead of a core dump; the process cannot continue past llama.cpp's abort
+
+    global _ABORT_CB
+    _ABORT_CB = callback_t(on_abort)
+    base.ggml_set_abort_callback.argtypes = [callback_t]
+    base.ggml_set_abort_callback(_ABORT_CB)
+
+
+_ABORT_CB = None
+
+
+def split(n_layer: int, workers: list[Worker], local_free: int,
+          proportions: list[float] | None) -> tuple[int, list[float]]:
+    """(layers placed on the workers, their tensor_split) from `--tensor-split LOCAL,W1,...` or free memory."""
+    if proportions is not None:
+        if len(proportions) != len(workers) + 1 or any(p < 0 for p in proportions) or sum(proportions) <= 0:
+            raise HuatuoError(f"--tensor-split: give {len(workers) + 1} non-negative numbers, this machine's share "
+                              "first, then each worker's (for example 1,1,1)")
+        local, remote = proportions[0], proportions[1:]
+    else:
+        local, remote = float(local_free), [float(w.free) for w in workers]
+    total = local + sum(remote)
+    on_workers = n_layer if local == 0 else round(n_layer * sum(remote) / total)
+    return on_workers, ([r / sum(remote) for r in remote] if sum(remote) else [0.0] * len(workers))
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+def worker_refusal(host: str, acknowledged: bool) -> str | None:
+    """Why a worker must not start on this address, or None."""
+    if host in ("127.0.0.1", "localhost", "::1") or acknowledged:
+        return None
+    return (f"rpc-worker --host {host}: llama.cpp's RPC protocol has no authentication or encryption, and "
+            "whoever reaches the port can run computations in this process and read what it holds. Keep it on "
+            "127.0.0.1 and tunnel it (ssh -N -L 50052:127.0.0.1:50052 THIS-MACHINE on the client, or a WireGuard "
+            "network), or add --i-understand-rpc-is-unauthenticated to listen on a trusted private network")
+
+
+def serve_worker(host: str, port: int, threads: int, device: str, cache: Path | None) -> None:
+    """Run llama.cpp's RPC server in this process until SIGINT/SIGTERM (it never returns by itself)."""
+    import signal
+    import socket
+    import threading
+
+    lib, g = _rpc(), _ggml()
+    if lib is None:
+        raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
+    g.ggml_backend_load_all()
+    dev = g.ggml_backend_dev_by_name(device.upper().encode())
+    if not dev:
+        raise HuatuoError(f"--device {device}: no such device here; `huatuo-local doctor` lists them (cpu, cuda0 ...)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise HuatuoError(f"rpc-worker {host}:{port}: cannot listen there ({exc.strerror}); pick another "
+                              "--port") from None
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    if cache is not None:
+        from huatuo_local.models.private import private_dir
+
+        private_dir(cache)
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = g.ggml_backend_dev_name(dev).decode()
+    print(f"huatuo-local rpc-worker: listening on {endpoint}, protocol {PROTOCOL}, device {name} "
+          f"({free.value / 1024**3:.1f} GiB free of {total.value / 1024**3:.1f} GiB), {threads} threads", flush=True)
+    print(f"use it with: huatuo-local chat IMAGE --rpc {endpoint}   (Ctrl-C stops it)", flush=True)
+    devices = (ctypes.c_void_p * 1)(dev)
+    stopped = threading.Event()
+
+    def run() -> None:
+        lib.ggml_backend_rpc_start_server(endpoint.encode(), str(cache).encode() if cache else None, threads, 1,
+                                          devices)
+        stopped.set()  # returns only when it could not start
+
+    def stop(signum, _frame) -> None:
+        print("huatuo-local rpc-worker: stopped", flush=True)
+        sys.stdout.flush()
+        os._exit(0)  # llama.cpp's server loop has no stop call
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=run, daemon=True).start()
+    while not stopped.wait(0.5):
+        pass
+    raise HuatuoError(f"rpc-worker {endpoint}: llama.cpp's server did not start (see the lines above)")

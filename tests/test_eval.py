@@ -1,0 +1,283 @@
+"""`huatuo-local eval` (issue 14): the release's evaluation file, scorer and table, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import CLI, ROOT, run_cli
+from PIL import Image
+from tiny_models import TinySpec
+
+SPEC = TinySpec(arch="qwen2", seed=14, tower="folder")
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    return converted(SPEC, "F32", "f32")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthetic file in the release's exact format, every field variant in it."""
+    folder = tmp_path_factory.mktemp("evaldata")
+    (folder / "images").mkdir()
+    for i in range(5):
+        rng = np.random.default_rng(300 + i)
+        Image.fromarray((rng.random((40 + 13 * i, 60, 3)) * 255).astype(np.uint8)).save(folder / f"images/{i}.png")
+    records = [
+        # options as a list; answer the 2nd option
+        {"question": "Which organ is shown?", "options": ["liver", "lung", "heart"], "answer": "lung",
+         "image": ["images/0.png"], "dataset": "VQA-RAD"},
+        # options as their Python literal; a subset
+        {"question": "Is there a fracture?", "options": "['yes', 'no']", "answer": "no",
+         "image": ["images/1.png"], "dataset": "SLAKE", "subset": "bone"},
+        # the same image again (its prefix is reused), another subset
+        {"question": "What modality is this?", "options": ["CT", "MRI", "X-ray", "ultrasound"], "answer": "CT",
+         "image": ["images/1.png"], "dataset": "SLAKE", "subset": "modality"},
+        # `?` answer: always wrong
+        {"question": "What stain is used?", "options": ["H&E", "PAS"], "answer": "?",
+         "image": ["images/2.png"], "dataset": "PathVQA"},
+        # open question: dropped
+        {"question": "Describe the lesion.", "options": [], "answer": "a mass", "image": ["images/2.png"],
+         "dataset": "PathVQA", "question_type": "open"},
+        # empty options (as an empty string): dropped
+        {"question": "Anything else?", "options": "", "answer": "no", "image": ["images/3.png"],
+         "dataset": "PMC-VQA"},
+        # two images
+        {"question": "Which image shows the left side?", "options": ["first", "second"], "answer": "second",
+         "image": ["images/3.png", "images/4.png"], "dataset": "PMC-VQA"},
+        # an MMMU set: the model card's "MMMU Health & Medicine" column
+        {"question": "Most likely diagnosis?", "options": ["A1", "B2", "C3", "D4", "E5"], "answer": "E5",
+         "image": ["images/4.png"], "dataset": "MMMU-Medical-Clinical_Medicine", "subset": "val"},
+        # a duplicate of the first record: its own number, scored again as the release does
+        {"question": "Which organ is shown?", "options": ["liver", "lung", "heart"], "answer": "lung",
+         "image": ["images/0.png"], "dataset": "VQA-RAD"},
+        {"question": "Which sequence?", "options": ["T1", "T2", "FLAIR"], "answer": "FLAIR",
+         "image": ["images/0.png"], "dataset": "OmniMedVQA", "subset": "MRI", "question_type": "closed"},
+    ]
+    path = folder / "medical_multimodel_evaluation_data.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    return path
+
+
+def evaluate(model, data, out, *args, timeout=600):
+    return run_cli("eval", str(data), "--model", str(model.manifest_path), "--out", str(out), *args, timeout=timeout)
+
+
+def rows_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+# --- the release's rules ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output,letter", [
+    ("B", "B"), ("The answer is C.", "C"), ("(d) effusion", "d"), ("A", "A"),
+    # `A lesion`: the first `A` is guarded by (?![aA] ); the next stand-alone letter wins
+    ("A lesion in B", "B"), ("A lesion", None),
+    ("答案是D", "D"), ("**E**", "E"), ("#F", "F"), ("'G'", "G"), ('"H" is right', "H"),
+    ("Option C: the lung", "C"), ("no letter here", None), ("", None),
+    ("It is b, then C", "b"), ("the answer:\nK", "K"), ("L.", "L"), ("an X-ray", None),
+    ("answer - N", "N"), ("O is wrong", None),
+])
+def test_letter_rule_is_the_releases(output, letter):
+    from huatuo_local.models.evaluation import predicted_letter
+
+    assert predicted_letter(output) == letter
+
+
+def test_the_letter_rule_by_hand():
+    """Independent of the pattern: the rule's documented behaviour, spelled out."""
+    from huatuo_local.models.evaluation import Record, is_correct
+
+    r = Record(0, "q", ("x", "y", "z", "w"), "w", (), "VQA-RAD")
+    assert r.right_letter == "D"
+    assert is_correct(r, "D") and is_correct(r, "The answer is D.")
+    assert not is_correct(r, "(d) w")  # lower case never matches
+    q = Record(1, "q", ("x", "y"), "?", (), "VQA-RAD")
+    assert q.right_letter is None and not is_correct(q, "A") and not is_correct(q, "B")
+
+
+def test_records_query_and_filtering(data):
+    from huatuo_local.models.evaluation import build_query, load_records
+
+    records, dropped = load_records(data)
+    assert dropped == {"open": 1, "no options": 1}
+    assert [r.number for r in records] == [0, 1, 2, 3, 6, 7, 8, 9]
+    assert records[1].options == ("yes", "no") and records[1].right_letter == "B"
+    assert records[1].group == "SLAKE_bone" and records[0].group == "VQA-RAD"
+    assert records[3].right_letter is None
+    assert build_query(records[2]) == ("What modality is this?\nA. CT\nB. MRI\nC. X-ray\nD. ultrasound\n"
+                                       + INSTRUCTION)
+    assert records[4].images == (data.parent / "images/3.png", data.parent / "images/4.png")
+
+
+def test_summary_figures_and_intervals_by_hand():
+    from huatuo_local.runtime.eval_report import markdown, mcnemar_p, summarize
+
+    rows = [{"number": i, "dataset": "VQA-RAD", "group": "VQA-RAD", "column": "VQA-RAD", "correct": i < 3,
+             "predicted": "A" if i != 9 else None} for i in range(10)]
+    rows += [{"number": 10 + i, "dataset": "MMMU-Medical-X", "group": "MMMU-Medical-X_val",
+              "column": "MMMU Health & Medicine", "correct": i == 0, "predicted": "B"} for i in range(4)]
+    s = summarize(rows, 14, "huatuo-vision-7b")
+    assert s["columns"]["VQA-RAD"]["accuracy"] == 30.0 and s["columns"]["VQA-RAD"]["model_card"] == 63.7
+    # Wilson 95 % for 3/10: 10.8 %–60.3 %
+    assert s["columns"]["VQA-RAD"]["ci95"] == [10.78, 60.32]
+    assert s["columns"]["MMMU Health & Medicine"]["accuracy"] == 25.0
+    assert s["overall"]["correct"] == 4 and s["overall"]["total"] == 14 and s["no_letter"] == 1
+    md = markdown(s, "t")
+    assert "| VQA-RAD | 10 | 30.0 (10.8–60.3) | 63.7 |" in md
+    assert "| **overall (micro)** | 14 | 28.6" in md
+    assert summarize(rows, 14, "huatuo-vision-34b:q4_k_m")["columns"]["VQA-RAD"]["model_card"] == 68.1
+    # exact McNemar: 10 vs 2 discordant pairs, p = 2 * P(X <= 2 | n=12, 1/2) = 0.0386
+    assert abs(mcnemar_p(10, 2) - 0.03857421875) < 1e-9 and mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 5) == 1.0
+
+
+# --- the command -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def greedy_run(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "greedy"
+    proc = evaluate(model, data, out, "--greedy", "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_eval_answers_every_question_like_chat_and_counts_right(model, data, greedy_run):
+    from huatuo_local.models.evaluation import build_query, load_records
+
+    out, proc = greedy_run
+    records = {r.number: r for r in load_records(data)[0]}
+    rows = rows_of(out)
+    assert sorted(r["number"] for r in rows) == sorted(records)  # each kept question once
+    # Fidelity: each answer is what `chat` gives greedily for the same images and query (256 tokens).
+    for n in (0, 2, 6):
+        r = records[n]
+        one = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
+                      "--max-tokens", "256", "--json", *map(str, r.images), "-p", build_query(r))
+        assert one.returncode == 0, one.stderr
+        assert next(x for x in rows if x["number"] == n)["output"] == json.loads(one.stdout)["answer"]
+    # The table against a hand count from the answers, with the release's pattern written out here.
+    pattern = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([abcdefghijklmnABCDEFGHIJKLMN])(\W|$)", re.S)
+    hand: dict[str, list[int]] = {}
+    for row in rows:
+        rec = records[row["number"]]
+        m = pattern.search(row["output"])
+        right = "ABCDEFGHIJK"[rec.options.index(rec.answer)] if rec.answer in rec.options else None
+        col = "MMMU Health & Medicine" if rec.dataset.startswith("MMMU") else rec.dataset
+        hand.setdefault(col, []).append(int(m is not None and right is not None and m.group(2) == right))
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    for col, marks in hand.items():
+        assert summary["columns"][col]["correct"] == sum(marks) and summary["columns"][col]["total"] == len(marks)
+        assert f"| {col} | {len(marks)} | {100 * sum(marks) / len(marks):.1f} (" in proc.stdout
+    assert summary["no_letter"] == sum(1 for row in rows if not pattern.search(row["output"]))
+    assert "VQA-RAD" in proc.stdout and "63.7" in proc.stdout  # the model card's figure beside ours
+    identity = json.loads((out / "results.json").read_text())["identity"]
+    assert identity["llm_sha256"] == model.manifest.llm_sha256 and identity["settings"]["temperature"] == 0.0
+    assert (out / "results.jsonl").stat().st_mode & 0o077 == 0  # owner-only: answers about medical images
+
+
+def test_sampled_runs_are_seeded_per_question_and_compare(model, data, tmp_path, greedy_run):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert evaluate(model, data, a, "--parallel", "2").returncode == 0
+    assert evaluate(model, data, b, "--parallel", "1").returncode == 0
+    ra = {r["number"]: r["output"] for r in rows_of(a)}
+    rb = {r["number"]: r["output"] for r in rows_of(b)}
+    assert ra == rb  # seed 42 per question: the same answers whatever the batching
+    settings = json.loads((a / "run.json").read_text())["identity"]["settings"]
+    assert settings == {"temperature": 0.2, "repetition_penalty": 1.2, "max_new_tokens": 256, "top_k": 50,
+                        "top_p": 1.0, "seed": 42}
+    proc = run_cli("eval", "compare", str(greedy_run[0]), str(a))
+    assert proc.returncode == 0, proc.stderr
+    assert "McNemar" in proc.stdout and re.search(r"\| overall \| 8 \|", proc.stdout), proc.stdout
+    # A run folder is not reused for other settings.
+    proc = evaluate(model, data, a, "--greedy")
+    assert proc.returncode != 0 and "another settings" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_loses_nothing_and_a_rerun_continues(model, data, tmp_path, greedy_run):
+    out = tmp_path / "resumed"
+    cmd = [*CLI, "eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to continue" in err and "Traceback" not in err
+    done = rows_of(out)
+    assert 2 <= len(done) < 8
+    with open(results, "a") as f:  # a crash in the middle of a line
+        f.write('{"number": 99, "outp')
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(done)} answered before)" in rerun.stderr
+    rows = rows_of(out)
+    assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]  # none lost, none twice
+    full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
+    assert {r["number"]: r["output"] for r in rows} == full
+
+
+def test_bad_input_is_one_line(model, tmp_path, data):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for target, words in ((tmp_path / "missing.json", "no such file"), (bad, "not a JSON evaluation file")):
+        proc = run_cli("eval", str(target), "--model", str(model.manifest_path), "--out", str(tmp_path / "o"))
+        assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_cli("eval", str(data), "--model", str(model.manifest_path), "--datasets", "NOPE",
+                   "--out", str(tmp_path / "o2"))
+    assert proc.returncode != 0 and "no dataset nope" in proc.stderr and "VQA-RAD" in proc.stderr
+    proc = run_cli("eval", "--help")
+    assert proc.returncode == 0 and "huatuo-local eval compare" in proc.stdout
+
+
+def test_limit_and_datasets_select(model, data, tmp_path):
+    out = tmp_path / "some"
+    proc = evaluate(model, data, out, "--greedy", "--datasets", "VQA-RAD,MMMU", "--limit", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["number"] for r in rows_of(out)) == [0, 7]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Ray's local cluster test runs on Linux")
+def test_ray_workers_give_the_single_process_answers_and_survive_a_killed_worker(model, data, tmp_path,
+                                                                                  greedy_run):
+    """Two Ray actors on a private local cluster; one is killed mid-run: its questions are redone by a
+    replacement, nothing lost or written twice, and the answers equal the single-process run."""
+    import psutil
+
+    out = tmp_path / "ray"
+    cmd = [*CLI, "eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy",
+           "--ray", "local", "--workers", "2"]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    killed = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and killed is None:
+        actors = [p for p in psutil.process_iter(["cmdline"])
+                  if any("_Replica" in part for part in (p.info["cmdline"] or []))]
+        if len(actors) == 2 and (out / "results.jsonl").is_file() and (out / "results.jsonl").read_text():
+            actors[0].kill()
+            killed = actors[0].pid
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert killed is not None, "no worker was killed: the run ended too fast to test it"
+    assert "a Ray worker died" in err
+    rows = rows_of(out)
+    assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]
+    full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
+    assert {r["number"]: r["output"] for r in rows} == full
