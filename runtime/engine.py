@@ -320,6 +320,11 @@ class Engine:
         self.rpc_layers = 0
         if opts.rpc:
             self.rpc_layers = self._place_on_workers(opts, llm_fields, mparams)
+        from . import rpc
+
+        self._devices = rpc.device_list(opts.rpc)  # None unless RPC workers were registered in this process
+        if self._devices is not None:
+            mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         load = opts.load or ("mmap-release" if opts.n_gpu_layers == 0 else "mmap")
         if load not in LOAD_MODES:
             raise EngineError(f"unknown load mode {load!r}; use one of {', '.join(LOAD_MODES)}")

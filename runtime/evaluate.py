@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,26 +102,34 @@ class EvalWorker:
         items = conversation_items(self.engine.tokenize, [Turn(build_query(record), len(images))], images)
         params = self.settings.sampling()
         rng = np.random.default_rng([self.settings.seed, record.number])
-        job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None))
-                  if ev[0] != "piece" else None)
+        job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None)))
         return self.scheduler.submit(job)
 
     def answer(self, records: Iterable[Record]) -> Iterator[dict]:
-        """Rows as answers finish (not in input order). Closing the iterator cancels what is in flight."""
-        todo = sorted(records, key=lambda r: (r.images, r.number))  # same image, back to back
+        """Rows as answers finish (not in input order). Closing the iterator cancels what is in flight.
+
+        The questions about one image (VQA-RAD and SLAKE ask several per scan) wait until the first of
+        them has read it (its answer starts): then they reuse its prefix (the slot's, or the prefix
+        cache's) instead of encoding the same image in parallel slots (bench/eval.py).
+        """
+        groups: dict[tuple, list[Record]] = {}
+        for r in sorted(records, key=lambda r: (r.images, r.number)):
+            groups.setdefault(r.images, []).append(r)
+        ready: deque[Record] = deque(g[0] for g in groups.values())  # one leader per image
+        followers = {key: g[1:] for key, g in groups.items()}
         done: queue.Queue = queue.Queue()
-        live: dict[int, Job] = {}
-        i = 0
+        live: dict[int, Job | None] = {}
         try:
-            while i < len(todo) or live:
-                while i < len(todo) and len(live) < self.window:
-                    job = self._job(todo[i], done)
-                    if job is not None:
-                        live[todo[i].number] = job
-                    else:
-                        live[todo[i].number] = None  # type: ignore[assignment]  (its error is queued)
-                    i += 1
+            while ready or live:
+                while ready and len(live) < self.window:
+                    r = ready.popleft()
+                    live[r.number] = self._job(r, done)  # None: its error is already queued
                 record, event, error = done.get()
+                # Its image is read (the answer has started, or it failed): the others about it may
+                # start, first in line.
+                ready.extendleft(reversed(followers.pop(record.images, [])))
+                if event is not None and event[0] == "piece":
+                    continue
                 live.pop(record.number, None)
                 if error is not None:
                     yield row_for(record, "", error=error)

@@ -36,8 +36,31 @@ def _lib_dir() -> Path:
     return Path(llama_cpp.__file__).parent / "lib"
 
 
+def _loaded(name: str) -> ctypes.CDLL | None:
+    """The copy of llama.cpp's library `name` that libllama itself uses.
+
+    A wheel cannot hold symlinks, so libggml.so, libggml.so.0 and libggml.so.0.x are separate copies:
+    opening the wrong one gives a second, empty backend registry. The one already mapped (libllama's
+    dependency, by soname) is the right one; else the soname file."""
+    lib_dir = _lib_dir()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.split()[-1]
+                if path.startswith(str(lib_dir)) and Path(path).name.startswith(name + ".so"):
+                    return ctypes.CDLL(path)
+    except OSError:
+        pass
+    for candidate in (lib_dir / f"{name}.so.0", lib_dir / f"{name}.so"):
+        if candidate.is_file():
+            return ctypes.CDLL(str(candidate))
+    return None
+
+
 def _ggml() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_lib_dir() / "libggml.so"))
+    lib = _loaded("libggml")
+    if lib is None:
+        raise HuatuoError("llama.cpp's libggml is missing from the engine; run scripts/bootstrap.py again")
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
     lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
     lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
@@ -50,14 +73,26 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_dev_description.restype = ctypes.c_char_p
     lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_load_all.argtypes = []
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     return lib
 
 
 def _rpc() -> ctypes.CDLL | None:
-    path = _lib_dir() / "libggml-rpc.so"
-    if not path.is_file():
+    lib = _loaded("libggml-rpc")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(str(path))
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
     lib.ggml_backend_rpc_get_device_memory.argtypes = [ctypes.c_char_p, ctypes.c_uint32,
@@ -77,10 +112,15 @@ def available() -> bool:
 
 
 def local_gpu() -> bool:
-    """A GPU on this machine (llama_supports_gpu_offload also says yes for RPC alone)."""
+    """A GPU on this machine (llama_supports_gpu_offload also says yes for RPC alone; RPC devices are GPUs
+    to llama.cpp, so they are left out by their backend's name)."""
     g = _ggml()
-    return bool(g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)
-                or g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_IGPU))
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU) and \
+                g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) != b"RPC":
+            return True
+    return False
 
 
 # --- the client side ------------------------------------------------------------------------
@@ -142,7 +182,7 @@ def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> Worker:
     raise HuatuoError(f"RPC worker {endpoint}: {last.strip()[:200]}")
 
 
-_REGISTERED: dict[str, int] = {}
+_REGISTERED: dict[str, list[int]] = {}  # endpoint -> its llama.cpp devices, once per process
 
 
 def register(endpoints: list[str]) -> None:
@@ -157,12 +197,37 @@ def register(endpoints: list[str]) -> None:
         if not reg:
             raise HuatuoError(f"RPC worker {ep}: llama.cpp could not add it")
         g.ggml_backend_register(reg)
-        _REGISTERED[ep] = len(_REGISTERED)
+        _REGISTERED[ep] = [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
+
+
+def device_list(endpoints: tuple[str, ...] | list[str]):
+    """The devices a model may use, as llama_model_params.devices wants them (NULL-terminated), or None.
+
+    Registered workers stay in llama.cpp's process-wide registry, where its default device choice
+    would pick them up for every later model (and abort when one is gone): once any worker is
+    registered, each model names its devices: its own workers, else this machine's GPUs only.
+    """
+    if not endpoints and not _REGISTERED:
+        return None  # llama.cpp's default choice
+    g = _ggml()
+    if endpoints:
+        devs = [d for ep in endpoints for d in _REGISTERED[ep]]
+    else:
+        devs = []
+        for i in range(g.ggml_backend_dev_count()):
+            dev = g.ggml_backend_dev_get(i)
+            name = g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b""
+            if g.ggml_backend_dev_type(dev) in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU) \
+                    and name != b"RPC":
+                devs.append(dev)
+    return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
 def install_abort_message() -> None:
     """A worker that dies mid-answer makes llama.cpp abort the process: say so in one line first."""
-    base = ctypes.CDLL(str(_lib_dir() / "libggml-base.so"))
+    base = _loaded("libggml-base")
+    if base is None:
+        return
     callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
     def on_abort(message: bytes | None) -> None:

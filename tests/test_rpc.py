@@ -8,9 +8,9 @@ placement, the registration and the failure paths.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -44,6 +44,8 @@ class Workers:
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def stop(self) -> None:
+        if not self.procs:
+            return
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -52,6 +54,7 @@ class Workers:
             assert proc.returncode == 0 or proc.returncode < 0, out
             if proc.returncode == 0:
                 assert "stopped" in out
+        self.procs = []
 
 
 @pytest.fixture
@@ -72,23 +75,29 @@ def images(tmp_path_factory):
     return [str(path)]
 
 
-def ask(model, images, *extra):
+def ask(model, images, *extra, placement: list[str] | None = None):
+    """chat's greedy answer; with `placement`, llama.cpp's own log must put layers on those devices."""
     proc = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
-                   "--max-tokens", "12", "--json", *images, "-p", QUESTION, *extra)
-    assert proc.returncode == 0, proc.stderr
+                   "--max-tokens", "12", "--json", *images, "-p", QUESTION, *extra,
+                   env={"HUATUO_LOCAL_VERBOSE": "1"} if placement else None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for device in placement or []:
+        assert f"assigned to device {device}," in proc.stderr, (device, proc.stderr[-3000:])
     return json.loads(proc.stdout)["answer"]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_split_over_two_workers_gives_the_local_answer(converted, images, workers, arch):
     model = converted(TinySpec(arch=arch, seed=15, layers=4, tower="folder"), "F32", "f32")
-    local = ask(model, images)
-    assert ask(model, images, "--rpc", workers.endpoints) == local  # split by free memory
-    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "0,1,1") == local  # all on the workers
-    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "2,1,1") == local
+    local = ask(model, images, placement=["CPU"])
+    # by free memory (all three report the same machine: a third each)
+    assert ask(model, images, "--rpc", workers.endpoints, placement=["CPU", "RPC0", "RPC1"]) == local
+    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "0,1,1",
+               placement=["RPC0", "RPC1"]) == local  # every repeating layer on the workers
+    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "1,0,1", placement=["CPU", "RPC1"]) == local
 
 
-def test_the_engine_really_places_layers_on_the_workers(converted, workers):
+def test_the_split_follows_tensor_split(converted, workers):
     from huatuo_local.runtime.engine import Engine, EngineOptions
 
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
@@ -113,20 +122,28 @@ def test_an_unreachable_worker_is_one_line_before_loading(converted, images):
     assert bad.returncode != 0 and "expected HOST:PORT" in bad.stderr
 
 
+LONG_ANSWER = """
+import sys
+from huatuo_local import HuatuoChatbot
+bot = HuatuoChatbot(sys.argv[1], temperature=0, max_new_tokens=50000, n_ctx=52000, prefix_cache=False,
+                    rpc=sys.argv[3], tensor_split=[0, 1, 1])
+bot.sampling.min_new_tokens = 50000  # a tiny random model would otherwise stop at once
+for piece in bot.stream("What does the picture show?", [sys.argv[2]]):
+    sys.stdout.write(piece or "."); sys.stdout.flush()
+"""
+
+
 def test_a_worker_that_dies_mid_answer_is_a_clear_error_in_bounded_time(converted, images, workers):
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
-    proc = subprocess.Popen([*CLI, "chat", "--model", str(model.manifest_path), "--temperature", "0",
-                             "--no-prefix-cache", "--max-tokens", "100000", "--ctx", "60000", *images, "-p", QUESTION,
-                             "--rpc", workers.endpoints, "--tensor-split", "0,1,1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    first = proc.stdout.read(1)  # the answer has started
-    assert first, proc.stderr.read()
+    proc = subprocess.Popen([sys.executable, "-c", LONG_ANSWER, str(model.manifest_path), images[0],
+                             workers.endpoints], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(1), proc.stderr.read()  # the answer has started
     workers.procs[1].kill()
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - t0 < 30
     assert proc.returncode == 3 and "an RPC worker stopped answering" in err, err[-2000:]
+    assert err.count("\n") == 1, err  # one line, no core dump, no traceback
 
 
 def test_doctor_reports_rpc_and_the_workers_memory(workers):
@@ -140,3 +157,28 @@ def test_a_worker_refuses_a_public_address_without_the_acknowledgement():
     proc = run_cli("rpc-worker", "--host", "0.0.0.0", "--port", str(free_port()))
     assert proc.returncode == 1 and "no authentication or encryption" in proc.stderr and "ssh -N -L" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+LATER_MODEL = """
+import sys
+from huatuo_local.runtime.engine import Engine, EngineOptions
+llm, mmproj, endpoints = sys.argv[1:4]
+Engine(llm, mmproj, EngineOptions(n_ctx=256, rpc=tuple(endpoints.split(",")))).close()
+print("split model closed", flush=True)
+sys.stdin.readline()  # the workers are gone now
+Engine(llm, mmproj, EngineOptions(n_ctx=256)).close()
+print("local model loaded", flush=True)
+"""
+
+
+def test_a_later_local_model_does_not_touch_the_workers_of_an_earlier_one(converted, workers):
+    """llama.cpp keeps registered workers in a process-wide registry; a later model without --rpc (the
+    Python API, a server reloading) must not pick them up, or it aborts once they are gone."""
+    model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
+    proc = subprocess.Popen([sys.executable, "-c", LATER_MODEL, str(model.llm_path), str(model.mmproj_path),
+                             workers.endpoints], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "split model closed", proc.stderr.read()
+    workers.stop()
+    out, err = proc.communicate("go\n", timeout=60)
+    assert proc.returncode == 0 and "local model loaded" in out, err[-2000:]
