@@ -414,6 +414,11 @@ def serve(
             fail(f"{api_key_file}: empty; put the API key in it")
     if parallel < 1 or parallel > 64:
         fail("--parallel must be between 1 and 64")
+    if rpc:
+        from .supervise import is_child, supervise
+
+        if not is_child():  # llama.cpp aborts the process when a worker dies: keep the server up around it
+            raise typer.Exit(supervise(sys.argv[1:]))
     config = ServeConfig(
         model=model, host=host, port=port, parallel=parallel, api_key=api_key, n_gpu_layers=n_gpu_layers, ctx=ctx,
         threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),

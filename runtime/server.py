@@ -62,6 +62,9 @@ class ServeConfig:
     tensor_split: list[float] | None = None
 
 
+RPC_RETRY_S = 3.0  # how often a server whose RPC worker is down tries to load again
+
+
 class _State:
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -77,15 +80,20 @@ class _State:
         from .api import open_model
 
         c = self.config
-        try:
-            model, engine, cache = open_model(
-                c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads, prefix_cache=c.prefix_cache,
-                allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel, rpc=c.rpc,
-                tensor_split=c.tensor_split)
-        except Exception as exc:  # reported by /health and every request; the server stays up
-            self.error = str(exc)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return
+        while True:
+            try:
+                model, engine, cache = open_model(
+                    c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads,
+                    prefix_cache=c.prefix_cache, allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel,
+                    rpc=c.rpc, tensor_split=c.tensor_split)
+                break
+            except Exception as exc:  # reported by /health and every request; the server stays up
+                self.error = str(exc)
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                if not (c.rpc and "RPC worker" in str(exc)):
+                    return
+                time.sleep(RPC_RETRY_S)  # a worker that is down or restarting: try again until it answers
+        self.error = None
         self.model_id = model.ref
         self.quant = model.quant or "?"
         self.names = {model.ref, model.name, model.store_name or "", str(c.model or "")} - {""}

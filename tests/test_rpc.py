@@ -8,6 +8,7 @@ placement, the registration and the failure paths.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -182,3 +183,69 @@ def test_a_later_local_model_does_not_touch_the_workers_of_an_earlier_one(conver
     workers.stop()
     out, err = proc.communicate("go\n", timeout=60)
     assert proc.returncode == 0 and "local model loaded" in out, err[-2000:]
+
+
+def test_serve_stays_up_when_a_worker_dies_and_answers_again_when_it_is_back(converted, images, workers, tmp_path):
+    """serve --rpc: a worker killed mid-answer loses that answer (the client sees its stream end), the
+    server reports the lost worker on /health and answers again, the same greedy answer, once the
+    worker is back on its port."""
+    import base64
+
+    import httpx
+    import openai
+
+    model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen([*CLI, "serve", "--model", str(model.manifest_path), "--port", str(port),
+                                  "--parallel", "1", "--ctx", "30000", "--rpc", workers.endpoints, "--tensor-split",
+                                  "0,1,1"], cwd=ROOT, stdout=out, stderr=out)
+
+    def health(deadline_s: float, want: int) -> dict:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"{url}/health", timeout=2)
+                if r.status_code == want and (want == 200 or r.json().get("status") == "error"):
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            assert serve.poll() is None, log.read_text()
+            time.sleep(0.2)
+        raise AssertionError(f"/health never gave {want}: {log.read_text()[-2000:]}")
+
+    image = "data:image/png;base64," + base64.b64encode(open(images[0], "rb").read()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                             {"type": "text", "text": QUESTION}]}]
+    c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        health(120, 200)
+        before = c.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+        before = before.choices[0].message.content
+        assert before == ask(model, images)  # through the server and the workers: chat's answer
+        stream = c.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=20000,
+                                           stream=True, extra_body={"min_tokens": 20000})
+        chunks = iter(stream)
+        next(chunks)  # the answer is streaming
+        dead_port = workers.ports[1]
+        workers.procs[1].kill()
+        t0 = time.monotonic()
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - t0 < 30
+        down = health(60, 503)  # the server is up again and says why it cannot answer
+        assert f"127.0.0.1:{dead_port}: unreachable" in down["error"], down
+        back = subprocess.Popen([*CLI, "rpc-worker", "--port", str(dead_port), "--threads", "1"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        workers.procs[1] = back
+        assert "listening" in back.stdout.readline()
+        health(60, 200)
+        after = c.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
+        assert after.choices[0].message.content == before
+        assert "an RPC worker stopped answering" in log.read_text()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0, log.read_text()[-2000:]
