@@ -29,7 +29,8 @@ import psutil
 from huatuo_local.runtime.engine import Engine, EngineOptions
 from huatuo_local.runtime.images import load_rgb, prepare
 rpc = tuple(x for x in {rpc!r}.split(",") if x)
-eng = Engine({llm!r}, {mmproj!r}, EngineOptions(n_ctx=2048, rpc=rpc, tensor_split={split!r}))
+eng = Engine({llm!r}, {mmproj!r}, EngineOptions(n_ctx=2048, rpc=rpc, tensor_split={split!r},
+                                                 rpc_output_local={local!r}))
 pic = prepare(load_rgb({image!r}), eng.vision)
 pre, question = eng.tokenize("<|user|>\\n"), eng.tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
 n = eng.image_tokens
@@ -63,11 +64,12 @@ print(json.dumps(dict(ttft_s=ttft, decode_s=decode, bytes_per_token=moved, packe
 eng.close()
 """
 
-LAYOUTS = [
-    ("all on this machine", 0, None),
-    ("half the layers on 1 worker", 1, (1.0, 1.0)),
-    ("a third here, a third on each of 2 workers", 2, (1.0, 1.0, 1.0)),
-    ("all layers on 2 workers", 2, (0.0, 1.0, 1.0)),
+LAYOUTS = [  # (label, workers, tensor split, LM head kept here)
+    ("all on this machine", 0, None, True),
+    ("half the layers on 1 worker", 1, (1.0, 1.0), True),
+    ("half the layers on 1 worker, LM head there too (llama.cpp's default)", 1, (1.0, 1.0), False),
+    ("a third here, a third on each of 2 workers", 2, (1.0, 1.0, 1.0), True),
+    ("all layers on 2 workers", 2, (0.0, 1.0, 1.0), True),
 ]
 
 
@@ -117,11 +119,12 @@ def main() -> None:
     threads = physical_cores()
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
-        for label, n, split in LAYOUTS:
+        for label, n, split, local in LAYOUTS:
             workers = start_workers(n, threads)
             try:
                 rpc = ",".join(f"127.0.0.1:{port}" for _, port in workers)
-                r = run_measured(CHILD.format(rpc=rpc, split=split, llm=llm, mmproj=mmproj, image=str(image)))
+                r = run_measured(CHILD.format(rpc=rpc, split=split, local=local, llm=llm, mmproj=mmproj,
+                                              image=str(image)))
             finally:
                 for proc, _ in workers:
                     proc.terminate()
@@ -134,7 +137,7 @@ def main() -> None:
     rows = ["| layout | layers on workers | image turn: time to first token | decode tok/s | bytes per token over "
             "the wire | packets per token | + per token on 1 Gbit/s, 0.3 ms round trips (estimate) |",
             "|---|---|---|---|---|---|---|"]
-    for label, _, _ in LAYOUTS:
+    for label, _, _, _ in LAYOUTS:
         r = best[label]
         wire = r["bytes_per_token"] / 125e6 + (r["packets_per_token"] / 2) * 0.3e-3
         rows.append(f"| {label} | {r['layers_on_workers']} | {r['ttft_s']:.2f} s | {1 / r['decode_s']:.2f} | "

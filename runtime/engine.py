@@ -216,6 +216,7 @@ class EngineOptions:
     # free memory).
     rpc: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] | None = None
+    rpc_output_local: bool = True  # the LM head's weights stay here: hidden states, not logits, cross the wire
 
     @property
     def threads(self) -> int:
@@ -418,6 +419,9 @@ class Engine:
             split[i] = share
         self._tensor_split = split  # llama.cpp copies it, but keep it alive through the load
         mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        if opts.rpc_output_local:
+            self._overrides = rpc.output_stays_local()
+            mparams.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         mparams.n_gpu_layers = on_workers
         self.workers = workers
         return on_workers

@@ -86,6 +86,8 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
     return lib
 
 
@@ -221,6 +223,24 @@ def device_list(endpoints: tuple[str, ...] | list[str]):
                     and name != b"RPC":
                 devs.append(dev)
     return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+
+
+class _BuftOverride(ctypes.Structure):
+    # llama.h: struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def output_stays_local():
+    """tensor_buft_overrides keeping the LM head's weights in this machine's memory.
+
+    llama.cpp offloads the last layers, the output layer included: with it on a worker, every token's
+    logits (the whole vocabulary in f32: 594 KiB for Qwen2's 152064 tokens) cross the network. With
+    its weights here, only the last hidden state does (bench/rpc.py measures both)."""
+    g = _ggml()
+    cpu = g.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    overrides = (_BuftOverride * 2)(_BuftOverride(rb"^output\.weight$", g.ggml_backend_dev_buffer_type(cpu)),
+                                    _BuftOverride(None, None))
+    return overrides
 
 
 def install_abort_message() -> None:

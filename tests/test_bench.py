@@ -74,5 +74,5 @@ def test_eval_bench_runs(tmp_path):
 def test_rpc_bench_runs(tmp_path):
     out = run_bench("rpc.py", "--depth", "2", "--quant", "Q8_0", "--rounds", "1", tmp_path=tmp_path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| all", "| half", "| a third"))]
-    assert len(rows) == 4 and all(r.count("|") == 8 for r in rows), out[-1500:]
+    assert len(rows) == 5 and all(r.count("|") == 8 for r in rows), out[-1500:]
     assert "| all layers on 2 workers | 2 |" in out
