@@ -249,3 +249,39 @@ def test_serve_stays_up_when_a_worker_dies_and_answers_again_when_it_is_back(con
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0, log.read_text()[-2000:]
+
+
+def test_a_worker_of_another_protocol_version_is_refused_naming_both(converted, images):
+    """A stand-in for an older worker: it answers llama.cpp's HELLO (| cmd | size | caps | → | size |
+    major minor patch pad | caps |) with protocol 6.0.0; nothing is loaded, one line names both versions."""
+    import struct
+    import threading
+
+    model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+
+    def old_worker() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(9, socket.MSG_WAITALL)
+                if len(head) < 9:
+                    continue
+                (size,) = struct.unpack("<Q", head[1:])
+                conn.recv(size, socket.MSG_WAITALL)
+                conn.sendall(struct.pack("<Q", 4 + size) + bytes([6, 0, 0, 0]) + bytes(size))
+
+    threading.Thread(target=old_worker, daemon=True).start()
+    try:
+        proc = run_cli("chat", "--model", str(model.manifest_path), *images, "-p", QUESTION, "--rpc",
+                       f"127.0.0.1:{port}", timeout=120)
+    finally:
+        server.close()
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"RPC worker 127.0.0.1:{port} speaks protocol 6.0.0, this engine 7.0.0" in proc.stderr
