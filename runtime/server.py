@@ -62,6 +62,7 @@ class ServeConfig:
     tensor_split: list[float] | None = None
 
 
+DISCONNECT_CHECK_S = 1.0  # how often a non-streaming request checks that its client is still there
 RPC_RETRY_S = 3.0  # how often a server whose RPC worker is down tries to load again
 
 
@@ -322,9 +323,22 @@ def create_app(config: ServeConfig) -> FastAPI:
 
         if not req.stream:
             parts: list[str] = []
+            checked = loop.time()
             try:
                 while True:
-                    kind, value = await events.get()
+                    try:
+                        kind, value = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
+                    except asyncio.TimeoutError:
+                        kind, value = "", None
+                    if loop.time() - checked >= DISCONNECT_CHECK_S:
+                        # Nothing cancels a plain handler when its client goes away: look, and stop the
+                        # answer nobody will read (it holds a sequence others may be waiting for).
+                        checked = loop.time()
+                        if await request.is_disconnected():
+                            job.cancel()
+                            return Response(status_code=499)
+                    if not kind:
+                        continue
                     if kind == "piece":
                         parts.append(text.feed(value))
                         if text.stopped:

@@ -351,3 +351,21 @@ def test_load_16_clients_cancellations_memory_and_graceful_shutdown(model, image
     text = log.read_text()
     assert "Traceback" not in text
     assert QUESTIONS[0] not in text and QUESTIONS[1] not in text  # no prompt text in logs
+
+
+def test_a_non_streaming_answer_stops_when_its_client_goes_away(model, images, tmp_path):
+    """Nothing cancels a plain (non-streaming) handler on disconnect; the server looks and frees the
+    sequence instead of writing a long answer nobody reads."""
+    with server(str(model.manifest_path), tmp_path, "--parallel", "1", "--ctx", "60000") as (url, proc, log):
+        body = {"model": "tiny", "messages": [user("Describe everything.", data_uri(images[0]))], "temperature": 0,
+                "max_tokens": 50000, "min_tokens": 50000}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=2.0))
+        # 50000 tokens would take the tiny model most of a minute; the server must notice within seconds
+        deadline = time.time() + 5
+        while httpx.get(f"{url}/health").json()["active"] and time.time() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health").json()["active"] == 0, log.read_text()[-2000:]
+        # and the server answers the next client at once
+        answer = ask(client(url, "none"), [user("What does the picture show?")], max_tokens=4)
+        assert answer.choices[0].finish_reason in ("stop", "length")
