@@ -281,3 +281,19 @@ def test_ray_workers_give_the_single_process_answers_and_survive_a_killed_worker
     assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]
     full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
     assert {r["number"]: r["output"] for r in rows} == full
+
+
+def test_a_progress_bar_with_rate_and_eta_on_a_terminal_only(model, data, tmp_path):
+    import pexpect
+
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "eval", str(data), "--model", str(model.manifest_path), "--greedy",
+                                   "--out", str(tmp_path / "tty")], cwd=str(ROOT), encoding="utf-8", timeout=300,
+                          env=dict(os.environ, TERM="xterm-256color", COLUMNS="120"))
+    child.expect(pexpect.EOF)
+    child.close()
+    screen = child.before
+    assert child.exitstatus == 0, screen
+    assert "answering" in screen and "8/8" in screen and "questions/min" in screen, screen
+    assert re.search(r"\d+:\d\d:\d\d", screen)  # the time-remaining column
+    piped = evaluate(model, data, tmp_path / "piped", "--greedy")
+    assert piped.returncode == 0 and "questions/min" not in piped.stderr and "8/8" not in piped.stderr
