@@ -1,8 +1,9 @@
 """`eval --ray`: one model replica per Ray actor, the questions spread over them in small batches.
 
 Each actor is an `EvalWorker` (its own model, scheduler and parallel sequences) on one machine
-(or GPU), loading the model from the path or store name it is given, so every machine needs the
-model and the evaluation images at the same paths (a shared folder, or the same copy on each).
+(or GPU), loading the model from the path or store name it is given (a shared folder, or each
+machine's own store). The images travel with each batch, so only the driver needs the evaluation
+files.
 The driver keeps every actor busy with a few batches, appends each answer to the run's
 results.jsonl as its batch returns, and resubmits a batch whose actor died to a new actor: the
 file is the only record, so an answer is never lost nor written twice, and a rerun resumes.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record
@@ -28,13 +30,44 @@ class _Replica:
     """The actor's body: an EvalWorker answering one batch at a time."""
 
     def __init__(self, model: str, settings: dict, parallel: int, threads: int | None):
-        self.worker = EvalWorker(model, EvalSettings(**settings), parallel, threads)
+        import tempfile
 
-    def answer(self, records: list[Record]) -> list[dict]:
-        return list(self.worker.answer(records))
+        self.worker = EvalWorker(model, EvalSettings(**settings), parallel, threads)
+        # The batch's images arrive as bytes: written here, owner-only, gone with the actor.
+        self.images = tempfile.TemporaryDirectory(prefix="huatuo-eval-images-")
+
+    def answer(self, records: list[Record], images: dict[str, bytes]) -> list[dict]:
+        import dataclasses
+        import hashlib
+
+        from huatuo_local.models.private import write_private
+
+        local: dict[str, Path] = {}
+        for original, data in images.items():
+            target = Path(self.images.name) / (hashlib.sha256(original.encode()).hexdigest()[:24]
+                                                + Path(original).suffix.lower())
+            if not target.exists():
+                write_private(target, data)
+            local[original] = target
+        here = [dataclasses.replace(r, images=tuple(local.get(str(p), p) for p in r.images)) for r in records]
+        rows = list(self.worker.answer(here))
+        return rows
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _image_bytes(records: list[Record]) -> dict[str, bytes]:
+    """Each image of a batch, read here (an unreadable one is left to the worker's error path)."""
+    out: dict[str, bytes] = {}
+    for r in records:
+        for p in r.images:
+            if str(p) not in out:
+                try:
+                    out[str(p)] = Path(p).read_bytes()
+                except OSError:
+                    pass
+    return out
 
 
 def _connect(address: str):
@@ -72,10 +105,14 @@ def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: 
         inflight: dict = {}  # ref -> (actor, batch)
         replacements = 0
 
+        def submit(actor, b: list[Record]):
+            # The images travel with the batch: only this machine needs the evaluation files.
+            return actor.answer.remote(b, _image_bytes(b))
+
         def feed(actor) -> None:
             if batches:
                 b = batches.pop(0)
-                inflight[actor.answer.remote(b)] = (actor, b)
+                inflight[submit(actor, b)] = (actor, b)
 
         for actor in actors:
             for _ in range(2):  # one answering, one waiting: no idle gap between batches
@@ -101,7 +138,7 @@ def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: 
                         lost.append(bb)
                 fresh = replica.remote(model, asdict(settings), parallel, threads)
                 for bb in lost:
-                    inflight[fresh.answer.remote(bb)] = (fresh, bb)
+                    inflight[submit(fresh, bb)] = (fresh, bb)
                 continue
             except RayTaskError as exc:
                 raise HuatuoError(f"eval: a Ray worker failed: {str(exc.cause) if exc.cause else exc}") from None
