@@ -317,6 +317,16 @@ class Scheduler:
         items = job.items
         common = self._common(slot.cached, items)
         if common == len(items) and items:
+            if job.prefill_only and isinstance(items[-1], ImageItem):
+                # A turn's images the sequence already holds (read while the user typed, then asked
+                # for again): nothing to evaluate, and no logits are wanted after an image.
+                pos = self.positions(items)
+                self.engine.seq_rm(slot.seq, pos)
+                slot.cached, slot.pos, slot.pending = list(items), pos, []
+                slot.counters.tokens_reused = pos
+                slot.prompt_start = slot.prompt_total = pos
+                self._finish(slot, "prefilled")
+                return
             common -= 1  # the whole prompt is cached: evaluate its last item again for its logits
         pos = self.positions(items[:common])
         restored = self._restore_from_disk(slot, items, common)

@@ -260,6 +260,9 @@ def test_images_are_read_while_the_question_is_typed(model, images):
     other = json.loads(chat(model, images[3], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
     with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8, prefix_cache=False) as bot:
         assert bot.prefill_images([images[0]]) >= 576
+        encoded = bot.counters.images_encoded
+        assert bot.prefill_images([images[0]]) == 0  # already there: nothing evaluated, not encoded again
+        assert bot.counters.images_encoded == encoded
         assert bot.chat(question, [images[0]]) == want
         assert bot.last_reply.counters.images_encoded == 0  # read before the question was asked
         assert bot.last_reply.counters.prompt_tokens_evaluated < 40
