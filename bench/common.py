@@ -84,3 +84,12 @@ def run_measured(code: str, env: dict | None = None, timeout: float = 3600) -> d
         if line.startswith("{"):
             out.update(json.loads(line))
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers and workers in benches listen on loopback only)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

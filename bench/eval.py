@@ -89,7 +89,6 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     args = ap.parse_args()
-    from huatuo_local.convert.pipeline import convert
     from huatuo_local.runtime.engine import physical_cores
 
     import runtime as rb
@@ -97,11 +96,8 @@ def main() -> None:
     if args.tiny:
         rb.tiny_shapes()
     work = args.workdir
-    ckpt = rb.write_checkpoint(work, args.depth)
-    out = work / f"gguf-{args.depth}"
+    out = rb.converted_pair(work, args.depth, args.quant)
     manifest = out / f"m-{args.quant}.manifest.json"
-    if not manifest.is_file():
-        convert(ckpt, out, quant=args.quant, mmproj_type="f16", name="m")
     layouts = [("every question its own image", 1), ("4 questions per image", 4), ("8 questions per image", 8)]
     rows = ["| layout | contender | seconds per question | questions/min |", "|---|---|---|---|"]
     threads = physical_cores()

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import append, invocation, run_measured  # noqa: E402
+from common import append, free_port, invocation, run_measured  # noqa: E402
 
 CHILD = """
 import json, time
@@ -73,12 +72,6 @@ LAYOUTS = [  # (label, workers, tensor split, LM head kept here)
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_workers(n: int, threads: int) -> list[tuple[subprocess.Popen, int]]:
     exe = Path(sys.executable).with_name("huatuo-local")
     out = []
@@ -102,7 +95,6 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     args = ap.parse_args()
-    from huatuo_local.convert.pipeline import convert
     from huatuo_local.runtime.engine import physical_cores
 
     import runtime as rb
@@ -111,10 +103,7 @@ def main() -> None:
         rb.tiny_shapes()
     work = args.workdir
     image = rb.write_image(work)
-    ckpt = rb.write_checkpoint(work, args.depth)
-    out = work / f"gguf-{args.depth}"
-    if not (out / f"m-{args.quant}.manifest.json").is_file():
-        convert(ckpt, out, quant=args.quant, mmproj_type="f16", name="m")
+    out = rb.converted_pair(work, args.depth, args.quant)
     llm, mmproj = str(out / f"m-{args.quant}.gguf"), str(out / "mmproj-m-f16.gguf")
     threads = physical_cores()
     best: dict[str, dict] = {}

@@ -65,6 +65,17 @@ def write_checkpoint(work: Path, depth: int) -> Path:
     return ckpt
 
 
+def converted_pair(work: Path, depth: int, quant: str) -> Path:
+    """The folder holding m-QUANT.gguf and mmproj-m-f16.gguf for this depth, converted once."""
+    from huatuo_local.convert.pipeline import convert
+
+    ckpt = write_checkpoint(work, depth)
+    out = work / f"gguf-{depth}"
+    if not (out / f"m-{quant}.manifest.json").is_file():
+        convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+    return out
+
+
 def tiny_shapes() -> None:
     shapes.H, shapes.FFN, shapes.HEADS, shapes.KV, shapes.VH, shapes.VFFN, shapes.VLAYERS = (
         256, 512, 2, 1, 64, 128, 3)
@@ -372,14 +383,8 @@ def main() -> None:
 
 
 def run_interactive(args, work: Path, image: Path) -> None:
-    from huatuo_local.convert.pipeline import convert
-
     depth, quant = args.depths[0], args.quants[0]
-    ckpt = write_checkpoint(work, depth)
-    out = work / f"gguf-{depth}"
-    manifest = out / f"m-{quant}.manifest.json"
-    if not manifest.is_file():
-        convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+    manifest = converted_pair(work, depth, quant) / f"m-{quant}.manifest.json"
     # The one-shot path's time to first token on the same files: what the wait was without reading ahead.
     oneshot = run_measured(f"""
 import json

@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import ROOT, append, invocation  # noqa: E402
+from common import ROOT, append, free_port, invocation  # noqa: E402
 
 QUESTION = "Case {:03d}: what does the picture show? Describe the findings in detail."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def peak_rss_gib(pid: int) -> float:

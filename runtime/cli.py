@@ -41,6 +41,15 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+# --rpc and --tensor-split, the same on chat, serve and eval
+RpcOption = Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
+                                                    "layers (huatuo-local rpc-worker on each); the vision encoder "
+                                                    "stays here.")]
+TensorSplitOption = Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
+                                                             "then each worker (e.g. 1,1,1; default: by free "
+                                                             "memory).")]
+
+
 def _shares(text: str | None, rpc: str | None) -> list[float] | None:
     """--tensor-split's numbers (this machine first, then each --rpc worker)."""
     if text is None:
@@ -179,12 +188,8 @@ def chat(
     no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
                                                   help="Do not keep encoded images on disk for the next run.")]
     = False,
-    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
-                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
-                                            "here.")] = None,
-    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
-                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
-    = None,
+    rpc: RpcOption = None,
+    tensor_split: TensorSplitOption = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
     from .api import HuatuoChatbot
@@ -391,12 +396,8 @@ def serve(
     allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
                                                           help="Answer even if the vision probe fails.")] = False,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
-    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
-                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
-                                            "here.")] = None,
-    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
-                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
-    = None,
+    rpc: RpcOption = None,
+    tensor_split: TensorSplitOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
     ask), on this machine only unless --host says otherwise."""
@@ -460,12 +461,8 @@ def eval_cmd(
                                                 "machine).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per model (default: the physical "
                                                 "cores).")] = None,
-    rpc: Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
-                                            "layers (huatuo-local rpc-worker on each); the vision encoder stays "
-                                            "here.")] = None,
-    tensor_split: Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
-                                                     "then each worker (e.g. 1,1,1; default: by free memory).")]
-    = None,
+    rpc: RpcOption = None,
+    tensor_split: TensorSplitOption = None,
 ) -> None:
     """The model card's accuracy table for your model files, measured the way the release measures it."""
     from . import evaluate
