@@ -93,8 +93,9 @@ def markdown(summary: dict, title: str) -> str:
         for k, d in summary[key].items():
             lines.append(f"| {k} | {d['total']} | {d['correct']} | {_pct(d)} |")
     lines += ["", f"Outputs with no letter the release's pattern finds: {summary['no_letter']} "
-              f"(counted wrong; the release's fallback for them crashes). Questions whose images could not be "
-              f"read: {summary['errors']} (counted wrong)."]
+              f"(counted wrong; the release's fallback for them crashes). Questions that could not be asked "
+              f"(an unreadable image, too long for the context; each named in results.jsonl): {summary['errors']} "
+              "(counted wrong)."]
     return "\n".join(lines) + "\n"
 
 

@@ -103,7 +103,11 @@ class EvalWorker:
         params = self.settings.sampling()
         rng = np.random.default_rng([self.settings.seed, record.number])
         job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None)))
-        return self.scheduler.submit(job)
+        try:
+            return self.scheduler.submit(job)
+        except HuatuoError as exc:  # e.g. more positions than the context holds: that question only
+            done.put((record, None, str(exc)))
+            return None
 
     def answer(self, records: Iterable[Record]) -> Iterator[dict]:
         """Rows as answers finish (not in input order). Closing the iterator cancels what is in flight.

@@ -297,3 +297,18 @@ def test_a_progress_bar_with_rate_and_eta_on_a_terminal_only(model, data, tmp_pa
     assert re.search(r"\d+:\d\d:\d\d", screen)  # the time-remaining column
     piped = evaluate(model, data, tmp_path / "piped", "--greedy")
     assert piped.returncode == 0 and "questions/min" not in piped.stderr and "8/8" not in piped.stderr
+
+
+def test_a_question_too_long_for_the_context_is_recorded_and_the_run_goes_on(model, data, tmp_path):
+    records = json.loads(data.read_text())[:1]
+    records.append({**records[0], "question": "lung " * 6000})  # far beyond the 4096 positions
+    for r in records:
+        r["image"] = [str(data.parent / p) for p in r["image"]]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(records))
+    proc = evaluate(model, path, tmp_path / "long", "--greedy")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {r["number"]: r for r in rows_of(tmp_path / "long")}
+    assert sorted(rows) == [0, 1] and "error" not in rows[0]
+    assert "context" in rows[1]["error"] and rows[1]["correct"] is False
+    assert json.loads((tmp_path / "long" / "results.json").read_text())["summary"]["errors"] == 1
