@@ -160,6 +160,8 @@ print(json.dumps({"free": free.value, "total": total.value}))
 
 def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> Worker:
     """Ask a worker for its memory from a child process (llama.cpp aborts on an unreachable one)."""
+    if not available():
+        raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
     try:
         proc = subprocess.run([sys.executable, "-c", _PROBE, endpoint], capture_output=True, text=True,
                               errors="replace", timeout=timeout)
