@@ -405,12 +405,9 @@ class Engine:
         rpc.install_abort_message()
         arch = llm_fields.get("general.architecture", "")
         n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
-        local_free = 0
-        try:
-            with open("/proc/meminfo") as f:
-                local_free = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            local_free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        from .doctor import GIB, memory_gib
+
+        local_free = int(memory_gib()[1] * GIB)
         on_workers, shares = rpc.split(n_layer, workers, local_free,
                                        list(opts.tensor_split) if opts.tensor_split else None)
         llama_cpp = _llama()

@@ -50,8 +50,7 @@ class _Replica:
                 write_private(target, data)
             local[original] = target
         here = [dataclasses.replace(r, images=tuple(local.get(str(p), p) for p in r.images)) for r in records]
-        rows = list(self.worker.answer(here))
-        return rows
+        return list(self.worker.answer(here))
 
     def pid(self) -> int:
         return os.getpid()

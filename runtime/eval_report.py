@@ -39,6 +39,11 @@ class Figure:
                 "ci95": [round(100 * lo, 2), round(100 * hi, 2)]}
 
 
+def _column_order(column: str) -> tuple[int, str]:
+    """The model card's columns in its order, anything else after them by name."""
+    return (CARD_ORDER.index(column) if column in CARD_ORDER else len(CARD_ORDER), column)
+
+
 def _tally(rows: list[dict], key: str) -> dict[str, Figure]:
     out: dict[str, Figure] = {}
     for r in rows:
@@ -65,7 +70,7 @@ def summarize(rows: list[dict], selected: int, model_name: str) -> dict:
         "overall": Figure(sum(bool(r["correct"]) for r in rows), len(rows)).as_dict(),
         "model_card_row": f"HuatuoGPT-Vision-{card_size(model_name)}",
         "columns": {c: {**columns[c].as_dict(), "model_card": card.get(c)}
-                    for c in sorted(columns, key=lambda c: (CARD_ORDER.index(c) if c in CARD_ORDER else 99, c))},
+                    for c in sorted(columns, key=_column_order)},
         "datasets": {k: f.as_dict() for k, f in _tally(rows, "dataset").items()},
         "subsets": {k: f.as_dict() for k, f in _tally(rows, "group").items()},
     }
@@ -124,7 +129,7 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
     groups: dict[str, list[int]] = {}
     for n in shared:
         groups.setdefault(a[n]["column"], []).append(n)
-    groups = {k: groups[k] for k in sorted(groups, key=lambda c: (CARD_ORDER.index(c) if c in CARD_ORDER else 99, c))}
+    groups = {k: groups[k] for k in sorted(groups, key=_column_order)}
     groups["overall"] = shared
     out = {}
     for name, numbers in groups.items():

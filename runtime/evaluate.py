@@ -14,7 +14,6 @@ no parallel or resumed run can follow; here each question draws from its own str
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -28,6 +27,7 @@ import numpy as np
 from huatuo_local.models import defaults
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record, build_query, card_column, is_correct, predicted_letter
+from huatuo_local.models.manifest import sha256_file
 from huatuo_local.models.private import private_dir, write_private
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
 
@@ -155,14 +155,6 @@ class EvalWorker:
 # --- the run folder ---------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_rows(path: Path) -> list[dict]:
     """The answers a run holds, first answer per record number; a torn last line (a crash) is cut off."""
     if not path.is_file():
@@ -215,7 +207,7 @@ def run_identity(data: Path, model, settings: EvalSettings) -> dict:
     """What makes two runs comparable: the same questions, model files and generation settings."""
     manifest = model.manifest
     return {
-        "data": str(Path(data).resolve()), "data_sha256": file_sha256(data),
+        "data": str(Path(data).resolve()), "data_sha256": sha256_file(Path(data)),
         "model": model.ref, "quant": model.quant,
         "llm_sha256": manifest.llm_sha256 if manifest else "",
         "mmproj_sha256": manifest.mmproj_sha256 if manifest else "",
