@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 from huatuo_local.models.errors import HuatuoError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+REVISION = re.compile(r"[A-Za-z0-9][\w.\-/]{0,199}")
 # Files read beside the weights, at the top of the repo (and config/preprocessor in a tower folder).
 SIDE_FILES = (
     "config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -86,14 +88,27 @@ def _is_connection_error(exc: BaseException) -> bool:
 def list_repo(repo_id: str, revision: str | None = None) -> RepoListing:
     from huggingface_hub import HfApi
 
+    check_revision(revision)
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as exc:  # classified into one line by hub_error
         raise hub_error(repo_id, exc) from exc
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-    if not info.sha:
-        raise HuatuoError(f"{repo_id}: the Hub gave no commit sha for this revision")
+    if not isinstance(info.sha, str) or not COMMIT.fullmatch(info.sha):
+        # The sha names a folder under downloads/ that is later deleted: a mirror that answers
+        # "../../x" (or anything but a commit id) must never get that far.
+        raise HuatuoError(f"{repo_id}: the Hub answered {str(info.sha)[:60]!r} where a commit id (40 hex digits) "
+                          "belongs; check HF_ENDPOINT")
     return RepoListing(repo_id, info.sha, sizes)
+
+
+def check_revision(revision: str | None) -> None:
+    """--revision is a branch, tag or commit the Hub resolves; refuse what no ref can be."""
+    if revision is None:
+        return
+    if not REVISION.fullmatch(revision) or ".." in revision or revision.endswith(("/", ".lock")):
+        raise HuatuoError(f"--revision {revision!r}: give a branch, tag or commit id (letters, digits, '.', '_', "
+                          "'-', '/')")
 
 
 def weight_files(files: list[str], folder: str = "") -> list[str]:
@@ -168,7 +183,24 @@ def downloads_dir() -> Path:
 
 
 def snapshot_dir(repo_id: str, revision: str) -> Path:
+    """Our download folder for one commit: always a plain folder two levels inside downloads/."""
+    if not REPO_ID.match(repo_id) or ".." in repo_id or not COMMIT.fullmatch(revision):
+        raise HuatuoError(f"internal: refusing a download folder for {repo_id!r} at {revision!r}")
     return downloads_dir() / repo_id.replace("/", "--") / revision
+
+
+def remove_snapshot(repo_id: str, revision: str) -> None:
+    """Delete our download folder of one commit (after it was converted or copied into the store).
+
+    Only a real folder whose resolved path is inside downloads/ is removed; a link there is only unlinked.
+    """
+    folder = snapshot_dir(repo_id, revision)
+    if folder.is_symlink():
+        folder.unlink()
+        return
+    root = downloads_dir().resolve()
+    if folder.is_dir() and root in folder.resolve().parents:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def download(repo_id: str, files: list[str], revision: str, progress: Progress | None = None) -> Path:

@@ -306,10 +306,14 @@ def rm(
 
     targets, delete, kept = plan_removal(model, all_quants)
     size = sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink()) / 1024**3
-    if not yes and sys.stdin.isatty():
-        names = ", ".join(m.ref for m in targets)
+    names = ", ".join(m.ref for m in targets)
+    if not yes:
+        if not sys.stdin.isatty():  # a script or a pipe cannot answer: deleting needs a person or --yes
+            fail(f"rm {model}: would delete {names} ({size:.2f} GiB); nothing deleted: confirm in a terminal, "
+                 "or add --yes")
         if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(p.name for p in delete)})?"):
-            fail("nothing deleted")
+            typer.echo("nothing deleted", err=True)
+            raise typer.Exit(1)
     done = remove(model, all_quants)
     typer.echo(f"removed {', '.join(done.refs)} ({done.bytes_freed / 1024**3:.2f} GiB freed)")
     for p in done.kept:

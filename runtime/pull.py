@@ -62,7 +62,7 @@ def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progr
     if not (mm.is_file() and not mm.is_symlink() and sha256_file(mm) == mm_sha):
         _copy_into(mm_src, mm)
     _copy_into(llm_src, llm)
-    shutil.rmtree(hub.snapshot_dir(repo_id, listing.sha), ignore_errors=True)  # copied into the store now
+    hub.remove_snapshot(repo_id, listing.sha)  # copied into the store now
     eos = info.fields.get("tokenizer.ggml.eos_token_id")
     n_embd = info.fields.get(f"{info.arch}.embedding_length")
     if not isinstance(eos, int) or not isinstance(n_embd, int):
@@ -94,5 +94,5 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
         return _pull_gguf(repo_id, listing, quant, name, folder, progress)
     local, sha = hub.fetch_checkpoint(repo_id, listing.sha, progress, store=folder)
     convert(local, folder, quant=quant, name=name, progress=progress, revision=sha, source=repo_id)
-    shutil.rmtree(hub.snapshot_dir(repo_id, sha), ignore_errors=True)  # ours, and converted now
+    hub.remove_snapshot(repo_id, sha)  # ours, and converted now
     return resolve(f"{name}:{quant.lower()}")

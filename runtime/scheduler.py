@@ -316,17 +316,7 @@ class Scheduler:
         slot.embd, slot.embd_done = None, 0
         items = job.items
         common = self._common(slot.cached, items)
-        if common == len(items) and items:
-            if job.prefill_only and isinstance(items[-1], ImageItem):
-                # A turn's images the sequence already holds (read while the user typed, then asked
-                # for again): nothing to evaluate, and no logits are wanted after an image.
-                pos = self.positions(items)
-                self.engine.seq_rm(slot.seq, pos)
-                slot.cached, slot.pos, slot.pending = list(items), pos, []
-                slot.counters.tokens_reused = pos
-                slot.prompt_start = slot.prompt_total = pos
-                self._finish(slot, "prefilled")
-                return
+        if common == len(items) and items and not (job.prefill_only and isinstance(items[-1], ImageItem)):
             common -= 1  # the whole prompt is cached: evaluate its last item again for its logits
         pos = self.positions(items[:common])
         restored = self._restore_from_disk(slot, items, common)
@@ -339,6 +329,20 @@ class Scheduler:
         slot.pending = list(items[common:])
         slot.counters.tokens_reused = pos
         slot.prompt_start, slot.prompt_total = pos, self.positions(items)
+        if not slot.pending:
+            # The sequence (or the disk cache, which holds prefixes ending at an image) already has a
+            # turn's images read ahead of their question: nothing to evaluate, no logits wanted.
+            self._settle_idle(slot)
+
+    def _settle_idle(self, slot: _Slot) -> None:
+        """End a job that has nothing left to evaluate or generate (else the loop would spin on it)."""
+        job = slot.job
+        if job is None:
+            return
+        if job.prefill_only:
+            self._finish(slot, "prefilled")
+        else:  # a full prompt ends with text; an answer needs the logits of its last position
+            self._fail(slot, EngineError("internal: a prompt ended with an image"))
 
     def _restore_from_disk(self, slot: _Slot, items: list[Item], common: int) -> int:
         """Load the longest on-disk prefix ending at an image beyond `common`.
@@ -386,6 +390,8 @@ class Scheduler:
         for s in self.slots:
             if s.job is not None and s.job.cancelled.is_set():
                 self._finish(s, "cancelled")
+            elif s.job is not None and not s.pending and s.last_token is None and s.embd is None:
+                self._settle_idle(s)  # a job with no work left must end, never keep the loop busy
         self._step_images()
         self._step_tokens()
 
@@ -440,10 +446,7 @@ class Scheduler:
             if self.prefix_cache is not None:
                 self._save_prefix(s)
             if not s.pending:
-                if s.job is not None and s.job.prefill_only:  # a turn's images, read before its question
-                    self._finish(s, "prefilled")
-                else:  # a full prompt never ends with an image: nothing to sample from
-                    self._fail(s, EngineError("internal: a prompt ended with an image"))
+                self._settle_idle(s)  # a turn's images, read before its question
 
     def _save_prefix(self, s: _Slot) -> None:
         cache = self.prefix_cache

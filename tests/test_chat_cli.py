@@ -6,6 +6,8 @@ import json
 import os
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -301,6 +303,57 @@ def test_the_repl_reads_the_image_before_the_question(model, images):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_the_repl_answers_when_its_image_is_already_in_the_prefix_cache(model, images, tmp_path):
+    """Issue 22: the second REPL over the same image restored it from disk and then spun at 100 % CPU."""
+    import pexpect
+
+    question = "What does the picture show?"
+    env = dict(os.environ, TERM="dumb", HUATUO_LOCAL_HOME=str(tmp_path / "home"))
+    want = json.loads(chat(model, images[2], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
+    for run in range(2):  # the first run fills the prefix cache, the second reads the image from it
+        child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
+                                       "--max-tokens", "8", images[2]],
+                              cwd=str(ROOT), encoding="utf-8", timeout=60, env=env)
+        child.expect(">>> ")
+        time.sleep(1.0)  # let the background reading finish (a cache hit on the second run)
+        child.sendline(question)
+        child.expect_exact(question + "\r\n")
+        child.expect(">>> ")
+        assert child.before.strip() == want, f"run {run}"
+        child.sendline(f"/image {images[2]}")  # the same image again: all of it is already held
+        child.expect("image added")
+        child.expect(">>> ")
+        child.sendline("And now?")
+        child.expect_exact("And now?\r\n")
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    assert list((tmp_path / "home" / "prefix-cache").glob("*.kv")), "the first run saved the image's prefix"
+
+
+def test_prefill_images_returns_for_every_already_cached_case(model, images, tmp_path, monkeypatch):
+    """Every "already there" path of the scheduler ends its job: from disk, from the slot, twice in a row."""
+    from huatuo_local import HuatuoChatbot
+
+    monkeypatch.setenv("HUATUO_LOCAL_HOME", str(tmp_path / "home"))
+    question = "What does the picture show?"
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8) as bot:
+        assert bot.prefill_images([images[1]]) > 576
+        want = bot.chat(question, [images[1]])
+    results: list = []
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8) as bot:  # a new process's view
+        t = threading.Thread(target=lambda: results.append(bot.prefill_images([images[1]])), daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "prefill_images of an image restored from disk never returned"
+        assert results == [0] and bot.counters.prefix_cache_hits == 1
+        assert bot.prefill_images([images[1]]) == 0  # the slot holds it already
+        assert bot.chat(question, [images[1]]) == want
+        assert bot.last_reply.counters.images_encoded == 0
 
 
 def test_progress_on_a_terminal_and_none_when_piped(model, images):

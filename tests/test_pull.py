@@ -136,3 +136,41 @@ def test_pull_of_a_gguf_repo_copies_exactly_the_quant_asked_for(converted, tmp_p
     chat = run_cli("chat", str(image), "-p", "hi", "--model", "tiny:q8_0", "--max-tokens", "3",
                    env={"HUATUO_LOCAL_HOME": str(tmp_path / "home")})
     assert chat.returncode == 0, chat.stderr
+
+
+@pytest.mark.parametrize("sha", ["../../../victim", "/ABSOLUTE", "main", "0" * 39 + "/", "A" * 40])
+def test_a_hostile_hub_sha_never_becomes_a_path(tiny, tmp_path, sha):
+    """Issue 21: the commit id a Hub (or an HF_ENDPOINT mirror) returns was used as a folder, then deleted."""
+    for kind in ("checkpoint", "gguf"):
+        home = tmp_path / kind / "a" / "home"
+        victim = tmp_path / kind / "a" / "victim"  # where home/downloads/REPO/../../../victim lands
+        victim.mkdir(parents=True)
+        (victim / "keep.txt").write_text("precious")
+        folder = _repo_folder(tiny, tmp_path / kind, TinySpec(seed=8, tower="folder"))
+        if kind == "gguf":
+            for f in list(folder.iterdir()):
+                (shutil.rmtree if f.is_dir() else os.unlink)(f)
+            (folder / "tiny-Q4_K_M.gguf").write_bytes(b"GGUF")
+            (folder / "mmproj-tiny-f16.gguf").write_bytes(b"GGUF")
+        repo = Repo(folder)
+        wanted = sha.replace("/ABSOLUTE", str(victim))
+        repo.sha = wanted
+        with FakeHub({REPO: repo}) as hub:
+            env = dict(_env(tmp_path, hub), HUATUO_LOCAL_HOME=str(home))
+            proc = run_cli("pull", "huatuo-vision-7b", env=env)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {REPO}: the Hub answered {wanted[:60]!r} where a commit id (40 hex digits) belongs; "
+            "check HF_ENDPOINT"]
+        assert (victim / "keep.txt").read_text() == "precious"
+        assert not any(p.name != "keep.txt" for p in victim.rglob("*")), "nothing was written outside the store"
+        assert not any(hub.fetched("GET")) or all("/resolve/" not in p for p in hub.fetched("GET"))
+
+
+def test_a_revision_that_no_ref_can_be_is_refused_before_any_request(tmp_path):
+    with FakeHub({}) as hub:
+        for bad in ("../../etc", "/abs", "a/../b", "x\ny", "-flag"):
+            proc = run_cli("pull", "huatuo-vision-7b", "--revision", bad, env=_env(tmp_path, hub))
+            assert proc.returncode == 1 and "give a branch, tag or commit id" in proc.stderr, bad
+            assert len(proc.stderr.strip().splitlines()) == 1
+        assert hub.requests == []

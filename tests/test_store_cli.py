@@ -25,7 +25,13 @@ def test_store_list_info_chat_by_name_and_rm(tiny, tmp_path):
     Image.fromarray((np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)).save(img)
     chat = run_cli("chat", str(img), "-p", "hi", "--model", "mytiny", "--max-tokens", "3", env=env)
     assert chat.returncode == 0, chat.stderr
-    removed = run_cli("rm", "mytiny", env=env)
+    for stdin in (None, "n\n", "y\n"):  # no terminal: nothing is deleted without --yes, whatever is piped in
+        refused = run_cli("rm", "mytiny", input=stdin, env=env)
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.strip() == ("error: rm mytiny: would delete mytiny:q8_0 (0.00 GiB); nothing deleted: "
+                                          "confirm in a terminal, or add --yes")
+        assert (home / "models" / "mytiny" / "mytiny-Q8_0.gguf").is_file()
+    removed = run_cli("rm", "mytiny", "--yes", env=env)
     assert removed.returncode == 0 and not (home / "models" / "mytiny").exists()
     again = run_cli("rm", "mytiny", env=env)
     assert again.returncode != 0 and again.stderr.strip().startswith("error: model mytiny is not installed")

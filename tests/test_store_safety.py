@@ -109,6 +109,7 @@ def test_rm_asks_on_a_terminal_unless_yes(store_home):
     child.expect(r"Delete tiny:q8_0 .*\[y/N\]")
     child.sendline("n")
     child.expect(pexpect.EOF)
+    assert child.before.strip().splitlines()[-1] == "nothing deleted"  # the user's answer, not an error
     child.close()
     assert child.exitstatus != 0
     assert (home / "models" / "tiny" / "tiny-Q8_0.gguf").is_file()
