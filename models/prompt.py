@@ -47,6 +47,32 @@ def render_prompt(turns: Sequence[Turn], marker: str = IMAGE_TOKEN) -> str:
     return "".join(out)
 
 
+def render_segments(turns: Sequence[Turn]) -> list[str]:
+    """The prompt as the text between its images: `IMAGE_TOKEN.join(render_segments(t)) == render_prompt(t)`.
+
+    The release splits its rendered prompt at every `<image>` and tokenizes each piece on its own.
+    Building the pieces directly gives the same pieces, and text that happens to contain `<image>`
+    (a question, or an answer sent back as history) stays text instead of becoming a placeholder.
+    """
+    segments = [""]
+    for turn in turns:
+        segments[-1] += USER_TAG
+        for _ in range(turn.n_images):
+            segments.append("\n")
+        segments[-1] += clean_user_text(turn.text) + "\n" + ASSISTANT_TAG
+        if turn.answer is not None:
+            segments[-1] += turn.answer + " \n"
+    return segments
+
+
+def segments_before_question(turns: Sequence[Turn], n_images: int = 0) -> list[str]:
+    """The segments of the next turn up to where its question's text begins (its images come first)."""
+    segments = render_segments([*turns, Turn("", n_images)])
+    tail = "\n" + ASSISTANT_TAG  # what an empty question leaves after the images
+    segments[-1] = segments[-1][: -len(tail)]
+    return segments
+
+
 # Written into the GGUF as tokenizer.chat_template. Content may be a string or a list of
 # parts ({"type": "text"} / {"type": "image"} or "image_url"); a turn's images go first.
 CHAT_TEMPLATE = (

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
@@ -44,6 +45,8 @@ def parse_window(text: str | None) -> tuple[float, float] | None:
         raise ImageError(
             f"--window {text}: give a preset ({', '.join(WINDOW_PRESETS)}) or CENTER,WIDTH such as 40,400"
         ) from None
+    if not (np.isfinite(center) and np.isfinite(width)):
+        raise ImageError(f"--window {text}: CENTER and WIDTH must be finite numbers such as 40,400")
     if width <= 0:
         raise ImageError(f"--window {text}: the width must be positive")
     return center, width
@@ -65,15 +68,14 @@ def percentile_window(values: np.ndarray) -> np.ndarray:
     return np.clip(np.round((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
 
 
-def is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+def is_dicom(name: str | Path) -> bool:
+    """A DICOM file by its name's extension."""
+    return Path(str(name)).suffix.lower() in (".dcm", ".dicom")
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """A DICOM file by its magic: 'DICM' after the 128-byte preamble."""
+    return head[128:132] == b"DICM"
 
 
 def _first(value) -> float | None:
@@ -92,7 +94,7 @@ def _int(value) -> int:
         return 0
 
 
-def _frame_index(path: Path, n_frames: int, frame: int | None) -> int:
+def _frame_index(path: str, n_frames: int, frame: int | None) -> int:
     if n_frames > 1:
         index = n_frames // 2 if frame is None else frame
         if not 0 <= index < n_frames:
@@ -122,16 +124,18 @@ def available_memory() -> int:
 _WORKING_BYTES_PER_SAMPLE = 8 * 3
 
 
-def _check_size(ds, path: Path, n_frames: int, samples: int, max_pixels: int) -> None:
+def _check_size(ds, path: str, n_frames: int, samples: int, max_pixels: int) -> None:
     """Refuse from the header alone what would not fit, before any pixel is decoded."""
     rows, cols = _int(ds.get("Rows", 0)), _int(ds.get("Columns", 0))
     bits = _int(ds.get("BitsAllocated", 0))
     if rows <= 0 or cols <= 0 or bits <= 0 or samples not in (1, 3) or n_frames < 1:
         raise ImageError(f"{path}: corrupt DICOM header (Rows {rows}, Columns {cols}, BitsAllocated {bits}, "
                          f"SamplesPerPixel {samples}, NumberOfFrames {n_frames})")
-    if rows * cols > max_pixels:
-        raise ImageError(f"{path}: image too large ({rows}x{cols} = {rows * cols} pixels per frame, limit "
-                         f"{max_pixels}); raise the limit with --max-pixels if you trust the file")
+    side = max(rows, cols)
+    if rows * cols > max_pixels or side * side > max_pixels:  # padded to a square before resizing
+        raise ImageError(f"{path}: image too large ({cols}x{rows} per frame, padded to a {side}x{side} square = "
+                         f"{side * side} pixels, limit {max_pixels}); raise the limit with --max-pixels if you "
+                         "trust the file")
     need = rows * cols * samples * _WORKING_BYTES_PER_SAMPLE
     if need > available_memory():
         raise ImageError(f"{path}: decoding one {rows}x{cols} frame needs about {need / 2**30:.1f} GiB of memory, "
@@ -151,14 +155,32 @@ def _check_size(ds, path: Path, n_frames: int, samples: int, max_pixels: int) ->
                              f"frame(s), {expected} bytes)")
 
 
-def read_dicom(path: Path, window: tuple[float, float] | None = None, frame: int | None = None,
-               max_pixels: int = 178_956_970) -> Image.Image:
+def read_dicom(source: str | Path | BinaryIO, window: tuple[float, float] | None = None, frame: int | None = None,
+               max_pixels: int = 178_956_970, label: str | None = None) -> Image.Image:
+    """One frame of a DICOM file (a path or an open binary file) as RGB; `label` names it in messages.
+
+    pydicom parses elements lazily and raises many kinds of errors on damaged or hostile values
+    (a bad VR can surface as a TypeError deep inside): every one becomes one line naming the file.
+    """
+    path = label or str(source)
+    try:
+        return _read_dicom(source, path, window, frame, max_pixels)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(f"{path}: not enough memory to decode this DICOM frame") from None
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ImageError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {detail})") from None
+
+
+def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(source)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         raise ImageError(f"{path}: not a readable DICOM file ({exc})") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:

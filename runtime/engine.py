@@ -540,9 +540,10 @@ class Engine:
         llama_cpp.llama_set_abort_callback(self.ctx, self._abort_cb, None)
 
     def logits_at(self, index: int) -> np.ndarray:
-        """Logits of the batch entry `index` of the last decode (a copy)."""
+        """Logits of the batch entry `index` of the last decode: a view of llama.cpp's buffer, valid (and
+        writable) until the next decode; sampling works on it in place instead of copying the vocabulary."""
         ptr = _llama().llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def seq_rm(self, seq: int, start: int) -> None:
         """Forget positions >= start of `seq`."""

@@ -8,15 +8,21 @@ preprocessing a plain copy, so the pixels are the release's exactly.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .dicom import ImageError, high_bit_depth_to_rgb, is_dicom, read_dicom
+from .dicom import ImageError, high_bit_depth_to_rgb, is_dicom, looks_like_dicom, read_dicom
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default, set explicitly
+# The formats README documents; Pillow would also decode TGA, PPM, ICO, PCX, SGI, XBM, IM, QOI ...,
+# each one more parser exposed to hostile files for nothing a clinician uses.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+WINDOW_IGNORED = "huatuo_window_ignored"  # set in a picture's .info when a window did not apply to it
 
 
 @dataclass(frozen=True)
@@ -36,45 +42,116 @@ class LoadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def load_rgb(path: str | Path, options: LoadOptions | None = None) -> Image.Image:
-    """The one image loader: Pillow formats, 16-bit grayscale and DICOM → RGB, with clear errors.
+@dataclass(frozen=True)
+class ImageData:
+    """An image already in memory (an upload, a file read through one descriptor): never written to disk."""
 
-    For ordinary 8-bit images this is the release's `Image.open(path).convert('RGB')` (alpha
-    dropped, not composited), after applying the EXIF orientation.
-    """
-    opts = options or LoadOptions()
-    path = Path(path)
+    data: bytes
+    name: str  # how messages call it ("the uploaded image", a path)
+
+
+Source = str | Path | ImageData
+
+
+def _label(source: Source) -> str:
+    return source.name if isinstance(source, ImageData) else str(source)
+
+
+def _open(source: Source) -> BinaryIO:
+    if isinstance(source, ImageData):
+        return io.BytesIO(source.data)
+    path = Path(source)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file (0 bytes)")
-    if is_dicom(path):
-        return read_dicom(path, opts.window, opts.frame, opts.max_pixels)
-    Image.MAX_IMAGE_PIXELS = opts.max_pixels
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def check_pixels(label: str, width: int, height: int, max_pixels: int) -> None:
+    """Refuse, from the size alone, an image whose picture or padded square exceeds the limit.
+
+    The release pads to a square before resizing, so a 20000x1 strip costs a 20000x20000 canvas:
+    the square is what memory pays for.
+    """
+    side = max(width, height)
+    if width * height > max_pixels or side * side > max_pixels:
+        raise ImageError(f"{label}: image too large ({width}x{height}, padded to a {side}x{side} square = "
+                         f"{side * side} pixels, limit {max_pixels}); raise the limit with --max-pixels if you "
+                         "trust the file")
+
+
+def load_rgb(source: Source, options: LoadOptions | None = None) -> Image.Image:
+    """The one image loader: Pillow formats, 16-bit grayscale and DICOM → RGB, with clear errors.
+
+    For ordinary 8-bit images this is the release's `Image.open(path).convert('RGB')` (alpha
+    dropped, not composited), after applying the EXIF orientation. Sizes are checked from the
+    header before any pixel is decoded; a hostile file gets one line, never a traceback.
+    """
+    opts = options or LoadOptions()
+    label = _label(source)
+    with _open(source) as f:
+        head = f.read(132)
+        if not head:
+            raise ImageError(f"{label}: empty file (0 bytes)")
+        f.seek(0)
+        if is_dicom(label) or looks_like_dicom(head):
+            return read_dicom(f, opts.window, opts.frame, opts.max_pixels, label=label)
+        return _load_pillow(f, label, opts)
+
+
+def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = max(opts.max_pixels, DEFAULT_MAX_PIXELS)  # ours is checked below, per call
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x the limit; a clinician's file gets one rule.
+            # Pillow only warns between 1x and 2x its limit; a clinician's file gets one rule.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if opts.frame is not None:
-                    img.seek(opts.frame)
-                else:
-                    img.seek(0)
+            with Image.open(f, formats=FORMATS) as img:
+                check_pixels(label, *img.size, opts.max_pixels)
+                img.seek(opts.frame if opts.frame is not None else 0)
                 img = ImageOps.exif_transpose(img) or img
+                check_pixels(label, *img.size, opts.max_pixels)
                 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                     return high_bit_depth_to_rgb(img, opts.window)
-                return img.convert("RGB")
+                rgb = img.convert("RGB")
+                if opts.window is not None:  # the caller says so (window_ignored): the picture is as it is
+                    rgb.info[WINDOW_IGNORED] = True
+                return rgb
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
-            f"{path}: image too large ({exc}); raise the limit with --max-pixels if you trust the file") from exc
-    except EOFError as exc:
-        raise ImageError(f"{path}: --frame {opts.frame} is past the last frame") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{path}: not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: unreadable or truncated image ({exc})") from exc
+            f"{label}: image too large ({exc}); raise the limit with --max-pixels if you trust the file") from None
+    except EOFError:
+        raise ImageError(f"{label}: frame {opts.frame} is past the last frame") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image in a supported format (PNG, JPEG, BMP, GIF, TIFF, WebP, "
+                         "DICOM)") from None
+    except MemoryError:
+        raise ImageError(f"{label}: not enough memory to decode this image") from None
+    except Exception as exc:  # Pillow's decoders raise many kinds on hostile data: one line, never a trace
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"{label}: unreadable or truncated image ({detail})") from None
+
+
+def frame_count(source: Source) -> int:
+    """Frames of a DICOM or multi-frame image, from the header only (1 when unknown)."""
+    try:
+        with _open(source) as f:
+            head = f.read(132)
+            f.seek(0)
+            if is_dicom(_label(source)) or looks_like_dicom(head):
+                import pydicom
+
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+                return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+            with Image.open(f, formats=FORMATS) as img:
+                return max(1, int(getattr(img, "n_frames", 1)))
+    except Exception:  # the loader that follows reports the real problem
+        return 1
 
 
 def expand_to_square(img: Image.Image, color: tuple[int, int, int]) -> Image.Image:

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+from huatuo_local.models.prompt import Turn, render_segments
 from PIL import Image
 
 
@@ -25,18 +25,17 @@ def image_item(picture: Image.Image) -> ImageItem:
     return ImageItem(hashlib.sha256(picture.tobytes()).hexdigest(), picture)
 
 
-def prompt_items(tokenize, prompt: str, images: list[ImageItem]) -> list[Item]:
-    """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
-    chunks = prompt.split(IMAGE_TOKEN)
-    if len(chunks) - 1 != len(images):
-        raise HuatuoError("internal: image placeholders and images disagree")
+def prompt_items(tokenize, segments: list[str], images: list[ImageItem]) -> list[Item]:
+    """The release's input: each text segment tokenized on its own, an image between each two."""
+    if len(segments) - 1 != len(images):
+        raise HuatuoError("internal: image places and images disagree")
     items: list[Item] = []
-    for i, chunk in enumerate(chunks):
-        items.extend(tokenize(chunk))
+    for i, segment in enumerate(segments):
+        items.extend(tokenize(segment))
         if i < len(images):
             items.append(images[i])
     return items
 
 
 def conversation_items(tokenize, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
-    return prompt_items(tokenize, render_prompt(turns, IMAGE_TOKEN), images)
+    return prompt_items(tokenize, render_segments(turns), images)

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
-import tempfile
+import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from huatuo_local.models import defaults
@@ -32,15 +35,11 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
 
 from .dicom import parse_window
-from .images import DEFAULT_MAX_PIXELS, LoadOptions, load_rgb, prepare
+from .images import ImageData, LoadOptions, frame_count, load_rgb, prepare
 from .items import ImageItem, image_item
 from .sampling import SamplingParams
 
-_MIME_SUFFIX = {
-    "image/png": ".png", "image/jpeg": ".jpg", "image/jpg": ".jpg", "image/tiff": ".tif", "image/bmp": ".bmp",
-    "image/gif": ".gif", "image/webp": ".webp", "application/dicom": ".dcm", "image/dicom": ".dcm",
-    "application/octet-stream": "",
-}
+_DICOM_MIMES = ("application/dicom", "image/dicom")
 
 
 class ApiError(Exception):
@@ -56,10 +55,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# A server decodes what any client sends: 50 megapixels (the padded square included) holds every
+# radiograph and mammogram (a 5624-pixel side is 31.6 M) and keeps one decode within ~0.3 GB.
+SERVE_MAX_PIXELS = 50_000_000
+
+
 @dataclass
 class Limits:
     max_image_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS
     allow_files: list[Path] = field(default_factory=list)
 
 
@@ -94,8 +98,9 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
     n = body.get("n", 1)
     if n != 1:
         raise _bad("only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    # The newer name wins when it holds a value; a null one (clients send it) leaves max_tokens in force.
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise _bad(f"'{key}' must be a positive integer", key)
     params = SamplingParams(
@@ -112,60 +117,88 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
     if params.top_p == 0:
         raise _bad("'top_p' must be greater than 0", "top_p")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("'seed' must be an integer", "seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < 1 << 64):
+        raise _bad("'seed' must be a 64-bit integer", "seed")
+    if seed is not None:
+        seed %= 1 << 64  # OpenAI's seeds are signed; numpy's generators take non-negative ones
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []
     elif isinstance(stop, str):
         stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
+    elif isinstance(stop, list) and all(isinstance(s, str) and len(s) <= 256 for s in stop) and len(stop) <= 4:
         stops = list(stop)
     else:
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
     return params, seed, [s for s in stops if s]
 
 
+# Loader messages speak to CLI users; a client is told the request field or the server's option instead.
+_FIELD_NAMES = (("--max-pixels", "the server's --max-pixels"), ("--frame", "'frame'"), ("--window", "'window'"))
+
+
+def _for_client(message: str) -> str:
+    for flag, field_name in _FIELD_NAMES:
+        message = message.replace(flag, field_name)
+    return message
+
+
 class ImageLoader:
-    """Turns one `image_url` part into the picture the model sees, with the same loader as `chat`."""
+    """Turns one `image_url` part into the picture the model sees, with the same loader as `chat`.
 
-    def __init__(self, limits: Limits, vision):
+    Images are decoded from memory (uploads never touch the disk), a bounded number at a time
+    (decoding is where a small file can cost a lot of memory), and not at all once the request
+    that wants them is gone.
+    """
+
+    def __init__(self, limits: Limits, vision, max_decodes: int = 1):
         self.limits, self.vision = limits, vision
+        self._decodes = threading.BoundedSemaphore(max_decodes)
+        # Each allowed folder as given and as resolved, once: a client's path is matched against
+        # either, then opened from the resolved folder's descriptor without following links.
+        self._roots = [(Path(os.path.abspath(p)), p.resolve()) for p in limits.allow_files]
 
-    def load(self, part: dict, where: str) -> ImageItem:
+    def load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> ImageItem:
         """The picture the model sees for one image part."""
-        return self._load(part, where)[0]
+        return self._load(part, where, cancelled)[0]
 
-    def _load(self, part: dict, where: str) -> tuple[ImageItem, int]:
+    def _load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
         spec = part.get("image_url")
         if isinstance(spec, str):
             spec = {"url": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
             raise _bad("an image_url part needs {'url': ...}", where)
         url = spec["url"]
+        window = spec.get("window")
+        if window is not None and not isinstance(window, str):
+            raise _bad("'window' must be a string: a preset (lung, bone, ...) or \"CENTER,WIDTH\"", where)
         try:
-            window = parse_window(spec["window"]) if spec.get("window") is not None else None
+            window = parse_window(window)
         except HuatuoError as exc:
-            raise _bad(str(exc).replace("--window", "'window'"), where) from None
+            raise _bad(_for_client(str(exc)), where) from None
         frame = spec.get("frame")
-        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int)):
-            raise _bad("'frame' must be an integer", where)
+        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < 1 << 31):
+            raise _bad("'frame' must be a non-negative integer", where)
         options = LoadOptions(window, frame, self.limits.max_pixels)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            return self._from_data(url, options, where)
-        if scheme == "file":
-            return self._from_file(url, options, where)
-        if scheme in ("http", "https"):
+            data = self._from_data(url, where)
+        elif scheme == "file":
+            data = self._from_file(url, where)
+        elif scheme in ("http", "https"):
             raise _bad("the server never fetches URLs (images stay on this machine); send the image as a data: "
                        "URI, e.g. data:image/png;base64,...", where, "url_not_allowed")
-        raise _bad(f"unsupported image URL scheme {scheme or '(none)'!r}; use a data: URI", where)
+        else:
+            raise _bad(f"unsupported image URL scheme {scheme[:20] or '(none)'!r}; use a data: URI", where)
+        with self._decodes:
+            if cancelled is not None and cancelled():
+                raise ApiError(499, "the client went away", code="client_closed")
+            return self._prepare(data, options, where)
 
-    def _from_data(self, url: str, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
+    def _from_data(self, url: str, where: str) -> ImageData:
         head, sep, payload = url.partition(",")
         if not sep or not head.lower().endswith(";base64"):
             raise _bad("image data URIs must be base64: data:MIME;base64,...", where)
-        mime = head[5:-7].lower()
         if len(payload) * 3 // 4 > self.limits.max_image_bytes:
             raise ApiError(413, f"image larger than {self.limits.max_image_bytes // (1024 * 1024)} MB",
                            param=where, code="image_too_large")
@@ -173,63 +206,74 @@ class ImageLoader:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise _bad("the image's base64 data is invalid", where) from None
-        suffix = _MIME_SUFFIX.get(mime, "")
-        # The loader reads files (pydicom, Pillow): a private temporary file, deleted at once.
-        fd, tmp = tempfile.mkstemp(prefix="huatuo-image-", suffix=suffix)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return self._prepare(Path(tmp), options, where, "the uploaded image")
-        finally:
-            os.unlink(tmp)
+        mime = head[5:-7].lower()
+        return ImageData(data, "the uploaded image.dcm" if mime in _DICOM_MIMES else "the uploaded image")
 
-    def _from_file(self, url: str, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
+    def _from_file(self, url: str, where: str) -> ImageData:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise _bad("file:// URLs name a file on this machine: file:///path", where)
-        path = Path(unquote(parsed.path))
-        real = path.resolve()
-        if not any(real == root or root in real.parents for root in self.limits.allow_files):
-            raise ApiError(403 if self.limits.allow_files else 400,
-                           "file:// images are only read inside the folders the server was started with "
-                           "(--allow-files DIR)", param=where, code="file_not_allowed")
-        if real.is_file() and real.stat().st_size > self.limits.max_image_bytes:
-            raise ApiError(413, "image file too large", param=where, code="image_too_large")
-        return self._prepare(real, options, where, str(path))
-
-    def preview(self, spec: dict) -> tuple[ImageItem, int]:
-        """What the model will see for one image part, and how many frames the file has."""
-        return self._load({"image_url": spec}, "image")
-
-    def _prepare(self, path: Path, options: LoadOptions, where: str, label: str) -> tuple[ImageItem, int]:
         try:
-            return image_item(prepare(load_rgb(path, options), self.vision)), frame_count(path)
+            text = unquote(parsed.path, errors="strict")
+        except UnicodeDecodeError:
+            raise _bad("file:// URLs must be UTF-8 paths", where) from None
+        if "\x00" in text or not text.startswith("/"):
+            raise _bad("file:// URLs need an absolute path without NUL characters", where)
+        parts = PurePosixPath(text).parts
+        if any(p in (".", "..") for p in parts):
+            raise _bad("file:// paths may not contain '.' or '..'", where)
+        for given, resolved in self._roots:
+            for root in dict.fromkeys((given, resolved)):
+                if parts[: len(root.parts)] == root.parts and len(parts) > len(root.parts):
+                    return ImageData(self._read_below(resolved, parts[len(root.parts):], where), text)
+        raise ApiError(403 if self._roots else 400,
+                       "file:// images are only read inside the folders the server was started with "
+                       "(--allow-files DIR)", param=where, code="file_not_allowed")
+
+    def _read_below(self, root: Path, names: tuple[str, ...], where: str) -> bytes:
+        """Read root/names... opened once, each step from its folder's descriptor without following a link,
+        so a folder swapped for a link while we read cannot lead outside the allowed folder."""
+        fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+        try:
+            for name in names[:-1]:
+                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fds.append(os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
+            info = os.fstat(fds[-1])
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad("file:// images must be regular files", where)
+            if info.st_size > self.limits.max_image_bytes:
+                raise ApiError(413, "image file too large", param=where, code="image_too_large")
+            with os.fdopen(os.dup(fds[-1]), "rb") as f:
+                data = f.read(self.limits.max_image_bytes + 1)
+            if len(data) > self.limits.max_image_bytes:
+                raise ApiError(413, "image file too large", param=where, code="image_too_large")
+            return data
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise _bad("file:// paths may not go through symbolic links", where) from None
+            if exc.errno == errno.ENOENT:
+                raise _bad("no such file inside the allowed folders", where) from None
+            raise _bad(f"cannot read that file ({exc.strerror})", where) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
+        """What the model will see for one image part, and how many frames the file has."""
+        return self._load({"image_url": spec}, "image", cancelled)
+
+    def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
+        try:
+            return image_item(prepare(load_rgb(data, options), self.vision)), frame_count(data)
         except HuatuoError as exc:
-            message = str(exc).replace(str(path), label).replace("--max-pixels", "the server's --max-pixels")
+            message = _for_client(str(exc))
             status = 413 if "too large" in message else 400
             raise ApiError(status, message, param=where,
                            code="image_too_large" if status == 413 else "invalid_image") from None
 
 
-def frame_count(path: Path) -> int:
-    """Frames of a DICOM or multi-frame image, read from the header only (1 when unknown)."""
-    from .dicom import is_dicom
-
-    try:
-        if is_dicom(path):
-            import pydicom
-
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return max(1, int(getattr(img, "n_frames", 1)))
-    except Exception:  # the loader that follows reports the real problem
-        return 1
-
-
-def _text_and_images(content, role: str, index: int, loader: ImageLoader | None) -> tuple[str, list[ImageItem]]:
+def _text_and_parts(content, role: str, index: int) -> tuple[str, list[tuple[dict, str]]]:
+    """A message's text and its image parts (not decoded yet), with where each is in the request."""
     where = f"messages[{index}].content"
     if isinstance(content, str):
         return content, []
@@ -237,7 +281,7 @@ def _text_and_images(content, role: str, index: int, loader: ImageLoader | None)
         return "", []
     if not isinstance(content, list):
         raise _bad("content must be a string or a list of parts", where)
-    texts, images = [], []
+    texts, parts = [], []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
             raise _bad("each content part needs a 'type'", f"{where}[{j}]")
@@ -248,14 +292,15 @@ def _text_and_images(content, role: str, index: int, loader: ImageLoader | None)
         elif part["type"] == "image_url":
             if role != "user":
                 raise _bad("only user messages can hold images", f"{where}[{j}]")
-            assert loader is not None
-            images.append(loader.load(part, f"{where}[{j}]"))
+            parts.append((part, f"{where}[{j}]"))
         else:
-            raise _bad(f"content part type {part['type']!r} is not supported (text, image_url)", f"{where}[{j}]")
-    return "\n".join(texts), images
+            raise _bad(f"content part type {part['type'][:40]!r} is not supported (text, image_url)",
+                       f"{where}[{j}]")
+    return "\n".join(texts), parts
 
 
-def parse_chat(body: object, loader: ImageLoader) -> ChatRequest:
+def parse_chat(body: object, loader: ImageLoader, cancelled: Callable[[], bool] | None = None) -> ChatRequest:
+    """The request checked in full (structure, sampling, image count) before any image is decoded."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
     messages = body.get("messages")
@@ -268,15 +313,15 @@ def parse_chat(body: object, loader: ImageLoader) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
-    turns: list[Turn] = []
-    images: list[ImageItem] = []
+    # (text, image parts, answer) per turn; system messages go before the next user message's text.
+    turns: list[tuple[str, list[tuple[dict, str]], str | None]] = []
     system: list[str] = []
-    pending: tuple[str, list[ImageItem]] | None = None
+    pending: tuple[str, list[tuple[dict, str]]] | None = None
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
             raise _bad("each message needs a role: system, user or assistant", f"messages[{i}]")
         role = message["role"]
-        text, pics = _text_and_images(message.get("content"), role, i, loader)
+        text, parts = _text_and_parts(message.get("content"), role, i)
         if role in ("system", "developer"):
             system.append(text)
         elif role == "user":
@@ -285,19 +330,18 @@ def parse_chat(body: object, loader: ImageLoader) -> ChatRequest:
             if system:
                 text = "\n\n".join([*system, text])
                 system = []
-            pending = (text, pics)
+            pending = (text, parts)
         else:
             if pending is None:
                 raise _bad("an assistant message must follow a user message", f"messages[{i}]")
-            turns.append(Turn(pending[0], len(pending[1]), text))
-            images.extend(pending[1])
+            turns.append((*pending, text))
             pending = None
     if pending is None:
         raise _bad("the last message must be from the user", "messages")
-    turns.append(Turn(pending[0], len(pending[1])))
-    images.extend(pending[1])
-    if len(images) > MAX_IMAGES:
+    turns.append((*pending, None))
+    if sum(len(parts) for _, parts, _ in turns) > MAX_IMAGES:
         raise _bad(f"at most {MAX_IMAGES} images per conversation (the release's limit)", "messages")
+    images = [loader.load(part, where, cancelled) for _, parts, _ in turns for part, where in parts]
     model = body.get("model")
-    return ChatRequest(turns, images, params, seed, stream, bool(options.get("include_usage")), stop,
-                       model if isinstance(model, str) else None)
+    return ChatRequest([Turn(text, len(parts), answer) for text, parts, answer in turns], images, params, seed,
+                       stream, bool(options.get("include_usage")), stop, model if isinstance(model, str) else None)

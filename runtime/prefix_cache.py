@@ -99,8 +99,12 @@ class PrefixCache:
             budget = DEFAULT_BUDGET_MB
         return cls(folder(), identity, budget)
 
-    def key(self, items: list) -> str:
+    def key(self, items: list, tenant: str = "") -> str:
+        """The entry's name; `tenant` (an API key's digest on a server with several) salts it, so one
+        tenant never finds another's entries."""
         h = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode())
+        if tenant:
+            h.update(b"tenant:" + tenant.encode() + b";")
         for d in describe(items):
             h.update(d.encode() + b";")
         return h.hexdigest()

@@ -1,7 +1,14 @@
 """Choosing the next token the way the release's `generate` does (Hugging Face semantics).
 
 Order: repetition penalty (over generated tokens only, since the release passes
-`inputs_embeds`), then temperature, top-k, top-p; greedy when temperature is 0.
+`inputs_embeds`), then temperature, top-k, top-p; greedy when temperature is 0; the
+checkpoint's eos is masked until `min_new_tokens` tokens exist.
+
+Speed: this runs once per answer per step, so it works on llama.cpp's float32 logits in
+place (no copy of the vocabulary) and touches the whole vocabulary only with one partition
+and one comparison; softmax, top-p and the draw run in float64 on the top-k candidates
+alone. The candidates are kept in token order, so the draw walks the same cumulative
+distribution as a draw over the whole vocabulary would.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ class SamplingParams:
 
 
 def apply_repetition_penalty(logits: np.ndarray, generated: list[int], penalty: float) -> np.ndarray:
+    """HF's RepetitionPenaltyLogitsProcessor, in place on the generated tokens' entries."""
     if penalty == 1.0 or not generated:
         return logits
     ids = np.unique(np.asarray(generated, dtype=np.int64))
@@ -34,17 +42,25 @@ def apply_repetition_penalty(logits: np.ndarray, generated: list[int], penalty: 
 
 def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams, rng: np.random.Generator,
                eos_id: int) -> int:
-    logits = logits.astype(np.float64, copy=True)
+    """The next token. `logits` (the vocabulary's scores) is modified in place: pass a copy to keep it."""
     if len(generated) < params.min_new_tokens:
         logits[eos_id] = -np.inf
-    logits = apply_repetition_penalty(logits, generated, params.repetition_penalty)
+    apply_repetition_penalty(logits, generated, params.repetition_penalty)
     if params.temperature <= 0:
         return int(np.argmax(logits))
-    logits /= params.temperature
     if 0 < params.top_k < logits.size:
+        # HF keeps every token scoring at least the k-th best (ties included).
         kth = np.partition(logits, -params.top_k)[-params.top_k]
-        logits[logits < kth] = -np.inf
-    probs = np.exp(logits - logits.max())
+        candidates = np.flatnonzero(logits >= kth)
+    else:
+        candidates = np.arange(logits.size)
+    scores = logits[candidates].astype(np.float64)
+    top = scores.max()
+    if not np.isfinite(top):  # nothing is left to draw from but the best
+        return int(candidates[int(np.argmax(scores))])
+    # Scaled after subtracting the maximum: any positive temperature, however small, stays finite
+    # (dividing first overflows to inf and the softmax to NaN).
+    probs = np.exp((scores - top) / params.temperature)
     probs /= probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
@@ -53,4 +69,4 @@ def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams,
         drop = cum - probs[order] >= params.top_p
         probs[order[drop]] = 0.0
         probs /= probs.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return int(candidates[rng.choice(probs.size, p=probs)])

@@ -45,6 +45,10 @@ class ContextFull(EngineError):
     """The prompt does not fit in a sequence's context."""
 
 
+class ShuttingDown(EngineError):
+    """The scheduler is closing: the job was refused, dropped from the queue, or ended past the grace period."""
+
+
 @dataclass
 class Counters:
     images_encoded: int = 0
@@ -103,8 +107,17 @@ class Job:
     on_event: Callable[[tuple[str, object]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    # Who may reuse whose work: prefixes (in a slot or on disk) are shared only within one tenant, so
+    # one API key's client learns nothing of another's conversations from reuse counters or timing.
+    tenant: str = ""
+    error: Exception | None = None  # set by abort(): the job ends with this error
 
     def cancel(self) -> None:
+        self.cancelled.set()
+
+    def abort(self, error: Exception) -> None:
+        """Cancel, and end with `error` instead of a cancelled answer (the consumer did not ask to stop)."""
+        self.error = error
         self.cancelled.set()
 
     def emit(self, kind: str, value: object) -> None:
@@ -170,6 +183,7 @@ class _Slot:
     t_start: float = 0.0
     t_gen: float = 0.0
     last_used: float = 0.0
+    tenant: str = ""  # whose conversation `cached` holds
 
 
 class Scheduler:
@@ -195,6 +209,7 @@ class Scheduler:
             engine.set_abort_check(check)
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="huatuo-encode")
         self._closed = False
+        self._refusing = False  # shut_down(): no new jobs, the running ones finish
         self._thread = threading.Thread(target=self._run, name="huatuo-scheduler", daemon=True)
         self._thread.start()
 
@@ -216,8 +231,8 @@ class Scheduler:
             raise ContextFull(f"the conversation needs {need} positions but the context holds {self.n_ctx}; "
                               "raise --ctx or start a new conversation")
         with self._lock:
-            if self._closed:
-                raise EngineError("the model is shutting down")
+            if self._closed or self._refusing:
+                raise ShuttingDown("the model is shutting down")
             waiting = len(self._queue)
             if self.max_queue and waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting; try again shortly")
@@ -243,7 +258,7 @@ class Scheduler:
                 return
             self._closed = True
             for job in self._queue:
-                job.emit("error", EngineError("the model is shutting down"))
+                job.emit("error", ShuttingDown("the model is shutting down"))
             self._queue.clear()
             for s in self.slots:
                 if s.job is not None:
@@ -252,6 +267,27 @@ class Scheduler:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=30)
         self._encoder.shutdown(wait=True, cancel_futures=True)
+
+    def shut_down(self, grace_s: float) -> None:
+        """Stop taking jobs: the queued ones end now with ShuttingDown, the running ones may finish within
+        `grace_s` and are then ended with ShuttingDown too (a server's SIGTERM)."""
+        with self._lock:
+            self._refusing = True
+            for job in self._queue:
+                job.emit("error", ShuttingDown("the server is shutting down"))
+            self._queue.clear()
+            self._lock.notify_all()
+
+        def overdue() -> None:
+            with self._lock:
+                for s in self.slots:
+                    if s.job is not None:
+                        s.job.abort(ShuttingDown("the server is shutting down; the answer was cut short"))
+                self._lock.notify_all()
+
+        timer = threading.Timer(grace_s, overdue)
+        timer.daemon = True
+        timer.start()
 
     # --- the loop -----------------------------------------------------------------------
 
@@ -294,7 +330,11 @@ class Scheduler:
             return hinted if hinted.job is None else None
         if not free:
             return None
-        return max(free, key=lambda s: (self._common(s.cached, job.items), -s.last_used))
+        return max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
+
+    def _reusable(self, slot: _Slot, job: Job) -> int:
+        """Leading items of `job` the slot holds and may give it (never across tenants)."""
+        return self._common(slot.cached, job.items) if slot.tenant == job.tenant else 0
 
     @staticmethod
     def _common(cached: list[Item], items: list[Item]) -> int:
@@ -315,7 +355,8 @@ class Scheduler:
         slot.decoder = self.engine.text_decoder()
         slot.embd, slot.embd_done = None, 0
         items = job.items
-        common = self._common(slot.cached, items)
+        common = self._reusable(slot, job)
+        slot.tenant = job.tenant
         if common == len(items) and items and not (job.prefill_only and isinstance(items[-1], ImageItem)):
             common -= 1  # the whole prompt is cached: evaluate its last item again for its logits
         pos = self.positions(items[:common])
@@ -358,7 +399,7 @@ class Scheduler:
             if not isinstance(items[k], ImageItem):
                 continue
             prefix = items[: k + 1]
-            key = cache.key(prefix)
+            key = cache.key(prefix, slot.tenant)
             path = cache.lookup(key)
             if path is None:
                 continue
@@ -389,7 +430,10 @@ class Scheduler:
         # Jobs cancelled by their consumer leave first.
         for s in self.slots:
             if s.job is not None and s.job.cancelled.is_set():
-                self._finish(s, "cancelled")
+                if s.job.error is not None:
+                    self._fail(s, s.job.error)
+                else:
+                    self._finish(s, "cancelled")
             elif s.job is not None and not s.pending and s.last_token is None and s.embd is None:
                 self._settle_idle(s)  # a job with no work left must end, never keep the loop busy
         self._step_images()
@@ -451,7 +495,7 @@ class Scheduler:
     def _save_prefix(self, s: _Slot) -> None:
         cache = self.prefix_cache
         assert cache is not None
-        key = cache.key(s.cached)
+        key = cache.key(s.cached, s.tenant)
         if cache.lookup(key) is not None:
             return
         widths = [self.engine.image_tokens for it in s.cached if isinstance(it, ImageItem)]
@@ -521,8 +565,10 @@ class Scheduler:
                 s.pos += 1
             if s.job is None:
                 continue
-            logits = self.engine.logits_at(index)
-            self._after_logits(s, logits)
+            try:
+                self._after_logits(s, self.engine.logits_at(index))
+            except Exception as exc:  # one job's sampling or text fails that job alone, never the batch
+                self._fail(s, exc)
 
     def _after_logits(self, s: _Slot, logits: np.ndarray) -> None:
         job = s.job
@@ -532,7 +578,7 @@ class Scheduler:
             if replaced is not None:
                 logits = replaced
         if job.prefill_only:
-            self._finish(s, "prefilled", logits)
+            self._finish(s, "prefilled", np.array(logits))  # a copy: the buffer is reused by the next decode
             return
         if not s.generated and s.last_token is None:
             s.t_gen = time.perf_counter()

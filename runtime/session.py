@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.models.prompt import IMAGE_TOKEN, MAX_IMAGES, Turn, render_prompt
+from huatuo_local.models.prompt import MAX_IMAGES, Turn, segments_before_question
 
 from .engine import Engine
 from .images import LoadOptions, load_rgb, prepare
@@ -23,8 +23,6 @@ from .items import ImageItem, Item, conversation_items, image_item, prompt_items
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .scheduler import Counters, Job, Scheduler, Timings
-
-_NEXT_QUESTION = "\ue000"  # stands in for a question not asked yet (a private-use character)
 
 __all__ = ["Session", "Reply", "Counters", "Timings", "ImageItem", "Item", "image_item"]
 
@@ -152,8 +150,7 @@ class Session:
         new_images = self.prepare_images(list(image_paths))
         if not new_images:
             return 0
-        prompt = render_prompt([*self.turns, Turn(_NEXT_QUESTION, len(new_images))], IMAGE_TOKEN)
-        items = prompt_items(self.engine.tokenize, prompt[: prompt.index(_NEXT_QUESTION)],
+        items = prompt_items(self.engine.tokenize, segments_before_question(self.turns, len(new_images)),
                              [*self.images, *new_images])
         last_image = max(i for i, it in enumerate(items) if isinstance(it, ImageItem))
         job = self._submit(items[: last_image + 1], self.sampling, prefill_only=True)
@@ -181,8 +178,7 @@ class Session:
         """
         if not self.turns:
             return 0
-        prompt = render_prompt([*self.turns, Turn(_NEXT_QUESTION)], IMAGE_TOKEN)
-        items = prompt_items(self.engine.tokenize, prompt[: prompt.index(_NEXT_QUESTION)], self.images)
+        items = prompt_items(self.engine.tokenize, segments_before_question(self.turns), self.images)
         # The last token may merge with the question's first characters (SentencePiece has no
         # pre-tokenizer boundary there): leave it to the next turn.
         items = items[:-1]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,17 +43,27 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def listening_url(proc: subprocess.Popen, log: Path, deadline: float) -> str:
+    """The URL `serve --port 0` printed once it bound its port (no free-port guess that another process can take)."""
+    while time.time() < deadline:
+        found = re.search(r"serve: (http://127\.0\.0\.1:\d+)/v1", log.read_text())
+        if found:
+            return found.group(1)
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    raise AssertionError("serve printed no URL: " + log.read_text())
+
+
 @contextmanager
 def server(model_path: str, tmp: Path, *args: str, wait: bool = True, env: dict | None = None):
-    port = free_port()
-    log = tmp / f"serve-{port}.log"
+    log = tmp / f"serve-{time.monotonic_ns()}.log"
     env = dict(os.environ, HUATUO_LOCAL_HOME=str(tmp / "home"), **(env or {}))
     with open(log, "w") as err:
-        proc = subprocess.Popen([*CLI, "serve", "--model", model_path, "--port", str(port), *args], cwd=ROOT,
+        proc = subprocess.Popen([*CLI, "serve", "--model", model_path, "--port", "0", *args], cwd=ROOT,
                                 env=env, stdout=err, stderr=err)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
+        url = listening_url(proc, log, deadline)
         while wait:
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -251,10 +263,11 @@ def test_errors_in_openais_shape(live, images):
     assert info.value.status_code == 413
     r = httpx.get(f"{url}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("the request body is not valid JSON")
     r = httpx.get(f"{url}/health", headers={"Origin": "https://evil.example"})
-    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # no CORS unless asked
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers  # no CORS unless asked
 
 
 def test_a_full_queue_answers_503_with_retry_after(model, tmp_path):
@@ -279,8 +292,14 @@ def test_a_full_queue_answers_503_with_retry_after(model, tmp_path):
         assert set(codes) <= {200, 503} and all(r and int(r) > 0 for r in retry)
 
 
-def test_health_is_503_until_a_model_is_loaded(tmp_path):
-    with server(str(tmp_path / "missing.gguf"), tmp_path, wait=False) as (url, proc, log):
+def test_health_is_503_until_a_model_is_loaded(model, tmp_path):
+    """A model that resolves but cannot load: the server stays up and says why (a name that resolves to
+    nothing is refused at start, below)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(model.manifest_path.parent, broken)
+    llm = broken / model.llm_path.name
+    llm.write_bytes(llm.read_bytes()[:4096])  # truncated
+    with server(str(broken / model.manifest_path.name), tmp_path, wait=False) as (url, proc, log):
         deadline = time.time() + 60
         while True:
             try:
@@ -291,10 +310,30 @@ def test_health_is_503_until_a_model_is_loaded(tmp_path):
                 pass
             assert time.time() < deadline and proc.poll() is None, log.read_text()
             time.sleep(0.2)
-        assert r.status_code == 503 and "missing.gguf" in r.json()["error"]
+        assert r.status_code == 503 and model.llm_path.name in r.json()["error"]
         with pytest.raises(openai.InternalServerError) as info:
             ask(client(url, "x"), [user("Hi")])
         assert info.value.status_code == 503 and info.value.body["code"] == "model_not_loaded"
+
+
+def test_serve_refuses_at_once_what_cannot_work(model, tmp_path):
+    """Issue 22: an unknown model name, a port out of range and a busy port each get one line and exit 1."""
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    t0 = time.time()
+    missing = run_cli("serve", "--model", "nosuchmodel", "--port", "0", env=env, timeout=60)
+    assert missing.returncode == 1 and time.time() - t0 < 30
+    assert missing.stderr.strip().splitlines() == [missing.stderr.strip()] and "nosuchmodel" in missing.stderr
+    huge = run_cli("serve", "--model", str(model.manifest_path), "--port", "99999", env=env, timeout=60)
+    assert huge.returncode == 1
+    assert huge.stderr.strip() == "error: --port 99999: give a port between 1 and 65535 (0 picks a free one)"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        taken = run_cli("serve", "--model", str(model.manifest_path), "--port", str(port), env=env, timeout=60)
+    assert taken.returncode == 1
+    assert taken.stderr.strip() == (f"error: port {port} is in use on 127.0.0.1; pick another --port (or --port 0 "
+                                    "for a free one)")
 
 
 def test_load_16_clients_cancellations_memory_and_graceful_shutdown(model, images, tmp_path):

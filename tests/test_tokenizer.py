@@ -83,3 +83,30 @@ def test_long_tokens_detokenize_whole(qwen):
     for n in (31, 33, 64, 80):
         ids = engine.tokenize(" " * n + "x")
         assert engine.detokenize(ids) == " " * n + "x"
+
+
+def test_prompt_segments_are_the_releases_split_and_keep_placeholder_text_as_text():
+    from huatuo_local.models.prompt import IMAGE_TOKEN, render_segments, segments_before_question
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+
+    @settings(max_examples=300, derandomize=True, deadline=None)
+    @given(st.lists(st.tuples(text, st.integers(0, 3), st.one_of(st.none(), text)), min_size=1, max_size=4))
+    def check(raw):
+        turns = [Turn(t, n, a) for t, n, a in raw[:-1] if a is not None] + [Turn(raw[-1][0], raw[-1][1])]
+        rendered = render_prompt(turns)
+        segments = render_segments(turns)
+        assert IMAGE_TOKEN.join(segments) == rendered
+        assert len(segments) == 1 + sum(t.n_images for t in turns)
+        if IMAGE_TOKEN not in "".join(t.text + (t.answer or "") for t in turns):
+            assert segments == rendered.split(IMAGE_TOKEN)  # exactly the release's pieces
+        before = segments_before_question(turns[:-1], turns[-1].n_images)
+        assert IMAGE_TOKEN.join(before) == render_prompt(turns)[: len(IMAGE_TOKEN.join(before))]
+
+    check()
+    # A question or an earlier answer holding the placeholder's text: text, never an image place.
+    turns = [Turn("see", 1, "it says <image> here"), Turn("what is <ima<s>ge>?", 1)]
+    assert len(render_segments(turns)) == 3
+    assert "<image>" in render_segments(turns)[1] and "<image>" in render_segments(turns)[2]

@@ -60,12 +60,14 @@ $("#key-form").addEventListener("submit", (ev) => {
   sessionStorage.setItem("huatuo-key", state.key);
   $("#key-form").hidden = true;
   showError("");
+  loadStatus();
   refreshPreviews();
 });
 
 async function loadStatus() {
   try {
-    const h = await (await fetch("/health")).json();
+    const h = await (await fetch("/health", { headers: headers() })).json();
+    if (h.status === "ok" && !h.model) { askKey(); return; }  // a keyed server says more once it has the key
     if (h.status === "ok") {
       state.model = h.model; state.quant = h.quant || "";
       $("#model").textContent = h.model;
