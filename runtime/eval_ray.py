@@ -30,25 +30,16 @@ class _Replica:
     """The actor's body: an EvalWorker answering one batch at a time."""
 
     def __init__(self, model: str, settings: dict, parallel: int, threads: int | None):
-        import tempfile
-
         self.worker = EvalWorker(model, EvalSettings(**settings), parallel, threads)
-        # The batch's images arrive as bytes: written here, owner-only, gone with the actor.
-        self.images = tempfile.TemporaryDirectory(prefix="huatuo-eval-images-")
 
     def answer(self, records: list[Record], images: dict[str, bytes]) -> list[dict]:
         import dataclasses
-        import hashlib
 
-        from huatuo_local.models.private import write_private
+        from .images import ImageData
 
-        local: dict[str, Path] = {}
-        for original, data in images.items():
-            target = Path(self.images.name) / (hashlib.sha256(original.encode()).hexdigest()[:24]
-                                                + Path(original).suffix.lower())
-            if not target.exists():
-                write_private(target, data)
-            local[original] = target
+        # The batch's images arrive as bytes and are read from memory: nothing lands on this machine's
+        # disk, so an actor killed mid-batch leaves nothing behind.
+        local = {original: ImageData(data, original) for original, data in images.items()}
         here = [dataclasses.replace(r, images=tuple(local.get(str(p), p) for p in r.images)) for r in records]
         return list(self.worker.answer(here))
 

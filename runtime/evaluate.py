@@ -117,7 +117,7 @@ class EvalWorker:
         cache's) instead of encoding the same image in parallel slots (bench/eval.py).
         """
         groups: dict[tuple, list[Record]] = {}
-        for r in sorted(records, key=lambda r: (r.images, r.number)):
+        for r in sorted(records, key=lambda r: (tuple(str(getattr(p, "name", p)) for p in r.images), r.number)):
             groups.setdefault(r.images, []).append(r)
         ready: deque[Record] = deque(g[0] for g in groups.values())  # one leader per image
         followers = {key: g[1:] for key, g in groups.items()}

@@ -19,6 +19,13 @@ os.environ["HUATUO_LOCAL_HOME"] = str(_HOME)
 CLI = [sys.executable, "-m", "huatuo_local"]
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The private home goes with the run (stores, prefix caches and probes of every test)."""
+    import shutil
+
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(TinySpec(...)) → checkpoint info, built once per spec per session."""

@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +232,8 @@ def test_ctrl_c_loses_nothing_and_a_rerun_continues(model, data, tmp_path, greed
     assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]  # none lost, none twice
     full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
     assert {r["number"]: r["output"] for r in rows} == full
+    # The images travel in memory: a killed actor leaves no copy of them on disk.
+    assert not list(Path(tempfile.gettempdir()).glob("huatuo-eval-images-*"))
 
 
 def test_bad_input_is_one_line(model, tmp_path, data):
