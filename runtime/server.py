@@ -303,8 +303,9 @@ def create_app(config: ServeConfig) -> FastAPI:
                            "not_found_error", "model", "model_not_found")
 
     async def read_json(request: Request) -> object:
+        # Refused bodies close the connection: the rest of what the client sends is not read at all.
         too_large = ApiError(413, f"request body larger than {config.max_body_bytes // (1024 * 1024)} MB",
-                             code="body_too_large")
+                             code="body_too_large", headers={"Connection": "close"})
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise too_large
@@ -317,7 +318,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 raise too_large
             if values > MAX_JSON_VALUES:  # refused as it arrives, before the rest is read or anything parsed
                 raise ApiError(413, f"the request holds more than {MAX_JSON_VALUES} JSON values",
-                               code="body_too_complex")
+                               code="body_too_complex", headers={"Connection": "close"})
         if len(raw) < 65536:
             return parse_body(bytes(raw))
         async with parsing:

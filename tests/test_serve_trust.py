@@ -164,6 +164,7 @@ def test_tiny_files_that_cost_gigabytes_are_refused_before_decoding(running, tmp
     while any(t.is_alive() for t in threads):
         peak = max(peak, rss_kib(proc.pid))
         time.sleep(0.01)
+    print(f"bombs: peak RSS {peak / 1024:.0f} MiB (before {before / 1024:.0f} MiB)")
     assert peak < 600 * 1024, f"peak RSS {peak / 1024:.0f} MiB"
     # Seven images: refused from the count, before any is decoded.
     seven = {"messages": [{"role": "user", "content": [
@@ -209,6 +210,7 @@ def test_decoding_stops_with_its_request(running):
     t1 = time.perf_counter()
     Image.open(io.BytesIO(one)).convert("RGB").resize((336, 336))
     single = time.perf_counter() - t1
+    print(f"left after 1 s: {spent:.1f} s of CPU for 6 images of {single:.2f} s each")
     assert spent < 3.5 * single + 1.0, f"{spent:.1f} s of CPU after the client left (one image: {single:.2f} s)"
     assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
 
@@ -302,6 +304,7 @@ def test_file_urls_cannot_escape_allow_files_even_by_a_race(running, tmp_path):
     finally:
         stop.set()
         t.join()
+    print(f"race: {len(digests)} of 400 reads answered, {sum(d != want for d in digests)} outside")
     assert digests and set(digests) == {want}, "a read went outside --allow-files"
 
 
@@ -326,6 +329,7 @@ def test_a_huge_json_body_is_refused_without_stalling_the_server(running):
         peak = max(peak, rss_kib(proc.pid))
         time.sleep(0.02)
     assert results == [413, 413, 413]
+    print(f"60 MB JSON x3: /health worst {worst * 1000:.0f} ms, RSS +{(peak - before) / 1024:.0f} MiB")
     assert worst < 0.2, f"/health took {worst:.2f} s"
     assert peak - before < 400 * 1024, f"+{(peak - before) / 1024:.0f} MiB"
 
@@ -424,6 +428,7 @@ def test_fuzzed_requests_never_get_a_5xx(running):
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
         one()
+    print(f"fuzz: {len(statuses)} requests, statuses {sorted(set(statuses))}")
     assert len(statuses) >= 500
     assert httpx.get(f"{url}/health").json()["status"] == "ok" and proc.poll() is None
     assert "Traceback" not in log.read_text()
