@@ -36,6 +36,21 @@ def _root(
     """Run HuatuoGPT-Vision locally and offline through llama.cpp."""
 
 
+# The CLI's flag for each sampling setting (runtime/sampling.py's RANGES hold the limits).
+_FLAGS = {"temperature": "--temperature", "repetition_penalty": "--repeat-penalty", "max_new_tokens": "--max-tokens",
+          "top_k": "--top-k", "top_p": "--top-p", "min_new_tokens": "--min-tokens"}
+
+
+def check_settings(**settings: float) -> None:
+    """The same ranges the API enforces, named by their flags."""
+    from .sampling import SamplingParams, SettingError
+
+    try:
+        SamplingParams(**settings).check()
+    except SettingError as exc:
+        fail(f"{_FLAGS[exc.setting]} {exc.detail}")
+
+
 def fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -195,6 +210,15 @@ def chat(
     from .api import HuatuoChatbot
 
     paths = [str(p) for p in images or []]
+    if prompt is not None and not prompt.strip():
+        fail("-p: the question is empty; ask something, or leave -p out for the interactive chat")
+    check_settings(temperature=temperature, repetition_penalty=repeat_penalty, max_new_tokens=max_tokens)
+    from .dicom import parse_window
+    from .images import DEFAULT_MAX_PIXELS, LoadOptions, check_images
+
+    # Every input is checked before the model loads (seconds and gigabytes): a typo fails at once.
+    for note in check_images(paths, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)):
+        typer.echo(note, err=True)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:

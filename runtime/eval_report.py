@@ -62,17 +62,21 @@ def card_size(name: str) -> str:
 def summarize(rows: list[dict], selected: int, model_name: str) -> dict:
     """Figures of a run; `selected` is how many records the run was asked to answer."""
     card = MODEL_CARD[card_size(model_name)]
-    columns = _tally(rows, "column")
+    # A question that could not be asked (its image unreadable, too long for the context) says nothing
+    # about the model: it is reported, and left out of every accuracy (the release skips it too).
+    asked = [r for r in rows if not r.get("error")]
+    columns = _tally(asked, "column")
     summary = {
         "answered": len(rows), "selected": selected, "complete": len(rows) >= selected,
-        "no_letter": sum(1 for r in rows if r.get("predicted") is None),
-        "errors": sum(1 for r in rows if r.get("error")),
-        "overall": Figure(sum(bool(r["correct"]) for r in rows), len(rows)).as_dict(),
+        "asked": len(asked),
+        "no_letter": sum(1 for r in asked if r.get("predicted") is None),
+        "errors": len(rows) - len(asked),
+        "overall": Figure(sum(bool(r["correct"]) for r in asked), len(asked)).as_dict(),
         "model_card_row": f"HuatuoGPT-Vision-{card_size(model_name)}",
         "columns": {c: {**columns[c].as_dict(), "model_card": card.get(c)}
                     for c in sorted(columns, key=_column_order)},
-        "datasets": {k: f.as_dict() for k, f in _tally(rows, "dataset").items()},
-        "subsets": {k: f.as_dict() for k, f in _tally(rows, "group").items()},
+        "datasets": {k: f.as_dict() for k, f in _tally(asked, "dataset").items()},
+        "subsets": {k: f.as_dict() for k, f in _tally(asked, "group").items()},
     }
     return summary
 
@@ -100,7 +104,7 @@ def markdown(summary: dict, title: str) -> str:
     lines += ["", f"Outputs with no letter the release's pattern finds: {summary['no_letter']} "
               f"(counted wrong; the release's fallback for them crashes). Questions that could not be asked "
               f"(an unreadable image, too long for the context; each named in results.jsonl): {summary['errors']} "
-              "(counted wrong)."]
+              "(left out of every figure above)."]
     return "\n".join(lines) + "\n"
 
 

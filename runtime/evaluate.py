@@ -357,5 +357,10 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
                                pending, results, on_row)
     finally:
         results.close()
-        md = write_report(out, read_rows(out / RESULTS), chosen, identity, extra, resolved.name)
+        rows = read_rows(out / RESULTS)
+        md = write_report(out, rows, chosen, identity, extra, resolved.name)
+    if rows and all(r.get("error") for r in rows):
+        first = next(r for r in rows)
+        raise HuatuoError(f"none of the {len(rows)} questions could be asked (record {first['number']}: "
+                          f"{first['error']}); each is named in {out / RESULTS}")
     return out, md

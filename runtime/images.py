@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from huatuo_local.models.prompt import MAX_IMAGES
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .dicom import ImageError, high_bit_depth_to_rgb, is_dicom, looks_like_dicom, read_dicom
@@ -135,6 +136,22 @@ def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
     except Exception as exc:  # Pillow's decoders raise many kinds on hostile data: one line, never a trace
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"{label}: unreadable or truncated image ({detail})") from None
+
+
+def check_images(paths: list[str | Path], options: LoadOptions) -> list[str]:
+    """Read every image once before anything is loaded; returns warnings (a window that did not apply).
+
+    A typo, a folder or a text file named .png fails here in one line instead of after the model's
+    load (seconds and gigabytes) or, in the interactive chat, at the first question.
+    """
+    if len(paths) > MAX_IMAGES:
+        raise ImageError(f"{len(paths)} images: the release takes at most {MAX_IMAGES} per question")
+    notes = []
+    for p in paths:
+        if load_rgb(p, options).info.get(WINDOW_IGNORED):
+            notes.append(f"warning: {p}: --window applies to DICOM and 16-bit grayscale images; this 8-bit image "
+                         "is shown as it is")
+    return notes
 
 
 def frame_count(source: Source) -> int:

@@ -37,7 +37,7 @@ from huatuo_local.models.prompt import MAX_IMAGES, Turn
 from .dicom import parse_window
 from .images import ImageData, LoadOptions, frame_count, load_rgb, prepare
 from .items import ImageItem, image_item
-from .sampling import SamplingParams
+from .sampling import SamplingParams, SettingError
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
 
@@ -83,14 +83,12 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
     return ApiError(400, message, param=param, code=code)
 
 
-def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool = False):
+def _number(body: dict, key: str, default, integer: bool = False):
     value = body.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
-    if not lo <= value <= hi:
-        raise _bad(f"'{key}' must be between {lo} and {hi}", key)
     return value
 
 
@@ -100,22 +98,25 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
         raise _bad("only n=1 is supported", "n")
     # The newer name wins when it holds a value; a null one (clients send it) leaves max_tokens in force.
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(key)
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise _bad(f"'{key}' must be a positive integer", key)
+    # vLLM's extension min_tokens: at least this many new tokens (eos is masked until then); benchmarks
+    # use it to make every answer the same length.
+    fields = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+              "repetition_penalty": "repetition_penalty", "max_new_tokens": key, "min_new_tokens": "min_tokens"}
     params = SamplingParams(
-        temperature=float(_number(body, "temperature", 0, 2, defaults.TEMPERATURE)),
-        top_p=float(_number(body, "top_p", 0, 1, defaults.TOP_P)),
-        top_k=int(_number(body, "top_k", 0, 1 << 20, defaults.TOP_K, integer=True)),
-        repetition_penalty=float(_number(body, "repetition_penalty", 0.01, 10, defaults.REPETITION_PENALTY)),
-        max_new_tokens=int(max_tokens or defaults.MAX_NEW_TOKENS),
+        temperature=float(_number(body, "temperature", defaults.TEMPERATURE)),
+        top_p=float(_number(body, "top_p", defaults.TOP_P)),
+        top_k=int(_number(body, "top_k", defaults.TOP_K, integer=True)),
+        repetition_penalty=float(_number(body, "repetition_penalty", defaults.REPETITION_PENALTY)),
+        max_new_tokens=int(_number(body, key, defaults.MAX_NEW_TOKENS, integer=True)),
+        min_new_tokens=int(_number(body, "min_tokens", defaults.MIN_NEW_TOKENS, integer=True)),
     )
-    # vLLM's extension: at least this many new tokens (eos is masked until then); benchmarks use it
-    # to make every answer the same length.
-    min_tokens = int(_number(body, "min_tokens", 0, params.max_new_tokens, defaults.MIN_NEW_TOKENS, integer=True))
-    params.min_new_tokens = max(defaults.MIN_NEW_TOKENS, min_tokens)
-    if params.top_p == 0:
-        raise _bad("'top_p' must be greater than 0", "top_p")
+    try:
+        params.check()
+    except SettingError as exc:
+        raise _bad(f"'{fields[exc.setting]}' {exc.detail}", fields[exc.setting]) from None
+    if params.min_new_tokens > params.max_new_tokens:
+        raise _bad(f"'min_tokens' must not exceed '{key}'", "min_tokens")
+    params.min_new_tokens = max(defaults.MIN_NEW_TOKENS, params.min_new_tokens)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < 1 << 64):
         raise _bad("'seed' must be a 64-bit integer", "seed")

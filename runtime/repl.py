@@ -3,34 +3,63 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.private import write_private
+from huatuo_local.models.prompt import MAX_IMAGES
 
 from .api import HuatuoChatbot
+from .images import check_images
 from .progress import PromptStatus
 
 HELP = """Commands:
-  /image PATH   add an image to your next question (up to 6 per conversation)
+  /image PATH   add an image to your next question (up to 6 per conversation; quotes are fine)
+  /images       list the images waiting for your next question
+  /drop [N]     remove waiting image N (default: the last one added)
   /clear        forget the conversation and its images
   /save FILE    write the transcript (.md for Markdown, .json for JSON)
   /help         this help
   /quit         leave (Ctrl-D too); Ctrl-C stops an answer in progress"""
 
 
-def _save(bot: HuatuoChatbot, target: str) -> str:
+@dataclass
+class Transcript:
+    """What the REPL saw of each turn beyond the session's text: which images, and whether it was stopped."""
+
+    images: list[list[str]] = field(default_factory=list)
+    stopped: list[bool] = field(default_factory=list)
+
+    def add(self, images: list[str], stopped: bool) -> None:
+        self.images.append(list(images))
+        self.stopped.append(stopped)
+
+    def clear(self) -> None:
+        self.images.clear()
+        self.stopped.clear()
+
+
+def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> str:
     path = Path(target).expanduser()
-    turns = [{"user": t.text, "images": t.n_images, "assistant": t.answer} for t in bot.session.turns]
+    seen = seen or Transcript()
+    turns = []
+    for i, t in enumerate(bot.session.turns):
+        names = seen.images[i] if i < len(seen.images) else []
+        turns.append({"user": t.text, "images": [Path(n).name for n in names] or t.n_images,
+                      "assistant": t.answer, "stopped": i < len(seen.stopped) and seen.stopped[i]})
     if path.suffix.lower() == ".json":
         text = json.dumps({"model": bot.model.name, "turns": turns}, indent=2, ensure_ascii=False)
     elif path.suffix.lower() in (".md", ".markdown"):
         parts = [f"# huatuo-local transcript ({bot.model.name})\n"]
         for t in turns:
-            parts.append(f"**User**{' (' + str(t['images']) + ' image(s))' if t['images'] else ''}: {t['user']}\n")
-            parts.append(f"**Assistant**: {t['assistant']}\n")
+            images = t["images"]
+            shown = ", ".join(images) if isinstance(images, list) else f"{images} image(s)" if images else ""
+            parts.append(f"**User**{' (' + shown + ')' if shown else ''}: {t['user']}\n")
+            parts.append(f"**Assistant**{' (stopped)' if t['stopped'] else ''}: {t['assistant']}\n")
         text = "\n".join(parts)
     else:
         raise HuatuoError(f"{path}: use a .md or .json file name")
@@ -40,6 +69,15 @@ def _save(bot: HuatuoChatbot, target: str) -> str:
     except OSError as exc:
         raise HuatuoError(f"{path}: cannot write ({exc.strerror or exc}); choose another file") from exc
     return str(path)
+
+
+def image_argument(arg: str) -> str:
+    """`/image`'s argument as a path: quotes and backslash-escaped spaces (what drag-and-drop gives) undone."""
+    try:
+        words = shlex.split(arg)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        words = [arg.strip("'\"")]
+    return " ".join(words)
 
 
 class _NextTurnPrefill:
@@ -96,6 +134,7 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
 
 def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill) -> int:
     pending = list(images)
+    seen = Transcript()
     print(f"huatuo-local chat with {bot.model.name}. /help for commands, Ctrl-D to leave.", file=out)
     if bot.engine.vision_warning:
         print(bot.engine.vision_warning, file=sys.stderr)
@@ -120,53 +159,84 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
             continue
         if line.startswith("/"):
             cmd, _, arg = line.partition(" ")
-            arg = arg.strip()
             try:
-                if cmd in ("/quit", "/exit", "/bye"):
+                if _command(bot, cmd, arg.strip(), pending, seen, prefill, out):
                     return 0
-                if cmd == "/help":
-                    print(HELP, file=out)
-                elif cmd == "/clear":
-                    bot.clear_history()
-                    pending.clear()
-                    print("(conversation cleared)", file=out)
-                elif cmd == "/image":
-                    if not arg:
-                        raise HuatuoError("usage: /image PATH")
-                    if not Path(arg).expanduser().is_file():
-                        raise HuatuoError(f"{arg}: no such file")
-                    pending.append(str(Path(arg).expanduser()))
-                    print(f"(image added: {arg}; it goes with your next question)", file=out)
-                    prefill.start(list(pending))
-                elif cmd == "/save":
-                    if not arg:
-                        raise HuatuoError("usage: /save FILE.md or /save FILE.json")
-                    print(f"(saved {_save(bot, arg)})", file=out)
-                else:
-                    raise HuatuoError(f"unknown command {cmd}; /help lists them")
             except HuatuoError as exc:
                 print(f"error: {exc}", file=sys.stderr)
             continue
-        status = PromptStatus()
-        try:
-            stream = bot.stream(line, pending, on_progress=status)
-            for piece in stream:
-                status.stop()  # the answer starts: the status line goes
-                out.write(piece)
-                out.flush()
-            pending = []
-        except KeyboardInterrupt:
-            stream.close()
-            pending = []
-            out.write("\n(answer stopped)")
-        except HuatuoError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        finally:
-            status.stop()
-        out.write("\n")
-        warning = bot.engine.vision_warning
-        if warning:
-            print(warning, file=sys.stderr)
-        out.flush()
-        prefill.start()
+        if _ask(bot, line, pending, seen, out):
+            pending.clear()
+            prefill.start()
+
+
+def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[str], seen: Transcript,
+             prefill: _NextTurnPrefill, out) -> bool:
+    """Run one /command; True when the chat should end."""
+    if cmd in ("/quit", "/exit", "/bye"):
+        return True
+    if cmd == "/help":
+        print(HELP, file=out)
+    elif cmd == "/clear":
+        bot.clear_history()
+        pending.clear()
+        seen.clear()
+        print("(conversation cleared)", file=out)
+    elif cmd == "/image":
+        if not arg:
+            raise HuatuoError("usage: /image PATH")
+        path = str(Path(image_argument(arg)).expanduser())
+        if len(bot.session.images) + len(pending) >= MAX_IMAGES:
+            raise HuatuoError(f"this conversation has {MAX_IMAGES} images already (the release's limit); /drop one "
+                              "waiting image, or /clear to start over")
+        for note in check_images([path], bot.session.image_options):  # read now: a bad file fails here
+            print(note, file=sys.stderr)
+        pending.append(path)
+        print(f"(image added: {path}; it goes with your next question)", file=out)
+        prefill.start(list(pending))
+    elif cmd == "/images":
+        print("\n".join(f"  {i}. {p}" for i, p in enumerate(pending, 1)) or "(no images waiting)", file=out)
+    elif cmd == "/drop":
+        if not pending:
+            raise HuatuoError("no images are waiting for the next question")
+        if arg and not (arg.isdigit() and 1 <= int(arg) <= len(pending)):
+            raise HuatuoError(f"/drop N: N is 1 to {len(pending)} (see /images)")
+        gone = pending.pop(int(arg) - 1 if arg else -1)
+        print(f"(dropped {gone}; {len(pending)} waiting)", file=out)
+        if pending:
+            prefill.start(list(pending))
+    elif cmd == "/save":
+        if not arg:
+            raise HuatuoError("usage: /save FILE.md or /save FILE.json")
+        print(f"(saved {_save(bot, image_argument(arg), seen)})", file=out)
+    else:
+        raise HuatuoError(f"unknown command {cmd}; /help lists them")
+    return False
+
+
+def _ask(bot: HuatuoChatbot, line: str, pending: list[str], seen: Transcript, out) -> bool:
+    """Ask one question with the waiting images; True when the turn happened (answered or stopped)."""
+    status = PromptStatus()
+    stopped = False
+    try:
+        stream = bot.stream(line, pending, on_progress=status)
+        for piece in stream:
+            status.stop()  # the answer starts: the status line goes
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        stopped = True
+        out.write("\n(answer stopped)")
+    except HuatuoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    finally:
+        status.stop()
+    seen.add(pending, stopped)
+    out.write("\n")
+    warning = bot.engine.vision_warning
+    if warning:
+        print(warning, file=sys.stderr)
+    out.flush()
+    return True

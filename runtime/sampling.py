@@ -17,6 +17,27 @@ from dataclasses import dataclass
 
 import numpy as np
 from huatuo_local.models import defaults
+from huatuo_local.models.errors import HuatuoError
+
+
+class SettingError(HuatuoError):
+    """A sampling setting out of its range; `setting` names it (a front-end names its own flag or field)."""
+
+    def __init__(self, setting: str, detail: str):
+        super().__init__(f"{setting} {detail}")
+        self.setting, self.detail = setting, detail
+
+
+# Each setting's accepted range, the same for the CLI, the Python API and the server:
+# (low, high, low is allowed). Temperature 0 is greedy; top-p 0 would keep nothing.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "temperature": (0.0, 2.0, True),
+    "top_p": (0.0, 1.0, False),
+    "top_k": (0, 1 << 20, True),
+    "repetition_penalty": (0.01, 10.0, True),
+    "max_new_tokens": (1, 1 << 20, True),
+    "min_new_tokens": (0, 1 << 20, True),
+}
 
 
 @dataclass
@@ -28,6 +49,15 @@ class SamplingParams:
     max_new_tokens: int = defaults.MAX_NEW_TOKENS
     min_new_tokens: int = defaults.MIN_NEW_TOKENS
     seed: int | None = None
+
+    def check(self) -> SamplingParams:
+        """Raise SettingError for the first setting outside RANGES (NaN included); return self."""
+        for name, (lo, hi, low_ok) in RANGES.items():
+            value = getattr(self, name)
+            if not (lo <= value <= hi) or (value == lo and not low_ok):
+                low = f"from {lo:g}" if low_ok else f"above {lo:g}"
+                raise SettingError(name, f"must be {low} to {hi:g} (got {value})")
+        return self
 
 
 def apply_repetition_penalty(logits: np.ndarray, generated: list[int], penalty: float) -> np.ndarray:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_errors_are_one_line_and_exit_non_zero(model, images, tmp_path):
         ([str(tmp_path / "missing.png"), "-p", "hi"], "missing.png"),
         ([str(text_png), "-p", "hi"], "notes.png"),
         ([str(tmp_path), "-p", "hi"], "folder"),
-        ([*images[:7], "-p", "hi"], "at most 6 images"),
+        ([*images[:7], "-p", "hi"], "at most 6 per question"),
         ([images[0], "-p", "word " * 3000, "--ctx", "1024"], "--ctx"),
     ]
     for args, needle in cases:
@@ -140,6 +141,77 @@ def test_errors_are_one_line_and_exit_non_zero(model, images, tmp_path):
         assert "Traceback" not in proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and needle in last, (args, proc.stderr)
+
+
+def test_every_input_is_checked_before_the_model_loads(images, tmp_path):
+    """Issue 22: one-shot and interactive chat name a bad input at once. The model named here does not
+    exist, so an answer about the image (not the model) proves the image was checked first."""
+    text_png = tmp_path / "notes.png"
+    text_png.write_text("this is not an image")
+    bogus = ["--model", str(tmp_path / "no-model-here")]
+    cases = [
+        ([str(tmp_path / "missing.png"), "-p", "hi"], f"error: {tmp_path / 'missing.png'}: no such file"),
+        ([str(tmp_path / "missing.png")], f"error: {tmp_path / 'missing.png'}: no such file"),  # the REPL
+        ([str(text_png)], "notes.png: not an image in a supported format"),
+        (["what", "is", "this", "-p", "hi"], "error: what: no such file"),  # a question taken for paths
+        ([*images[:7], "-p", "hi"], "error: 7 images: the release takes at most 6 per question"),
+        ([images[0], "-p", ""], "error: -p: the question is empty"),
+        ([images[0], "-p", "hi", "--max-tokens", "0"], "error: --max-tokens must be from 1"),
+        ([images[0], "-p", "hi", "--max-tokens", "-5"], "error: --max-tokens must be from 1"),
+        ([images[0], "-p", "hi", "--temperature", "-1"], "error: --temperature must be from 0 to 2 (got -1.0)"),
+        ([images[0], "-p", "hi", "--repeat-penalty", "0"], "error: --repeat-penalty must be from 0.01"),
+    ]
+    for args, needle in cases:
+        proc = run_cli("chat", *args, *bogus, input="")
+        assert proc.returncode == 1, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert not proc.stderr.startswith("\n")
+
+
+def test_the_repl_checks_images_as_they_are_added(model, images, tmp_path):
+    """`/image` reads the file at once (a text file, a folder, a 7th image fail there), takes quoted and
+    drag-and-drop paths, and `/images` / `/drop` manage what waits; `/save` names images and stopped turns."""
+    import pexpect
+
+    spaced = tmp_path / "my scan.png"
+    spaced.write_bytes(Path(images[0]).read_bytes())
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
+                                   "--max-tokens", "4", "--no-prefix-cache"],
+                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child.expect(">>> ")
+    for command, answer in [
+        (f"/image {notes}", "not an image in a supported format"),
+        (f"/image {tmp_path}", "is a folder, not an image"),
+        (f'/image "{spaced}"', "image added"),
+        (f"/image {str(spaced).replace(' ', chr(92) + ' ')}", "image added"),  # my\ scan.png
+        ("/images", "2. " + str(spaced)),
+        ("/drop 5", "/drop N: N is 1 to 2"),
+        ("/drop", "dropped"),
+        ("/images", "1. " + str(spaced)),
+    ]:
+        child.sendline(command)
+        child.expect_exact(answer)
+        child.expect(">>> ")
+    for path in images[1:6]:
+        child.sendline(f"/image {path}")
+        child.expect(">>> ")
+    child.sendline(f"/image {images[6]}")
+    child.expect_exact("has 6 images already")
+    child.expect(">>> ")
+    child.sendline("What do they show?")
+    child.expect(">>> ")
+    child.sendline(f"/save {tmp_path / 't.md'}")
+    child.expect("saved")
+    child.expect(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = (tmp_path / "t.md").read_text()
+    assert "**User** (my scan.png, img1.png, img2.png, img3.png, img4.png, img5.png): What do they show?" in saved
 
 
 def test_model_errors(model, images, tmp_path, converted):

@@ -316,3 +316,29 @@ def test_a_question_too_long_for_the_context_is_recorded_and_the_run_goes_on(mod
     assert sorted(rows) == [0, 1] and "error" not in rows[0]
     assert "context" in rows[1]["error"] and rows[1]["correct"] is False
     assert json.loads((tmp_path / "long" / "results.json").read_text())["summary"]["errors"] == 1
+
+
+def test_questions_whose_images_are_missing_are_left_out_and_reported(model, data, tmp_path):
+    """Issue 22: every image missing gave exit 0 and a 0.0 % table beside the model card."""
+    records = json.loads(data.read_text())[:4]
+    for r in records:
+        r["image"] = [str(tmp_path / "gone" / p) for p in r["image"]]
+    path = tmp_path / "gone.json"
+    path.write_text(json.dumps(records))
+    proc = evaluate(model, path, tmp_path / "gone-run", "--greedy")
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: none of the 4 questions could be asked (record 0: ") and "no such file" in last
+    summary = json.loads((tmp_path / "gone-run" / "results.json").read_text())["summary"]
+    assert summary["errors"] == 4 and summary["asked"] == 0 and summary["no_letter"] == 0
+    assert summary["overall"]["total"] == 0
+    # One missing among others: left out of the accuracy, not counted wrong.
+    mixed = json.loads(data.read_text())[:4]
+    for r in mixed:
+        r["image"] = [str(data.parent / p) for p in r["image"]]
+    mixed[0]["image"] = [str(tmp_path / "gone.png")]
+    path.write_text(json.dumps(mixed))
+    proc = evaluate(model, path, tmp_path / "mixed-run", "--greedy")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "mixed-run" / "results.json").read_text())["summary"]
+    assert summary["errors"] == 1 and summary["asked"] == 3 and summary["overall"]["total"] == 3

@@ -255,6 +255,13 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
         frame.press("Tab")
         wait_js(page, "document.querySelector('#pending img').dataset.digest === "
                                f"'{hashlib.sha256(want.tobytes()).hexdigest()}'")
+        # A text file named .png: refused by name, and no broken card stays behind.
+        notes = tmp_path / "notes.png"
+        notes.write_text("Patient notes, not an image.\n")
+        drop_file(page, notes, "image/png")
+        wait_js(page, "document.querySelector('#error').textContent.includes('notes.png was not added')")
+        assert "supported format" in page.inner_text("#error")
+        assert page.locator("#pending li").count() == 1
         # A 500 is a server bug (none is produced on purpose), so the page's handling of one is shown with
         # a stand-in in the server's shape; the other errors below come from a real server.
         page.route("**/v1/chat/completions", lambda route: route.fulfill(

@@ -44,7 +44,9 @@ async function api(path, body) {
   if (!response.ok) {
     let data = null;
     try { data = await response.json(); } catch (e) { /* not JSON */ }
-    throw new Error(explain(response.status, data));
+    const err = new Error(explain(response.status, data));
+    err.code = data && data.error ? data.error.code : null;
+    throw err;
   }
   return response.json();
 }
@@ -175,8 +177,17 @@ async function preview(img) {
     }
     el.src = data.png;
     el.dataset.digest = data.digest;
+    img.shown = true;
   } catch (e) {
-    if (ticket === img.ticket) showError(img.name + ": " + e.message);
+    if (ticket !== img.ticket) return;
+    if (!img.shown && (e.code === "invalid_image" || e.code === "image_too_large")) {
+      // A file the model could never read (a text file named .png): it does not stay as a broken card.
+      state.pending = state.pending.filter((p) => p !== img);
+      img.card.remove();
+      showError(`${img.name} was not added: ${e.message}`);
+    } else {
+      showError(img.name + ": " + e.message);
+    }
   } finally {
     if (ticket === img.ticket) el.removeAttribute("aria-busy");
   }
