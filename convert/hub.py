@@ -70,7 +70,7 @@ def hub_error(repo_id: str, exc: BaseException) -> HuatuoError:
     if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or _is_connection_error(exc):
         return HuatuoError(
             f"{repo_id}: cannot reach Hugging Face ({type(exc).__name__}); on an offline machine copy the "
-            "checkpoint over and run: huatuo-local convert FOLDER -o OUT"
+            "checkpoint over and run: huatuo-local pull FOLDER --name NAME (converts it into the local store)"
         )
     if isinstance(exc, OSError):
         return HuatuoError(f"{repo_id}: cannot write the download ({exc.strerror or exc}); check the cache folder")

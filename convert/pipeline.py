@@ -337,6 +337,8 @@ def convert(
             progress("checksums", 0, 1)
         llm_sha = sha256_file(llm_stage)
         mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path)
+        if progress:
+            progress("checksums", 1, 1)
         os.replace(llm_stage, llm_path)
         manifest = Manifest(
             name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,

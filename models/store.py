@@ -12,6 +12,7 @@ store, never through a symlink: `rm` cannot be pointed at anything that is not o
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -122,9 +123,10 @@ def _from_folder(folder: Path, quant: str | None = None, store_name: str | None 
         for r in found:
             if r.quant.upper() == quant:
                 return r
-        have = ", ".join(r.quant.lower() for r in found) or "none"
-        raise ModelNotFound(f"{label}:{quant.lower()} is not installed (installed quants: {have}); "
-                            f"get it with: huatuo-local pull {label} --quant {quant}")
+        have = ", ".join(r.ref if store_name else r.quant.lower() for r in found) or "none"
+        hint = (f"; get it with: huatuo-local pull {label} --quant {quant}" if label in KNOWN_MODELS
+                else "; convert the checkpoint again with --quant")
+        raise ModelNotFound(f"{label}:{quant.lower()} is not installed (installed: {have}){hint}")
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -175,7 +177,14 @@ def resolve(model: str | Path | None) -> ResolvedModel:
     if name in KNOWN_MODELS:
         extra = f" --quant {quant}" if quant else ""
         raise ModelNotFound(f"model {text} is not installed; get it with: huatuo-local pull {name}{extra}")
-    raise ModelNotFound(f"model {text} is not installed (see `huatuo-local list`); known: {', '.join(KNOWN_MODELS)}")
+    installed = sorted({m.store_name or m.name for m in list_models()})
+    close = difflib.get_close_matches(name, installed, n=3, cutoff=0.6)
+    if close:
+        raise ModelNotFound(f"model {text} is not installed; did you mean {' or '.join(close)}? "
+                            "(`huatuo-local list` shows what is)")
+    have = f"installed: {', '.join(installed)}" if installed else "nothing is installed yet"
+    raise ModelNotFound(f"model {text} is not installed ({have}); get one with `huatuo-local pull NAME` or "
+                        "`huatuo-local convert CHECKPOINT --name NAME`")
 
 
 def list_models() -> list[ResolvedModel]:

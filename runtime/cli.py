@@ -78,29 +78,44 @@ def _shares(text: str | None, rpc: str | None) -> list[float] | None:
     return None
 
 
-@app.command(epilog="Example: huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M")
+@app.command(epilog="Examples:\n\n  huatuo-local convert ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   "
+                   "(into the local store: then chat --model huatuo-vision-7b)\n\n"
+                   "  huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M")
 def convert(
-    src: Annotated[str, typer.Argument(help="Checkpoint folder, or a Hugging Face repo id to download.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder for the GGUF pair and manifest.")],
+    src: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint folder, or a Hugging Face repo id "
+                                                                  "to download.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder for the GGUF pair and manifest "
+                                                                 "(default: the local store, as --name).")] = None,
     quant: Annotated[str, typer.Option(help="LLM type: F32, F16, BF16, Q8_0, or a llama.cpp quant (Q6_K, "
                                             "Q5_K_M, Q4_K_M, ...).")] = "Q4_K_M",
     mmproj_type: Annotated[str, typer.Option(help="Vision projector type: f16, q8_0 or f32.")] = "f16",
     vision_tower: Annotated[str | None, typer.Option(help="CLIP tower folder or repo id, when the "
                                                              "checkpoint does not hold it.")] = None,
-    name: Annotated[str | None, typer.Option(help="Base name of the output files.")] = None,
+    name: Annotated[str | None, typer.Option(help="The model's name in the store (without -o), or the base name "
+                                                  "of the output files (default: the checkpoint folder's name).")]
+    = None,
     threads: Annotated[int, typer.Option(help="Quantizer threads (0: all cores).")] = 0,
 ) -> None:
     """Convert a HuatuoGPT-Vision checkpoint into NAME-QUANT.gguf + mmproj-NAME-TYPE.gguf."""
     from huatuo_local.convert.pipeline import convert as run_convert
+    from huatuo_local.models.store import store_folder
 
     from .progress import StageProgress
+    from .pull import store_name_for
 
+    into_store = out is None
+    if out is None:  # into the local store, where `list`, `chat --model NAME` and `rm` find it
+        name = name or store_name_for(src)
+        out = store_folder(name)
     with StageProgress() as bar:
         result = run_convert(src, out, quant=quant, mmproj_type=mmproj_type, vision_tower=vision_tower,
                              name=name, progress=bar.update, threads=threads)
     typer.echo(f"wrote {result.llm_path}")
     typer.echo(f"wrote {result.mmproj_path}")
     typer.echo(f"wrote {result.manifest_path}")
+    if into_store:
+        typer.echo(f"in the local store as {out.name}:{result.manifest.quant.lower()}; try: huatuo-local chat IMAGE "
+                   f"--model {out.name}")
 
 
 @app.command(epilog="Example: huatuo-local doctor --json")
@@ -265,22 +280,27 @@ def chat(
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local pull huatuo-vision-7b\n\n"
-                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside Q4_K_M as huatuo-vision-7b:q8_0)")
+                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside Q4_K_M as "
+                   "huatuo-vision-7b:q8_0)\n\n"
+                   "  huatuo-local pull ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   (a checkpoint copied over)")
 def pull(
-    model: Annotated[str, typer.Argument(help="huatuo-vision-7b, huatuo-vision-34b, or a Hugging Face repo id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="huatuo-vision-7b, huatuo-vision-34b, a Hugging Face "
+                                                               "repo id, or a checkpoint folder on this machine.")],
     quant: Annotated[str | None, typer.Option(help="LLM quant (default: the model's, Q4_K_M).")] = None,
     name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of the repository (default: main); "
                                                       "the commit is recorded in the manifest.")] = None,
 ) -> None:
-    """Download a model (and convert it when needed) into the local store. Converting a 7B needs about 2.5x
-    its download size of free disk while it runs; pull checks before downloading."""
+    """Download a model (and convert it when needed) into the local store, or convert a checkpoint folder
+    already on this machine into it. Converting a 7B needs about 2.5x its download size of free disk while it
+    runs; pull checks before downloading."""
     from .progress import StageProgress
     from .pull import pull as run_pull
 
     with StageProgress() as bar:
         resolved = run_pull(model, quant, name, progress=bar.update, revision=revision)
-    typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}, commit {resolved.manifest.revision[:12]}); "
+    commit = f", commit {resolved.manifest.revision[:12]}" if resolved.manifest and resolved.manifest.revision else ""
+    typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}{commit}); "
                f"try: huatuo-local chat IMAGE --model {resolved.ref}")
 
 

@@ -7,7 +7,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 
 
 class StageProgress:
-    """A (stage, done, total) callback that shows one bar per stage."""
+    """A (stage, done, total) callback that shows one bar per stage, on stderr."""
 
     def __init__(self) -> None:
         self._progress = Progress(
@@ -17,13 +17,15 @@ class StageProgress:
         self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> StageProgress:
-        self._progress.start()
-        return self
+        return self  # the bars appear with the first stage: a command that fails first prints only its error
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._tasks:
+            self._progress.stop()
 
     def update(self, stage: str, done: int, total: int) -> None:
+        if not self._tasks:
+            self._progress.start()
         if stage not in self._tasks:
             self._tasks[stage] = self._progress.add_task(stage, total=total)
         self._progress.update(self._tasks[stage], completed=done, total=total)

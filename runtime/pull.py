@@ -75,20 +75,32 @@ def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progr
     return resolve(f"{name}:{quant.lower()}")
 
 
+def store_name_for(source: str) -> str:
+    """A store name from a checkpoint folder or repo id: its last part, in the characters names allow."""
+    return re.sub(r"[^\w.-]+", "-", Path(source.rstrip("/")).name).lstrip(".-_") or "model"
+
+
 def pull(model: str, quant: str | None = None, name: str | None = None, progress=None,
          revision: str | None = None) -> ResolvedModel:
     from huatuo_local.convert import hub
-    from huatuo_local.convert.pipeline import convert
+    from huatuo_local.convert.pipeline import QUANT_TYPES, convert
 
     known = KNOWN_MODELS.get(model)
+    local = Path(model).expanduser()
     repo_id = known.repo_id if known else model
-    if not hub.REPO_ID.match(repo_id):
-        raise HuatuoError(f"{model}: not a known model ({', '.join(KNOWN_MODELS)}) nor a Hugging Face repo id")
+    if not known and not local.is_dir() and not hub.REPO_ID.match(repo_id):
+        raise HuatuoError(f"{model}: not a known model ({', '.join(KNOWN_MODELS)}), a checkpoint folder, nor a "
+                          "Hugging Face repo id")
     quant = (quant or (known.default_quant if known else "Q4_K_M")).upper()
-    name = name or (known.name if known else re.sub(r"[^\w.-]+", "-", repo_id.split("/")[-1]).lstrip(".-_"))
+    if quant not in QUANT_TYPES:  # before anything reaches the network
+        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+    name = name or (known.name if known else store_name_for(str(local) if local.is_dir() else repo_id))
     if not is_valid_name(name):
         raise HuatuoError(f"--name {name}: use letters, digits, '.', '_' and '-' (no folders)")
     folder = store_folder(name)
+    if local.is_dir():  # a checkpoint copied onto an offline machine: converted straight into the store
+        convert(local, folder, quant=quant, name=name, progress=progress, source=str(local.resolve()))
+        return resolve(f"{name}:{quant.lower()}")
     listing = hub.list_repo(repo_id, revision)
     if any(f.lower().endswith(".gguf") for f in listing.sizes):
         return _pull_gguf(repo_id, listing, quant, name, folder, progress)

@@ -44,7 +44,7 @@ def test_pull_without_network_says_what_to_do(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
     assert last.startswith("error: FreedomIntelligence/HuatuoGPT-Vision-7B: cannot reach Hugging Face")
-    assert "huatuo-local convert FOLDER" in last
+    assert "huatuo-local pull FOLDER --name NAME" in last
     assert not (tmp_path / "home" / "models").exists() or not any((tmp_path / "home" / "models").iterdir())
     bad = run_cli("pull", "not a repo", env=env)
     assert bad.returncode != 0 and "not a known model" in bad.stderr
@@ -63,3 +63,34 @@ def test_every_command_has_help_with_an_example():
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0, cmd
         assert "Example" in proc.stdout and "huatuo-local " + cmd in proc.stdout.replace("\n", " "), cmd
+
+
+def test_a_checkpoint_on_an_offline_machine_goes_into_the_store(tiny, tmp_path):
+    """Issue 22: one documented command puts a local checkpoint in the store; suggestions come from what is
+    installed; a bad quant is refused before any network access."""
+    home = tmp_path / "home"
+    env = {"HUATUO_LOCAL_HOME": str(home), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    ckpt = tiny(TinySpec(seed=8, tower="folder"))["ckpt"]
+    conv = run_cli("convert", str(ckpt), "--name", "mytiny", "--quant", "Q8_0", env=env)
+    assert conv.returncode == 0, conv.stderr
+    assert "in the local store as mytiny:q8_0" in conv.stdout
+    pulled = run_cli("pull", str(ckpt), "--name", "other", "--quant", "F16", env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith("ready: other:f16 (other-F16.gguf); try: huatuo-local chat IMAGE --model other")
+    listed = run_cli("list", env=env).stdout
+    assert "mytiny:q8_0" in listed and "other:f16" in listed
+    img = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)).save(img)
+    for ref, needle in [
+        ("mytiny:q5_k_m", "error: mytiny:q5_k_m is not installed (installed: mytiny:q8_0); convert the checkpoint "
+                          "again with --quant"),
+        ("mytiyn", "error: model mytiyn is not installed; did you mean mytiny?"),
+        ("zzz", "error: model zzz is not installed (installed: mytiny, other)"),
+    ]:
+        proc = run_cli("chat", str(img), "-p", "hi", "--model", ref, env=env)
+        assert proc.returncode == 1 and proc.stderr.strip().startswith(needle), proc.stderr
+        assert "pull" not in proc.stderr.split("installed")[0]
+    ok = run_cli("chat", str(img), "-p", "hi", "--model", "mytiny", "--max-tokens", "2", env=env)
+    assert ok.returncode == 0, ok.stderr
+    bad = run_cli("pull", "huatuo-vision-7b", "--quant", "Q9_X", env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --quant Q9_X: unknown type"), bad.stderr
