@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from huatuo_local.models.errors import HuatuoError
+
+
+def _plain_help() -> None:
+    """Help in the words users know: `CHECKPOINT` and `IMAGES...` in usage lines, not typer 0.2x's
+    `{src}`, and no Python types such as `<list[Path]>` beside arguments (their help says what they are)."""
+    from typer import core
+
+    def usage_name(self) -> str:
+        name = self.metavar or self.display_name_raw.upper()
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    core.TyperArgument._usage_display_name = usage_name
+    core.TyperArgument.display_type_rich = lambda self, ctx: None
+    plain_type = core._TyperParameter.display_type
+    core._TyperParameter.display_type = lambda self, ctx: re.sub(  # <list[Path]> → <path>: the option repeats
+        r"<list\[(\w+)\]>", lambda m: f"<{m.group(1).lower()}>", plain_type(self, ctx))
+
+
+_plain_help()
 
 app = typer.Typer(
     name="huatuo-local",
@@ -319,8 +339,11 @@ def list_cmd() -> None:
         typer.echo(f"{m.ref:<{width}}  {m.size_bytes / 1024**3:5.2f} GiB  {m.llm_path.name} + {m.mmproj_path.name}")
 
 
-@app.command(epilog="Example: huatuo-local info huatuo-vision-7b")
-def info(model: Annotated[str, typer.Argument(help="Model name, folder, manifest or .gguf file.")]) -> None:
+@app.command(epilog="Examples:\n\n  huatuo-local info huatuo-vision-7b\n\n  huatuo-local info huatuo-vision-7b --json")
+def info(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name, folder, manifest or .gguf file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print every field as JSON.")] = False,
+) -> None:
     """Show a model's files, source, quantization and checksums."""
     import json
     from dataclasses import asdict
@@ -334,7 +357,17 @@ def info(model: Annotated[str, typer.Argument(help="Model name, folder, manifest
     data.update({"ref": m.ref, "llm_path": str(m.llm_path), "mmproj_path": str(m.mmproj_path),
                  "llm_arch": llm.arch, "llm_tensors": len(llm.tensors), "mmproj_tensors": len(mmproj.tensors),
                  "size_bytes": m.size_bytes})
-    typer.echo(json.dumps(data, indent=2))
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    rows = [("model", m.ref), ("quant", data.get("quant") or "?"),
+            ("size", f"{m.size_bytes / 1024**3:.2f} GiB"),
+            ("language model", f"{m.llm_path} ({llm.arch}, {len(llm.tensors)} tensors)"),
+            ("vision projector", f"{m.mmproj_path} ({data.get('mmproj_type') or '?'}, {len(mmproj.tensors)} tensors)"),
+            ("source", data.get("source") or "?"), ("commit", data.get("revision") or "-"),
+            ("converter", data.get("converter") or "?"),
+            ("llm sha256", data.get("llm_sha256") or "-"), ("mmproj sha256", data.get("mmproj_sha256") or "-")]
+    typer.echo("\n".join(f"{k:<17}{v}" for k, v in rows))
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local rm huatuo-vision-7b:q8_0\n\n"
@@ -382,10 +415,13 @@ def verify(
     typer.echo(format_table(rows))
 
 
+_LOSSLESS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}  # preview -o: the pixels exactly
+
+
 @app.command(epilog="Example: huatuo-local preview CT_small.dcm --window lung -o ct.png")
 def preview(
     image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP, GIF, TIFF, WebP or DICOM file.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the PNG.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the picture (.png, .tif or .bmp).")],
     window: Annotated[str | None, typer.Option(help="lung, mediastinum, bone, brain, abdomen, liver, or "
                                                     "CENTER,WIDTH.")] = None,
     frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame image.")] = None,
@@ -401,9 +437,13 @@ def preview(
     picture = prepare(load_rgb(image, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)),
                       VisionInput(tower.image_size, tower.image_mean))
     target = out.expanduser()
+    kind = _LOSSLESS.get(target.suffix.lower())
+    if kind is None:
+        fail(f"{target}: write a lossless file (.png, .tif, .tiff or .bmp); a lossy format would change the "
+             "pixels the model sees")
     tmp = target.with_name(f".{target.name}.partial")
     try:
-        picture.save(tmp, format="PNG")
+        picture.save(tmp, format=kind)
         tmp.replace(target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -467,7 +507,7 @@ def serve(
         from .supervise import is_child, supervise
 
         if not is_child():  # llama.cpp aborts the process when a worker dies: keep the server up around it
-            raise typer.Exit(supervise(sys.argv[1:]))
+            raise typer.Exit(supervise(sys.argv[1:], host, port))
     config = ServeConfig(
         model=model, host=host, port=port, parallel=parallel, api_keys=keys, n_gpu_layers=n_gpu_layers, ctx=ctx,
         threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
@@ -578,7 +618,7 @@ def eval_cmd(
     "  huatuo-local rpc-worker --host 10.0.0.2 --i-understand-rpc-is-unauthenticated   (a trusted network)"))
 def rpc_worker(
     host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 50052,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one, printed).")] = 50052,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     device: Annotated[str, typer.Option(help="Device whose memory to lend: cpu, cuda0, metal, ...")] = "cpu",
     cache: Annotated[Path | None, typer.Option(help="Keep received weights in this folder (owner-only), so a "
@@ -632,7 +672,7 @@ def cache_clear() -> None:
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="huatuo-local")
     except HuatuoError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

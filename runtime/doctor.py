@@ -75,17 +75,18 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
         m.name: {q: m.ram_needed_gib(q) <= avail for q in m.llm_gib}
         for m in KNOWN_MODELS.values()
     }
-    best = {}
-    for m in KNOWN_MODELS.values():
-        ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if fits[m.name].get(q)]
-        best[m.name] = ok[0] if ok else None
-    recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
     workers = None
+    usable = fits  # what the recommendation is made from: this machine, or it with its RPC workers
     if rpc_endpoints:
         found = [rpc.probe(ep) for ep in rpc_endpoints]
         together = avail * GIB + sum(w.free for w in found)
+        usable = fits_across(together)
         workers = [{"endpoint": w.endpoint, "free_gib": w.free / GIB, "total_gib": w.total / GIB} for w in found]
-        workers.append({"endpoint": "together with this machine", "free_gib": together / GIB,
-                        "fits": fits_across(together)})
+        workers.append({"endpoint": "together with this machine", "free_gib": together / GIB, "fits": usable})
+    best = {}
+    for m in KNOWN_MODELS.values():
+        ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if usable[m.name].get(q)]
+        best[m.name] = ok[0] if ok else None
+    recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
                   recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers)

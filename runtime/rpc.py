@@ -318,6 +318,7 @@ def serve_worker(host: str, port: int, threads: int, device: str, cache: Path | 
         except OSError as exc:
             raise HuatuoError(f"rpc-worker {host}:{port}: cannot listen there ({exc.strerror}); pick another "
                               "--port") from None
+        port = s.getsockname()[1]  # --port 0: a free one, printed below for the client
     free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
     g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
     if cache is not None:

@@ -23,8 +23,32 @@ def is_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
 
 
-def supervise(args: list[str]) -> int:
+def _pinned_port(args: list[str], host: str, port: int) -> list[str]:
+    """With `--port 0`, every restarted child must listen where the first one did: pick the port here."""
+    if port != 0:
+        return args
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        chosen = s.getsockname()[1]
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--port" and i + 1 < len(args):
+            out += ["--port", str(chosen)]
+            i += 2
+        elif args[i].startswith("--port="):
+            out.append(f"--port={chosen}")
+            i += 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
+def supervise(args: list[str], host: str = "127.0.0.1", port: int = 8000) -> int:
     """Run `huatuo-local ARGS` as a child until it ends for another reason than a dead worker."""
+    args = _pinned_port(args, host, port)
     env = dict(os.environ, **{CHILD_ENV: "1"})
     child: subprocess.Popen | None = None
 

@@ -90,6 +90,9 @@ def test_help_texts_keep_their_words_and_flags_have_sane_names():
         assert "Example" in text and f"huatuo-local {cmd}" in " ".join(text.split()), cmd
         assert "--no-no-" not in text, cmd
         assert "the  extra" not in text, cmd
+        usage = text.splitlines()[0]
+        assert usage.startswith(f"Usage: huatuo-local {cmd}") and "{" not in usage, usage  # CHECKPOINT, not {src}
+        assert "<list[" not in text and "Path>" not in text, cmd  # no Python types beside arguments
     verify = run_cli("verify", "--help").stdout
     assert "huatuo-local[verify]" in verify
     chat = " ".join(run_cli("chat", "--help").stdout.split())

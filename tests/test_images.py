@@ -231,6 +231,22 @@ def test_preview_writes_what_the_model_sees(tmp_path):
     np.testing.assert_array_equal(seen, np.asarray(want))
     bad = run_cli("preview", bundled("CT_small.dcm"), "--window", "sideways", "-o", str(out))
     assert bad.returncode != 0 and "give a preset" in bad.stderr
+    # The file is what its name says: a TIFF holds the same pixels; a lossy name is refused, nothing written.
+    tif = run_cli("preview", bundled("CT_small.dcm"), "--window", "lung", "-o", str(tmp_path / "ct.tif"))
+    assert tif.returncode == 0 and Image.open(tmp_path / "ct.tif").format == "TIFF"
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ct.tif")), seen)
+    jpg = run_cli("preview", bundled("CT_small.dcm"), "-o", str(tmp_path / "ct.jpg"))
+    assert jpg.returncode == 1 and "write a lossless file" in jpg.stderr and not (tmp_path / "ct.jpg").exists()
+
+
+def test_a_window_on_an_8_bit_image_is_said_to_be_ignored(converted, tmp_path):
+    rgb = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(2).random((40, 50, 3)) * 255).astype(np.uint8)).save(rgb)
+    proc = run_cli("chat", str(rgb), "-p", "hi", "--window", "lung", "--model", str(converted().manifest_path),
+                   "--max-tokens", "2", "--no-prefix-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == (f"warning: {rgb}: --window applies to DICOM and 16-bit grayscale images; this "
+                                   "8-bit image is shown as it is")
 
 
 def test_chat_about_a_dicom_end_to_end(converted):

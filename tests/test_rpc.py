@@ -8,6 +8,7 @@ placement, the registration and the failure paths.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -28,17 +29,24 @@ def free_port() -> int:
 
 
 class Workers:
+    """`rpc-worker --port 0` each: the worker picks a free port and prints it (no port guessed here that
+    another process could take first); everything started is stopped if one fails to come up."""
+
     def __init__(self, n: int):
         self.procs, self.ports = [], []
-        for _ in range(n):
-            port = free_port()
-            proc = subprocess.Popen([*CLI, "rpc-worker", "--port", str(port), "--threads", "1"], cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            self.procs.append(proc)
-            self.ports.append(port)
-        for proc in self.procs:
-            line = proc.stdout.readline()
-            assert "listening on 127.0.0.1:" in line and "protocol" in line, line
+        try:
+            for _ in range(n):
+                self.procs.append(subprocess.Popen([*CLI, "rpc-worker", "--port", "0", "--threads", "1"], cwd=ROOT,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for proc in self.procs:
+                line = proc.stdout.readline()
+                found = re.search(r"listening on 127\.0\.0\.1:(\d+), protocol", line)
+                assert found, line
+                self.ports.append(int(found.group(1)))
+        except BaseException:
+            for proc in self.procs:
+                proc.kill()
+            raise
 
     @property
     def endpoints(self) -> str:
@@ -152,6 +160,14 @@ def test_doctor_reports_rpc_and_the_workers_memory(workers):
     assert "RPC backend      built in" in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.count("RPC worker       127.0.0.1:") == 2
     assert "fits across the workers and this machine" in proc.stdout
+    # The recommendation is made from what fits across them (it said "too large" beside "fits").
+    across = {line.split()[0]: line.rsplit(": ", 1)[1] for line in proc.stdout.splitlines()
+              if "fits across the workers" in line}
+    recommended = proc.stdout.split("recommended", 1)[1]
+    for name, quants in across.items():
+        if quants != "none":
+            assert f"{name}: {quants.split(', ')[-1]}" in recommended or f"{name}: Q" in recommended, recommended
+            assert f"{name}: too large" not in recommended
 
 
 def test_a_worker_refuses_a_public_address_without_the_acknowledgement():
@@ -193,15 +209,15 @@ def test_serve_stays_up_when_a_worker_dies_and_answers_again_when_it_is_back(con
 
     import httpx
     import openai
+    from test_serve import listening_url
 
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        serve = subprocess.Popen([*CLI, "serve", "--model", str(model.manifest_path), "--port", str(port),
+        serve = subprocess.Popen([*CLI, "serve", "--model", str(model.manifest_path), "--port", "0",
                                   "--parallel", "1", "--ctx", "30000", "--rpc", workers.endpoints, "--tensor-split",
                                   "0,1,1"], cwd=ROOT, stdout=out, stderr=out)
+    url = listening_url(serve, log, time.time() + 120)  # a restarted server keeps the port the first one took
 
     def health(deadline_s: float, want: int) -> dict:
         deadline = time.monotonic() + deadline_s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from conftest import run_cli
 from PIL import Image
@@ -20,7 +22,10 @@ def test_store_list_info_chat_by_name_and_rm(tiny, tmp_path):
     listed = run_cli("list", env=env)
     assert "mytiny" in listed.stdout and "Q8_0" in listed.stdout
     info = run_cli("info", "mytiny", env=env)
-    assert '"quant": "Q8_0"' in info.stdout and "mmproj-mytiny-f16.gguf" in info.stdout
+    assert info.stdout.startswith("model            mytiny:q8_0\nquant            Q8_0\n"), info.stdout
+    assert "mmproj-mytiny-f16.gguf (f16," in info.stdout and "{" not in info.stdout
+    as_json = json.loads(run_cli("info", "mytiny", "--json", env=env).stdout)
+    assert as_json["quant"] == "Q8_0" and as_json["mmproj_file"] == "mmproj-mytiny-f16.gguf"
     img = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((50, 80, 3)) * 255).astype(np.uint8)).save(img)
     chat = run_cli("chat", str(img), "-p", "hi", "--model", "mytiny", "--max-tokens", "3", env=env)
