@@ -5,7 +5,13 @@ The package is one namespace over the repository's top-level folders:
 (runtime/).
 """
 
+from huatuo_local.native import cpp_runtime_global
+
 __version__ = "0.1.0"
+
+# Before anything can import llama_cpp (see huatuo_local/native.py: CUDA builds crashed at every model
+# load when numpy came first). Cheap: the C++ runtime is already mapped in any process using numpy.
+cpp_runtime_global()
 
 
 def __getattr__(name: str):

@@ -175,7 +175,9 @@ def doctor(
             f"vision probe     {status}: {probe.get('verdict')} (max |diff| {probe.get('max_abs_diff', 0):.2e} "
             f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),
             f"library          {probe.get('library')}",
-            f"GPU offload      {'available' if report.gpu_offload else 'none (CPU only)'}",
+            *([f"GPU              {g['name']}: {g['description']}, {g['free_gib']:.1f} GiB free of "
+               f"{g['total_gib']:.1f} GiB" for g in report.gpus] or ["GPU              none (the CPU runs the model)"]),
+            *[f"{ref:<16} {note}" for ref, note in (report.placements or {}).items()],
             f"RPC backend      {'built in (huatuo-local rpc-worker, --rpc)' if report.rpc else 'not built'}",
             f"CPU features     {report.system_info}",
             f"CPU cores        {report.physical_cores} physical, {report.logical_cores} logical (threads default to "
@@ -271,6 +273,8 @@ def chat(
                             tensor_split=_shares(tensor_split, rpc))
     finally:
         status.stop()
+    if bot.engine.placement_note and not as_json:
+        typer.echo(bot.engine.placement_note, err=True)
     if prompt is None:
         from . import repl
 

@@ -29,6 +29,8 @@ class Report:
     logical_cores: int = 0
     rpc: bool = False  # llama.cpp's RPC backend built in (huatuo-local rpc-worker, --rpc)
     workers: list[dict] | None = None  # doctor --rpc: each worker's memory, and what fits across them
+    gpus: list[dict] | None = None  # each GPU llama.cpp sees: name, card, free and total GiB
+    placements: dict[str, str] | None = None  # installed model → where it goes by default (one line)
 
 
 def memory_gib() -> tuple[float, float]:
@@ -67,8 +69,10 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
     from . import rpc
+    from .devices import local_gpus
 
-    gpu = rpc.local_gpu()  # llama_supports_gpu_offload() says yes for an RPC build without a GPU
+    found_gpus = local_gpus()  # not llama_supports_gpu_offload(): it says yes for an RPC build without a GPU
+    gpu = bool(found_gpus)
     probe = check_library().__dict__ if run_probe else {}
     total, avail = memory_gib()
     fits = {
@@ -89,4 +93,26 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
         best[m.name] = ok[0] if ok else None
     recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
-                  recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers)
+                  recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers,
+                  [{"name": g.name, "description": g.description, "free_gib": g.free / GIB, "total_gib": g.total / GIB}
+                   for g in found_gpus], placements(found_gpus))
+
+
+def placements(gpus) -> dict[str, str]:
+    """Where each installed model goes by default on these GPUs (nothing to say without one)."""
+    if not gpus:
+        return {}
+    from huatuo_local.models.gguf_check import check_gguf
+    from huatuo_local.models.store import list_models
+
+    from .devices import plan_offload
+    from .engine import DEFAULT_CTX
+
+    out = {}
+    for m in list_models():
+        try:
+            out[m.ref] = plan_offload(check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj"), gpus,
+                                      DEFAULT_CTX).note
+        except Exception as exc:  # a damaged model is reported, the report goes on
+            out[m.ref] = f"unreadable ({exc})"
+    return out

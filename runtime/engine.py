@@ -23,11 +23,10 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
 from PIL import Image
 
+from . import llama_constants as C
 from .images import VisionInput
 
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values
-TOKEN_TYPE_CONTROL = 3
-TOKEN_TYPE_USER_DEFINED = 4
+KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0}
 
 
 class EngineError(HuatuoError):
@@ -52,7 +51,6 @@ def _mtmd():
 
 _LOG_CALLBACK = None
 LAST_ERRORS: list[str] = []
-GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 
 
 def quiet_logs() -> None:
@@ -70,7 +68,7 @@ def quiet_logs() -> None:
     def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if verbose:
             os.write(2, text or b"")
-        elif level == GGML_LOG_LEVEL_ERROR and text:
+        elif level == C.GGML_LOG_LEVEL_ERROR and text:
             LAST_ERRORS.append(text.decode("utf-8", "replace").strip())
             del LAST_ERRORS[:-20]
 
@@ -104,7 +102,7 @@ def physical_cores(cpuinfo: str | None = None) -> int:
 
 
 # llama.cpp's load modes (llama.h `enum llama_load_mode`), by the name `--load` takes.
-LOAD_MODES = {"read": 0, "mmap": 1, "mmap-release": 1}
+LOAD_MODES = {"read": C.LLAMA_LOAD_MODE_NONE, "mmap": C.LLAMA_LOAD_MODE_MMAP, "mmap-release": C.LLAMA_LOAD_MODE_MMAP}
 _MADV_DONTNEED = 4
 
 
@@ -288,6 +286,7 @@ class Engine:
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
                  eos_id: int | None = None):
         self.options = opts = options or EngineOptions()
+        self.placement_note = ""  # where the model went, when a GPU decided it (api.open_model sets it)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         for p in (self.llm_path, self.mmproj_path):
             if not p.is_file():
@@ -397,9 +396,14 @@ class Engine:
     def _place_on_workers(self, opts: EngineOptions, llm_fields: dict, mparams) -> int:
         """Register the RPC workers and say how many layers go to them, split by tensor_split."""
         from . import rpc
+        from .devices import local_gpus
 
-        if rpc.local_gpu():
-            raise EngineError("--rpc with a GPU on this machine is not supported yet; use the workers or the GPU")
+        gpus = local_gpus()
+        if gpus:
+            raise EngineError(f"--rpc beside this machine's GPU ({gpus[0].description or gpus[0].name}) is not "
+                              "supported yet (the layer split counts this machine's CPU memory, not the GPU's); "
+                              "use the GPU alone, or lend it as a worker: huatuo-local rpc-worker --device "
+                              f"{gpus[0].name.lower()}")
         workers = [rpc.probe(ep) for ep in opts.rpc]  # one line for a worker that is down, before loading
         rpc.register(list(opts.rpc))
         rpc.install_abort_message()
@@ -430,11 +434,11 @@ class Engine:
         byte_tokens = set()
         for tid in range(self.n_vocab):
             attr = llama_cpp.llama_vocab_get_attr(self.vocab, tid)
-            if attr & (1 << 5):  # LLAMA_TOKEN_ATTR_BYTE
+            if attr & C.LLAMA_TOKEN_ATTR_BYTE:
                 byte_tokens.add(tid)
             # LLAMA_TOKEN_ATTR_CONTROL; llama.cpp also flags `</s>`-like texts it puts on its own
             # end-of-generation list, which are plain text to the release's tokenizer.
-            if attr & (1 << 3):
+            if attr & C.LLAMA_TOKEN_ATTR_CONTROL:
                 piece = self.token_bytes(tid, special=True).decode("utf-8", "replace")
                 if piece and piece.startswith("<") and piece.endswith(">") and piece != "</s>":
                     specials[piece] = tid

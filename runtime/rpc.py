@@ -22,73 +22,15 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 
+from .devices import ggml as _ggml
+from .devices import loaded_library as _loaded
+from .devices import local_gpus
+from .llama_constants import GGML_BACKEND_DEVICE_TYPE_CPU
+
 # ggml-rpc.h of the pinned llama.cpp (RPC_PROTO_*_VERSION); a worker must speak the same major
 PROTOCOL = "7.0.0"
 DEFAULT_PORT = 50052
 PROBE_TIMEOUT_S = 15
-GGML_BACKEND_DEVICE_TYPE_GPU = 2  # ggml-backend.h: CPU 0, ACCEL 1, GPU 2, IGPU 3
-GGML_BACKEND_DEVICE_TYPE_IGPU = 3
-
-
-def _lib_dir() -> Path:
-    import llama_cpp  # loads libllama and libggml first
-
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-def _loaded(name: str) -> ctypes.CDLL | None:
-    """The copy of llama.cpp's library `name` that libllama itself uses.
-
-    A wheel cannot hold symlinks, so libggml.so, libggml.so.0 and libggml.so.0.x are separate copies:
-    opening the wrong one gives a second, empty backend registry. The one already mapped (libllama's
-    dependency, by soname) is the right one; else the soname file."""
-    lib_dir = _lib_dir()
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                path = line.split()[-1]
-                if path.startswith(str(lib_dir)) and Path(path).name.startswith(name + ".so"):
-                    return ctypes.CDLL(path)
-    except OSError:
-        pass
-    for candidate in (lib_dir / f"{name}.so.0", lib_dir / f"{name}.so"):
-        if candidate.is_file():
-            return ctypes.CDLL(str(candidate))
-    return None
-
-
-def _ggml() -> ctypes.CDLL:
-    lib = _loaded("libggml")
-    if lib is None:
-        raise HuatuoError("llama.cpp's libggml is missing from the engine; run scripts/bootstrap.py again")
-    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
-    lib.ggml_backend_dev_by_name.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
-                                            ctypes.POINTER(ctypes.c_size_t)]
-    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_load_all.argtypes = []
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_type.restype = ctypes.c_int
-    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
-    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
-    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
-    return lib
 
 
 def _rpc() -> ctypes.CDLL | None:
@@ -111,18 +53,6 @@ def available() -> bool:
         return _rpc() is not None
     except OSError:
         return False
-
-
-def local_gpu() -> bool:
-    """A GPU on this machine (llama_supports_gpu_offload also says yes for RPC alone; RPC devices are GPUs
-    to llama.cpp, so they are left out by their backend's name)."""
-    g = _ggml()
-    for i in range(g.ggml_backend_dev_count()):
-        dev = g.ggml_backend_dev_get(i)
-        if g.ggml_backend_dev_type(dev) in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU) and \
-                g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) != b"RPC":
-            return True
-    return False
 
 
 # --- the client side ------------------------------------------------------------------------
@@ -213,17 +143,7 @@ def device_list(endpoints: tuple[str, ...] | list[str]):
     """
     if not endpoints and not _REGISTERED:
         return None  # llama.cpp's default choice
-    g = _ggml()
-    if endpoints:
-        devs = [d for ep in endpoints for d in _REGISTERED[ep]]
-    else:
-        devs = []
-        for i in range(g.ggml_backend_dev_count()):
-            dev = g.ggml_backend_dev_get(i)
-            name = g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b""
-            if g.ggml_backend_dev_type(dev) in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU) \
-                    and name != b"RPC":
-                devs.append(dev)
+    devs = [d for ep in endpoints for d in _REGISTERED[ep]] if endpoints else [g.handle for g in local_gpus()]
     return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
@@ -239,7 +159,7 @@ def output_stays_local():
     logits (the whole vocabulary in f32: 594 KiB for Qwen2's 152064 tokens) cross the network. With
     its weights here, only the last hidden state does (bench/rpc.py measures both)."""
     g = _ggml()
-    cpu = g.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    cpu = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     overrides = (_BuftOverride * 2)(_BuftOverride(rb"^output\.weight$", g.ggml_backend_dev_buffer_type(cpu)),
                                     _BuftOverride(None, None))
     return overrides

@@ -119,10 +119,11 @@ def write_random_checkpoint(folder: Path, seed: int = 0) -> Path:
 def run(n_gpu_layers: int | None = None) -> SelftestResult:
     from huatuo_local.convert.pipeline import convert
 
-    from .api import HuatuoChatbot, default_gpu_layers
+    from .api import HuatuoChatbot
+    from .devices import local_gpus
 
     start = time.perf_counter()
-    ngl = default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
+    ngl = (-1 if local_gpus() else 0) if n_gpu_layers is None else n_gpu_layers  # a tiny model fits any GPU
     with tempfile.TemporaryDirectory(prefix="huatuo-selftest-") as tmp:
         root = Path(tmp)
         ckpt = write_random_checkpoint(root / "checkpoint")

@@ -110,8 +110,8 @@ class _State:
                         [p.expanduser().resolve() for p in c.allow_files])
         self.loader = ImageLoader(limits, engine.vision)
         self.scheduler = Scheduler(engine, cache, max_queue=c.max_queue)
-        print(f"ready: {self.model_id} ({c.parallel} parallel, {engine.options.n_ctx} tokens of context each)",
-              file=sys.stderr, flush=True)
+        print(f"ready: {self.model_id} ({c.parallel} parallel, {engine.options.n_ctx} tokens of context each)"
+              + (f"; {engine.placement_note}" if engine.placement_note else ""), file=sys.stderr, flush=True)
 
     def ready(self) -> Scheduler:
         if self.shutting_down:

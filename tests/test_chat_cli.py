@@ -316,7 +316,8 @@ def test_interactive_session_in_a_terminal(model, images, tmp_path):
     child.close()
     assert child.exitstatus == 0
     saved = json.loads(transcript.read_text())
-    assert [t["images"] for t in saved["turns"]] == [1, 1]
+    assert [t["images"] for t in saved["turns"]] == [["img0.png"], ["img1.png"]]
+    assert [t["stopped"] for t in saved["turns"]] == [False, True]  # the interrupted answer says so
     assert saved["turns"][0]["user"] == "What does the picture show?"
     assert saved["turns"][1]["user"] == "Describe everything in detail."
 

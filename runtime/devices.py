@@ -1,0 +1,176 @@
+"""This machine's devices as llama.cpp's own registry sees them, and how many layers fit on its GPUs.
+
+`local_gpus()` asks libggml (the copy libllama loaded) for every device of type GPU or
+integrated GPU: CUDA, Metal, Vulkan, HIP ... never an RPC worker, which registers as a GPU too.
+`plan_offload()` decides the default placement from the GGUF's own tensor sizes: every layer
+and the vision encoder on the GPU when they fit in its free memory with HEADROOM to spare;
+otherwise the vision encoder first (a few hundred MB that save seconds per image), then as
+many layers as fit. `--n-gpu-layers` overrides it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.gguf_check import GGUFSummary
+
+from .llama_constants import GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
+
+GIB = 1024**3
+HEADROOM = GIB // 2  # left free on each GPU: the driver, the display, other programs
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+
+
+def _lib_dir() -> Path:
+    import llama_cpp  # loads libllama and libggml first
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def loaded_library(name: str) -> ctypes.CDLL | None:
+    """The copy of llama.cpp's library `name` that libllama itself uses.
+
+    A wheel cannot hold symlinks, so libggml.so, libggml.so.0 and libggml.so.0.x are separate copies:
+    opening the wrong one gives a second, empty backend registry. The one already mapped (libllama's
+    dependency, by soname) is the right one; else the soname file."""
+    lib_dir = _lib_dir()
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.split()[-1]
+                if path.startswith(str(lib_dir)) and Path(path).name.startswith(name + ".so"):
+                    return ctypes.CDLL(path)
+    except OSError:
+        pass
+    for candidate in (lib_dir / f"{name}.so.0", lib_dir / f"{name}.so"):
+        if candidate.is_file():
+            return ctypes.CDLL(str(candidate))
+    return None
+
+
+def ggml() -> ctypes.CDLL:
+    lib = loaded_library("libggml")
+    if lib is None:
+        raise HuatuoError("llama.cpp's libggml is missing from the engine; run scripts/bootstrap.py again")
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_by_name.argtypes = [ctypes.c_char_p]
+    lib.ggml_backend_dev_by_name.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_name.restype = ctypes.c_char_p
+    lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_description.restype = ctypes.c_char_p
+    lib.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_load_all.argtypes = []
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_dev_count.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    return lib
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # llama.cpp's device name (CUDA0, Metal, Vulkan0 ...)
+    description: str  # the card (NVIDIA H200 ...)
+    free: int
+    total: int
+    handle: int = 0  # ggml_backend_dev_t, for llama_model_params.devices
+
+
+def local_gpus() -> list[Gpu]:
+    """Every GPU llama.cpp can use on this machine, in its registry's order (RPC workers left out)."""
+    g = ggml()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        if g.ggml_backend_dev_type(dev) not in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
+            continue
+        if g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) == b"RPC":
+            continue
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Gpu((g.ggml_backend_dev_name(dev) or b"?").decode(errors="replace"),
+                       (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
+                       int(free.value), int(total.value), int(dev)))
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    n_gpu_layers: int  # for llama_model_params: -1 means every layer and the output
+    layers_on_gpu: int
+    n_layer: int
+    vision_on_gpu: bool
+    note: str  # one line for the user
+
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _sizes(llm: GGUFSummary) -> tuple[list[int], int]:
+    """Bytes of each repeating layer, and of everything else (embeddings, output)."""
+    layers: dict[int, int] = {}
+    other = 0
+    for name, (_type, _shape, _offset, nbytes) in llm.tensors.items():
+        m = _LAYER.match(name)
+        if m:
+            layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + nbytes
+        else:
+            other += nbytes
+    return [layers[i] for i in sorted(layers)], other
+
+
+def plan_offload(llm: GGUFSummary, mmproj: GGUFSummary, gpus: list[Gpu], n_ctx_total: int, kv_type: str = "f16",
+                 ubatch: int = 512) -> Placement:
+    """Where the model goes by default on these GPUs (see the module); the note says it in one line."""
+    layer_bytes, other = _sizes(llm)
+    n_layer = len(layer_bytes)
+    if not gpus:
+        return Placement(0, 0, n_layer, False, "no GPU: the model runs on the CPU")
+    f = llm.fields
+    arch = llm.arch
+    n_embd = int(f.get(f"{arch}.embedding_length", 0) or 0)
+    n_head = int(f.get(f"{arch}.attention.head_count", 1) or 1)
+    n_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
+    embd = llm.tensors.get("token_embd.weight")
+    n_vocab = int(embd[1][-1]) if embd else 32000  # shape (n_embd, n_vocab)
+    kv_layer = int(2 * n_ctx_total * (n_embd // max(1, n_head)) * n_kv * KV_BYTES.get(kv_type, 2.0))
+    # llama.cpp's compute buffer on the GPU: the logits of a micro-batch and a few activations of it.
+    compute = n_vocab * ubatch * 4 + 32 * ubatch * n_embd * 4
+    vision = sum(t[3] for t in mmproj.tensors.values()) + 256 * 1024**2  # weights + CLIP's compute buffer
+    free = sum(max(0, g.free - HEADROOM) for g in gpus)
+    where = " + ".join(f"{g.description or g.name} ({g.free / GIB:.1f} GiB free)" for g in gpus)
+    full = sum(layer_bytes) + n_layer * kv_layer + other + compute
+    if full + vision <= free:
+        return Placement(-1, n_layer, n_layer, True, f"GPU {where}: all {n_layer} layers and the vision encoder")
+    budget = free - compute
+    vision_on_gpu = vision <= budget
+    budget -= vision if vision_on_gpu else 0
+    fit = 0
+    for size in layer_bytes:
+        if budget < size + kv_layer:
+            break
+        budget -= size + kv_layer
+        fit += 1
+    vision_text = "the vision encoder and " if vision_on_gpu else ""
+    note = (f"GPU {where}: {vision_text}{fit} of {n_layer} layers (the rest on the CPU: the whole model needs "
+            f"{(full + vision) / GIB:.1f} GiB; set --n-gpu-layers to choose)")
+    return Placement(fit, fit, n_layer, vision_on_gpu, note)

@@ -1,0 +1,144 @@
+"""Issue 20 on a machine without a GPU: what the CUDA fixes rely on, checked where it can be.
+
+- The numbers huatuo-local passes to llama.cpp equal the pinned llama.cpp's own headers (a wrong
+  device-type number made every CUDA GPU invisible).
+- The C++ runtime is in the process's global symbol scope before llama.cpp loads, whatever the
+  program imported first (without it, CUDA builds crashed at every model load after `import numpy`).
+- The default GPU placement from a GGUF's own sizes: all, part, or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+
+import pytest
+from conftest import ROOT, run_cli
+from tiny_models import TinySpec
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bootstrap  # noqa: E402
+
+GIB = 1024**3
+
+
+def vendored_header(name: str) -> str:
+    """A header of the llama.cpp that the engine was built from (the source distribution setup cached)."""
+    sdist = bootstrap.cache_root() / "sdist" / f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    assert sdist.is_file(), f"{sdist}: run scripts/bootstrap.py (it caches the engine's source)"
+    with tarfile.open(sdist) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("/vendor/llama.cpp/" + name))
+        return tar.extractfile(member).read().decode()
+
+
+def c_enum(header: str, enum: str) -> dict[str, int]:
+    """The values of `enum NAME { ... }` as the C compiler assigns them (explicit or counted on)."""
+    body = re.search(r"enum\s+" + enum + r"\s*\{(.*?)\}", header, re.S).group(1)
+    body = re.sub(r"//[^\n]*|/\*.*?\*/", "", body, flags=re.S)
+    out, nxt = {}, 0
+    for entry in (e.strip() for e in body.split(",")):
+        if not entry:
+            continue
+        name, _, value = (p.strip() for p in entry.partition("="))
+        nxt = eval(value, {}, dict(out)) if value else nxt  # noqa: S307 (C integer expressions: 1 << 3, -1)
+        out[name] = nxt
+        nxt += 1
+    return out
+
+
+def test_constants_match_the_pinned_llama_cpp_headers():
+    from huatuo_local.runtime import llama_constants as C
+
+    ggml, backend, llama = (vendored_header(h) for h in ("ggml/include/ggml.h", "ggml/include/ggml-backend.h",
+                                                         "include/llama.h"))
+    wanted = {**c_enum(ggml, "ggml_log_level"), **c_enum(ggml, "ggml_type"),
+              **c_enum(backend, "ggml_backend_dev_type"), **c_enum(llama, "llama_load_mode"),
+              **c_enum(llama, "llama_token_attr")}
+    mine = {k: v for k, v in vars(C).items() if k.isupper()}
+    assert mine, "no constants"
+    for name, value in mine.items():
+        assert wanted.get(name) == value, f"{name} is {value} here but {wanted.get(name)} in llama.cpp's headers"
+    # The bug this guards against, spelled out: a GPU is device type 1, not 2.
+    assert wanted["GGML_BACKEND_DEVICE_TYPE_GPU"] == 1 and wanted["GGML_BACKEND_DEVICE_TYPE_ACCEL"] == 3
+
+
+GLOBAL_SCOPE = """
+import ctypes, sys
+first = sys.argv[1]
+if first != "none":
+    __import__(first)
+import huatuo_local
+lib = ctypes.CDLL(None)
+lib.dlsym.restype = ctypes.c_void_p
+lib.dlsym.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+addr = lib.dlsym(None, b"_ZNSo9_M_insertIlEERSoT_")  # std::ostream::_M_insert<long>, what print_info calls
+
+class Info(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                ("saddr", ctypes.c_void_p)]
+
+info = Info()
+lib.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(Info)]
+where = info.fname.decode() if addr and lib.dladdr(ctypes.c_void_p(addr), ctypes.byref(info)) else None
+if len(sys.argv) > 2:  # then load a model and answer, as a notebook that imported numpy first would
+    from huatuo_local import HuatuoChatbot
+    with HuatuoChatbot(sys.argv[2], temperature=0, max_new_tokens=3, prefix_cache=False) as bot:
+        bot.chat("Hello")
+print(where)
+"""
+
+
+@pytest.mark.parametrize("first", ["numpy", "torch", "PIL.Image", "none"])
+def test_the_cpp_runtime_is_global_whatever_was_imported_first(first, converted):
+    model = converted(TinySpec(arch="qwen2", seed=8, tower="folder"), "F32", "f32")
+    proc = subprocess.run([sys.executable, "-c", GLOBAL_SCOPE, first, str(model.manifest_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("libstdc++.so.6"), proc.stdout
+
+
+def test_without_the_fix_the_runtime_is_not_global():
+    """The control: the check above can fail (the C++ runtime is only local after `import numpy`)."""
+    env = {"HUATUO_LOCAL_NO_CPP_GLOBAL": "1"}
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", GLOBAL_SCOPE, "numpy"], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, **env), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stdout + proc.stderr
+
+
+def test_default_placement_from_the_models_own_sizes(converted):
+    from huatuo_local.models.gguf_check import check_gguf
+    from huatuo_local.runtime.devices import HEADROOM, Gpu, plan_offload
+
+    m = converted(TinySpec(arch="qwen2", seed=8, tower="folder", layers=4), "F32", "f32")
+    llm, mmproj = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")
+    layer = sum(t[3] for n, t in llm.tensors.items() if n.startswith("blk.0."))
+    vision = sum(t[3] for t in mmproj.tensors.values())
+
+    def gpu(free: int) -> list[Gpu]:
+        return [Gpu("CUDA0", "NVIDIA Test", free, 2 * free)]
+
+    assert plan_offload(llm, mmproj, [], 4096).n_gpu_layers == 0
+    everything = plan_offload(llm, mmproj, gpu(80 * GIB), 4096)
+    assert everything.n_gpu_layers == -1 and everything.vision_on_gpu and everything.layers_on_gpu == 4
+    assert everything.note == "GPU NVIDIA Test (80.0 GiB free): all 4 layers and the vision encoder"
+    nothing = plan_offload(llm, mmproj, gpu(HEADROOM + 1), 4096)
+    assert nothing.n_gpu_layers == 0 and not nothing.vision_on_gpu and "0 of 4 layers" in nothing.note
+    # As free memory grows: first the vision encoder, then one layer after another, then everything.
+    coarse = [plan_offload(llm, mmproj, gpu(HEADROOM + f), 4096) for f in range(0, 2 * GIB, 8 * 1024**2)]
+    start = next(i for i, p in enumerate(coarse) if p.vision_on_gpu) * 8 * 1024**2
+    fine = [plan_offload(llm, mmproj, gpu(HEADROOM + start + k * (layer // 3)), 4096) for k in range(-30, 60)]
+    seen = coarse[: start // (8 * 1024**2)] + fine + coarse[start // (8 * 1024**2) + 1:]  # by free memory
+    order = [(p.vision_on_gpu, p.layers_on_gpu) for p in seen]  # the encoder outranks any number of layers
+    assert order == sorted(order) and order[0] == (False, 0) and order[-1] == (True, 4), order
+    assert len({layers for vision, layers in order if vision}) >= 3, order  # layers come one by one
+    assert layer > 0 and vision > 0
+
+
+def test_doctor_lists_no_gpu_here(tmp_path):
+    report = json.loads(run_cli("doctor", "--json", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout)
+    assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
