@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.models.layout import read_spec
 from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
 
 
@@ -47,10 +46,44 @@ def _cache(out):
     return getattr(out, "cache", None) or out.past_key_values
 
 
+def _read_state(folder: Path, prefix: str = "") -> dict:
+    """Every tensor of a checkpoint folder under `prefix`, read by the safetensors library or torch itself
+    (not by huatuo-local's readers: the reference must not share code with what it checks)."""
+    torch = _torch()
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise HuatuoError(f"{folder}: no *.safetensors or pytorch_model*.bin to read")
+    state = {}
+    for f in files:
+        part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu",
+                                                                                  weights_only=True)
+        state.update({k[len(prefix):]: v.float() for k, v in part.items() if k.startswith(prefix)})
+    return state
+
+
+def _tower_folder(checkpoint: Path, config: dict, override: str | None) -> Path | None:
+    """The CLIP folder the release would load: --vision-tower, else `mm_vision_tower` (absolute, or
+    relative to the checkpoint), else None (the weights are inside the checkpoint)."""
+    named = override or config.get("mm_vision_tower") or ""
+    for candidate in (Path(named), checkpoint / named) if named else ():
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 class OriginalModel:
-    """The release's inference path in fp32 PyTorch, on a checkpoint folder."""
+    """The release's inference path in fp32 PyTorch, on a checkpoint folder.
+
+    Built with transformers' and safetensors' own loaders only: the configuration is read into
+    Qwen2Config/LlamaConfig and CLIPVisionConfig, the tokenizer with AutoTokenizer, the CLIP tower with
+    CLIPVisionModel.from_pretrained and its preprocessing with the PIL CLIPImageProcessor.
+    """
 
     def __init__(self, checkpoint: str | Path, vision_tower: str | None = None):
+        import json
+
         torch = _torch()
         from transformers import (
             AutoTokenizer,
@@ -62,57 +95,56 @@ class OriginalModel:
             Qwen2ForCausalLM,
         )
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.utils import logging as hf_logging
 
-        from huatuo_local.convert.checkpoint import open_tensors
-        from huatuo_local.convert.tower import locate_tower
-
+        hf_logging.set_verbosity_error()  # a LLaVA config read as its language model's: expected, not news
         self.folder = Path(checkpoint)
-        spec = read_spec(self.folder)
-        llm = spec.llm
-        tensors = open_tensors(self.folder)
-
-        def t(ref) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(ref.load_f32()))
-
-        common = dict(hidden_size=llm.hidden_size, intermediate_size=llm.ffn_size, num_hidden_layers=llm.n_layer,
-                      num_attention_heads=llm.n_head, num_key_value_heads=llm.n_kv_head, vocab_size=llm.vocab_size,
-                      rms_norm_eps=llm.rms_eps, max_position_embeddings=llm.context_length,
-                      tie_word_embeddings=llm.tie_embeddings, rope_theta=llm.rope_theta)
-        if llm.arch == "qwen2":
-            self.llm = Qwen2ForCausalLM(Qwen2Config(**common))
+        try:
+            config = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HuatuoError(f"{self.folder / 'config.json'}: cannot read ({exc}); give the checkpoint folder") \
+                from None
+        is_qwen = "qwen" in (str(config.get("model_type", "")) + " ".join(config.get("architectures", []))).lower()
+        llm_config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "vision_config")}
+        if is_qwen:
+            self.llm = Qwen2ForCausalLM(Qwen2Config(**llm_config))
         else:
-            self.llm = LlamaForCausalLM(LlamaConfig(**common, attention_bias=False, mlp_bias=False))
-        state = {n: t(r) for n, r in tensors.items()
-                 if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
-        missing, unexpected = self.llm.load_state_dict(state, strict=False)
+            self.llm = LlamaForCausalLM(LlamaConfig(**llm_config))
+        state = _read_state(self.folder)
+        llm_state = {n: t for n, t in state.items()
+                     if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
+        missing, unexpected = self.llm.load_state_dict(llm_state, strict=False)
         if unexpected or any("rotary" not in m for m in missing):
             raise HuatuoError(f"{self.folder}: the LLM weights do not fit transformers' model ({missing[:2]})")
         self.llm.eval().float()
 
-        tower = locate_tower(self.folder, spec, tensors, vision_tower)
-        v = tower.spec
-        self.tower = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=v.hidden_size, intermediate_size=v.ffn_size, num_hidden_layers=v.n_layer,
-            num_attention_heads=v.n_head, image_size=v.image_size, patch_size=v.patch_size,
-            layer_norm_eps=v.layer_norm_eps, hidden_act=v.activation))
-        missing, unexpected = self.tower.load_state_dict({n: t(r) for n, r in tower.tensors.items()}, strict=False)
-        if unexpected or any("position_ids" not in m for m in missing):
-            raise HuatuoError(f"{tower.where}: the tower weights do not fit CLIPVisionModel ({missing[:2]})")
+        tower_dir = _tower_folder(self.folder, config, vision_tower)
+        if tower_dir is not None:
+            self.tower = CLIPVisionModel.from_pretrained(str(tower_dir), torch_dtype=torch.float32)
+            self.processor = CLIPImageProcessorPil.from_pretrained(str(tower_dir))
+        else:  # inside the checkpoint, its configuration in `vision_config`
+            self.tower = CLIPVisionModel(CLIPVisionConfig(**config["vision_config"]))
+            inside = "model.vision_tower.vision_tower."
+            # Stored with or without `vision_model.` (transformers 4 and 5 differ): named as this version names them.
+            ours = "vision_model." if any(k.startswith("vision_model.") for k in self.tower.state_dict()) else ""
+            weights = {ours + k.removeprefix("vision_model."): v for k, v in _read_state(self.folder, inside).items()}
+            missing, unexpected = self.tower.load_state_dict(weights, strict=False)
+            if unexpected or any("position_ids" not in m for m in missing):
+                raise HuatuoError(f"{self.folder}: the tower weights do not fit CLIPVisionModel ({missing[:2]})")
+            size = self.tower.config.image_size
+            self.processor = CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                   crop_size={"height": size, "width": size})
         self.tower.eval().float()
-        self.select_layer = spec.select_layer
+        self.select_layer = int(config.get("mm_vision_select_layer", -2))
 
-        h, vh = llm.hidden_size, spec.mm_hidden_size
+        h, vh = self.llm.config.hidden_size, int(config["mm_hidden_size"])
         self.projector = torch.nn.Sequential(torch.nn.Linear(vh, h), torch.nn.GELU(), torch.nn.Linear(h, h))
-        self.projector.load_state_dict({k[len("model.mm_projector."):]: t(r) for k, r in tensors.items()
+        self.projector.load_state_dict({k[len("model.mm_projector."):]: v for k, v in state.items()
                                         if k.startswith("model.mm_projector.")})
-        self.processor = CLIPImageProcessorPil(
-            do_resize=True, size={"shortest_edge": v.image_size}, resample=3, do_center_crop=True,
-            crop_size={"height": v.image_size, "width": v.image_size}, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=True, image_mean=list(v.image_mean), image_std=list(v.image_std), do_convert_rgb=True)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
-            self.eos_id = spec.raw.get("eos_token_id")
+            self.eos_id = config.get("eos_token_id")
 
     def pixel_values(self, path):
         torch = _torch()

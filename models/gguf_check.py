@@ -74,7 +74,10 @@ class _Walker:
             raise self.fail(f"string of {n} bytes")
         raw = bytes(self.data[self.pos:self.pos + n])
         self.pos += n
-        return raw.decode("utf-8", "replace")
+        try:
+            return raw.decode("utf-8")  # GGUF strings are UTF-8; gguf's own reader refuses anything else
+        except UnicodeDecodeError:
+            raise self.fail("a key, name or text value that is not UTF-8") from None
 
     def skip_string(self) -> None:
         n = self.take("<Q")

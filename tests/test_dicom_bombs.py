@@ -48,9 +48,13 @@ def many_frames_header(path, frames: int = 2000) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+# Three 32x32 frames, each its own pattern (a frame mixed up with another shows in the pixels).
+FRAMES = np.stack([((np.arange(32 * 32) * (k + 1) + 37 * k) % 256).reshape(32, 32) for k in range(3)]).astype(np.uint8)
+
+
 def three_frames(path) -> None:
     ds = _dataset(32, 32, 3, ExplicitVRLittleEndian)
-    ds.PixelData = np.arange(3 * 32 * 32, dtype=np.uint32).astype(np.uint8).tobytes()
+    ds.PixelData = FRAMES.tobytes()
     ds.save_as(path, enforce_file_format=True)
 
 
@@ -127,8 +131,11 @@ def test_only_the_requested_frame_is_decoded_and_a_frame_past_the_end_is_one_lin
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(spy))
     img = read_dicom(f, frame=2)
     assert decoded == [(32, 32)], decoded  # one frame, not all three
-    expected = (np.arange(3 * 32 * 32, dtype=np.uint32).astype(np.uint8).reshape(3, 32, 32)[2])
-    assert np.asarray(img)[..., 0].shape == expected.shape
+    # Frame 2's own pixels, through the default window (no window in the header: 0.5-99.5 percentiles).
+    lo, hi = np.percentile(FRAMES[2].astype(np.float64), [0.5, 99.5])
+    expected = np.clip(np.round((FRAMES[2] - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(img)[..., 0], expected)
+    assert not np.array_equal(FRAMES[2], FRAMES[1]) and not np.array_equal(FRAMES[2], FRAMES[0])
     monkeypatch.undo()
     proc, _ = preview_with_peak_memory(f, tmp_path / "out.png", "--frame", "5")
     _one_error_line(proc, "--frame 5 is out of range", "3 frames")

@@ -57,7 +57,7 @@ def test_ct_rescale_and_presets():
     want = np.clip(np.round((hu - lo) / (hi - lo) * 255), 0, 255).astype(np.uint8)
     got = gray(load_rgb(path))
     np.testing.assert_array_equal(got, want)
-    assert abs(got.mean() - want.mean()) < 1e-9 and got.std() > 30
+    assert got.std() > 30  # and the window spreads the values (not a flat picture equal by accident)
 
 
 def test_mr_uses_the_files_window_and_monochrome1_inverts(tmp_path):

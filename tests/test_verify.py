@@ -30,4 +30,7 @@ def test_verify_orders_the_quants(tiny, converted, tmp_path):
     assert all(c >= 0.99999 for c in cosine)
     assert kl_mean[0] < 1e-5, "F32 must be numerically the original"
     assert kl_mean[0] <= kl_mean[1] <= kl_mean[2] < kl_mean[3], kl_mean
-    assert top1[0] == 100.0 and top1[3] <= top1[0]
+    assert top1[0] == 100.0, top1  # F32 picks the original's token every time
+    assert min(top1[1:]) >= 50.0, top1  # the quants still mostly agree (a broken quant path would not)
+    noise = proc.stdout + proc.stderr
+    assert "Traceback" not in noise and "You are using a model of type" not in noise, noise  # no library noise
