@@ -90,7 +90,8 @@ def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams,
         return int(candidates[int(np.argmax(scores))])
     # Scaled after subtracting the maximum: any positive temperature, however small, stays finite
     # (dividing first overflows to inf and the softmax to NaN).
-    probs = np.exp((scores - top) / params.temperature)
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature overflows to -inf: exp gives 0
+        probs = np.exp((scores - top) / params.temperature)
     probs /= probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
