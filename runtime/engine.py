@@ -351,14 +351,17 @@ class Engine:
         cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.type_k = cparams.type_v = kv
-        cparams.flash_attn_type = 1 if opts.flash_attn else 0
+        # llama.cpp keeps a quantized V cache only with flash attention (else it refuses the context).
+        cparams.flash_attn_type = 1 if opts.flash_attn or kv != C.GGML_TYPE_F16 and kv != C.GGML_TYPE_F32 else 0
         cparams.no_perf = True
+        LAST_ERRORS.clear()
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+            why = LAST_ERRORS[-1] if LAST_ERRORS else "out of memory? lower --ctx or --parallel"
             raise EngineError(f"{self.llm_path}: llama.cpp could not create a context of {cparams.n_ctx} tokens "
-                              "(out of memory? lower --ctx or --parallel)")
+                              f"({why})")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)

@@ -530,3 +530,21 @@ def test_ctrl_c_while_the_repl_reads_images_returns_at_once_and_the_next_answer_
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_kv_type_reaches_llama_cpp(converted, images):
+    """--kv-type (never tested before issue 22, and q8_0 never worked: llama.cpp keeps a quantized V cache
+    only with flash attention). llama.cpp's own log says which types it allocated."""
+    wide = converted(TinySpec(arch="qwen2", seed=8, tower="folder", hidden=128, heads=4, kv_heads=2), "F32", "f32")
+    for kv, want in (("q8_0", "K (q8_0)"), ("f32", "K (f32)"), ("f16", "K (f16)")):
+        proc = run_cli("chat", images[0], "-p", "hi", "--model", str(wide.manifest_path), "--kv-type", kv,
+                       "--max-tokens", "3", "--temperature", "0", "--no-prefix-cache", env={"HUATUO_LOCAL_VERBOSE": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert want in proc.stderr and f"V ({kv})" in proc.stderr, kv
+    # A head too narrow for q8_0's 32-value blocks: llama.cpp's reason, in one line.
+    narrow = run_cli("chat", images[0], "-p", "hi", "--model", str(converted(SPEC, "F32", "f32").manifest_path),
+                     "--kv-type", "q8_0", "--no-prefix-cache")
+    assert narrow.returncode == 1 and "does not divide n_embd_head_k" in narrow.stderr
+    assert len(narrow.stderr.strip().splitlines()) == 1
+    bad = run_cli("chat", images[0], "-p", "hi", "--model", str(wide.manifest_path), "--kv-type", "q4")
+    assert bad.returncode == 1 and "--kv-type q4: choose f16, f32 or q8_0" in bad.stderr

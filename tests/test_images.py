@@ -47,7 +47,9 @@ def test_ct_rescale_and_presets():
     ds = pydicom.dcmread(path)
     hu = hounsfield(ds)
     assert ds.pixel_array.min() >= 0 and hu.min() < -800, "the modality LUT turns raw units into Hounsfield units"
-    for preset, (c, w) in {"lung": (-600, 1500), "bone": (400, 1800), "abdomen": (40, 400)}.items():
+    presets = {"lung": (-600, 1500), "mediastinum": (50, 350), "bone": (400, 1800), "brain": (40, 80),
+               "abdomen": (40, 400), "liver": (60, 160)}  # the usual radiology presets, each checked
+    for preset, (c, w) in presets.items():
         got = gray(load_rgb(path, LoadOptions(window=parse_window(preset))))
         np.testing.assert_array_equal(got, voi_linear(hu, c, w))
     custom = gray(load_rgb(path, LoadOptions(window=parse_window("50,350"))))
@@ -204,6 +206,13 @@ def test_hostile_files_through_the_cli_and_the_session_survives(tmp_path, conver
     corpus = _hostile_corpus(tmp_path)
     bomb = run_cli("preview", str(corpus["bomb.png"]), "-o", str(tmp_path / "out.png"))
     assert bomb.returncode != 0 and "image too large" in bomb.stderr and "--max-pixels" in bomb.stderr
+    # --max-pixels moves the limit both ways; it counts the square the picture is padded to (200x200 here).
+    wide = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(5).random((150, 200, 3)) * 255).astype(np.uint8)).save(wide)
+    low = run_cli("preview", str(wide), "--max-pixels", "39999", "-o", str(tmp_path / "w.png"))
+    assert low.returncode == 1 and "padded to a 200x200 square = 40000 pixels, limit 39999" in low.stderr
+    enough = run_cli("preview", str(wide), "--max-pixels", "40000", "-o", str(tmp_path / "w.png"))
+    assert enough.returncode == 0 and Image.open(tmp_path / "w.png").size == (336, 336), enough.stderr
     for name in ("empty.png", "text.png", "bomb.png", "no-pixels.dcm", "hsv.dcm", "folder.png"):
         proc = run_cli("preview", str(corpus[name]), "-o", str(tmp_path / "out.png"))
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, name

@@ -199,3 +199,38 @@ def test_saved_transcript_is_owner_only(model, pictures, tmp_path):
             target = tmp_path / name
             _save(bot, str(target))
             assert stat.S_IMODE(target.stat().st_mode) == 0o600 and "Describe." in target.read_text()
+
+
+def test_the_cache_keeps_to_its_budget_and_can_be_turned_off(model, tmp_path, monkeypatch):
+    """HUATUO_LOCAL_PREFIX_CACHE_MB bounds the folder (the oldest entries go first) and
+    HUATUO_LOCAL_PREFIX_CACHE=0 stores nothing (issue 22: never tested)."""
+    from huatuo_local import HuatuoChatbot
+
+    paths = []
+    for i in range(12):
+        p = tmp_path / f"s{i}.png"
+        Image.fromarray((np.random.default_rng(500 + i).random((60, 80, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    monkeypatch.setenv("HUATUO_LOCAL_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "prefix-cache"
+    monkeypatch.setenv("HUATUO_LOCAL_PREFIX_CACHE_MB", "1")
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=2) as bot:
+        bot.inference("What is it?", [paths[0]])
+        first = sorted(folder.glob("*.kv"))
+        assert len(first) == 1
+        size = first[0].stat().st_size
+        fit = (1024 * 1024) // size
+        assert 1 <= fit < 10, size  # a 1 MiB budget holds a few entries of this model
+        for p in paths[1:fit + 3]:
+            bot.inference("What is it?", [p])
+    kept = list(folder.glob("*.kv"))
+    assert len(kept) == fit and sum(p.stat().st_size for p in kept) <= 1024 * 1024
+    assert not first[0].exists(), "the oldest entry is evicted first"
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=2) as bot:  # the newest is still used
+        bot.inference("What is it?", [paths[fit + 2]])
+        assert bot.counters.prefix_cache_hits == 1 and bot.counters.images_encoded == 0
+    monkeypatch.setenv("HUATUO_LOCAL_PREFIX_CACHE", "0")
+    monkeypatch.setenv("HUATUO_LOCAL_HOME", str(tmp_path / "off"))
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=2) as bot:
+        bot.inference("What is it?", [paths[0]])
+    assert not (tmp_path / "off" / "prefix-cache").exists() or not list((tmp_path / "off" / "prefix-cache").iterdir())
