@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,3 +343,34 @@ def test_questions_whose_images_are_missing_are_left_out_and_reported(model, dat
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "mixed-run" / "results.json").read_text())["summary"]
     assert summary["errors"] == 1 and summary["asked"] == 3 and summary["overall"]["total"] == 3
+
+
+def test_ray_address_of_a_running_cluster(model, data, tmp_path, greedy_run):
+    """`eval --ray HOST:PORT` joins a cluster started with `ray start` (issue 22: never tested): the same
+    answers as one process."""
+    import socket
+
+    with socket.socket() as s:  # ray start takes a port number; this one is free now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    ray_dir = tempfile.mkdtemp(prefix="huatuo-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    # Ray turns 127.0.0.1 into this machine's network address unless told it is not a multi-machine
+    # cluster; this test's traffic stays on loopback.
+    # Clusters started with `ray start` require a token; this one is the test's own (never ~/.ray's).
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **token)
+    start = subprocess.run([*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                            f"--temp-dir={ray_dir}"], capture_output=True, text=True, env=env, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        out = tmp_path / "joined"
+        proc = run_cli("eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy",
+                       "--ray", f"127.0.0.1:{port}", env=token, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert {r["number"]: r["output"] for r in rows_of(out)} == {
+            r["number"]: r["output"] for r in rows_of(greedy_run[0])}
+    finally:
+        subprocess.run([*ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(ray_dir, ignore_errors=True)

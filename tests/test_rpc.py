@@ -301,3 +301,26 @@ def test_a_worker_of_another_protocol_version_is_refused_naming_both(converted, 
         server.close()
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"RPC worker 127.0.0.1:{port} speaks protocol 6.0.0, this engine 7.0.0" in proc.stderr
+
+
+def test_eval_over_rpc_workers_gives_the_local_answers(workers, converted, images, tmp_path):
+    """`eval --rpc` (issue 22: never tested): the same greedy answers as the local run, the layers placed on
+    the workers."""
+    model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([
+        {"question": "Which organ is shown?", "options": ["liver", "lung", "heart"], "answer": "lung",
+         "image": [str(images[0])], "dataset": "VQA-RAD"},
+        {"question": "Is there a fracture?", "options": ["yes", "no"], "answer": "no", "image": [str(images[0])],
+         "dataset": "SLAKE"}]))
+
+    def rows(out):
+        return {r["number"]: r["output"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+    local = run_cli("eval", str(data), "--model", str(model.manifest_path), "--greedy", "--out", str(tmp_path / "l"))
+    assert local.returncode == 0, local.stderr
+    remote = run_cli("eval", str(data), "--model", str(model.manifest_path), "--greedy", "--out", str(tmp_path / "r"),
+                     "--rpc", workers.endpoints, "--tensor-split", "0,1,1", env={"HUATUO_LOCAL_VERBOSE": "1"})
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert "assigned to device RPC0" in remote.stderr and "assigned to device RPC1" in remote.stderr
+    assert rows(tmp_path / "r") == rows(tmp_path / "l") and len(rows(tmp_path / "l")) == 2
