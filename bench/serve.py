@@ -252,7 +252,7 @@ def report(results: dict, args, names: list[str]) -> None:
            "Aggregate decode tokens/s: every client's tokens after its first, over the time from the first "
            "client's first token to the last client's last. llama-server gets the raw image (letterbox) and "
            "our server the release's pad-and-resize: the work is the same, the answers differ by design "
-           "(REFERENCE.md). Both servers map the weights (llama-server by default; ours drops the pages "
+           "(docs/RELEASE.md). Both servers map the weights (llama-server by default; ours drops the pages "
            "llama.cpp copied into its repacked buffers).")
 
 

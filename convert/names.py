@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from huatuo_local.models.layout import LLMSpec
 from huatuo_local.models.towers import VisionSpec
 
-# Where a LLaVA checkpoint keeps its tower (REFERENCE layout (a)); the inner
+# Where a LLaVA checkpoint keeps its tower (docs/RELEASE.md, layout (a)); the inner
 # `vision_model.` is absent in files written by transformers 5.
 TOWER_PREFIXES = ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_tower.")
 # A stand-alone CLIPVisionModel / CLIPModel folder (layout (b)).

@@ -1,6 +1,6 @@
 """Find the CLIP vision tower of a checkpoint, wherever the release put it.
 
-REFERENCE layouts: (a) inside the checkpoint under `model.vision_tower.vision_tower.*`;
+The release's layouts (docs/RELEASE.md): (a) inside the checkpoint under `model.vision_tower.vision_tower.*`;
 (b) a CLIPVisionModel folder named by `mm_vision_tower`, absolute or relative to the
 checkpoint; (c) given by the user with --vision-tower. A repo id is downloaded.
 """

@@ -1,4 +1,4 @@
-"""The release's generation settings (REFERENCE.md, 'Generation defaults')."""
+"""The release's generation settings (docs/RELEASE.md, 'Generation')."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The release's evaluation: its data file, the query it builds, and how it scores an answer.
 
-Facts from REFERENCE.md ("How the release measures that accuracy"): records numbered in file
+Facts from docs/RELEASE.md ("Published accuracy and how it is measured"): records numbered in file
 order; open questions, records without options and repeated numbers dropped; the query is the
 question, the options as `A. text` lines and a fixed instruction; the predicted letter is the
 first match of the release's pattern over the whole output, compared case-sensitively with the
@@ -22,7 +22,7 @@ INSTRUCTION = "Answer with the option's letter from the given choices directly."
 # The release's scorer, verbatim: the first match over the whole output, group 2.
 LETTER_RE = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([abcdefghijklmnABCDEFGHIJKLMN])(\W|$)", re.S)
 
-# The model card's table (REFERENCE.md, "Published accuracy"), in percent.
+# The model card's table (docs/RELEASE.md), in percent.
 MODEL_CARD: dict[str, dict[str, float]] = {
     "7B": {"VQA-RAD": 63.7, "SLAKE": 76.2, "PathVQA": 57.9, "PMC-VQA": 54.3, "OmniMedVQA": 74.0,
            "MMMU Health & Medicine": 50.6},

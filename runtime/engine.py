@@ -1,7 +1,7 @@
 """Everything that touches llama.cpp: load the GGUF pair, tokenize, evaluate, encode images.
 
 Tokenization follows the release's Hugging Face tokenizer rather than llama.cpp's
-defaults (REFERENCE.md, 'llama.cpp formats'): text is NFC-normalized, the checkpoint's
+defaults (docs/RELEASE.md, 'llama.cpp facts'): text is NFC-normalized, the checkpoint's
 added special tokens are matched exactly as HF does and nothing else is parsed as
 special, no BOS is added, and pieces are detokenized with buffers sized to fit.
 """

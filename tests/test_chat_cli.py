@@ -538,7 +538,8 @@ def test_kv_type_reaches_llama_cpp(converted, images):
     wide = converted(TinySpec(arch="qwen2", seed=8, tower="folder", hidden=128, heads=4, kv_heads=2), "F32", "f32")
     for kv, want in (("q8_0", "K (q8_0)"), ("f32", "K (f32)"), ("f16", "K (f16)")):
         proc = run_cli("chat", images[0], "-p", "hi", "--model", str(wide.manifest_path), "--kv-type", kv,
-                       "--max-tokens", "3", "--temperature", "0", "--no-prefix-cache", env={"HUATUO_LOCAL_VERBOSE": "1"})
+                       "--max-tokens", "3", "--temperature", "0", "--no-prefix-cache",
+                       env={"HUATUO_LOCAL_VERBOSE": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert want in proc.stderr and f"V ({kv})" in proc.stderr, kv
     # A head too narrow for q8_0's 32-value blocks: llama.cpp's reason, in one line.
