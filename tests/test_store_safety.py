@@ -85,7 +85,7 @@ def test_several_quants_named_as_ollama_does(store_home, tmp_path):
     bare = run_cli("chat", str(img), "-p", "hi", "--model", "tiny", env=env)
     assert bare.returncode != 0 and "tiny:f16" in bare.stderr and "tiny:q8_0" in bare.stderr
     missing = run_cli("chat", str(img), "-p", "hi", "--model", "tiny:q4_k_m", env=env)
-    assert missing.returncode != 0 and "installed quants: f16, q8_0" in missing.stderr
+    assert missing.returncode != 0 and "(installed: tiny:f16, tiny:q8_0)" in missing.stderr
     # Bare `rm` of a name with several quants asks which.
     ambiguous = run_cli("rm", "tiny", "--yes", env=env)
     assert ambiguous.returncode != 0 and "--all" in ambiguous.stderr
