@@ -26,8 +26,8 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert
-    from huatuo_local.runtime.engine import Engine, EngineOptions
-    from huatuo_local.runtime.images import load_rgb, prepare
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
+    from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     work = args.workdir
     ckpt = work / f"ckpt-{args.depth}"

@@ -30,7 +30,7 @@ CHILD = """
 import json, time
 from pathlib import Path
 from huatuo_local.models.evaluation import load_records
-from huatuo_local.runtime.evaluate import EvalSettings, EvalWorker
+from huatuo_local.runtime.eval.run import EvalSettings, EvalWorker
 records, _ = load_records(Path({data!r}))
 t0 = time.perf_counter()
 w = EvalWorker({manifest!r}, EvalSettings(temperature=0.0, max_new_tokens={tokens}), parallel={parallel})
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     args = ap.parse_args()
-    from huatuo_local.runtime.engine import physical_cores
+    from huatuo_local.runtime.system import physical_cores
 
     import runtime as rb
 

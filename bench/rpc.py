@@ -25,8 +25,8 @@ from common import append, free_port, invocation, run_measured  # noqa: E402
 CHILD = """
 import json, time
 import psutil
-from huatuo_local.runtime.engine import Engine, EngineOptions
-from huatuo_local.runtime.images import load_rgb, prepare
+from huatuo_local.runtime.engine.engine import Engine, EngineOptions
+from huatuo_local.runtime.images.loader import load_rgb, prepare
 rpc = tuple(x for x in {rpc!r}.split(",") if x)
 eng = Engine({llm!r}, {mmproj!r}, EngineOptions(n_ctx=2048, rpc=rpc, tensor_split={split!r},
                                                  rpc_output_local={local!r}))
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     args = ap.parse_args()
-    from huatuo_local.runtime.engine import physical_cores
+    from huatuo_local.runtime.system import physical_cores
 
     import runtime as rb
 

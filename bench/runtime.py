@@ -95,7 +95,7 @@ def ours(manifest: Path, image: Path, threads: int, home: Path, n_gen: int) -> d
     turn = f"""
 import json, time
 from huatuo_local import HuatuoChatbot
-from huatuo_local.runtime.images import load_rgb, prepare
+from huatuo_local.runtime.images.loader import load_rgb, prepare
 bot = HuatuoChatbot({str(manifest)!r}, temperature=0, max_new_tokens={n_gen}, threads={threads})
 bot.sampling.min_new_tokens = {n_gen}  # random weights: decode a fixed number of tokens
 # Random weights answer with token sequences no tokenizer would produce, so an answer's text

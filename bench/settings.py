@@ -47,11 +47,12 @@ SETTINGS: list[tuple[str, dict, bool | None]] = [
 CHILD = """
 import ctypes, json, time
 import numpy as np
-from huatuo_local.runtime import engine as E
-from huatuo_local.runtime.images import load_rgb, prepare
+from huatuo_local.runtime.engine import engine as E
+from huatuo_local.runtime.images.loader import load_rgb, prepare
+from huatuo_local.runtime.llama.bindings import mtmd as mtmd_lib
 VISION_FA = {vision_fa!r}
 if VISION_FA is not None:
-    mtmd = E._mtmd()
+    mtmd = mtmd_lib()
     default = mtmd.mtmd_context_params_default
     def patched():
         p = default(); p.flash_attn_type = 1 if VISION_FA else 0; return p
@@ -105,7 +106,7 @@ print(json.dumps(out))
 
 LOAD_CHILD = """
 import json, resource, threading, time
-from huatuo_local.runtime import engine as E
+from huatuo_local.runtime.engine import engine as E
 
 
 def mem():
@@ -215,7 +216,7 @@ def bench_load(args, out: Path, image: Path) -> None:
                 "--model", str(out / f"m-{args.quant}.manifest.json"), "--max-tokens", "16", "--temperature", "0",
                 "--no-prefix-cache"]
     e2e: dict[str, list] = {"huatuo-local chat": [], "llama-mtmd-cli": []}
-    from huatuo_local.runtime.engine import physical_cores
+    from huatuo_local.runtime.system import physical_cores
 
     for _ in range(args.rounds):
         e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home")}))
@@ -235,7 +236,7 @@ def bench_load(args, out: Path, image: Path) -> None:
              f"{args.rounds} interleaved rounds for times, largest for memory, each in a fresh process. `read`: "
              "llama.cpp reads the file into its buffers; `mmap`: it maps the file and copies the tensors it repacks, "
              "whose mapped pages stay resident; `mmap-release` (the default on CPU): mapped, and the pages "
-             "already read are dropped as loading proceeds (`MappedPages` in runtime/engine.py). File-backed "
+             "already read are dropped as loading proceeds (`MappedPages` in runtime/engine/loading.py). File-backed "
              "pages are page cache the kernel can reclaim; anonymous pages are not. Threads: "
              f"{os.cpu_count()} logical, the physical cores used.")
     if args.no_append:
@@ -259,7 +260,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes (--load)")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert
-    from huatuo_local.runtime.engine import EngineOptions
+    from huatuo_local.runtime.engine.engine import EngineOptions
 
     import runtime as rb
 

@@ -12,78 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from huatuo_local.models import defaults
-from huatuo_local.models.store import ResolvedModel, resolve
-
-from .devices import Placement
-from .dicom import parse_window
-from .engine import DEFAULT_CTX, Engine, EngineOptions, engine_build_id
-from .images import DEFAULT_MAX_PIXELS, LoadOptions
-from .offline import forbid_network
-from .prefix_cache import PrefixCache, file_checksum
-from .sampling import SamplingParams
-from .session import Counters, Reply, Session
-
-
-def default_placement(model: ResolvedModel, n_ctx: int, n_seq: int, kv_type: str) -> Placement:
-    """Where the model goes when --n-gpu-layers is not given: everything on this machine's GPUs when it
-    fits, else as much as fits (runtime/devices.py). Not llama_supports_gpu_offload(): it also says yes
-    for a CPU build with the RPC backend."""
-    from huatuo_local.models.gguf_check import check_gguf
-
-    from .devices import local_gpus, plan_offload
-
-    gpus = local_gpus()
-    return plan_offload(check_gguf(model.llm_path, "llm"), check_gguf(model.mmproj_path, "mmproj"), gpus,
-                        (n_ctx or DEFAULT_CTX) * max(1, n_seq), kv_type) if gpus else Placement(0, 0, 0, False, "")
-
-
-def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
-    """Everything that changes what a saved KV state means (see prefix_cache.py)."""
-    manifest = model.manifest
-    return {
-        "llm_sha256": manifest.llm_sha256 if manifest and manifest.llm_sha256 else file_checksum(model.llm_path),
-        "mmproj_sha256": (manifest.mmproj_sha256 if manifest and manifest.mmproj_sha256
-                          else file_checksum(model.mmproj_path)),
-        "engine": engine_build_id(), "kv_type": options.kv_type, "n_ctx": str(options.n_ctx),
-        "gpu_layers": str(options.n_gpu_layers),
-        "rpc": ",".join(options.rpc),
-    }
-
-
-def _endpoints(rpc: str | list[str] | None) -> list[str]:
-    if not rpc:
-        return []
-    from .rpc import parse_endpoints
-
-    return parse_endpoints(rpc if isinstance(rpc, str) else ",".join(rpc))
-
-
-def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
-               threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
-               seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
-               prefix_cache: bool = True, load: str | None = None, n_seq: int = 1,
-               rpc: str | list[str] | None = None,
-               tensor_split: list[float] | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
-    """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
-    resolved = resolve(model)
-    if offline:
-        forbid_network()
-    placement = None
-    if n_gpu_layers is None and not rpc:
-        placement = default_placement(resolved, n_ctx or 0, n_seq, kv_type)
-        n_gpu_layers = placement.n_gpu_layers
-        mmproj_offload = mmproj_offload and placement.vision_on_gpu
-    options = EngineOptions(
-        n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
-        n_gpu_layers=n_gpu_layers or 0,
-        seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
-        load=load, n_seq=n_seq, rpc=tuple(_endpoints(rpc)),
-        tensor_split=tuple(tensor_split) if tensor_split else None,
-    )
-    engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
-    engine.placement_note = placement.note if placement else ""  # said once at load, where there is a GPU
-    cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
-    return resolved, engine, cache
+from huatuo_local.runtime.core.loading import open_model
+from huatuo_local.runtime.core.sampling import SamplingParams
+from huatuo_local.runtime.core.session import Counters, Reply, Session
+from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions
 
 
 class HuatuoChatbot:

@@ -1,4 +1,4 @@
-"""The PyTorch reference used by the fidelity tests: `huatuo_local.verify.OriginalModel`.
+"""The PyTorch reference used by the fidelity tests: `huatuo_local.runtime.verify.compare.OriginalModel`.
 
 It rebuilds the release's inference path from the checkpoint files with transformers
 (see that module); the tests only add what they need to know about the tiny checkpoints.
@@ -6,7 +6,7 @@ It rebuilds the release's inference path from the checkpoint files with transfor
 
 from __future__ import annotations
 
-from huatuo_local.verify import OriginalModel
+from huatuo_local.runtime.verify.compare import OriginalModel
 
 
 class Reference(OriginalModel):

@@ -260,7 +260,7 @@ def test_chat_makes_no_network_access(model, images, tmp_path):
 def test_the_offline_guard_refuses_outside_addresses():
     code = textwrap.dedent("""
         import socket
-        from huatuo_local.runtime.offline import forbid_network, NetworkBlocked
+        from huatuo_local.runtime.core.offline import forbid_network, NetworkBlocked
         forbid_network()
         try:
             socket.create_connection(("203.0.113.1", 80), timeout=1)
@@ -457,10 +457,10 @@ def test_cancel_stops_a_long_decode_at_once_and_the_cache_stays_consistent(tiny,
 
     import numpy as np
     from huatuo_local.convert.pipeline import convert
-    from huatuo_local.runtime.engine import Engine, EngineOptions
-    from huatuo_local.runtime.sampling import SamplingParams
-    from huatuo_local.runtime.scheduler import Job
-    from huatuo_local.runtime.session import Session
+    from huatuo_local.runtime.core.sampling import SamplingParams
+    from huatuo_local.runtime.core.scheduler import Job
+    from huatuo_local.runtime.core.session import Session
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 
     spec = TinySpec(seed=3, hidden=1024, layers=4, heads=8, kv_heads=4, ffn=4096, tower="folder")
     m = convert(tiny(spec)["ckpt"], tmp_path, quant="Q8_0", mmproj_type="f32", name="mid")

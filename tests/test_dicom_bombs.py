@@ -116,7 +116,7 @@ def test_frame_count_beyond_the_data_is_one_line_and_cheap(tmp_path):
 
 def test_only_the_requested_frame_is_decoded_and_a_frame_past_the_end_is_one_line(tmp_path, monkeypatch):
     from huatuo_local.models.errors import HuatuoError
-    from huatuo_local.runtime.dicom import read_dicom
+    from huatuo_local.runtime.images.dicom import read_dicom
 
     f = tmp_path / "three.dcm"
     three_frames(f)

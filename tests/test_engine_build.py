@@ -87,7 +87,7 @@ def test_wheel_cache_key_tracks_version_fix_and_flags(monkeypatch):
 
 
 def test_probe_passes_on_the_installed_engine():
-    from huatuo_local.runtime.probe import run_probe
+    from huatuo_local.runtime.engine.probe import run_probe
 
     result = run_probe()
     assert result.ok, result
@@ -97,9 +97,9 @@ def test_probe_passes_on_the_installed_engine():
 
 def test_probe_tells_the_bug_from_a_correct_encoder():
     """Both outcomes: the numpy model of the buggy graph is recognised and refused."""
-    from huatuo_local.runtime import probe
+    from huatuo_local.runtime.engine import probe
 
-    w, image = probe._weights(), probe.probe_image()
+    w, image = probe.weights(), probe.probe_image()
     correct = probe.reference_embeddings(image, w)
     buggy = probe.reference_embeddings(image, w, class_token_last=True)
     assert np.abs(correct - buggy).max() > 0.5 * np.abs(correct).max(), "the probe must be decisive"
@@ -111,22 +111,30 @@ def test_probe_tells_the_bug_from_a_correct_encoder():
     assert not other.ok and other.verdict == "mismatch"
 
 
-def test_engine_refuses_images_when_the_probe_fails(converted, monkeypatch):
-    from huatuo_local.runtime import probe
-    from huatuo_local.runtime.engine import Engine, EngineError, EngineOptions
+def test_images_are_refused_when_the_probe_fails(converted, monkeypatch, tmp_path):
+    """Every image goes through the vision check before it is encoded (the scheduler's one path)."""
+    from huatuo_local.runtime.core.session import Session
+    from huatuo_local.runtime.engine import probe
+    from huatuo_local.runtime.engine.engine import Engine, EngineError, EngineOptions
     from PIL import Image
 
     failing = probe.ProbeResult(False, "class-token-last bug", 3.9, 3.3, "/lib/libmtmd.so", "class token last")
     monkeypatch.setattr(probe, "check_library", lambda use_cache=True: failing)
     result = converted()
-    image = Image.new("RGB", (336, 336), (10, 20, 30))
+    image = tmp_path / "i.png"
+    Image.new("RGB", (336, 336), (10, 20, 30)).save(image)
     with Engine(result.llm_path, result.mmproj_path, EngineOptions(n_ctx=1024)) as engine:
+        session = Session(engine)
         with pytest.raises(EngineError, match="bootstrap.py.*--allow-unverified-vision"):
-            engine.encode_image(image)
+            session.ask("What is it?", [image])
+        session.close()
     opts = EngineOptions(n_ctx=1024, allow_unverified_vision=True)
     with Engine(result.llm_path, result.mmproj_path, opts) as engine:
-        assert engine.encode_image(image).shape == (576, engine.n_embd)
+        session = Session(engine)
+        reply = session.ask("What is it?", [image])
+        assert reply.counters.images_encoded == 1 and "unverified" in (reply.warning or "")
         assert engine.vision_warning and "unverified" in engine.vision_warning
+        session.close()
 
 
 def test_doctor_reports_the_probe_and_the_build():

@@ -125,7 +125,7 @@ def test_records_query_and_filtering(data):
 
 
 def test_summary_figures_and_intervals_by_hand():
-    from huatuo_local.runtime.eval_report import markdown, mcnemar_p, summarize
+    from huatuo_local.runtime.eval.report import markdown, mcnemar_p, summarize
 
     rows = [{"number": i, "dataset": "VQA-RAD", "group": "VQA-RAD", "column": "VQA-RAD", "correct": i < 3,
              "predicted": "A" if i != 9 else None} for i in range(10)]

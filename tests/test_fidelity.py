@@ -54,9 +54,9 @@ def setup(tiny, converted, tmp_path_factory):
 
 
 def open_session(result, greedy=True):
-    from huatuo_local.runtime.engine import Engine, EngineOptions
-    from huatuo_local.runtime.sampling import SamplingParams
-    from huatuo_local.runtime.session import Session
+    from huatuo_local.runtime.core.sampling import SamplingParams
+    from huatuo_local.runtime.core.session import Session
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 
     engine = Engine(result.llm_path, result.mmproj_path, EngineOptions(n_ctx=4096, kv_type="f32"),
                     eos_id=result.manifest.eos_id)
@@ -83,7 +83,7 @@ def assert_decisive(ref_logits, tokens, residue):
 
 @pytest.mark.parametrize("arch,seed", CASES)
 def test_image_embeddings_match_the_reference(arch, seed, setup):
-    from huatuo_local.runtime.images import load_rgb, prepare
+    from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     _, result, ref, images = setup(arch, seed)
     session = open_session(result)
@@ -159,11 +159,11 @@ IMAGE_KINDS = [
 
 @pytest.mark.parametrize("kind,w,h,mode", IMAGE_KINDS, ids=[k[0] for k in IMAGE_KINDS])
 def test_preprocessing_gives_the_reference_pixels_exactly(kind, w, h, mode, setup, tmp_path):
-    from huatuo_local.runtime.images import load_rgb, prepare
+    from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     _, result, ref, _ = setup("qwen2", 8)
     from huatuo_local.models.gguf_check import read_fields
-    from huatuo_local.runtime.images import VisionInput
+    from huatuo_local.runtime.images.loader import VisionInput
 
     meta = read_fields(result.mmproj_path, ("clip.vision.image_size", "clip.vision.image_mean",
                                                  "clip.vision.image_std"))
@@ -180,7 +180,7 @@ def test_preprocessing_gives_the_reference_pixels_exactly(kind, w, h, mode, setu
 
 def test_llama_cpp_letterboxing_would_change_the_image(setup, tmp_path):
     """Handing llama.cpp the raw image (its own resize-then-pad) moves the embeddings measurably."""
-    from huatuo_local.runtime.images import load_rgb, prepare
+    from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     _, result, ref, images = setup("qwen2", 8)
     session = open_session(result)

@@ -38,7 +38,7 @@ LOCAL_EVENTS = {
 def _run_guarded(statement: str) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""
         import socket
-        from huatuo_local.runtime.offline import forbid_network, NetworkBlocked
+        from huatuo_local.runtime.core.offline import forbid_network, NetworkBlocked
         forbid_network()
         try:
             {statement}
@@ -69,7 +69,7 @@ def test_the_guard_sets_the_hub_offline_even_when_already_imported():
         import os
         import huggingface_hub.constants as c
         assert not c.HF_HUB_OFFLINE
-        from huatuo_local.runtime.offline import forbid_network
+        from huatuo_local.runtime.core.offline import forbid_network
         forbid_network()
         print(c.HF_HUB_OFFLINE, os.environ["HF_HUB_OFFLINE"], os.environ["TRANSFORMERS_OFFLINE"])
     """)
@@ -118,12 +118,12 @@ def test_default_context_holds_the_releases_limits(converted, tmp_path):
 
 
 def test_a_discarded_chatbot_frees_its_engine(converted, monkeypatch):
-    from huatuo_local.runtime import engine as engine_mod
+    from huatuo_local.runtime.engine import engine as engine_mod
 
     from huatuo_local import HuatuoChatbot
 
     freed = []
-    real = engine_mod._mtmd
+    real = engine_mod.mtmd_lib
 
     class Spy:
         def __getattr__(self, name):
@@ -131,7 +131,7 @@ def test_a_discarded_chatbot_frees_its_engine(converted, monkeypatch):
                 return lambda ctx: (freed.append(ctx), real().mtmd_free(ctx))
             return getattr(real(), name)
 
-    monkeypatch.setattr(engine_mod, "_mtmd", lambda: Spy())
+    monkeypatch.setattr(engine_mod, "mtmd_lib", lambda: Spy())
     bot = HuatuoChatbot(converted().manifest_path, prefix_cache=False)
     ctx = bot.engine.mtmd_ctx
     del bot
@@ -166,8 +166,9 @@ def test_the_gguf_chat_template_renders_exactly_render_prompt(converted):
 def test_quantize_gives_back_the_runtimes_log_callback(tiny, tmp_path):
     """After an in-process quantize, llama.cpp's errors still reach the runtime's error list."""
     from huatuo_local.convert.pipeline import convert
-    from huatuo_local.runtime import engine as engine_mod
-    from huatuo_local.runtime.engine import LAST_ERRORS, Engine, EngineError, EngineOptions, quiet_logs
+    from huatuo_local.runtime.engine import engine as engine_mod
+    from huatuo_local.runtime.engine.engine import Engine, EngineError, EngineOptions
+    from huatuo_local.runtime.llama.logs import LAST_ERRORS, quiet_logs
 
     quiet_logs()
     convert(tiny(TinySpec(seed=8, tower="folder"))["ckpt"], tmp_path, quant="Q4_K_M", name="t")
@@ -188,7 +189,7 @@ def test_quantize_gives_back_the_runtimes_log_callback(tiny, tmp_path):
 
 def test_a_failed_turn_leaves_the_conversation_as_it_was(converted, tmp_path, monkeypatch):
     from huatuo_local.models.errors import HuatuoError
-    from huatuo_local.runtime import probe
+    from huatuo_local.runtime.engine import probe
 
     from huatuo_local import HuatuoChatbot
 
@@ -207,7 +208,7 @@ def test_a_failed_turn_leaves_the_conversation_as_it_was(converted, tmp_path, mo
 
 
 def test_threads_default_to_physical_cores_and_doctor_says_so():
-    from huatuo_local.runtime.engine import EngineOptions, physical_cores
+    from huatuo_local.runtime.engine.engine import EngineOptions, physical_cores
 
     smt = "".join(f"processor\t: {i}\nphysical id\t: {i // 4}\ncore id\t\t: {(i % 4) // 2}\n\n" for i in range(8))
     assert physical_cores(smt) == 4  # 2 sockets x 2 cores, 2 threads each

@@ -131,7 +131,7 @@ def test_hostile_ggufs_never_reach_llama_cpp_unchecked_and_never_crash(converted
     script = textwrap.dedent(f"""
         import pathlib
         from huatuo_local.models.errors import HuatuoError
-        from huatuo_local.runtime.engine import Engine, EngineOptions
+        from huatuo_local.runtime.engine.engine import Engine, EngineOptions
         good_llm, good_mm = pathlib.Path({str(good.llm_path)!r}), pathlib.Path({str(good.mmproj_path)!r})
         for path in sorted(pathlib.Path({str(folder)!r}).glob("*.gguf")):
             for llm, mm in ((path, good_mm), (good_llm, path)):

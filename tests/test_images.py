@@ -15,8 +15,8 @@ import pydicom
 import pytest
 from conftest import run_cli
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.runtime.dicom import parse_window
-from huatuo_local.runtime.images import LoadOptions, load_rgb
+from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.loader import LoadOptions, load_rgb
 from PIL import Image
 from pydicom.data import get_testdata_file
 

@@ -17,7 +17,7 @@ from tiny_models import TinySpec
 
 CHILD = textwrap.dedent("""
     import json, os, sys
-    from huatuo_local.runtime.engine import Engine, EngineOptions
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
     llm, mmproj, load = sys.argv[1], sys.argv[2], sys.argv[3] or None
 
     def mapped_rss():
@@ -77,7 +77,7 @@ def test_weights_used_in_place_stay_mapped(converted):
 
 
 def test_an_unknown_load_mode_is_one_line(repacked):
-    from huatuo_local.runtime.engine import Engine, EngineError, EngineOptions
+    from huatuo_local.runtime.engine.engine import Engine, EngineError, EngineOptions
 
     with pytest.raises(EngineError, match="unknown load mode 'fast'; use one of read, mmap, mmap-release"):
         Engine(repacked.llm_path, repacked.mmproj_path, EngineOptions(load="fast"))

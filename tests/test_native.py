@@ -50,7 +50,7 @@ def c_enum(header: str, enum: str) -> dict[str, int]:
 
 
 def test_constants_match_the_pinned_llama_cpp_headers():
-    from huatuo_local.runtime import llama_constants as C
+    from huatuo_local.runtime.llama import constants as C
 
     ggml, backend, llama = (vendored_header(h) for h in ("ggml/include/ggml.h", "ggml/include/ggml-backend.h",
                                                          "include/llama.h"))
@@ -112,7 +112,7 @@ def test_without_the_fix_the_runtime_is_not_global():
 
 def test_default_placement_from_the_models_own_sizes(converted):
     from huatuo_local.models.gguf_check import check_gguf
-    from huatuo_local.runtime.devices import HEADROOM, Gpu, plan_offload
+    from huatuo_local.runtime.llama.devices import HEADROOM, Gpu, plan_offload
 
     m = converted(TinySpec(arch="qwen2", seed=8, tower="folder", layers=4), "F32", "f32")
     llm, mmproj = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")

@@ -132,11 +132,11 @@ def test_a_valid_entry_is_used_and_gives_the_same_answer(model, pictures, refere
 
 def test_another_build_or_context_size_is_a_miss_not_a_wrong_answer(model, pictures, reference, tmp_path,
                                                                      monkeypatch):
-    from huatuo_local.runtime import api
+    from huatuo_local.runtime.core import loading
 
     monkeypatch.setenv("HUATUO_LOCAL_HOME", str(tmp_path))
     conversation(model, pictures, cache=True)
-    monkeypatch.setattr(api, "engine_build_id", lambda: "f" * 64)
+    monkeypatch.setattr(loading, "engine_build_id", lambda: "f" * 64)
     answers, tokens, _, counters = conversation(model, pictures, cache=True)
     assert (answers, tokens) == reference[:2] and counters[0].prefix_cache_hits == 0
     monkeypatch.undo()
@@ -147,7 +147,7 @@ def test_another_build_or_context_size_is_a_miss_not_a_wrong_answer(model, pictu
 
 def test_a_cache_hit_does_not_skip_the_vision_probe(model, pictures, tmp_path, monkeypatch):
     from huatuo_local.models.errors import HuatuoError
-    from huatuo_local.runtime import probe
+    from huatuo_local.runtime.engine import probe
 
     monkeypatch.setenv("HUATUO_LOCAL_HOME", str(tmp_path))
     conversation(model, pictures, cache=True)
@@ -189,7 +189,7 @@ def test_cache_info_and_clear(model, pictures, tmp_path, monkeypatch):
 
 
 def test_saved_transcript_is_owner_only(model, pictures, tmp_path):
-    from huatuo_local.runtime.repl import _save
+    from huatuo_local.runtime.cli.repl import _save
 
     from huatuo_local import HuatuoChatbot
 

@@ -107,7 +107,7 @@ def test_split_over_two_workers_gives_the_local_answer(converted, images, worker
 
 
 def test_the_split_follows_tensor_split(converted, workers):
-    from huatuo_local.runtime.engine import Engine, EngineOptions
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
     eng = Engine(model.llm_path, model.mmproj_path,
@@ -178,7 +178,7 @@ def test_a_worker_refuses_a_public_address_without_the_acknowledgement():
 
 LATER_MODEL = """
 import sys
-from huatuo_local.runtime.engine import Engine, EngineOptions
+from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 llm, mmproj, endpoints = sys.argv[1:4]
 Engine(llm, mmproj, EngineOptions(n_ctx=256, rpc=tuple(endpoints.split(",")))).close()
 print("split model closed", flush=True)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from huatuo_local.runtime.sampling import SamplingParams, next_token
+from huatuo_local.runtime.core.sampling import SamplingParams, next_token
 from transformers import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,

@@ -28,7 +28,7 @@ EDGE_CASES = [
 @pytest.fixture(scope="module")
 def qwen(tiny, converted, tmp_path_factory):
     import qwen_vocab
-    from huatuo_local.runtime.engine import Engine, EngineOptions
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
     from transformers import AutoTokenizer
 
     tok_dir = qwen_vocab.build(tmp_path_factory.mktemp("qwen-tokenizer"))

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import MAX_IMAGES, Turn, segments_before_question
-
-from .engine import Engine
-from .images import LoadOptions, load_rgb, prepare
-from .items import ImageItem, Item, conversation_items, image_item, prompt_items
-from .prefix_cache import PrefixCache
-from .sampling import SamplingParams
-from .scheduler import Counters, Job, Scheduler, Timings
+from huatuo_local.runtime.core.items import ImageItem, Item, conversation_items, image_item, prompt_items
+from huatuo_local.runtime.core.prefix_cache import PrefixCache
+from huatuo_local.runtime.core.sampling import SamplingParams
+from huatuo_local.runtime.core.scheduler import Counters, Job, Scheduler, Timings
+from huatuo_local.runtime.engine.engine import Engine
+from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
 
 __all__ = ["Session", "Reply", "Counters", "Timings", "ImageItem", "Item", "image_item"]
 

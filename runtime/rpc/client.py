@@ -18,14 +18,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
-
-from .devices import ggml as _ggml
-from .devices import loaded_library as _loaded
-from .devices import local_gpus
-from .llama_constants import GGML_BACKEND_DEVICE_TYPE_CPU
+from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_CPU
+from huatuo_local.runtime.llama.devices import ggml, loaded_library, local_gpus
+from huatuo_local.runtime.system import GIB, memory_gib
 
 # ggml-rpc.h of the pinned llama.cpp (RPC_PROTO_*_VERSION); a worker must speak the same major
 PROTOCOL = "7.0.0"
@@ -33,8 +30,8 @@ DEFAULT_PORT = 50052
 PROBE_TIMEOUT_S = 15
 
 
-def _rpc() -> ctypes.CDLL | None:
-    lib = _loaded("libggml-rpc")
+def rpc_library() -> ctypes.CDLL | None:
+    lib = loaded_library("libggml-rpc")
     if lib is None:
         return None
     lib.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
@@ -50,7 +47,7 @@ def _rpc() -> ctypes.CDLL | None:
 def available() -> bool:
     """This engine build has llama.cpp's RPC backend."""
     try:
-        return _rpc() is not None
+        return rpc_library() is not None
     except OSError:
         return False
 
@@ -80,8 +77,8 @@ class Worker:
 
 _PROBE = """
 import ctypes, json, sys
-from huatuo_local.runtime.rpc import _rpc
-lib = _rpc()
+from huatuo_local.runtime.rpc.client import rpc_library
+lib = rpc_library()
 free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
 lib.ggml_backend_rpc_get_device_memory(sys.argv[1].encode(), 0, ctypes.byref(free), ctypes.byref(total))
 print(json.dumps({"free": free.value, "total": total.value}))
@@ -121,7 +118,7 @@ _REGISTERED: dict[str, list[int]] = {}  # endpoint -> its llama.cpp devices, onc
 
 def register(endpoints: list[str]) -> None:
     """Make each worker a llama.cpp device (once per process); call `probe` first."""
-    lib, g = _rpc(), _ggml()
+    lib, g = rpc_library(), ggml()
     if lib is None:
         raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
     for ep in endpoints:
@@ -158,7 +155,7 @@ def output_stays_local():
     llama.cpp offloads the last layers, the output layer included: with it on a worker, every token's
     logits (the whole vocabulary in f32: 594 KiB for Qwen2's 152064 tokens) cross the network. With
     its weights here, only the last hidden state does (bench/rpc.py measures both)."""
-    g = _ggml()
+    g = ggml()
     cpu = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     overrides = (_BuftOverride * 2)(_BuftOverride(rb"^output\.weight$", g.ggml_backend_dev_buffer_type(cpu)),
                                     _BuftOverride(None, None))
@@ -167,7 +164,7 @@ def output_stays_local():
 
 def install_abort_message() -> None:
     """A worker that dies mid-answer makes llama.cpp abort the process: say so in one line first."""
-    base = _loaded("libggml-base")
+    base = loaded_library("libggml-base")
     if base is None:
         return
     callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
@@ -191,6 +188,47 @@ def install_abort_message() -> None:
 _ABORT_CB = None
 
 
+@dataclass
+class WorkerPlacement:
+    """The model parameters that put some layers on the workers (kept alive through the load)."""
+
+    layers: int
+    workers: list[Worker]
+    tensor_split: object
+    overrides: object | None
+
+    def apply(self, mparams) -> None:
+        mparams.n_gpu_layers = self.layers
+        mparams.tensor_split = ctypes.cast(self.tensor_split, ctypes.POINTER(ctypes.c_float))
+        if self.overrides is not None:
+            mparams.tensor_buft_overrides = ctypes.cast(self.overrides, ctypes.c_void_p)
+
+
+def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...] | None, output_local: bool,
+                     llm_fields: dict) -> WorkerPlacement:
+    """Probe and register the workers, and split the layers over them (by tensor_split or free memory)."""
+    from huatuo_local.runtime.llama.bindings import llama
+    from huatuo_local.runtime.llama.devices import local_gpus
+
+    gpus = local_gpus()
+    if gpus:
+        raise HuatuoError(f"--rpc beside this machine's GPU ({gpus[0].description or gpus[0].name}) is not "
+                          "supported yet (the layer split counts this machine's CPU memory, not the GPU's); "
+                          "use the GPU alone, or lend it as a worker: huatuo-local rpc-worker --device "
+                          f"{gpus[0].name.lower()}")
+    workers = [probe(ep) for ep in endpoints]  # one line for a worker that is down, before loading
+    register(list(endpoints))
+    install_abort_message()
+    arch = llm_fields.get("general.architecture", "")
+    n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
+    local_free = int(memory_gib()[1] * GIB)
+    on_workers, shares = split(n_layer, workers, local_free, list(tensor_split) if tensor_split else None)
+    shares_c = (ctypes.c_float * llama().llama_max_devices())()
+    for i, share in enumerate(shares):  # RPC devices come in registration order (no local GPU)
+        shares_c[i] = share
+    return WorkerPlacement(on_workers, workers, shares_c, output_stays_local() if output_local else None)
+
+
 def split(n_layer: int, workers: list[Worker], local_free: int,
           proportions: list[float] | None) -> tuple[int, list[float]]:
     """(layers placed on the workers, their tensor_split) from `--tensor-split LOCAL,W1,...` or free memory."""
@@ -206,66 +244,5 @@ def split(n_layer: int, workers: list[Worker], local_free: int,
     return on_workers, ([r / sum(remote) for r in remote] if sum(remote) else [0.0] * len(workers))
 
 
-# --- the worker -----------------------------------------------------------------------------
 
 
-def worker_refusal(host: str, acknowledged: bool) -> str | None:
-    """Why a worker must not start on this address, or None."""
-    if host in ("127.0.0.1", "localhost", "::1") or acknowledged:
-        return None
-    return (f"rpc-worker --host {host}: llama.cpp's RPC protocol has no authentication or encryption, and "
-            "whoever reaches the port can run computations in this process and read what it holds. Keep it on "
-            "127.0.0.1 and tunnel it (ssh -N -L 50052:127.0.0.1:50052 THIS-MACHINE on the client, or a WireGuard "
-            "network), or add --i-understand-rpc-is-unauthenticated to listen on a trusted private network")
-
-
-def serve_worker(host: str, port: int, threads: int, device: str, cache: Path | None) -> None:
-    """Run llama.cpp's RPC server in this process until SIGINT/SIGTERM (it never returns by itself)."""
-    import signal
-    import socket
-    import threading
-
-    lib, g = _rpc(), _ggml()
-    if lib is None:
-        raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
-    g.ggml_backend_load_all()
-    dev = g.ggml_backend_dev_by_name(device.upper().encode())
-    if not dev:
-        raise HuatuoError(f"--device {device}: no such device here; `huatuo-local doctor` lists them (cpu, cuda0 ...)")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise HuatuoError(f"rpc-worker {host}:{port}: cannot listen there ({exc.strerror}); pick another "
-                              "--port") from None
-        port = s.getsockname()[1]  # --port 0: a free one, printed below for the client
-    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-    g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-    if cache is not None:
-        from huatuo_local.models.private import private_dir
-
-        private_dir(cache)
-    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = g.ggml_backend_dev_name(dev).decode()
-    print(f"huatuo-local rpc-worker: listening on {endpoint}, protocol {PROTOCOL}, device {name} "
-          f"({free.value / 1024**3:.1f} GiB free of {total.value / 1024**3:.1f} GiB), {threads} threads", flush=True)
-    print(f"use it with: huatuo-local chat IMAGE --rpc {endpoint}   (Ctrl-C stops it)", flush=True)
-    devices = (ctypes.c_void_p * 1)(dev)
-    stopped = threading.Event()
-
-    def run() -> None:
-        lib.ggml_backend_rpc_start_server(endpoint.encode(), str(cache).encode() if cache else None, threads, 1,
-                                          devices)
-        stopped.set()  # returns only when it could not start
-
-    def stop(signum, _frame) -> None:
-        print("huatuo-local rpc-worker: stopped", flush=True)
-        sys.stdout.flush()
-        os._exit(0)  # llama.cpp's server loop has no stop call
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    threading.Thread(target=run, daemon=True).start()
-    while not stopped.wait(0.5):
-        pass
-    raise HuatuoError(f"rpc-worker {endpoint}: llama.cpp's server did not start (see the lines above)")

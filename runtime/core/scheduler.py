@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
-
-from .engine import DecodeAborted, Engine, EngineError
-from .items import ImageItem, Item
-from .prefix_cache import CacheEntryError, PrefixCache
-from .sampling import SamplingParams, next_token
+from huatuo_local.runtime.core.items import ImageItem, Item
+from huatuo_local.runtime.core.prefix_cache import CacheEntryError, PrefixCache
+from huatuo_local.runtime.core.sampling import SamplingParams, next_token
+from huatuo_local.runtime.engine.engine import DecodeAborted, Engine, EngineError
+from huatuo_local.runtime.engine.probe import verify_vision
 
 
 class QueueFull(HuatuoError):
@@ -405,7 +405,7 @@ class Scheduler:
                 continue
             # The entry holds an encoded image: a build that fails the vision probe must not be
             # let through just because the work was done earlier.
-            self.engine.verify_vision()
+            verify_vision(self.engine)
             try:
                 entry = cache.read(path, key, prefix)
                 if any(w != self.engine.image_tokens for w in entry.image_widths):
@@ -446,7 +446,7 @@ class Scheduler:
         for s in waiting:
             if s.embd is None:
                 s.encode_started = time.perf_counter()
-                s.embd = self._encoder.submit(self.engine.encode_image, s.pending[0].picture)
+                s.embd = self._encoder.submit(self._encode, s.pending[0].picture)
                 self._progress(s, "encoding image")
         ready = [s for s in waiting if s.embd is not None and s.embd.done()]
         if not ready:
@@ -491,6 +491,11 @@ class Scheduler:
                 self._save_prefix(s)
             if not s.pending:
                 self._settle_idle(s)  # a turn's images, read before its question
+
+    def _encode(self, picture) -> np.ndarray:
+        """One image's embeddings (on the encoder thread), from a library the vision probe has passed."""
+        verify_vision(self.engine)
+        return self.engine.encode_image(picture)
 
     def _save_prefix(self, s: _Slot) -> None:
         cache = self.prefix_cache

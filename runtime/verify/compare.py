@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+from PIL import Image
 
 
 def _torch():
@@ -221,9 +220,9 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
            n_tokens: int = 32, vision_tower: str | None = None) -> list[VerifyRow]:
     """Image-embedding cosine, per-token KL and top-1 agreement of each GGUF model vs the original."""
     from huatuo_local.models.store import resolve
-    from huatuo_local.runtime.engine import Engine, EngineOptions
-    from huatuo_local.runtime.images import load_rgb, prepare
-    from huatuo_local.runtime.session import Session
+    from huatuo_local.runtime.core.session import Session
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
+    from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     ref = OriginalModel(original, vision_tower)
     full = render_prompt([Turn(prompt, len(images))], IMAGE_TOKEN)

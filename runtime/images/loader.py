@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from huatuo_local.models.prompt import MAX_IMAGES
+from huatuo_local.runtime.images.dicom import ImageError, high_bit_depth_to_rgb, is_dicom, looks_like_dicom, read_dicom
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from .dicom import ImageError, high_bit_depth_to_rgb, is_dicom, looks_like_dicom, read_dicom
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default, set explicitly
 # The formats README documents; Pillow would also decode TGA, PPM, ICO, PCX, SGI, XBM, IM, QOI ...,

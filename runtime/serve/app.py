@@ -31,14 +31,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.core.items import conversation_items
+from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, Result, Scheduler, ShuttingDown
+from huatuo_local.runtime.serve.guard import LocalGuard
+from huatuo_local.runtime.serve.openai import ApiError, ChatRequest, ImageLoader, Limits, parse_chat
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-
-from .http_guard import LocalGuard
-from .items import conversation_items
-from .openai_api import ApiError, ChatRequest, ImageLoader, Limits, parse_chat
-from .scheduler import ContextFull, Job, QueueFull, Result, Scheduler, ShuttingDown
 
 log = logging.getLogger("huatuo_local.serve")
 RETRY_AFTER_S = 2
@@ -86,7 +85,7 @@ class _State:
         self.port = config.port  # the port really bound (--port 0 picks one)
 
     def load(self) -> None:
-        from .api import open_model
+        from huatuo_local.runtime.core.loading import open_model
 
         c = self.config
         while True:

@@ -12,10 +12,9 @@ from pathlib import Path
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.private import write_private
 from huatuo_local.models.prompt import MAX_IMAGES
-
-from .api import HuatuoChatbot
-from .images import check_images
-from .progress import PromptStatus
+from huatuo_local.runtime.api import HuatuoChatbot
+from huatuo_local.runtime.cli.progress import PromptStatus
+from huatuo_local.runtime.images.loader import check_images
 
 HELP = """Commands:
   /image PATH   add an image to your next question (up to 6 per conversation; quotes are fine)

@@ -63,7 +63,7 @@ _FLAGS = {"temperature": "--temperature", "repetition_penalty": "--repeat-penalt
 
 def check_settings(**settings: float) -> None:
     """The same ranges the API enforces, named by their flags."""
-    from .sampling import SamplingParams, SettingError
+    from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
 
     try:
         SamplingParams(**settings).check()
@@ -118,10 +118,9 @@ def convert(
 ) -> None:
     """Convert a HuatuoGPT-Vision checkpoint into NAME-QUANT.gguf + mmproj-NAME-TYPE.gguf."""
     from huatuo_local.convert.pipeline import convert as run_convert
+    from huatuo_local.convert.pull import store_name_for
     from huatuo_local.models.store import store_folder
-
-    from .progress import StageProgress
-    from .pull import store_name_for
+    from huatuo_local.runtime.cli.progress import StageProgress
 
     into_store = out is None
     if out is None:  # into the local store, where `list`, `chat --model NAME` and `rm` find it
@@ -150,17 +149,17 @@ def doctor(
     import json
     from dataclasses import asdict
 
-    from .doctor import gather
+    from huatuo_local.runtime.cli.doctor import gather
 
     if selftest:
-        from . import selftest as st
+        from huatuo_local.runtime.cli import selftest as st
 
         result = st.run()
         where = "GPU (all layers)" if result.gpu_layers else "CPU"
         typer.echo(f"selftest         ok on {where}: converted a random model and generated {result.tokens} "
                    f"tokens in {result.seconds:.1f} s (random weights: the answer is meaningless)")
 
-    from .rpc import parse_endpoints
+    from huatuo_local.runtime.rpc.client import parse_endpoints
 
     report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None)
     if as_json:
@@ -201,7 +200,7 @@ def doctor(
                      + ", ".join(f"{k}: {v or 'too large'}" for k, v in rec["quant"].items()))
         typer.echo("\n".join(lines))
     if not report.probe.get("ok"):
-        from .probe import FIX_HINT
+        from huatuo_local.runtime.engine.probe import FIX_HINT
 
         typer.echo(f"error: the vision probe failed; {FIX_HINT}", err=True)
         raise typer.Exit(1)
@@ -244,14 +243,14 @@ def chat(
     tensor_split: TensorSplitOption = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
-    from .api import HuatuoChatbot
+    from huatuo_local.runtime.api import HuatuoChatbot
 
     paths = [str(p) for p in images or []]
     if prompt is not None and not prompt.strip():
         fail("-p: the question is empty; ask something, or leave -p out for the interactive chat")
     check_settings(temperature=temperature, repetition_penalty=repeat_penalty, max_new_tokens=max_tokens)
-    from .dicom import parse_window
-    from .images import DEFAULT_MAX_PIXELS, LoadOptions, check_images
+    from huatuo_local.runtime.images.dicom import parse_window
+    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images
 
     # Every input is checked before the model loads (seconds and gigabytes): a typo fails at once.
     for note in check_images(paths, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)):
@@ -260,7 +259,7 @@ def chat(
         prompt = sys.stdin.read().strip()
         if not prompt:
             fail("no question: give -p PROMPT or text on standard input")
-    from .progress import PromptStatus
+    from huatuo_local.runtime.cli.progress import PromptStatus
 
     status = PromptStatus(enabled=None if not as_json else False)
     status.show(f"loading {model or 'huatuo-vision-7b'}…")
@@ -276,7 +275,7 @@ def chat(
     if bot.engine.placement_note and not as_json:
         typer.echo(bot.engine.placement_note, err=True)
     if prompt is None:
-        from . import repl
+        from huatuo_local.runtime.cli import repl
 
         raise typer.Exit(repl.run(bot, paths))
     if as_json:
@@ -318,8 +317,8 @@ def pull(
     """Download a model (and convert it when needed) into the local store, or convert a checkpoint folder
     already on this machine into it. Converting a 7B needs about 2.5x its download size of free disk while it
     runs; pull checks before downloading."""
-    from .progress import StageProgress
-    from .pull import pull as run_pull
+    from huatuo_local.convert.pull import pull as run_pull
+    from huatuo_local.runtime.cli.progress import StageProgress
 
     with StageProgress() as bar:
         resolved = run_pull(model, quant, name, progress=bar.update, revision=revision)
@@ -412,8 +411,8 @@ def verify(
 ) -> None:
     """Measure converted models against the original PyTorch model (needs the `verify` extra:
     pip install 'huatuo-local[verify]')."""
-    from huatuo_local.verify import format_table
-    from huatuo_local.verify import verify as run_verify
+    from huatuo_local.runtime.verify.compare import format_table
+    from huatuo_local.runtime.verify.compare import verify as run_verify
 
     rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
     typer.echo(format_table(rows))
@@ -433,9 +432,8 @@ def preview(
 ) -> None:
     """Write exactly the picture the model will see (windowed, padded to square, resized to 336 px)."""
     from huatuo_local.models.towers import KNOWN_TOWERS
-
-    from .dicom import parse_window
-    from .images import DEFAULT_MAX_PIXELS, LoadOptions, VisionInput, load_rgb, prepare
+    from huatuo_local.runtime.images.dicom import parse_window
+    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, VisionInput, load_rgb, prepare
 
     tower = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]  # the tower of every HuatuoGPT-Vision model
     picture = prepare(load_rgb(image, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)),
@@ -498,8 +496,8 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
     ask), on this machine only unless --host says otherwise."""
-    from .server import ServeConfig
-    from .server import serve as run_server
+    from huatuo_local.runtime.serve.app import ServeConfig
+    from huatuo_local.runtime.serve.app import serve as run_server
 
     keys = _api_keys(api_key, api_key_file)
     if parallel < 1 or parallel > 64:
@@ -508,7 +506,7 @@ def serve(
 
     resolve(model)  # a name that resolves to nothing fails now, in one line, not as a server that never works
     if rpc:
-        from .supervise import is_child, supervise
+        from huatuo_local.runtime.serve.supervise import is_child, supervise
 
         if not is_child():  # llama.cpp aborts the process when a worker dies: keep the server up around it
             raise typer.Exit(supervise(sys.argv[1:], host, port))
@@ -583,12 +581,12 @@ def eval_cmd(
     tensor_split: TensorSplitOption = None,
 ) -> None:
     """The model card's accuracy table for your model files, measured the way the release measures it."""
-    from . import evaluate
+    from huatuo_local.runtime.eval import run as evaluate
 
     if args and args[0] == "compare":
         if len(args) != 3:
             fail("usage: huatuo-local eval compare RUN_A RUN_B")
-        from .eval_report import compare, compare_markdown
+        from huatuo_local.runtime.eval.report import compare, compare_markdown
 
         rows = []
         for run_dir in args[1:]:
@@ -632,8 +630,8 @@ def rpc_worker(
                                                     "no authentication or encryption.")] = False,
 ) -> None:
     """Lend this machine's memory to a model on another one (llama.cpp's RPC server, from the same library)."""
-    from .engine import physical_cores
-    from .rpc import serve_worker, worker_refusal
+    from huatuo_local.runtime.rpc.worker import serve_worker, worker_refusal
+    from huatuo_local.runtime.system import physical_cores
 
     refusal = worker_refusal(host, acknowledged)
     if refusal:
@@ -655,7 +653,7 @@ def _when(ts: float | None) -> str:
 @cache_app.command("info", epilog="Example: huatuo-local cache info")
 def cache_info() -> None:
     """What the prefix cache holds: entries, bytes, oldest and newest, and where."""
-    from .prefix_cache import info as cache_state
+    from huatuo_local.runtime.core.prefix_cache import info as cache_state
 
     state = cache_state()
     typer.echo(f"folder   {state.folder} (owner-only)")
@@ -668,7 +666,7 @@ def cache_info() -> None:
 @cache_app.command("clear", epilog="Example: huatuo-local cache clear")
 def cache_clear() -> None:
     """Delete every prefix cache entry (only the cache's own files)."""
-    from .prefix_cache import clear
+    from huatuo_local.runtime.core.prefix_cache import clear
 
     gone = clear()
     typer.echo(f"removed {gone.entries} entries ({gone.bytes / 1024**2:.1f} MiB) from {gone.folder}")

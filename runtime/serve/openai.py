@@ -33,11 +33,10 @@ from urllib.parse import unquote, urlparse
 from huatuo_local.models import defaults
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
-
-from .dicom import parse_window
-from .images import ImageData, LoadOptions, frame_count, load_rgb, prepare
-from .items import ImageItem, image_item
-from .sampling import SamplingParams, SettingError
+from huatuo_local.runtime.core.items import ImageItem, image_item
+from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
+from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.loader import ImageData, LoadOptions, frame_count, load_rgb, prepare
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
 

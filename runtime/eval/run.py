@@ -30,11 +30,10 @@ from huatuo_local.models.evaluation import Record, build_query, card_column, is_
 from huatuo_local.models.manifest import sha256_file
 from huatuo_local.models.private import private_dir, write_private
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
-
-from .images import LoadOptions, load_rgb, prepare
-from .items import conversation_items, image_item
-from .sampling import SamplingParams
-from .scheduler import Job, Scheduler
+from huatuo_local.runtime.core.items import conversation_items, image_item
+from huatuo_local.runtime.core.sampling import SamplingParams
+from huatuo_local.runtime.core.scheduler import Job, Scheduler
+from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
 
 RESULTS = "results.jsonl"
 RUN = "run.json"
@@ -80,7 +79,7 @@ class EvalWorker:
     def __init__(self, model: str | Path | None, settings: EvalSettings, parallel: int = 1,
                  threads: int | None = None, n_ctx: int = EVAL_CTX, prefix_cache: bool = True,
                  n_gpu_layers: int | None = None, rpc: str | None = None, tensor_split: list[float] | None = None):
-        from .api import open_model
+        from huatuo_local.runtime.core.loading import open_model
 
         self.settings = settings
         self.model, self.engine, cache = open_model(model, n_ctx=n_ctx, threads=threads, n_seq=max(1, parallel),
@@ -292,7 +291,7 @@ def default_out(ref: str, greedy: bool) -> Path:
 def write_report(out: Path, rows: list[dict], chosen: list[Record], identity: dict, extra: dict,
                  model_name: str) -> str:
     """results.json and results.md from what results.jsonl holds for the chosen records."""
-    from .eval_report import markdown, summarize
+    from huatuo_local.runtime.eval.report import markdown, summarize
 
     numbers = {r.number for r in chosen}
     mine = [r for r in rows if r["number"] in numbers]
@@ -314,10 +313,9 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
     """Answer what the run in `out` still lacks, then write its report; returns (out, Markdown)."""
     from huatuo_local.models.evaluation import load_records
     from huatuo_local.models.store import resolve
+    from huatuo_local.runtime.engine.build import engine_build_id
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from .engine import engine_build_id
 
     records, dropped = load_records(Path(data))
     chosen = select(records, datasets, limit)
@@ -347,7 +345,7 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
                 progress.update(task, advance=1, rate=f"{per_min:.1f} questions/min")
 
             if pending and ray:
-                from .eval_ray import answer_with_ray
+                from huatuo_local.runtime.eval.on_ray import answer_with_ray
 
                 answer_with_ray(ray, ray_model(model, resolved), settings, parallel, threads, pending, results,
                                 on_row, workers)

@@ -33,17 +33,6 @@ class Report:
     placements: dict[str, str] | None = None  # installed model → where it goes by default (one line)
 
 
-def memory_gib() -> tuple[float, float]:
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        total = int(info["MemTotal"].split()[0]) * 1024
-        avail = int(info["MemAvailable"].split()[0]) * 1024
-        return total / GIB, avail / GIB
-    except (OSError, KeyError, ValueError):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total / GIB, total / GIB
-
-
 def engine_build() -> dict:
     """What scripts/bootstrap.py recorded about the installed engine wheel."""
     marker = Path(sys.prefix) / "huatuo-engine.json"
@@ -60,16 +49,16 @@ def fits_across(free_bytes: float) -> dict[str, dict[str, bool]]:
 
 def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Report:
     import llama_cpp
+    from huatuo_local.runtime.engine.probe import check_library
+    from huatuo_local.runtime.llama.logs import quiet_logs
+    from huatuo_local.runtime.system import memory_gib, physical_cores
 
     from huatuo_local import __version__
 
-    from .engine import physical_cores, quiet_logs
-    from .probe import check_library
-
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    from . import rpc
-    from .devices import local_gpus
+    from huatuo_local.runtime.llama.devices import local_gpus
+    from huatuo_local.runtime.rpc import client as rpc
 
     found_gpus = local_gpus()  # not llama_supports_gpu_offload(): it says yes for an RPC build without a GPU
     gpu = bool(found_gpus)
@@ -104,9 +93,8 @@ def placements(gpus) -> dict[str, str]:
         return {}
     from huatuo_local.models.gguf_check import check_gguf
     from huatuo_local.models.store import list_models
-
-    from .devices import plan_offload
-    from .engine import DEFAULT_CTX
+    from huatuo_local.runtime.engine.engine import DEFAULT_CTX
+    from huatuo_local.runtime.llama.devices import plan_offload
 
     out = {}
     for m in list_models():

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record
-
-from .evaluate import EvalSettings, EvalWorker, ResultsFile, eprint
+from huatuo_local.runtime.eval.run import EvalSettings, EvalWorker, ResultsFile, eprint
 
 MAX_REPLACEMENTS = 8  # actors started to replace dead ones before the run gives up
 
@@ -35,7 +34,7 @@ class _Replica:
     def answer(self, records: list[Record], images: dict[str, bytes]) -> list[dict]:
         import dataclasses
 
-        from .images import ImageData
+        from huatuo_local.runtime.images.loader import ImageData
 
         # The batch's images arrive as bytes and are read from memory: nothing lands on this machine's
         # disk, so an actor killed mid-batch leaves nothing behind.

@@ -8,12 +8,12 @@ is converted to RGB. Multi-frame files take `--frame N` (default: the middle fra
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.system import available_memory
 from PIL import Image
 
 # (center, width) in Hounsfield units for CT; the usual radiology presets.
@@ -104,20 +104,6 @@ def _frame_index(path: str, n_frames: int, frame: int | None) -> int:
     if frame not in (None, 0):
         raise ImageError(f"{path}: --frame {frame}: the file has a single frame")
     return 0
-
-
-def available_memory() -> int:
-    """Bytes of memory available now (MemAvailable), or physical memory where that is unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
 
 
 # Decoding one frame and windowing it holds the frame a few times over, as float64 at worst.

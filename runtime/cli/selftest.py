@@ -118,9 +118,8 @@ def write_random_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 def run(n_gpu_layers: int | None = None) -> SelftestResult:
     from huatuo_local.convert.pipeline import convert
-
-    from .api import HuatuoChatbot
-    from .devices import local_gpus
+    from huatuo_local.runtime.api import HuatuoChatbot
+    from huatuo_local.runtime.llama.devices import local_gpus
 
     start = time.perf_counter()
     ngl = (-1 if local_gpus() else 0) if n_gpu_layers is None else n_gpu_layers  # a tiny model fits any GPU

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import GGUFSummary
-
-from .llama_constants import GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
+from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
 
 GIB = 1024**3
 HEADROOM = GIB // 2  # left free on each GPU: the driver, the display, other programs

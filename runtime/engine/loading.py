@@ -1,0 +1,90 @@
+"""How the weights reach memory: llama.cpp's load modes, and dropping the mapped pages it has copied."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+from huatuo_local.runtime.llama import constants as C
+from huatuo_local.runtime.system import rss_anon
+
+# llama.cpp's load modes (llama.h `enum llama_load_mode`), by the name `--load` takes.
+LOAD_MODES = {"read": C.LLAMA_LOAD_MODE_NONE, "mmap": C.LLAMA_LOAD_MODE_MMAP, "mmap-release": C.LLAMA_LOAD_MODE_MMAP}
+
+_MADV_DONTNEED = 4
+
+
+class MappedPages:
+    """Drops the resident pages of llama.cpp's read-only mapping of a GGUF while and after it loads.
+
+    Why: on CPU llama.cpp repacks most quantized weights (Q4_K, Q4_0 ...) into its own buffers, copying
+    them out of the mapped file, yet the mapped pages it read stay resident: the weights in memory
+    twice. Reading the file instead ("read") avoids that but costs the kernel time of faulting every
+    page of an anonymous buffer. Mapping and dropping the pages already read keeps the mapping's speed
+    and the read path's footprint. Dropping pages of a shared read-only file mapping is always safe:
+    a tensor still used from the mapping (the token embeddings, norms) is faulted back in from the page
+    cache the next time it is read. Pages are dropped only while loading copies most of what it reads
+    (anonymous memory grows with the data loaded): a model whose weights are used in place (F16 on
+    most CPUs) keeps its mapping as it is. Linux only; elsewhere a no-op.
+    """
+
+    STEP = 64 << 20  # drop in steps of this many bytes of loaded data (each step reads /proc/self/status)
+
+    def __init__(self, path: Path):
+        self.path = os.path.realpath(path)
+        self.size = os.path.getsize(path)
+        self.dropped = 0  # file offset below which pages were dropped once
+        self.anon0 = rss_anon()
+        self._maps: list[tuple[int, int, int]] | None = None
+        try:
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            self._madvise = None
+
+    def _ranges(self) -> list[tuple[int, int, int]]:
+        """(start, end, file offset) of this file's mappings in this process."""
+        out = []
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].rstrip("\n") == self.path:
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        out.append((start, end, int(parts[2], 16)))
+        except OSError:
+            pass
+        return out
+
+    def _drop(self, first: int, last: int, maps: list[tuple[int, int, int]]) -> None:
+        """Drop the pages of file bytes [first, last) wherever they are mapped."""
+        if self._madvise is None:
+            return
+        page = mmap.PAGESIZE
+        for start, end, offset in maps:
+            lo = max(start, start + first - offset)
+            hi = min(end, start + last - offset)
+            lo += -(lo - start) % page
+            hi -= (hi - start) % page
+            if hi > lo:
+                self._madvise(lo, hi - lo, _MADV_DONTNEED)
+
+    def progress(self, fraction: float, _user: object) -> bool:
+        # Called by llama.cpp between tensors. They load roughly in file order (per buffer type):
+        # a tenth of the file is kept as a margin behind the loader, and everything behind it is
+        # dropped again at each step (pages read twice come back). Only once the load is seen
+        # copying (anonymous memory growing past what loading allocates for itself).
+        upto = int((fraction - 0.1) * self.size)
+        if upto - self.dropped >= self.STEP and rss_anon() - self.anon0 > max(256 << 20, self.size // 20):
+            if self._maps is None:
+                self._maps = self._ranges()
+            self._drop(0, upto, self._maps)
+            self.dropped = upto
+        return True
+
+    def release_all(self) -> None:
+        """After loading: drop every mapped page if the load copied the weights out of the mapping."""
+        if self.dropped or rss_anon() - self.anon0 > self.size // 2:
+            self._drop(0, self.size, self._ranges())  # llama.cpp unmapped parts at the end: read the maps again

@@ -1,0 +1,87 @@
+"""The probe's GGUF pair: the tiny tower as an mmproj, beside the 1-layer LLM libmtmd needs to load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from huatuo_local.models.bytelevel import bytes_to_unicode
+from huatuo_local.runtime.engine.clip_reference import (
+    EPS,
+    IMAGE_SIZE,
+    LLM_HIDDEN,
+    MEAN,
+    PATCH,
+    STD,
+    V_FFN,
+    V_HEADS,
+    V_HIDDEN,
+    V_LAYERS,
+    weights,
+)
+
+
+def write_probe_pair(folder: Path) -> tuple[Path, Path]:
+    """A 1-layer LLM with a byte vocabulary and the probe's mmproj, both F32."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    w = weights()
+    mm = folder / "probe-mmproj.gguf"
+    writer = GGUFWriter(mm, "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    for key, val in (("image_size", IMAGE_SIZE), ("patch_size", PATCH), ("embedding_length", V_HIDDEN),
+                     ("feed_forward_length", V_FFN), ("projection_dim", LLM_HIDDEN),
+                     ("attention.head_count", V_HEADS), ("block_count", V_LAYERS)):
+        writer.add_uint32(f"clip.vision.{key}", val)
+    writer.add_float32("clip.vision.attention.layer_norm_epsilon", EPS)
+    writer.add_key_value("clip.vision.feature_layer", [V_LAYERS], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+    writer.add_array("clip.vision.image_mean", list(MEAN))
+    writer.add_array("clip.vision.image_std", list(STD))
+    for name, arr in w.items():
+        writer.add_tensor(name, arr)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    rng = np.random.default_rng(7)
+    llm = folder / "probe-llm.gguf"
+    writer = GGUFWriter(llm, "qwen2")
+    n_vocab, ffn = 259, 32
+    writer.add_context_length(64)
+    writer.add_embedding_length(LLM_HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    byte_chars = bytes_to_unicode()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list([byte_chars[b] for b in range(256)] + ["ab", "<|endoftext|>", "<|pad|>"])
+    writer.add_token_types([1] * 257 + [3, 3])
+    writer.add_token_merges(["a b"])  # llama.cpp refuses a BPE vocabulary without merges
+    writer.add_bos_token_id(257)
+    writer.add_eos_token_id(257)
+    writer.add_add_bos_token(False)
+
+    def t(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    writer.add_tensor("token_embd.weight", t(n_vocab, LLM_HIDDEN))
+    writer.add_tensor("output_norm.weight", np.ones(LLM_HIDDEN, np.float32))
+    writer.add_tensor("output.weight", t(n_vocab, LLM_HIDDEN))
+    for name, shape in (("attn_norm.weight", (LLM_HIDDEN,)), ("ffn_norm.weight", (LLM_HIDDEN,)),
+                        ("attn_q.weight", (LLM_HIDDEN, LLM_HIDDEN)), ("attn_q.bias", (LLM_HIDDEN,)),
+                        ("attn_k.weight", (LLM_HIDDEN, LLM_HIDDEN)), ("attn_k.bias", (LLM_HIDDEN,)),
+                        ("attn_v.weight", (LLM_HIDDEN, LLM_HIDDEN)), ("attn_v.bias", (LLM_HIDDEN,)),
+                        ("attn_output.weight", (LLM_HIDDEN, LLM_HIDDEN)), ("ffn_gate.weight", (ffn, LLM_HIDDEN)),
+                        ("ffn_up.weight", (ffn, LLM_HIDDEN)), ("ffn_down.weight", (LLM_HIDDEN, ffn))):
+        writer.add_tensor(f"blk.0.{name}", np.ones(shape, np.float32) if "norm" in name else t(*shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return llm, mm
