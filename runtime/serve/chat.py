@@ -1,0 +1,57 @@
+"""POST /v1/chat/completions: check, translate, submit one job to the scheduler, stream its events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import numpy as np
+from fastapi import APIRouter, Request
+from huatuo_local.runtime.core.items import conversation_items
+from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, ShuttingDown
+from huatuo_local.runtime.serve.body import Disconnect, read_json
+from huatuo_local.runtime.serve.openai import ApiError, ChatRequest, parse_chat
+from huatuo_local.runtime.serve.reply import Reply, StreamText, state_shutting_down
+from huatuo_local.runtime.serve.state import RETRY_AFTER_S, SHUTDOWN_GRACE_S, state_of
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+log = logging.getLogger("huatuo_local.serve")
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = state_of(request)
+    who = state.tenant(request) or ""
+    scheduler = state.ready()
+    body = await read_json(request, state.config.max_body_bytes)
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        state.check_model(body["model"])
+    assert state.loader is not None
+    watch = Disconnect(request)
+    req: ChatRequest = await watch.run(parse_chat, body, state.loader, watch.gone.is_set)
+    items = await run_in_threadpool(conversation_items, scheduler.engine.tokenize, req.turns, req.images)
+    if state.config.log_prompts:
+        log.info("prompt: %s", json.dumps([t.text for t in req.turns], ensure_ascii=False))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job(items, req.params, np.random.default_rng(req.seed), tenant=who,
+              on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    try:
+        scheduler.submit(job)
+    except ContextFull as exc:
+        raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    except QueueFull as exc:
+        raise ApiError(503, f"the server is busy ({exc})", "server_error", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ShuttingDown:
+        raise state_shutting_down() from None
+    reply = Reply(job, StreamText(req.stop), state.model_id)
+    if req.stream:
+        # On SIGTERM, answers in flight get SHUTDOWN_GRACE_S to finish with their last chunk and
+        # [DONE] (sse-starlette would otherwise cut every stream at once); uvicorn waits longer.
+        return EventSourceResponse(reply.chunks(events, req.include_usage), ping=15, sep="\n",
+                                   shutdown_grace_period=SHUTDOWN_GRACE_S)
+    return await reply.whole(events, request)

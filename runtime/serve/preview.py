@@ -1,0 +1,32 @@
+"""POST /v1/huatuo/preview: the exact picture the model receives for one image, for the page."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from fastapi import APIRouter, Request
+from huatuo_local.runtime.serve.body import Disconnect, read_json
+from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.state import state_of
+
+router = APIRouter()
+
+
+@router.post("/v1/huatuo/preview")
+async def preview(request: Request):
+    """The picture (window, frame, padded to square, 336 px) as PNG, with its digest and frame count."""
+    state = state_of(request)
+    state.tenant(request)
+    state.ready()
+    body = await read_json(request, state.config.max_body_bytes)
+    if not isinstance(body, dict) or not isinstance(body.get("image_url"), dict):
+        raise ApiError(400, "send {\"image_url\": {\"url\": \"data:...\", \"window\": ..., \"frame\": ...}}",
+                       param="image_url")
+    assert state.loader is not None
+    watch = Disconnect(request)
+    item, frames = await watch.run(state.loader.preview, body["image_url"], watch.gone.is_set)
+    buf = io.BytesIO()
+    item.picture.save(buf, format="PNG")
+    return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "frames": frames,
+            "width": item.picture.size[0], "height": item.picture.size[1], "digest": item.digest}

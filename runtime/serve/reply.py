@@ -1,0 +1,163 @@
+"""One job's events turned into OpenAI's answer: a whole `chat.completion`, or its stream of chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import Response
+from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
+from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
+from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.state import RETRY_AFTER_S
+
+
+class StreamText:
+    """The answer as the release returns it (stripped), cut at the first stop string, emitted safely.
+
+    Whitespace at the end, and any ending that could start a stop string, is held back until
+    the next piece shows what it is.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.buf, self.started, self.stopped = stops, "", False, False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += piece
+        if not self.started:
+            self.buf = self.buf.lstrip()
+            if not self.buf:
+                return ""
+            self.started = True
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf, self.stopped = self.buf[: min(hits)].rstrip(), "", True
+            return out
+        hold = len(self.buf) - len(self.buf.rstrip())
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.buf) - hold
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out
+
+    def finish(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf.rstrip()), ""
+        return out
+
+
+def _usage(result: Result) -> dict:
+    return {"prompt_tokens": result.prompt_positions, "completion_tokens": len(result.tokens),
+            "total_tokens": result.prompt_positions + len(result.tokens)}
+
+
+def _extension(result: Result) -> dict:
+    """Beyond OpenAI's fields: what the scheduler reused and how long things took."""
+    return {**result.counters.__dict__, "first_token_s": round(result.timings.first_token_s, 4),
+            "queued_s": round(result.timings.queued_s, 4), "generation_s": round(result.timings.generation_s, 4)}
+
+
+def state_shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; try again when it is back", "server_error",
+                    code="shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def generation_error(exc: BaseException) -> ApiError:
+    """What a client hears when its answer failed in the scheduler."""
+    if isinstance(exc, ShuttingDown):
+        return state_shutting_down()
+    return ApiError(500, f"generation failed: {exc}", "server_error")
+
+
+class Reply:
+    """One job's events turned into OpenAI's answer: a whole `chat.completion` or its stream of chunks."""
+
+    def __init__(self, job: Job, text: StreamText, model_id: str):
+        self.job, self.text, self.model_id = job, text, model_id
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def finish_reason(self, result: Result) -> str:
+        return "stop" if self.text.stopped or result.finish_reason == "stop" else "length"
+
+    async def whole(self, events: asyncio.Queue, request: Request):
+        parts: list[str] = []
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
+                except asyncio.TimeoutError:
+                    kind, value = "", None
+                if loop.time() - checked >= DISCONNECT_CHECK_S:
+                    # Nothing cancels a plain handler when its client goes away: look, and stop the
+                    # answer nobody will read (it holds a sequence others may be waiting for).
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        self.job.cancel()
+                        return Response(status_code=499)
+                if kind == "piece":
+                    parts.append(self.text.feed(value))
+                    if self.text.stopped:
+                        self.job.cancel()
+                elif kind == "done":
+                    parts.append(self.text.finish())
+                    result: Result = value
+                    break
+                elif kind == "error":
+                    raise generation_error(value)
+        except asyncio.CancelledError:  # the client went away, or the server stops: free the sequence
+            self.job.cancel()
+            raise
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "finish_reason": self.finish_reason(result)}],
+                "usage": _usage(result), "huatuo": _extension(result)}
+
+    def chunk(self, delta: dict, reason: str | None = None) -> str:
+        return json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": self.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]},
+                          ensure_ascii=False)
+
+    async def chunks(self, events: asyncio.Queue, include_usage: bool):
+        done = False
+        try:
+            yield self.chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await events.get()
+                if kind == "piece":
+                    out = self.text.feed(value)
+                    if out:
+                        yield self.chunk({"content": out})
+                    if self.text.stopped:
+                        self.job.cancel()
+                elif kind == "done":
+                    done = True
+                    tail = self.text.finish()
+                    if tail:
+                        yield self.chunk({"content": tail})
+                    yield self.chunk({}, self.finish_reason(value))
+                    if include_usage:
+                        yield json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                          "model": self.model_id, "choices": [], "usage": _usage(value),
+                                          "huatuo": _extension(value)})
+                    yield "[DONE]"
+                    return
+                elif kind == "error":
+                    done = True
+                    yield json.dumps(generation_error(value).body())
+                    yield "[DONE]"
+                    return
+        finally:
+            if not done:  # the client went away: free its sequence at once
+                self.job.cancel()
+
+

@@ -1,0 +1,174 @@
+"""The images of a request: `data:` URIs decoded in memory, `file://` paths read inside `--allow-files`
+through descriptors, every picture made with the same loader as `chat`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.core.items import ImageItem, image_item
+from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.loader import ImageData, LoadOptions, frame_count, load_rgb, prepare
+from huatuo_local.runtime.serve.openai import ApiError, _bad
+
+_DICOM_MIMES = ("application/dicom", "image/dicom")
+# A server decodes what any client sends: 50 megapixels (the padded square included) holds every
+# radiograph and mammogram (a 5624-pixel side is 31.6 M) and keeps one decode within ~0.3 GB.
+SERVE_MAX_PIXELS = 50_000_000
+
+
+@dataclass
+class Limits:
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = SERVE_MAX_PIXELS
+    allow_files: list[Path] = field(default_factory=list)
+
+
+# Loader messages speak to CLI users; a client is told the request field or the server's option instead.
+_FIELD_NAMES = (("--max-pixels", "the server's --max-pixels"), ("--frame", "'frame'"), ("--window", "'window'"))
+
+
+def _for_client(message: str) -> str:
+    for flag, field_name in _FIELD_NAMES:
+        message = message.replace(flag, field_name)
+    return message
+
+
+class ImageLoader:
+    """Turns one `image_url` part into the picture the model sees, with the same loader as `chat`.
+
+    Images are decoded from memory (uploads never touch the disk), a bounded number at a time
+    (decoding is where a small file can cost a lot of memory), and not at all once the request
+    that wants them is gone.
+    """
+
+    def __init__(self, limits: Limits, vision, max_decodes: int = 1):
+        self.limits, self.vision = limits, vision
+        self._decodes = threading.BoundedSemaphore(max_decodes)
+        # Each allowed folder as given and as resolved, once: a client's path is matched against
+        # either, then opened from the resolved folder's descriptor without following links.
+        self._roots = [(Path(os.path.abspath(p)), p.resolve()) for p in limits.allow_files]
+
+    def load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> ImageItem:
+        """The picture the model sees for one image part."""
+        return self._load(part, where, cancelled)[0]
+
+    def _load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
+        spec = part.get("image_url")
+        if isinstance(spec, str):
+            spec = {"url": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
+            raise _bad("an image_url part needs {'url': ...}", where)
+        url = spec["url"]
+        window = spec.get("window")
+        if window is not None and not isinstance(window, str):
+            raise _bad("'window' must be a string: a preset (lung, bone, ...) or \"CENTER,WIDTH\"", where)
+        try:
+            window = parse_window(window)
+        except HuatuoError as exc:
+            raise _bad(_for_client(str(exc)), where) from None
+        frame = spec.get("frame")
+        if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < 1 << 31):
+            raise _bad("'frame' must be a non-negative integer", where)
+        options = LoadOptions(window, frame, self.limits.max_pixels)
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            data = self._from_data(url, where)
+        elif scheme == "file":
+            data = self._from_file(url, where)
+        elif scheme in ("http", "https"):
+            raise _bad("the server never fetches URLs (images stay on this machine); send the image as a data: "
+                       "URI, e.g. data:image/png;base64,...", where, "url_not_allowed")
+        else:
+            raise _bad(f"unsupported image URL scheme {scheme[:20] or '(none)'!r}; use a data: URI", where)
+        with self._decodes:
+            if cancelled is not None and cancelled():
+                raise ApiError(499, "the client went away", code="client_closed")
+            return self._prepare(data, options, where)
+
+    def _from_data(self, url: str, where: str) -> ImageData:
+        head, sep, payload = url.partition(",")
+        if not sep or not head.lower().endswith(";base64"):
+            raise _bad("image data URIs must be base64: data:MIME;base64,...", where)
+        if len(payload) * 3 // 4 > self.limits.max_image_bytes:
+            raise ApiError(413, f"image larger than {self.limits.max_image_bytes // (1024 * 1024)} MB",
+                           param=where, code="image_too_large")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("the image's base64 data is invalid", where) from None
+        mime = head[5:-7].lower()
+        return ImageData(data, "the uploaded image.dcm" if mime in _DICOM_MIMES else "the uploaded image")
+
+    def _from_file(self, url: str, where: str) -> ImageData:
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise _bad("file:// URLs name a file on this machine: file:///path", where)
+        try:
+            text = unquote(parsed.path, errors="strict")
+        except UnicodeDecodeError:
+            raise _bad("file:// URLs must be UTF-8 paths", where) from None
+        if "\x00" in text or not text.startswith("/"):
+            raise _bad("file:// URLs need an absolute path without NUL characters", where)
+        parts = PurePosixPath(text).parts
+        if any(p in (".", "..") for p in parts):
+            raise _bad("file:// paths may not contain '.' or '..'", where)
+        for given, resolved in self._roots:
+            for root in dict.fromkeys((given, resolved)):
+                if parts[: len(root.parts)] == root.parts and len(parts) > len(root.parts):
+                    return ImageData(self._read_below(resolved, parts[len(root.parts):], where), text)
+        raise ApiError(403 if self._roots else 400,
+                       "file:// images are only read inside the folders the server was started with "
+                       "(--allow-files DIR)", param=where, code="file_not_allowed")
+
+    def _read_below(self, root: Path, names: tuple[str, ...], where: str) -> bytes:
+        """Read root/names... opened once, each step from its folder's descriptor without following a link,
+        so a folder swapped for a link while we read cannot lead outside the allowed folder."""
+        fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+        try:
+            for name in names[:-1]:
+                fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fds.append(os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
+            info = os.fstat(fds[-1])
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad("file:// images must be regular files", where)
+            if info.st_size > self.limits.max_image_bytes:
+                raise ApiError(413, "image file too large", param=where, code="image_too_large")
+            with os.fdopen(os.dup(fds[-1]), "rb") as f:
+                data = f.read(self.limits.max_image_bytes + 1)
+            if len(data) > self.limits.max_image_bytes:
+                raise ApiError(413, "image file too large", param=where, code="image_too_large")
+            return data
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise _bad("file:// paths may not go through symbolic links", where) from None
+            if exc.errno == errno.ENOENT:
+                raise _bad("no such file inside the allowed folders", where) from None
+            raise _bad(f"cannot read that file ({exc.strerror})", where) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
+        """What the model will see for one image part, and how many frames the file has."""
+        return self._load({"image_url": spec}, "image", cancelled)
+
+    def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
+        try:
+            return image_item(prepare(load_rgb(data, options), self.vision)), frame_count(data)
+        except HuatuoError as exc:
+            message = _for_client(str(exc))
+            status = 413 if "too large" in message else 400
+            raise ApiError(status, message, param=where,
+                           code="image_too_large" if status == 413 else "invalid_image") from None
+
+

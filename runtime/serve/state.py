@@ -1,0 +1,127 @@
+"""What a running server knows: its configuration, the model once loaded, and who is asking.
+
+The model loads on a thread while the server already answers (`/health` says 503 until it is ready).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from huatuo_local.runtime.core.scheduler import Scheduler
+from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.request_images import ImageLoader, Limits
+
+RETRY_AFTER_S = 2
+SHUTDOWN_GRACE_S = 8.0  # < uvicorn's timeout_graceful_shutdown (10 s, serve/server.py)
+RPC_RETRY_S = 3.0  # how often a server whose RPC worker is down tries to load again
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    parallel: int = 4
+    api_keys: list[str] = field(default_factory=list)  # each its own tenant (see Job.tenant)
+    n_gpu_layers: int | None = None
+    ctx: int | None = None
+    threads: int | None = None
+    max_queue: int = 64
+    allow_files: list[Path] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    log_prompts: bool = False
+    prefix_cache: bool = True
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_pixels: int | None = None
+    allow_unverified_vision: bool = False
+    rpc: str | None = None
+    tensor_split: list[float] | None = None
+
+
+def tenant_of(key: str) -> str:
+    """A key's tenant: a digest, so that nothing stored or logged holds the key itself."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.scheduler: Scheduler | None = None
+        self.model_id = config.model or ""
+        self.quant = ""
+        self.names: set[str] = set()
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.loader: ImageLoader | None = None
+        self.shutting_down = False
+        self.tenants = {key.encode("utf-8"): tenant_of(key) for key in config.api_keys}
+    def load(self) -> None:
+        from huatuo_local.runtime.core.loading import open_model
+
+        c = self.config
+        while True:
+            try:
+                model, engine, cache = open_model(
+                    c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads,
+                    prefix_cache=c.prefix_cache, allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel,
+                    rpc=c.rpc, tensor_split=c.tensor_split)
+                break
+            except Exception as exc:  # reported by /health and every request; the server stays up
+                self.error = str(exc)
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+                if not (c.rpc and "RPC worker" in str(exc)):
+                    return
+                time.sleep(RPC_RETRY_S)  # a worker that is down or restarting: try again until it answers
+        self.error = None
+        self.model_id = model.ref
+        self.quant = model.quant or "?"
+        self.names = {model.ref, model.name, model.store_name or "", str(c.model or "")} - {""}
+        limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
+                        [p.expanduser().resolve() for p in c.allow_files])
+        self.loader = ImageLoader(limits, engine.vision)
+        self.scheduler = Scheduler(engine, cache, max_queue=c.max_queue)
+        print(f"ready: {self.model_id} ({c.parallel} parallel, {engine.options.n_ctx} tokens of context each)"
+              + (f"; {engine.placement_note}" if engine.placement_note else ""), file=sys.stderr, flush=True)
+
+    def ready(self) -> Scheduler:
+        if self.shutting_down:
+            raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
+        if self.scheduler is not None:
+            return self.scheduler
+        if self.error:
+            raise ApiError(503, f"the model could not be loaded: {self.error}", "server_error", code="model_not_loaded")
+        raise ApiError(503, "the model is still loading; try again shortly", "server_error", code="loading",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    def tenant(self, request: Request, required: bool = True) -> str | None:
+        """The caller's tenant ("" without keys); None (or 401 when `required`) for a missing or wrong key."""
+        if not self.tenants:
+            return ""
+        given = request.headers.get("authorization", "")
+        # Compared as the bytes that came over the wire, so a UTF-8 key works as typed.
+        token = given[7:].encode("latin-1") if given.lower().startswith("bearer ") else b""
+        found = None
+        for key, name in self.tenants.items():  # every key compared, in constant time each
+            if hmac.compare_digest(token, key):
+                found = name
+        if found is None and required:
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "authentication_error",
+                           code="invalid_api_key")
+        return found
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise ApiError(404, f"model {name[:100]!r} is not served here (this server serves {self.model_id})",
+                           "not_found_error", "model", "model_not_found")
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.huatuo
