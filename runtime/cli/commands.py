@@ -496,8 +496,8 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
     ask), on this machine only unless --host says otherwise."""
-    from huatuo_local.runtime.serve.state import ServeConfig
     from huatuo_local.runtime.serve.server import serve as run_server
+    from huatuo_local.runtime.serve.state import ServeConfig
 
     keys = _api_keys(api_key, api_key_file)
     if parallel < 1 or parallel > 64:
