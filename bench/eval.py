@@ -30,7 +30,7 @@ CHILD = """
 import json, time
 from pathlib import Path
 from huatuo_local.models.evaluation import load_records
-from huatuo_local.runtime.eval.run import EvalSettings, EvalWorker
+from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
 records, _ = load_records(Path({data!r}))
 t0 = time.perf_counter()
 w = EvalWorker({manifest!r}, EvalSettings(temperature=0.0, max_new_tokens={tokens}), parallel={parallel})

@@ -582,6 +582,7 @@ def eval_cmd(
 ) -> None:
     """The model card's accuracy table for your model files, measured the way the release measures it."""
     from huatuo_local.runtime.eval import run as evaluate
+    from huatuo_local.runtime.eval.results import RESULTS, read_rows
 
     if args and args[0] == "compare":
         if len(args) != 3:
@@ -590,10 +591,10 @@ def eval_cmd(
 
         rows = []
         for run_dir in args[1:]:
-            path = Path(run_dir) / evaluate.RESULTS
+            path = Path(run_dir) / RESULTS
             if not path.is_file():
-                fail(f"{run_dir}: no {evaluate.RESULTS}; give two folders written by huatuo-local eval")
-            rows.append(evaluate.read_rows(path))
+                fail(f"{run_dir}: no {RESULTS}; give two folders written by huatuo-local eval")
+            rows.append(read_rows(path))
         typer.echo(compare_markdown(compare(*rows), args[1], args[2]), nl=False)
         return
     if len(args) != 1:

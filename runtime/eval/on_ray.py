@@ -20,7 +20,8 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record
-from huatuo_local.runtime.eval.run import EvalSettings, EvalWorker, ResultsFile, eprint
+from huatuo_local.runtime.eval.results import ResultsFile, eprint
+from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
 
 MAX_REPLACEMENTS = 8  # actors started to replace dead ones before the run gives up
 

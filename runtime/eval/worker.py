@@ -1,0 +1,135 @@
+"""The eval worker: one model, its scheduler and parallel sequences, answering the release's questions.
+
+Each question is one job on the same scheduler as chat (so a greedy answer is chat's), drawing from
+its own random stream seeded from 42 and its record number: an answer does not depend on order,
+batching, resume or machine. Questions about one image wait until the first has read it, then reuse
+its prefix instead of encoding the image again in parallel slots.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from huatuo_local.models import defaults
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.evaluation import Record, build_query, card_column, is_correct, predicted_letter
+from huatuo_local.models.prompt import MAX_IMAGES, Turn
+from huatuo_local.runtime.core.items import conversation_items, image_item
+from huatuo_local.runtime.core.sampling import SamplingParams
+from huatuo_local.runtime.core.scheduler import Job, Scheduler
+from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
+
+EVAL_CTX = 4096  # the release's 6 images of 576 positions, a question and 256 new tokens fit
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How answers are generated; stored with a run and checked when it resumes."""
+
+    temperature: float = defaults.TEMPERATURE
+    repetition_penalty: float = defaults.REPETITION_PENALTY
+    max_new_tokens: int = 256
+    top_k: int = defaults.TOP_K
+    top_p: float = defaults.TOP_P
+    seed: int = 42
+
+    @classmethod
+    def release(cls, greedy: bool = False) -> EvalSettings:
+        return cls(temperature=0.0) if greedy else cls()
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, repetition_penalty=self.repetition_penalty,
+                              max_new_tokens=self.max_new_tokens, top_k=self.top_k, top_p=self.top_p,
+                              seed=self.seed)
+
+def row_for(record: Record, output: str, generated: int = 0, finish: str = "stop",
+            error: str | None = None) -> dict:
+    """One line of results.jsonl: the answer and how the release's scorer reads it."""
+    row = {"number": record.number, "dataset": record.dataset, "group": record.group,
+           "column": card_column(record.dataset), "output": output, "predicted": predicted_letter(output),
+           "right": record.right_letter, "correct": is_correct(record, output), "generated_tokens": generated,
+           "finish_reason": finish}
+    if error:
+        row["error"] = error
+    return row
+
+class EvalWorker:
+    """A model, its scheduler and `parallel` sequences, answering records."""
+
+    def __init__(self, model: str | Path | None, settings: EvalSettings, parallel: int = 1,
+                 threads: int | None = None, n_ctx: int = EVAL_CTX, prefix_cache: bool = True,
+                 n_gpu_layers: int | None = None, rpc: str | None = None, tensor_split: list[float] | None = None):
+        from huatuo_local.runtime.core.loading import open_model
+
+        self.settings = settings
+        self.model, self.engine, cache = open_model(model, n_ctx=n_ctx, threads=threads, n_seq=max(1, parallel),
+                                                    prefix_cache=prefix_cache, n_gpu_layers=n_gpu_layers,
+                                                    rpc=rpc, tensor_split=tensor_split)
+        # Enough waiting work that a slot never idles while the driver prepares the next image.
+        self.scheduler = Scheduler(self.engine, cache)
+        self.window = 2 * max(1, parallel)
+
+    def _job(self, record: Record, done: queue.Queue) -> Job | None:
+        if len(record.images) > MAX_IMAGES:
+            done.put((record, None, f"{len(record.images)} images; the release takes at most {MAX_IMAGES}"))
+            return None
+        try:
+            images = [image_item(prepare(load_rgb(p, LoadOptions()), self.engine.vision)) for p in record.images]
+        except HuatuoError as exc:  # the release skips an unreadable image; here it is recorded as wrong
+            done.put((record, None, str(exc)))
+            return None
+        items = conversation_items(self.engine.tokenize, [Turn(build_query(record), len(images))], images)
+        params = self.settings.sampling()
+        rng = np.random.default_rng([self.settings.seed, record.number])
+        job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None)))
+        try:
+            return self.scheduler.submit(job)
+        except HuatuoError as exc:  # e.g. more positions than the context holds: that question only
+            done.put((record, None, str(exc)))
+            return None
+
+    def answer(self, records: Iterable[Record]) -> Iterator[dict]:
+        """Rows as answers finish (not in input order). Closing the iterator cancels what is in flight.
+
+        The questions about one image (VQA-RAD and SLAKE ask several per scan) wait until the first of
+        them has read it (its answer starts): then they reuse its prefix (the slot's, or the prefix
+        cache's) instead of encoding the same image in parallel slots (bench/eval.py).
+        """
+        groups: dict[tuple, list[Record]] = {}
+        for r in sorted(records, key=lambda r: (tuple(str(getattr(p, "name", p)) for p in r.images), r.number)):
+            groups.setdefault(r.images, []).append(r)
+        ready: deque[Record] = deque(g[0] for g in groups.values())  # one leader per image
+        followers = {key: g[1:] for key, g in groups.items()}
+        done: queue.Queue = queue.Queue()
+        live: dict[int, Job | None] = {}
+        try:
+            while ready or live:
+                while ready and len(live) < self.window:
+                    r = ready.popleft()
+                    live[r.number] = self._job(r, done)  # None: its error is already queued
+                record, event, error = done.get()
+                # Its image is read (the answer has started, or it failed): the others about it may
+                # start, first in line.
+                ready.extendleft(reversed(followers.pop(record.images, [])))
+                if event is not None and event[0] == "piece":
+                    continue
+                live.pop(record.number, None)
+                if error is not None:
+                    yield row_for(record, "", error=error)
+                elif event[0] == "error":
+                    yield row_for(record, "", error=str(event[1]))
+                else:
+                    result = event[1]
+                    yield row_for(record, result.text, len(result.tokens), result.finish_reason)
+        finally:
+            for job in live.values():
+                if job is not None:
+                    job.cancel()
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.engine.close()
