@@ -1,4 +1,4 @@
-"""The PyTorch reference used by the fidelity tests: `huatuo_local.runtime.verify.compare.OriginalModel`.
+"""The PyTorch reference used by the fidelity tests: `huatuo_local.runtime.verify.reference.OriginalModel`.
 
 It rebuilds the release's inference path from the checkpoint files with transformers
 (see that module); the tests only add what they need to know about the tiny checkpoints.
@@ -6,7 +6,7 @@ It rebuilds the release's inference path from the checkpoint files with transfor
 
 from __future__ import annotations
 
-from huatuo_local.runtime.verify.compare import OriginalModel
+from huatuo_local.runtime.verify.reference import OriginalModel
 
 
 class Reference(OriginalModel):

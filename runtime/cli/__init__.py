@@ -1,5 +1,15 @@
-"""The `huatuo-local` command (the top layer): typer commands that only parse, check and call the layers below."""
+"""The `huatuo-local` command, the top layer: typer commands that only parse, check and call the layers below.
 
-from huatuo_local.runtime.cli.commands import app, main
+Each module holds one group of commands and registers them on the shared `app` (cli/app.py) when it is
+imported, in the order `--help` lists them.
+"""
+
+import importlib
+
+from huatuo_local.runtime.cli.app import app, main
+
+for _group in ("store", "chat", "serve", "eval", "tools", "doctor", "cache"):
+    importlib.import_module(f"huatuo_local.runtime.cli.{_group}")
+app.add_typer(importlib.import_module("huatuo_local.runtime.cli.cache").cache_app, name="cache")
 
 __all__ = ["app", "main"]

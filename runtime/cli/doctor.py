@@ -1,4 +1,4 @@
-"""What `huatuo-local doctor` reports: the engine build, the vision probe, RAM, what fits."""
+"""`huatuo-local doctor`: the engine build, the vision probe, GPUs, RAM and what fits, as text or JSON."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from huatuo_local.models.registry import KNOWN_MODELS
+from huatuo_local.runtime.cli.app import app
 
 GIB = 1024**3
 
@@ -104,3 +107,72 @@ def placements(gpus) -> dict[str, str]:
         except Exception as exc:  # a damaged model is reported, the report goes on
             out[m.ref] = f"unreadable ({exc})"
     return out
+
+
+@app.command(epilog="Example: huatuo-local doctor --json")
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    selftest: Annotated[bool, typer.Option("--selftest", help="Also write, convert and chat with a tiny random "
+                                                              "model (no download).")] = False,
+    rpc: Annotated[str | None, typer.Option(help="Also ask these RPC workers (HOST:PORT,...) for their memory and "
+                                            "show which quants fit across them and this machine.")] = None,
+) -> None:
+    """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
+    import json
+    from dataclasses import asdict
+
+    from huatuo_local.runtime.cli.doctor import gather
+
+    if selftest:
+        from huatuo_local.runtime.cli import selftest as st
+
+        result = st.run()
+        where = "GPU (all layers)" if result.gpu_layers else "CPU"
+        typer.echo(f"selftest         ok on {where}: converted a random model and generated {result.tokens} "
+                   f"tokens in {result.seconds:.1f} s (random weights: the answer is meaningless)")
+
+    from huatuo_local.runtime.rpc.client import parse_endpoints
+
+    report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None)
+    if as_json:
+        typer.echo(json.dumps(asdict(report), indent=2))
+    else:
+        probe = report.probe
+        status = "ok" if probe.get("ok") else "FAILED"
+        lines = [
+            f"huatuo-local     {report.version}",
+            f"engine           llama-cpp-python {report.engine_version}"
+            + (f" (CMAKE_ARGS={report.engine_build.get('cmake_args') or 'default'})" if report.engine_build else ""),
+            f"vision probe     {status}: {probe.get('verdict')} (max |diff| {probe.get('max_abs_diff', 0):.2e} "
+            f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),
+            f"library          {probe.get('library')}",
+            *([f"GPU              {g['name']}: {g['description']}, {g['free_gib']:.1f} GiB free of "
+               f"{g['total_gib']:.1f} GiB" for g in report.gpus] or ["GPU              none (the CPU runs the model)"]),
+            *[f"{ref:<16} {note}" for ref, note in (report.placements or {}).items()],
+            f"RPC backend      {'built in (huatuo-local rpc-worker, --rpc)' if report.rpc else 'not built'}",
+            f"CPU features     {report.system_info}",
+            f"CPU cores        {report.physical_cores} physical, {report.logical_cores} logical (threads default to "
+            "the physical count)",
+            f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
+        ]
+        for name, fits in report.fits.items():
+            ok = [q for q, f in fits.items() if f]
+            lines.append(f"{name:<16} fits: {', '.join(ok) if ok else 'none of ' + ', '.join(fits)}")
+        for w in report.workers or []:
+            if "fits" in w:
+                for name, fits in w["fits"].items():
+                    ok = [q for q, f in fits.items() if f]
+                    lines.append(f"{name:<16} fits across the workers and this machine ({w['free_gib']:.1f} GiB "
+                                 f"free): {', '.join(ok) if ok else 'none'}")
+            else:
+                lines.append(f"RPC worker       {w['endpoint']}: {w['free_gib']:.1f} GiB free of "
+                             f"{w['total_gib']:.1f} GiB")
+        rec = report.recommended
+        lines.append(f"recommended      -ngl {rec['n_gpu_layers']} --threads {rec['threads']}, quant "
+                     + ", ".join(f"{k}: {v or 'too large'}" for k, v in rec["quant"].items()))
+        typer.echo("\n".join(lines))
+    if not report.probe.get("ok"):
+        from huatuo_local.runtime.engine.probe import FIX_HINT
+
+        typer.echo(f"error: the vision probe failed; {FIX_HINT}", err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,113 @@
+"""The `huatuo-local` typer application and what every command shares: flags, checks, the one-line error.
+
+The commands live beside this module, one module per group (chat, store, serve, eval, doctor,
+tools, cache); `runtime/cli/__init__.py` imports them so that they register on `app`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Annotated
+
+import typer
+from huatuo_local.models.errors import HuatuoError
+
+
+def _plain_help() -> None:
+    """Help in the words users know: `CHECKPOINT` and `IMAGES...` in usage lines, not typer 0.2x's
+    `{src}`, and no Python types such as `<list[Path]>` beside arguments (their help says what they are)."""
+    from typer import core
+
+    def usage_name(self) -> str:
+        name = self.metavar or self.display_name_raw.upper()
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    core.TyperArgument._usage_display_name = usage_name
+    core.TyperArgument.display_type_rich = lambda self, ctx: None
+    plain_type = core._TyperParameter.display_type
+    core._TyperParameter.display_type = lambda self, ctx: re.sub(  # <list[Path]> → <path>: the option repeats
+        r"<list\[(\w+)\]>", lambda m: f"<{m.group(1).lower()}>", plain_type(self, ctx))
+
+
+_plain_help()
+
+app = typer.Typer(
+    name="huatuo-local",
+    help="Run HuatuoGPT-Vision locally and offline through llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain help text: rich markup would eat `[verify]`-style words and re-wrap the examples.
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from huatuo_local import __version__
+
+        typer.echo(f"huatuo-local {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Run HuatuoGPT-Vision locally and offline through llama.cpp."""
+
+
+# The CLI's flag for each sampling setting (runtime/sampling.py's RANGES hold the limits).
+_FLAGS = {"temperature": "--temperature", "repetition_penalty": "--repeat-penalty", "max_new_tokens": "--max-tokens",
+          "top_k": "--top-k", "top_p": "--top-p", "min_new_tokens": "--min-tokens"}
+
+
+def check_settings(**settings: float) -> None:
+    """The same ranges the API enforces, named by their flags."""
+    from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
+
+    try:
+        SamplingParams(**settings).check()
+    except SettingError as exc:
+        fail(f"{_FLAGS[exc.setting]} {exc.detail}")
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+# --rpc and --tensor-split, the same on chat, serve and eval
+RpcOption = Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
+                                                    "layers (huatuo-local rpc-worker on each); the vision encoder "
+                                                    "stays here.")]
+TensorSplitOption = Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
+                                                             "then each worker (e.g. 1,1,1; default: by free "
+                                                             "memory).")]
+
+
+def _shares(text: str | None, rpc: str | None) -> list[float] | None:
+    """--tensor-split's numbers (this machine first, then each --rpc worker)."""
+    if text is None:
+        return None
+    if not rpc:
+        fail("--tensor-split needs --rpc")
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        fail(f"--tensor-split {text}: give numbers separated by commas, this machine's share first (e.g. 1,1,1)")
+    return None
+
+
+def main() -> None:
+    try:
+        app(prog_name="huatuo-local")
+    except HuatuoError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+

@@ -1,0 +1,101 @@
+"""`huatuo-local serve`: the OpenAI-compatible API and the page, on this machine only unless told."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from huatuo_local.runtime.cli.app import RpcOption, TensorSplitOption, _shares, app, fail
+
+
+@app.command(epilog="Examples:\n\n  huatuo-local serve --model huatuo-vision-7b --parallel 4\n\n"
+                   "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+                   "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n\n"
+                   "  huatuo-local serve --host 0.0.0.0 --api-key-file ~/.huatuo-key   (reachable from the network)")
+def serve(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or .gguf file "
+                                                                    "(default: huatuo-vision-7b).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable by others.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    parallel: Annotated[int, typer.Option(help="Conversations answered at once (llama.cpp sequences).")] = 4,
+    api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY. Other users of this "
+                                                     "machine can read it in the process list: prefer "
+                                                     "--api-key-file or HUATUO_LOCAL_API_KEY.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(help="Read the API keys from a file, one per line; each key "
+                                                          "is its own tenant (its clients never share cached "
+                                                          "work with another key's).")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
+                                                        "(default: all when a GPU is available).")] = None,
+    ctx: Annotated[int | None, typer.Option(help="Context per conversation in tokens (default 8192).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a free sequence; more get 503.")]
+    = 64,
+    allow_files: Annotated[list[Path] | None, typer.Option(help="A folder whose images may be sent as file:// "
+                                                                "URLs (repeat the option).")] = None,
+    cors_origin: Annotated[list[str] | None, typer.Option(help="Allow browser pages from this origin "
+                                                               "(repeat the option; default: none).")] = None,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (off: no patient text in "
+                                                                     "logs).")] = False,
+    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
+                                                  help="Do not keep encoded images on disk.")] = False,
+    max_body_mb: Annotated[int, typer.Option(help="Largest request body.")] = 64,
+    max_image_mb: Annotated[int, typer.Option(help="Largest image in a request.")] = 32,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels, the square it is "
+                                                        "padded to included (default 50000000).")] = None,
+    allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
+                                                          help="Answer even if the vision probe fails.")] = False,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+    rpc: RpcOption = None,
+    tensor_split: TensorSplitOption = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
+    ask), on this machine only unless --host says otherwise."""
+    from huatuo_local.runtime.serve.server import serve as run_server
+    from huatuo_local.runtime.serve.state import ServeConfig
+
+    keys = _api_keys(api_key, api_key_file)
+    if parallel < 1 or parallel > 64:
+        fail("--parallel must be between 1 and 64")
+    from huatuo_local.models.store import resolve
+
+    resolve(model)  # a name that resolves to nothing fails now, in one line, not as a server that never works
+    if rpc:
+        from huatuo_local.runtime.serve.supervise import is_child, supervise
+
+        if not is_child():  # llama.cpp aborts the process when a worker dies: keep the server up around it
+            raise typer.Exit(supervise(sys.argv[1:], host, port))
+    config = ServeConfig(
+        model=model, host=host, port=port, parallel=parallel, api_keys=keys, n_gpu_layers=n_gpu_layers, ctx=ctx,
+        threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
+        log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
+        max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
+        allow_unverified_vision=allow_unverified_vision, rpc=rpc, tensor_split=_shares(tensor_split, rpc))
+    run_server(config, open_browser)
+
+def _api_keys(flag: str | None, key_file: Path | None) -> list[str]:
+    """The server's API keys: --api-key-file (one per line), else --api-key, else HUATUO_LOCAL_API_KEY."""
+    import os
+
+    if flag and key_file:
+        fail("give --api-key or --api-key-file, not both")
+    if key_file is not None:
+        try:
+            text = key_file.expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"{key_file}: cannot read the API keys ({getattr(exc, 'strerror', None) or exc})")
+        keys = [line.strip() for line in text.splitlines() if line.strip()]
+        if not keys:
+            fail(f"{key_file}: empty; put one API key per line in it")
+    elif flag:
+        typer.echo("warning: --api-key is visible to other users of this machine in the process list; prefer "
+                   "--api-key-file FILE or the HUATUO_LOCAL_API_KEY environment variable", err=True)
+        keys = [flag.strip()]
+    else:
+        keys = [k for k in [os.environ.get("HUATUO_LOCAL_API_KEY", "").strip()] if k]
+    # Any UTF-8 text works (the server compares the header's bytes), but not what a header cannot carry.
+    if any(not k or not k.isprintable() or any(c.isspace() for c in k) for k in keys):
+        fail("an API key may not be empty or hold spaces or control characters")
+    return keys

@@ -1,0 +1,143 @@
+"""The local store: convert, pull, list, info and rm."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from huatuo_local.runtime.cli.app import app, fail
+
+
+@app.command(epilog="Examples:\n\n  huatuo-local convert ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   "
+                   "(into the local store: then chat --model huatuo-vision-7b)\n\n"
+                   "  huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M")
+def convert(
+    src: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint folder, or a Hugging Face repo id "
+                                                                  "to download.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder for the GGUF pair and manifest "
+                                                                 "(default: the local store, as --name).")] = None,
+    quant: Annotated[str, typer.Option(help="LLM type: F32, F16, BF16, Q8_0, or a llama.cpp quant (Q6_K, "
+                                            "Q5_K_M, Q4_K_M, ...).")] = "Q4_K_M",
+    mmproj_type: Annotated[str, typer.Option(help="Vision projector type: f16, q8_0 or f32.")] = "f16",
+    vision_tower: Annotated[str | None, typer.Option(help="CLIP tower folder or repo id, when the "
+                                                             "checkpoint does not hold it.")] = None,
+    name: Annotated[str | None, typer.Option(help="The model's name in the store (without -o), or the base name "
+                                                  "of the output files (default: the checkpoint folder's name).")]
+    = None,
+    threads: Annotated[int, typer.Option(help="Quantizer threads (0: all cores).")] = 0,
+) -> None:
+    """Convert a HuatuoGPT-Vision checkpoint into NAME-QUANT.gguf + mmproj-NAME-TYPE.gguf."""
+    from huatuo_local.convert.pipeline import convert as run_convert
+    from huatuo_local.convert.pull import store_name_for
+    from huatuo_local.models.store import store_folder
+    from huatuo_local.runtime.cli.progress import StageProgress
+
+    into_store = out is None
+    if out is None:  # into the local store, where `list`, `chat --model NAME` and `rm` find it
+        name = name or store_name_for(src)
+        out = store_folder(name)
+    with StageProgress() as bar:
+        result = run_convert(src, out, quant=quant, mmproj_type=mmproj_type, vision_tower=vision_tower,
+                             name=name, progress=bar.update, threads=threads)
+    typer.echo(f"wrote {result.llm_path}")
+    typer.echo(f"wrote {result.mmproj_path}")
+    typer.echo(f"wrote {result.manifest_path}")
+    if into_store:
+        typer.echo(f"in the local store as {out.name}:{result.manifest.quant.lower()}; try: huatuo-local chat IMAGE "
+                   f"--model {out.name}")
+
+@app.command(epilog="Examples:\n\n  huatuo-local pull huatuo-vision-7b\n\n"
+                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside Q4_K_M as "
+                   "huatuo-vision-7b:q8_0)\n\n"
+                   "  huatuo-local pull ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   (a checkpoint copied over)")
+def pull(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="huatuo-vision-7b, huatuo-vision-34b, a Hugging Face "
+                                                               "repo id, or a checkpoint folder on this machine.")],
+    quant: Annotated[str | None, typer.Option(help="LLM quant (default: the model's, Q4_K_M).")] = None,
+    name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of the repository (default: main); "
+                                                      "the commit is recorded in the manifest.")] = None,
+) -> None:
+    """Download a model (and convert it when needed) into the local store, or convert a checkpoint folder
+    already on this machine into it. Converting a 7B needs about 2.5x its download size of free disk while it
+    runs; pull checks before downloading."""
+    from huatuo_local.convert.pull import pull as run_pull
+    from huatuo_local.runtime.cli.progress import StageProgress
+
+    with StageProgress() as bar:
+        resolved = run_pull(model, quant, name, progress=bar.update, revision=revision)
+    commit = f", commit {resolved.manifest.revision[:12]}" if resolved.manifest and resolved.manifest.revision else ""
+    typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}{commit}); "
+               f"try: huatuo-local chat IMAGE --model {resolved.ref}")
+
+@app.command(name="list", epilog="Example: huatuo-local list")
+def list_cmd() -> None:
+    """List the models in the local store ($HUATUO_LOCAL_HOME/models)."""
+    from huatuo_local.models.store import list_models, models_dir
+
+    found = list_models()
+    if not found:
+        typer.echo(f"no models in {models_dir()}; get one with: huatuo-local pull huatuo-vision-7b")
+        return
+    width = max(len(m.ref) for m in found)
+    typer.echo(f"{'NAME':<{width}}  {'SIZE':>9}  FILES")
+    for m in found:
+        typer.echo(f"{m.ref:<{width}}  {m.size_bytes / 1024**3:5.2f} GiB  {m.llm_path.name} + {m.mmproj_path.name}")
+
+@app.command(epilog="Examples:\n\n  huatuo-local info huatuo-vision-7b\n\n  huatuo-local info huatuo-vision-7b --json")
+def info(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name, folder, manifest or .gguf file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print every field as JSON.")] = False,
+) -> None:
+    """Show a model's files, source, quantization and checksums."""
+    import json
+    from dataclasses import asdict
+
+    from huatuo_local.models.gguf_check import check_gguf
+    from huatuo_local.models.store import resolve
+
+    m = resolve(model)
+    llm, mmproj = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")
+    data = asdict(m.manifest) if m.manifest else {"name": m.name}
+    data.update({"ref": m.ref, "llm_path": str(m.llm_path), "mmproj_path": str(m.mmproj_path),
+                 "llm_arch": llm.arch, "llm_tensors": len(llm.tensors), "mmproj_tensors": len(mmproj.tensors),
+                 "size_bytes": m.size_bytes})
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    rows = [("model", m.ref), ("quant", data.get("quant") or "?"),
+            ("size", f"{m.size_bytes / 1024**3:.2f} GiB"),
+            ("language model", f"{m.llm_path} ({llm.arch}, {len(llm.tensors)} tensors)"),
+            ("vision projector", f"{m.mmproj_path} ({data.get('mmproj_type') or '?'}, {len(mmproj.tensors)} tensors)"),
+            ("source", data.get("source") or "?"), ("commit", data.get("revision") or "-"),
+            ("converter", data.get("converter") or "?"),
+            ("llm sha256", data.get("llm_sha256") or "-"), ("mmproj sha256", data.get("mmproj_sha256") or "-")]
+    typer.echo("\n".join(f"{k:<17}{v}" for k, v in rows))
+
+@app.command(epilog="Examples:\n\n  huatuo-local rm huatuo-vision-7b:q8_0\n\n"
+                   "  huatuo-local rm huatuo-vision-7b --all --yes")
+def rm(
+    model: Annotated[str, typer.Argument(help="NAME or NAME:QUANT as `huatuo-local list` shows it.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    all_quants: Annotated[bool, typer.Option("--all", help="Every quant of NAME.")] = False,
+) -> None:
+    """Delete a model from the local store (only files its manifest lists; the shared mmproj stays while
+    another quant uses it)."""
+    from huatuo_local.models.store import plan_removal, remove
+
+    targets, delete, kept = plan_removal(model, all_quants)
+    size = sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink()) / 1024**3
+    names = ", ".join(m.ref for m in targets)
+    if not yes:
+        if not sys.stdin.isatty():  # a script or a pipe cannot answer: deleting needs a person or --yes
+            fail(f"rm {model}: would delete {names} ({size:.2f} GiB); nothing deleted: confirm in a terminal, "
+                 "or add --yes")
+        if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(p.name for p in delete)})?"):
+            typer.echo("nothing deleted", err=True)
+            raise typer.Exit(1)
+    done = remove(model, all_quants)
+    typer.echo(f"removed {', '.join(done.refs)} ({done.bytes_freed / 1024**3:.2f} GiB freed)")
+    for p in done.kept:
+        typer.echo(f"kept {p.name} (another quant uses it)")

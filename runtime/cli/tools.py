@@ -1,0 +1,84 @@
+"""`huatuo-local preview`, `verify` and `rpc-worker`: what the model sees, how close it is, lending memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from huatuo_local.runtime.cli.app import app, fail
+
+
+@app.command(epilog="Example: huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png")
+def verify(
+    models: Annotated[list[str], typer.Argument(help="Converted models (folders, manifests or .gguf files).")],
+    original: Annotated[Path, typer.Option(help="The original checkpoint folder.")],
+    images: Annotated[list[Path], typer.Option(help="Images for the prompt (repeat the option).")],
+    prompt: Annotated[str, typer.Option("-p", "--prompt")] = "What does the picture show?",
+    tokens: Annotated[int, typer.Option(help="Greedy tokens to compare.")] = 32,
+    vision_tower: Annotated[str | None, typer.Option(help="Tower folder, if not found from the checkpoint.")] = None,
+) -> None:
+    """Measure converted models against the original PyTorch model (needs the `verify` extra:
+    pip install 'huatuo-local[verify]')."""
+    from huatuo_local.runtime.verify.compare import format_table
+    from huatuo_local.runtime.verify.compare import verify as run_verify
+
+    rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
+    typer.echo(format_table(rows))
+
+_LOSSLESS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}  # preview -o: the pixels exactly
+
+@app.command(epilog="Example: huatuo-local preview CT_small.dcm --window lung -o ct.png")
+def preview(
+    image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP, GIF, TIFF, WebP or DICOM file.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Where to write the picture (.png, .tif or .bmp).")],
+    window: Annotated[str | None, typer.Option(help="lung, mediastinum, bone, brain, abdomen, liver, or "
+                                                    "CENTER,WIDTH.")] = None,
+    frame: Annotated[int | None, typer.Option(help="Frame of a multi-frame image.")] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels.")] = None,
+) -> None:
+    """Write exactly the picture the model will see (windowed, padded to square, resized to 336 px)."""
+    from huatuo_local.models.towers import KNOWN_TOWERS
+    from huatuo_local.runtime.images.dicom import parse_window
+    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, VisionInput, load_rgb, prepare
+
+    tower = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"]  # the tower of every HuatuoGPT-Vision model
+    picture = prepare(load_rgb(image, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)),
+                      VisionInput(tower.image_size, tower.image_mean))
+    target = out.expanduser()
+    kind = _LOSSLESS.get(target.suffix.lower())
+    if kind is None:
+        fail(f"{target}: write a lossless file (.png, .tif, .tiff or .bmp); a lossy format would change the "
+             "pixels the model sees")
+    tmp = target.with_name(f".{target.name}.partial")
+    try:
+        picture.save(tmp, format=kind)
+        tmp.replace(target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"{target}: cannot write ({exc.strerror or exc}); choose another -o")
+    typer.echo(f"wrote {target} ({picture.size[0]}x{picture.size[1]}, what the model sees)")
+
+@app.command(name="rpc-worker", epilog=(
+    "Examples:\n\n"
+    "  huatuo-local rpc-worker --port 50052                 (this machine only; tunnel it, see README)\n\n"
+    "  huatuo-local rpc-worker --host 10.0.0.2 --i-understand-rpc-is-unauthenticated   (a trusted network)"))
+def rpc_worker(
+    host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one, printed).")] = 50052,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
+    device: Annotated[str, typer.Option(help="Device whose memory to lend: cpu, cuda0, metal, ...")] = "cpu",
+    cache: Annotated[Path | None, typer.Option(help="Keep received weights in this folder (owner-only), so a "
+                                               "restart does not receive them again.")] = None,
+    acknowledged: Annotated[bool, typer.Option("--i-understand-rpc-is-unauthenticated",
+                                               help="Listen on a non-loopback --host although the protocol has "
+                                                    "no authentication or encryption.")] = False,
+) -> None:
+    """Lend this machine's memory to a model on another one (llama.cpp's RPC server, from the same library)."""
+    from huatuo_local.runtime.rpc.worker import serve_worker, worker_refusal
+    from huatuo_local.runtime.system import physical_cores
+
+    refusal = worker_refusal(host, acknowledged)
+    if refusal:
+        fail(refusal)
+    serve_worker(host, port, threads or physical_cores(), device, cache)
