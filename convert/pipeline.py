@@ -258,6 +258,52 @@ def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
     return final, sha
 
 
+def _source_folder(src: str, out: Path, revision: str | None, progress: Progress | None) -> tuple[Path, str | None]:
+    """The checkpoint folder: the one given, or a Hugging Face repo downloaded first (and its commit)."""
+    folder = Path(src).expanduser()
+    if not folder.exists():
+        if not hub.looks_like_repo(src):
+            raise HuatuoError(f"{src}: no such folder; give a checkpoint folder or a Hugging Face repo id")
+        return hub.fetch_checkpoint(src, revision, progress, store=out)
+    if not folder.is_dir():
+        raise HuatuoError(f"{folder}: not a folder; give the checkpoint folder that holds config.json")
+    return folder, revision
+
+
+def _read_checkpoint(folder: Path, vision_tower: str | None):
+    """The checkpoint's spec, its LLM and projector tensors (nothing else allowed), tower and vocabulary."""
+    spec = read_spec(folder)
+    tensors = open_tensors(folder)
+    llm_tensors = {n: r for n, r in tensors.items()
+                   if n.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
+    projector = {n: r for n, r in tensors.items() if n.startswith(PROJECTOR_PREFIX)}
+    other = set(tensors) - set(llm_tensors) - set(projector)
+    other = {n for n in other if not n.startswith("model.vision_tower.")}
+    if other:
+        raise CheckpointError(f"{folder}: unexpected tensor {sorted(other)[0]}; is this a LLaVA-style checkpoint?")
+    if not projector:
+        raise CheckpointError(f"{folder}: no model.mm_projector.* tensors; this is not a multimodal checkpoint")
+    tower = locate_tower(folder, spec, tensors, vision_tower)
+    vocab = read_vocab(folder, spec.llm.arch, spec.llm.vocab_size, spec.raw)
+    return spec, llm_tensors, projector, tower, vocab
+
+
+def _write_llm(stage: Path, out: Path, name: str, spec, meta: dict, plans, target, quant: str, threads: int,
+               bar, progress: Progress | None) -> None:
+    """The LLM GGUF at `stage`: written directly, or written lossless and then quantized by llama.cpp."""
+    if DIRECT_TYPES.get(quant) is not None:
+        write_gguf(stage, spec.llm.arch, meta, plans, bar)
+        return
+    intermediate = out / f".{name}-{target.name}.intermediate.gguf"
+    try:
+        write_gguf(intermediate, spec.llm.arch, meta, plans, bar)
+        with atomic_output(stage) as tmp:
+            quantize_gguf(intermediate, tmp, quant, threads,
+                          (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None)
+    finally:
+        intermediate.unlink(missing_ok=True)
+
+
 def convert(
     src: str | Path,
     out_dir: str | Path,
@@ -278,27 +324,8 @@ def convert(
     if mmproj_type not in MMPROJ_TYPES:
         raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
     src_text = str(src)
-    folder = Path(src_text).expanduser()
-    if not folder.exists():
-        if not hub.looks_like_repo(src_text):
-            raise HuatuoError(f"{src_text}: no such folder; give a checkpoint folder or a Hugging Face repo id")
-        folder, revision = hub.fetch_checkpoint(src_text, revision, progress, store=Path(out_dir).expanduser())
-    elif not folder.is_dir():
-        raise HuatuoError(f"{folder}: not a folder; give the checkpoint folder that holds config.json")
-
-    spec = read_spec(folder)
-    tensors = open_tensors(folder)
-    llm_tensors = {n: r for n, r in tensors.items()
-                   if n.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."))}
-    projector = {n: r for n, r in tensors.items() if n.startswith(PROJECTOR_PREFIX)}
-    other = set(tensors) - set(llm_tensors) - set(projector)
-    other = {n for n in other if not n.startswith("model.vision_tower.")}
-    if other:
-        raise CheckpointError(f"{folder}: unexpected tensor {sorted(other)[0]}; is this a LLaVA-style checkpoint?")
-    if not projector:
-        raise CheckpointError(f"{folder}: no model.mm_projector.* tensors; this is not a multimodal checkpoint")
-    tower = locate_tower(folder, spec, tensors, vision_tower)
-    vocab = read_vocab(folder, spec.llm.arch, spec.llm.vocab_size, spec.raw)
+    folder, revision = _source_folder(src_text, Path(out_dir).expanduser(), revision, progress)
+    spec, llm_tensors, projector, tower, vocab = _read_checkpoint(folder, vision_tower)
 
     name = name or default_name(src_text, folder)
     out = Path(out_dir).expanduser()
@@ -320,19 +347,8 @@ def convert(
     try:
         write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
                    _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
-        llm_meta = llm_metadata(spec, vocab, name, llm_target)
-        llm_bar = _Bar(progress, "language model", sum(p.nbytes for p in llm_plans))
-        if direct is not None:
-            write_gguf(llm_stage, spec.llm.arch, llm_meta, llm_plans, llm_bar)
-        else:
-            intermediate = out / f".{name}-{llm_target.name}.intermediate.gguf"
-            try:
-                write_gguf(intermediate, spec.llm.arch, llm_meta, llm_plans, llm_bar)
-                with atomic_output(llm_stage) as tmp:
-                    quantize_gguf(intermediate, tmp, quant, threads,
-                                  (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None)
-            finally:
-                intermediate.unlink(missing_ok=True)
+        _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans, llm_target,
+                   quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress)
         if progress:
             progress("checksums", 0, 1)
         llm_sha = sha256_file(llm_stage)

@@ -1,4 +1,4 @@
-"""`HuatuoChatbot`: a drop-in for the release's Python class, backed by llama.cpp.
+"""`HuatuoChatbot`: a drop-in for the release's Python class, backed by llama.cpp (a front-end, layer 5).
 
     from huatuo_local import HuatuoChatbot
     bot = HuatuoChatbot("huatuo-vision-7b")

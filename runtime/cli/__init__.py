@@ -1,7 +1,8 @@
 """The `huatuo-local` command, the top layer: typer commands that only parse, check and call the layers below.
 
 Each module holds one group of commands and registers them on the shared `app` (cli/app.py) when it is
-imported, in the order `--help` lists them.
+imported, in the order `--help` lists them. May import every layer below, and the converter's public
+entries (`convert.pipeline.convert`, `convert.pull.pull`).
 """
 
 import importlib

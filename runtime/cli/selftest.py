@@ -44,6 +44,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(b)
 
 
+# Long: one file written key by key, in the file's own order; split up, the layout would be harder to read.
 def write_random_checkpoint(folder: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     h, layers, ffn, vh, vffn, vlayers = 64, 2, 128, 32, 64, 3

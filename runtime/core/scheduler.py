@@ -512,34 +512,7 @@ class Scheduler:
     # --- tokens -----------------------------------------------------------------------
 
     def _step_tokens(self) -> None:
-        entries: list[tuple[int, int, int, bool]] = []
-        owners: list[tuple[_Slot, int, str]] = []  # (slot, batch index of its logits, kind)
-        budget = max(self.chunk, 1)
-        for s in self.slots:  # every generating slot advances by one token
-            if s.job is not None and s.last_token is not None:
-                if s.pos + 1 > self.n_ctx:
-                    self._finish(s, "length")
-                    continue
-                entries.append((s.seq, s.last_token, s.pos, True))
-                owners.append((s, len(entries) - 1, "gen"))
-        budget = max(budget - len(entries), 1)
-        # Then prompt text, oldest job first, as much as the chunk allows.
-        prefilling = sorted((s for s in self.slots if s.job is not None and s.last_token is None and s.pending
-                             and not isinstance(s.pending[0], ImageItem)), key=lambda x: x.t_start)
-        runs: list[tuple[_Slot, int]] = []
-        for s in prefilling:
-            if budget <= 0:
-                break
-            n = 0
-            while n < len(s.pending) and n < budget and not isinstance(s.pending[n], ImageItem):
-                n += 1
-            last = n == len(s.pending)
-            for i in range(n):
-                entries.append((s.seq, int(s.pending[i]), s.pos + i, last and i == n - 1))
-            if last:
-                owners.append((s, len(entries) - 1, "prompt"))
-            runs.append((s, n))
-            budget -= n
+        entries, owners, runs = self._token_batch()
         if not entries:
             return
         t0 = time.perf_counter()
@@ -574,6 +547,41 @@ class Scheduler:
                 self._after_logits(s, self.engine.logits_at(index))
             except Exception as exc:  # one job's sampling or text fails that job alone, never the batch
                 self._fail(s, exc)
+
+    def _token_batch(self) -> tuple[list[tuple[int, int, int, bool]], list[tuple[_Slot, int, str]],
+                                    list[tuple[_Slot, int]]]:
+        """This step's batch: every generating slot's next token, then prompt text up to one chunk.
+
+        Returns the entries (seq, token, position, wants logits), who reads which logits
+        (slot, batch index, "gen" or "prompt"), and how many prompt tokens each slot sends."""
+        entries: list[tuple[int, int, int, bool]] = []
+        owners: list[tuple[_Slot, int, str]] = []
+        for s in self.slots:  # every generating slot advances by one token
+            if s.job is not None and s.last_token is not None:
+                if s.pos + 1 > self.n_ctx:
+                    self._finish(s, "length")
+                    continue
+                entries.append((s.seq, s.last_token, s.pos, True))
+                owners.append((s, len(entries) - 1, "gen"))
+        budget = max(max(self.chunk, 1) - len(entries), 1)
+        # Then prompt text, oldest job first, as much as the chunk allows.
+        prefilling = sorted((s for s in self.slots if s.job is not None and s.last_token is None and s.pending
+                             and not isinstance(s.pending[0], ImageItem)), key=lambda x: x.t_start)
+        runs: list[tuple[_Slot, int]] = []
+        for s in prefilling:
+            if budget <= 0:
+                break
+            n = 0
+            while n < len(s.pending) and n < budget and not isinstance(s.pending[n], ImageItem):
+                n += 1
+            last = n == len(s.pending)
+            for i in range(n):
+                entries.append((s.seq, int(s.pending[i]), s.pos + i, last and i == n - 1))
+            if last:
+                owners.append((s, len(entries) - 1, "prompt"))
+            runs.append((s, n))
+            budget -= n
+        return entries, owners, runs
 
     def _after_logits(self, s: _Slot, logits: np.ndarray) -> None:
         job = s.job

@@ -21,6 +21,7 @@ from huatuo_local.runtime.engine.clip_reference import (
 )
 
 
+# Long: one file written key by key, in the file's own order; split up, the layout would be harder to read.
 def write_probe_pair(folder: Path) -> tuple[Path, Path]:
     """A 1-layer LLM with a byte vocabulary and the probe's mmproj, both F32."""
     from gguf import GGUFValueType, GGUFWriter

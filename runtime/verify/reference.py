@@ -79,16 +79,7 @@ class OriginalModel:
         import json
 
         torch = _torch()
-        from transformers import (
-            AutoTokenizer,
-            CLIPVisionConfig,
-            CLIPVisionModel,
-            LlamaConfig,
-            LlamaForCausalLM,
-            Qwen2Config,
-            Qwen2ForCausalLM,
-        )
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # a LLaVA config read as its language model's: expected, not news
@@ -98,39 +89,10 @@ class OriginalModel:
         except (OSError, ValueError) as exc:
             raise HuatuoError(f"{self.folder / 'config.json'}: cannot read ({exc}); give the checkpoint folder") \
                 from None
-        is_qwen = "qwen" in (str(config.get("model_type", "")) + " ".join(config.get("architectures", []))).lower()
-        llm_config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "vision_config")}
-        if is_qwen:
-            self.llm = Qwen2ForCausalLM(Qwen2Config(**llm_config))
-        else:
-            self.llm = LlamaForCausalLM(LlamaConfig(**llm_config))
         state = _read_state(self.folder)
-        llm_state = {n: t for n, t in state.items()
-                     if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
-        missing, unexpected = self.llm.load_state_dict(llm_state, strict=False)
-        if unexpected or any("rotary" not in m for m in missing):
-            raise HuatuoError(f"{self.folder}: the LLM weights do not fit transformers' model ({missing[:2]})")
-        self.llm.eval().float()
-
-        tower_dir = _tower_folder(self.folder, config, vision_tower)
-        if tower_dir is not None:
-            self.tower = CLIPVisionModel.from_pretrained(str(tower_dir), torch_dtype=torch.float32)
-            self.processor = CLIPImageProcessorPil.from_pretrained(str(tower_dir))
-        else:  # inside the checkpoint, its configuration in `vision_config`
-            self.tower = CLIPVisionModel(CLIPVisionConfig(**config["vision_config"]))
-            inside = "model.vision_tower.vision_tower."
-            # Stored with or without `vision_model.` (transformers 4 and 5 differ): named as this version names them.
-            ours = "vision_model." if any(k.startswith("vision_model.") for k in self.tower.state_dict()) else ""
-            weights = {ours + k.removeprefix("vision_model."): v for k, v in _read_state(self.folder, inside).items()}
-            missing, unexpected = self.tower.load_state_dict(weights, strict=False)
-            if unexpected or any("position_ids" not in m for m in missing):
-                raise HuatuoError(f"{self.folder}: the tower weights do not fit CLIPVisionModel ({missing[:2]})")
-            size = self.tower.config.image_size
-            self.processor = CLIPImageProcessorPil(size={"shortest_edge": size},
-                                                   crop_size={"height": size, "width": size})
-        self.tower.eval().float()
+        self.llm = self._language_model(config, state)
+        self.tower, self.processor = self._tower(config, vision_tower)
         self.select_layer = int(config.get("mm_vision_select_layer", -2))
-
         h, vh = self.llm.config.hidden_size, int(config["mm_hidden_size"])
         self.projector = torch.nn.Sequential(torch.nn.Linear(vh, h), torch.nn.GELU(), torch.nn.Linear(h, h))
         self.projector.load_state_dict({k[len("model.mm_projector."):]: v for k, v in state.items()
@@ -139,6 +101,41 @@ class OriginalModel:
         self.eos_id = self.tokenizer.eos_token_id
         if self.eos_id is None:
             self.eos_id = config.get("eos_token_id")
+
+    def _language_model(self, config: dict, state: dict):
+        from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+        is_qwen = "qwen" in (str(config.get("model_type", "")) + " ".join(config.get("architectures", []))).lower()
+        llm_config = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "vision_config")}
+        llm = Qwen2ForCausalLM(Qwen2Config(**llm_config)) if is_qwen else LlamaForCausalLM(LlamaConfig(**llm_config))
+        llm_state = {n: t for n, t in state.items()
+                     if n.startswith(("model.embed_tokens", "model.layers", "model.norm", "lm_head"))}
+        missing, unexpected = llm.load_state_dict(llm_state, strict=False)
+        if unexpected or any("rotary" not in m for m in missing):
+            raise HuatuoError(f"{self.folder}: the LLM weights do not fit transformers' model ({missing[:2]})")
+        return llm.eval().float()
+
+    def _tower(self, config: dict, vision_tower: str | None):
+        """The CLIP tower and its preprocessing: from its own folder, else from inside the checkpoint."""
+        torch = _torch()
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        tower_dir = _tower_folder(self.folder, config, vision_tower)
+        if tower_dir is not None:
+            tower = CLIPVisionModel.from_pretrained(str(tower_dir), torch_dtype=torch.float32)
+            return tower.eval().float(), CLIPImageProcessorPil.from_pretrained(str(tower_dir))
+        tower = CLIPVisionModel(CLIPVisionConfig(**config["vision_config"]))  # its configuration in the config
+        inside = "model.vision_tower.vision_tower."
+        # Stored with or without `vision_model.` (transformers 4 and 5 differ): named as this version names them.
+        ours = "vision_model." if any(k.startswith("vision_model.") for k in tower.state_dict()) else ""
+        weights = {ours + k.removeprefix("vision_model."): v for k, v in _read_state(self.folder, inside).items()}
+        missing, unexpected = tower.load_state_dict(weights, strict=False)
+        if unexpected or any("position_ids" not in m for m in missing):
+            raise HuatuoError(f"{self.folder}: the tower weights do not fit CLIPVisionModel ({missing[:2]})")
+        size = tower.config.image_size
+        return tower.eval().float(), CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                           crop_size={"height": size, "width": size})
 
     def pixel_values(self, path):
         torch = _torch()
