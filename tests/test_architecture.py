@@ -137,13 +137,7 @@ def test_no_import_cycles():
     for v in sorted(g):
         if v not in index:
             strongconnect(v)
-    # A package's __init__ re-exporting its own modules is not a cycle between layers or modules' jobs.
-    real = [c for c in cycles if not all(m.startswith(c[0].rsplit(".", 1)[0]) for m in c)
-            or not any(m in PACKAGE_INITS for m in c)]
-    assert not real, real
-
-
-PACKAGE_INITS = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert not cycles, cycles
 
 
 def test_long_functions_say_why():
