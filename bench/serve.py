@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="questions per client")
     ap.add_argument("--ctx", type=int, default=2048, help="context per sequence")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--ngl", type=int, default=0, help="layers on the GPU for both servers (99: all)")
     ap.add_argument("--no-llama-server", action="store_true")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
@@ -185,7 +186,7 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bench-serve-home-"))
     contenders = {"huatuo-local": lambda np_: Server("huatuo-local", [
         sys.executable, "-m", "huatuo_local", "serve", "--model", str(manifest), "--port", "PORT", "--parallel",
-        str(np_), "--threads", str(args.threads), "--ctx", str(args.ctx), "--no-prefix-cache"],
+        str(np_), "--threads", str(args.threads), "--ctx", str(args.ctx), "--no-prefix-cache", "-ngl", str(args.ngl)],
         {"HUATUO_LOCAL_HOME": str(home)})}
     fixed = {"huatuo-local": {"min_tokens": args.tokens}, "llama-server": {"ignore_eos": True}}
     if not args.no_llama_server:
@@ -196,7 +197,7 @@ def main() -> None:
             contenders["llama-server"] = lambda np_: Server("llama-server", [
                 str(bin_dir / "llama-server"), "-m", str(llm), "--mmproj", str(mmproj), "--jinja", "-np", str(np_),
                 "-c", str(args.ctx * np_), "-t", str(args.threads), "--host", "127.0.0.1", "--port", "PORT",
-                "--load-mode", "none"], {"LD_LIBRARY_PATH": str(bin_dir)})
+                "--load-mode", "none", "-ngl", str(args.ngl)], {"LD_LIBRARY_PATH": str(bin_dir)})
         except Exception as exc:  # a missing compiler must not stop our own figures
             print(f"llama-server skipped: {exc}")
     results: dict = {}
