@@ -41,6 +41,25 @@ def chat(model, *args, input=None, env=None, prefix_cache=False):
                    env=env)
 
 
+def repl(model_path, *args: str, env: dict | None = None, timeout: float = 60):
+    """The interactive chat in a pseudo-terminal, greedy."""
+    import pexpect
+
+    return pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model_path), "--temperature", "0", *args],
+                         cwd=str(ROOT), encoding="utf-8", timeout=timeout, env=dict(os.environ, TERM="dumb",
+                                                                                      **(env or {})))
+
+
+def leave(child) -> None:
+    """Ctrl-D: the chat ends cleanly."""
+    import pexpect
+
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_one_shot_answer_matches_the_pytorch_reference(model, images, tiny):
     from reference import Reference
 
@@ -172,15 +191,12 @@ def test_every_input_is_checked_before_the_model_loads(images, tmp_path):
 def test_the_repl_checks_images_as_they_are_added(model, images, tmp_path):
     """`/image` reads the file at once (a text file, a folder, a 7th image fail there), takes quoted and
     drag-and-drop paths, and `/images` / `/drop` manage what waits; `/save` names images and stopped turns."""
-    import pexpect
 
     spaced = tmp_path / "my scan.png"
     spaced.write_bytes(Path(images[0]).read_bytes())
     notes = tmp_path / "notes.png"
     notes.write_text("not an image")
-    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
-                                   "--max-tokens", "4", "--no-prefix-cache"],
-                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child = repl(model.manifest_path, "--max-tokens", "4", "--no-prefix-cache")
     child.expect(">>> ")
     for command, answer in [
         (f"/image {notes}", "not an image in a supported format"),
@@ -206,10 +222,7 @@ def test_the_repl_checks_images_as_they_are_added(model, images, tmp_path):
     child.sendline(f"/save {tmp_path / 't.md'}")
     child.expect("saved")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
     saved = (tmp_path / "t.md").read_text()
     assert "**User** (my scan.png, img1.png, img2.png, img3.png, img4.png, img5.png): What do they show?" in saved
 
@@ -280,11 +293,8 @@ def test_the_offline_guard_refuses_outside_addresses():
 
 
 def test_interactive_session_in_a_terminal(model, images, tmp_path):
-    import pexpect
 
-    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
-                                   "--max-tokens", "400", images[0]],
-                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child = repl(model.manifest_path, "--max-tokens", "400", images[0])
     child.expect(">>> ")
     child.sendline("/help")
     child.expect("/image PATH")
@@ -311,10 +321,7 @@ def test_interactive_session_in_a_terminal(model, images, tmp_path):
     child.sendline("/clear")
     child.expect("cleared")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
     saved = json.loads(transcript.read_text())
     assert [t["images"] for t in saved["turns"]] == [["img0.png"], ["img1.png"]]
     assert [t["stopped"] for t in saved["turns"]] == [False, True]  # the interrupted answer says so
@@ -357,13 +364,10 @@ def test_images_are_read_while_the_question_is_typed(model, images):
 
 
 def test_the_repl_reads_the_image_before_the_question(model, images):
-    import pexpect
 
     question = "What does the picture show?"
     want = json.loads(chat(model, images[2], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
-    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
-                                   "--max-tokens", "8", "--no-prefix-cache", images[2]],
-                          cwd=str(ROOT), encoding="utf-8", timeout=60, env=dict(os.environ, TERM="dumb"))
+    child = repl(model.manifest_path, "--max-tokens", "8", "--no-prefix-cache", images[2])
     child.expect(">>> ")
     child.sendline(question)  # at once: possibly before the background reading ends
     child.expect_exact(question + "\r\n")
@@ -372,23 +376,17 @@ def test_the_repl_reads_the_image_before_the_question(model, images):
     child.sendline(f"/image {images[0]}")
     child.expect("image added")
     child.expect(">>> ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
 
 
 def test_the_repl_answers_when_its_image_is_already_in_the_prefix_cache(model, images, tmp_path):
     """Issue 22: the second REPL over the same image restored it from disk and then spun at 100 % CPU."""
-    import pexpect
 
     question = "What does the picture show?"
-    env = dict(os.environ, TERM="dumb", HUATUO_LOCAL_HOME=str(tmp_path / "home"))
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
     want = json.loads(chat(model, images[2], "-p", question, "--json", "--max-tokens", "8").stdout)["answer"]
     for run in range(2):  # the first run fills the prefix cache, the second reads the image from it
-        child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(model.manifest_path), "--temperature", "0",
-                                       "--max-tokens", "8", images[2]],
-                              cwd=str(ROOT), encoding="utf-8", timeout=60, env=env)
+        child = repl(model.manifest_path, "--max-tokens", "8", images[2], env=env)
         child.expect(">>> ")
         time.sleep(1.0)  # let the background reading finish (a cache hit on the second run)
         child.sendline(question)
@@ -401,10 +399,7 @@ def test_the_repl_answers_when_its_image_is_already_in_the_prefix_cache(model, i
         child.sendline("And now?")
         child.expect_exact("And now?\r\n")
         child.expect(">>> ")
-        child.sendeof()
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
+        leave(child)
     assert list((tmp_path / "home" / "prefix-cache").glob("*.kv")), "the first run saved the image's prefix"
 
 
@@ -500,7 +495,6 @@ def test_ctrl_c_while_the_repl_reads_images_returns_at_once_and_the_next_answer_
     returns to the prompt within a second, and the question asked again gets the one-shot answer."""
     import time
 
-    import pexpect
     from huatuo_local.convert.pipeline import convert
 
     spec = TinySpec(seed=5, hidden=1024, layers=8, heads=8, kv_heads=4, ffn=4096, tower="folder")
@@ -510,9 +504,7 @@ def test_ctrl_c_while_the_repl_reads_images_returns_at_once_and_the_next_answer_
     one_shot = json.loads(chat(m, *pics, "-p", question, "--json", "--max-tokens", "6").stdout)
     reading = one_shot["timings"]["prompt_s"] + one_shot["timings"]["image_encode_s"]
     assert reading > 2.0, one_shot["timings"]  # long enough for the bound below to mean something
-    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(m.manifest_path), "--temperature", "0",
-                                   "--max-tokens", "6", "--no-prefix-cache", *pics],
-                          cwd=str(ROOT), encoding="utf-8", timeout=120, env=dict(os.environ, TERM="dumb"))
+    child = repl(m.manifest_path, "--max-tokens", "6", "--no-prefix-cache", *pics, timeout=120)
     child.expect(">>> ")
     child.sendline(question)  # the five images are still being read
     child.expect_exact(question + "\r\n")
@@ -526,10 +518,7 @@ def test_ctrl_c_while_the_repl_reads_images_returns_at_once_and_the_next_answer_
     child.expect_exact(question + "\r\n")
     child.expect_exact(">>> ")
     assert child.before.strip() == one_shot["answer"].strip()
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+    leave(child)
 
 
 def test_kv_type_reaches_llama_cpp(converted, images):
