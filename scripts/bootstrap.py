@@ -202,7 +202,7 @@ def first_run(venv: Path, skip: bool) -> int:
         print("\nhuatuo-local is ready. To chat with HuatuoGPT-Vision-7B (downloads ~15 GB once, then works offline):\n"
               f"  {cli} pull huatuo-vision-7b\n  {cli} chat {example} -p \"{question}\"\n"
               "On a machine without access to Hugging Face, copy the checkpoint over and run\n"
-              f"  {cli} convert CHECKPOINT_FOLDER -o models/  then  {cli} chat {example} --model models/ -p ...")
+              f"  {cli} pull CHECKPOINT_FOLDER --name huatuo-vision-7b  then  {cli} chat {example} -p ...")
     return 0
 
 
