@@ -1,4 +1,5 @@
-"""Build llama.cpp's own `llama-bench`, `llama-mtmd-cli` and `llama-server` from the engine's source and fix.
+"""Build llama.cpp's own tools (`llama-bench`, `llama-mtmd-cli`, `llama-server`, `llama-imatrix`,
+`llama-quantize`) from the engine's source and fix.
 
 Same source distribution, same one-line LLaVA fix as `scripts/bootstrap.py`; built once into
 ~/.cache/huatuo-local/llama-tools/KEY/ (outside the repository), so the bench compares our
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bootstrap  # noqa: E402
 from fix_llava_concat import apply_fix  # noqa: E402
 
-TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-server")
+TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-server", "llama-imatrix", "llama-quantize")
 
 
 def tools_dir() -> Path:

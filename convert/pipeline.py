@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -12,6 +13,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
 from huatuo_local.models.errors import CheckpointError, HuatuoError
+from huatuo_local.models.imatrix import ImportanceMatrix, read_imatrix
 from huatuo_local.models.layout import ModelSpec, read_spec
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.prompt import CHAT_TEMPLATE
@@ -21,7 +23,7 @@ from huatuo_local import __version__
 from . import hub
 from .checkpoint import TensorSource, open_tensors
 from .names import PROJECTOR_PREFIX, Mapped, clip_name, llm_name, permute_for_rope, projector_name
-from .quantize import QUANT_FTYPES, quantize_gguf
+from .quantize import NEEDS_IMATRIX, QUANT_FTYPES, quantize_gguf
 from .tower import Tower, locate_tower
 from .vocab import Vocab, read_vocab
 from .write import DIRECT_TYPES, FILE_TYPES, TensorPlan, atomic_output, pick_type, write_gguf
@@ -237,10 +239,12 @@ class _Bar:
 
 
 def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
-    """Move a finished mmproj into place without breaking a manifest that uses the file there.
+    """Move a finished mmproj (or importance matrix) into place without breaking a manifest that uses
+    the file there.
 
     The same checkpoint gives the same bytes, so a second quant reuses the mmproj already
-    present; a different one (another checkpoint converted under the same name) gets its own name.
+    present; a different one (another checkpoint converted under the same name, a matrix from other
+    calibration) gets its own name.
     """
     sha = sha256_file(stage)
     if final.is_file():
@@ -249,9 +253,10 @@ def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
         users = []
         for m in final.parent.glob(f"*{MANIFEST_SUFFIX}"):
             try:
-                users.append(Manifest.read(m).mmproj_file)
+                manifest = Manifest.read(m)
             except HuatuoError:
                 continue
+            users += [manifest.mmproj_file, manifest.imatrix_file]
         if final.name in users:
             final = final.with_name(f"{final.stem}-{sha[:12]}.gguf")
     os.replace(stage, final)
@@ -288,20 +293,70 @@ def _read_checkpoint(folder: Path, vision_tower: str | None):
     return spec, llm_tensors, projector, tower, vocab
 
 
+# Computes an importance matrix from the lossless LLM GGUF and the mmproj the converter just wrote,
+# and saves it in llama.cpp's format at the path given: (llm, mmproj, destination). The converter
+# does not run models; huatuo-local's CLI passes runtime.quantize's function (`--imatrix auto`).
+MatrixMaker = Callable[[Path, Path, Path], None]
+
+
+@dataclass
+class _Importance:
+    """Where a conversion's importance matrix comes from and where it is staged beside the model."""
+
+    given: Path | MatrixMaker
+    stage: Path
+    matrix: ImportanceMatrix | None = None
+
+    @classmethod
+    def staged(cls, given: str | Path | MatrixMaker | None, final: Path) -> _Importance | None:
+        if given is None:
+            return None
+        return cls(given if callable(given) else Path(given).expanduser(), final.with_name(f".{final.name}.staging"))
+
+    def obtain(self, lossless: Path, mmproj: Path) -> ImportanceMatrix:
+        if callable(self.given):
+            self.given(lossless, mmproj, self.stage)
+        else:
+            with atomic_output(self.stage) as tmp:
+                shutil.copyfile(self.given, tmp)
+        self.matrix = read_imatrix(self.stage)
+        return self.matrix
+
+
 def _write_llm(stage: Path, out: Path, name: str, spec, meta: dict, plans, target, quant: str, threads: int,
-               bar, progress: Progress | None) -> None:
-    """The LLM GGUF at `stage`: written directly, or written lossless and then quantized by llama.cpp."""
+               bar, progress: Progress | None, importance: _Importance | None = None,
+               mmproj: Path | None = None) -> None:
+    """The LLM GGUF at `stage`: written directly, or written lossless and then quantized by llama.cpp
+    (with the importance matrix computed from, or copied beside, that lossless file)."""
     if DIRECT_TYPES.get(quant) is not None:
         write_gguf(stage, spec.llm.arch, meta, plans, bar)
         return
     intermediate = out / f".{name}-{target.name}.intermediate.gguf"
     try:
         write_gguf(intermediate, spec.llm.arch, meta, plans, bar)
+        means = importance.obtain(intermediate, mmproj).means() if importance is not None else None
         with atomic_output(stage) as tmp:
             quantize_gguf(intermediate, tmp, quant, threads,
-                          (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None)
+                          (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None, means)
     finally:
         intermediate.unlink(missing_ok=True)
+
+
+def _check_options(quant: str, mmproj_type: str, imatrix: str | Path | MatrixMaker | None) -> None:
+    """Refuse, before any download: an unknown type, a quant that needs a matrix without one, a matrix
+    that would be unused or is not one."""
+    if quant not in QUANT_TYPES:
+        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
+    if quant in NEEDS_IMATRIX and imatrix is None:
+        raise HuatuoError(f"--quant {quant} needs an importance matrix: add --imatrix auto (computed from image and "
+                          "text prompts) or --imatrix FILE")
+    if imatrix is not None and DIRECT_TYPES.get(quant) is not None:
+        raise HuatuoError(f"--imatrix: {quant} is written directly, without llama.cpp's quantizer, so a matrix would "
+                          "be unused; drop --imatrix or choose a quant such as Q4_K_M or IQ3_XXS")
+    if imatrix is not None and not callable(imatrix):
+        read_imatrix(Path(imatrix).expanduser())  # a damaged or foreign file: one line now, not after an hour
 
 
 def convert(
@@ -315,14 +370,15 @@ def convert(
     threads: int = 0,
     revision: str | None = None,
     source: str | None = None,
+    imatrix: str | Path | MatrixMaker | None = None,
 ) -> ConvertResult:
-    """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair."""
-    quant = quant.upper()
-    mmproj_type = mmproj_type.lower()
-    if quant not in QUANT_TYPES:
-        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
-    if mmproj_type not in MMPROJ_TYPES:
-        raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
+    """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair.
+
+    `imatrix`: llama.cpp's importance-matrix file, or a MatrixMaker that computes one from the lossless
+    model (`huatuo-local convert --imatrix auto` computes it from image and text prompts); required by
+    the quants in NEEDS_IMATRIX. It is kept beside the model as NAME.imatrix.gguf and named in the manifest."""
+    quant, mmproj_type = quant.upper(), mmproj_type.lower()
+    _check_options(quant, mmproj_type, imatrix)
     src_text = str(src)
     folder, revision = _source_folder(src_text, Path(out_dir).expanduser(), revision, progress)
     spec, llm_tensors, projector, tower, vocab = _read_checkpoint(folder, vision_tower)
@@ -344,15 +400,20 @@ def convert(
     # files that another quant's manifest points to (the shared mmproj).
     mm_stage = out / f".{mmproj_path.name}.staging"
     llm_stage = out / f".{llm_path.name}.staging"
+    imatrix_path = out / f"{name}.imatrix.gguf"
+    importance = _Importance.staged(imatrix, imatrix_path)
     try:
         write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
                    _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
         _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans, llm_target,
-                   quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress)
+                   quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress,
+                   importance, mm_stage)
         if progress:
             progress("checksums", 0, 1)
         llm_sha = sha256_file(llm_stage)
         mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path)
+        if importance is not None:
+            imatrix_path, imatrix_sha = _commit_shared(importance.stage, imatrix_path)
         if progress:
             progress("checksums", 1, 1)
         os.replace(llm_stage, llm_path)
@@ -364,11 +425,13 @@ def convert(
             llm_sha256=llm_sha, mmproj_sha256=mm_sha, revision=revision or "",
             converter=f"huatuo-local {__version__}",
             extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
-                   "selected_layers": spec.selected_layers(tower.spec.n_layer)},
+                   "selected_layers": spec.selected_layers(tower.spec.n_layer),
+                   **({"imatrix": {"file": imatrix_path.name, "sha256": imatrix_sha,
+                                   "datasets": importance.matrix.datasets}} if importance is not None else {})},
         )
         manifest.write(manifest_path)
     finally:
-        for p in (mm_stage, llm_stage):
+        for p in (mm_stage, llm_stage, *([importance.stage] if importance is not None else [])):
             try:
                 p.unlink(missing_ok=True)
             except OSError:  # the folder itself could not be created: nothing was staged
@@ -376,4 +439,4 @@ def convert(
     return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
 
 
-__all__ = ["convert", "ConvertResult", "QUANT_TYPES", "MMPROJ_TYPES"]
+__all__ = ["convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES"]

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from huatuo_local.models.errors import HuatuoError
 
 # llama.cpp's llama_ftype values (include/llama.h).
@@ -21,21 +22,34 @@ QUANT_FTYPES = {
     "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15,
     "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30, "Q2_K_S": 21,
     "TQ1_0": 36, "TQ2_0": 37,
+    "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ3_S": 26, "IQ3_M": 27,
+    "IQ2_S": 28, "IQ2_M": 29, "IQ1_M": 31,
 }
+# Quants whose tensor types llama.cpp refuses to make without an importance matrix (llama-quant.cpp,
+# tensor_requires_imatrix: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, and Q2_K inside Q2_K_S).
+NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M", "Q2_K_S"})
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
 
 def quantize_gguf(
-    src: Path, dst: Path, quant: str, threads: int = 0, on_progress: Callable[[int, int], None] | None = None
+    src: Path, dst: Path, quant: str, threads: int = 0, on_progress: Callable[[int, int], None] | None = None,
+    imatrix: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Quantize `src` into `dst` (which should be a temporary name; the caller renames)."""
+    """Quantize `src` into `dst` (which should be a temporary name; the caller renames).
+
+    `imatrix`: per weight, the per-column mean squares of its inputs (models/imatrix.py), which
+    llama.cpp uses to weigh each column's rounding error; required for the quants in NEEDS_IMATRIX."""
     import llama_cpp
 
+    if quant in NEEDS_IMATRIX and not imatrix:
+        raise HuatuoError(f"--quant {quant} needs an importance matrix: add --imatrix auto (computed from image and "
+                          "text prompts) or --imatrix FILE")
     ftype = QUANT_FTYPES[quant]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or (os.cpu_count() or 1)
+    keep = _imatrix_param(params, imatrix) if imatrix else None  # noqa: F841  (alive through the call)
     errors: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -58,3 +72,18 @@ def quantize_gguf(
     if rc != 0:
         detail = errors[-1] if errors else f"code {rc}"
         raise HuatuoError(f"{dst}: llama.cpp could not quantize to {quant} ({detail})")
+
+
+def _imatrix_param(params, imatrix: dict[str, np.ndarray]):
+    """llama.cpp's `llama_model_imatrix_data` array (NULL-terminated) in `params`; returns what must stay alive."""
+    import llama_cpp
+
+    arrays = {name.encode(): np.ascontiguousarray(v, dtype=np.float32) for name, v in sorted(imatrix.items())}
+    table = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for i, (name, data) in enumerate(arrays.items()):
+        table[i].name = name
+        table[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        table[i].size = data.size
+    table[len(arrays)].name = None
+    params.imatrix = table
+    return table, arrays

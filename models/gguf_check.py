@@ -119,7 +119,7 @@ class _Walker:
 
 
 def check_gguf(path: str | Path, expect: str | None = None) -> GGUFSummary:
-    """Walk a GGUF's header with every bound checked; `expect` is "llm", "mmproj" or None."""
+    """Walk a GGUF's header with every bound checked; `expect` is "llm", "mmproj", "imatrix" or None."""
     import mmap
 
     path = Path(path)
@@ -139,6 +139,24 @@ def check_gguf(path: str | Path, expect: str | None = None) -> GGUFSummary:
                 view.release()
 
 
+def _architecture(path: Path, fields: dict, expect: str | None) -> str:
+    """The file's architecture, refused unless it is what the caller expects."""
+    arch = fields.get("general.architecture")
+    if expect == "imatrix":  # llama.cpp's importance matrix: no architecture, but its own type
+        if fields.get("general.type") != "imatrix":
+            raise GGUFError(f"{path}: not an importance matrix (general.type is not imatrix)")
+        return "imatrix"
+    if not isinstance(arch, str):
+        raise GGUFError(f"{path}: GGUF without general.architecture; not a model huatuo-local can run")
+    allowed = {"llm": SUPPORTED_LLM_ARCHS, "mmproj": (MMPROJ_ARCH,)}.get(expect or "", (*SUPPORTED_LLM_ARCHS,
+                                                                                         MMPROJ_ARCH))
+    if arch not in allowed:
+        want = "a vision projector (mmproj, arch clip)" if expect == "mmproj" else \
+            f"a {' or '.join(SUPPORTED_LLM_ARCHS)} language model"
+        raise GGUFError(f"{path}: architecture {arch!r} is not {want}; give a HuatuoGPT-Vision GGUF pair")
+    return arch
+
+
 def _walk(path: Path, data: memoryview, size: int, expect: str | None) -> GGUFSummary:
     w = _Walker(path, data, size)
     if bytes(data[:4]) != b"GGUF":
@@ -156,15 +174,7 @@ def _walk(path: Path, data: memoryview, size: int, expect: str | None) -> GGUFSu
         if key in fields:
             raise w.fail(f"duplicate key {key!r}")
         fields[key] = w.value(w.take("<I"))
-    arch = fields.get("general.architecture")
-    if not isinstance(arch, str):
-        raise GGUFError(f"{path}: GGUF without general.architecture; not a model huatuo-local can run")
-    allowed = {"llm": SUPPORTED_LLM_ARCHS, "mmproj": (MMPROJ_ARCH,)}.get(
-        expect or "", (*SUPPORTED_LLM_ARCHS, MMPROJ_ARCH))
-    if arch not in allowed:
-        want = "a vision projector (mmproj, arch clip)" if expect == "mmproj" else \
-            f"a {' or '.join(SUPPORTED_LLM_ARCHS)} language model"
-        raise GGUFError(f"{path}: architecture {arch!r} is not {want}; give a HuatuoGPT-Vision GGUF pair")
+    arch = _architecture(path, fields, expect)
     alignment = fields.get("general.alignment", 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise w.fail(f"alignment {alignment!r}")

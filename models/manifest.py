@@ -39,6 +39,14 @@ class Manifest:
     format_version: int = MANIFEST_VERSION
     extra: dict = field(default_factory=dict)
 
+    @property
+    def imatrix_file(self) -> str | None:
+        """The importance matrix the LLM was quantized with, kept beside it; None when there is none
+        (or the entry does not name a plain file in the manifest's folder)."""
+        entry = self.extra.get("imatrix")
+        name = entry.get("file") if isinstance(entry, dict) else None
+        return name if is_plain_file_name(name) else None
+
     def write(self, path: Path) -> None:
         tmp = Path(path).with_name(f".{Path(path).name}.partial")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -1,7 +1,8 @@
 """The local model store: where converted models live, and how a name or path becomes a GGUF pair.
 
 Layout: $HUATUO_LOCAL_HOME/models/NAME/{NAME-QUANT.gguf, mmproj-NAME-TYPE.gguf,
-NAME-QUANT.manifest.json}, one manifest per quant, the mmproj shared between them.
+NAME-QUANT.manifest.json, NAME.imatrix.gguf}, one manifest per quant, the mmproj (and the importance
+matrix low-bit quants were made with) shared between them.
 Models are named as Ollama users expect: `NAME:QUANT` (`huatuo-vision-7b:q8_0`), and a bare
 `NAME` is the only quant in the folder or, among several, the model's default.
 HUATUO_LOCAL_HOME defaults to the user cache folder.
@@ -212,6 +213,15 @@ class Removal:
     bytes_freed: int
 
 
+def _files_of(m: ResolvedModel) -> list[Path]:
+    """The files a stored model's manifest lists: itself, the pair, and its importance matrix if any."""
+    assert m.manifest_path is not None and m.manifest is not None
+    files = [m.manifest_path, m.llm_path, m.mmproj_path]
+    if m.manifest.imatrix_file:
+        files.append(m.folder / m.manifest.imatrix_file)
+    return files
+
+
 def plan_removal(ref: str, all_quants: bool = False) -> tuple[list[ResolvedModel], list[Path], list[Path]]:
     """What `rm REF` would delete: (models, files to delete, shared files kept). Deletes nothing."""
     if "/" in ref or os.sep in ref or ref.startswith("."):
@@ -232,12 +242,11 @@ def plan_removal(ref: str, all_quants: bool = False) -> tuple[list[ResolvedModel
         have = ", ".join(m.ref for m in installed)
         raise ModelNotFound(f"{name}: holds several quants ({have}); rm one as NAME:QUANT, or all with --all")
     remaining = [m for m in installed if m not in targets]
-    still_used = {m.mmproj_path.name for m in remaining} | {m.llm_path.name for m in remaining}
+    still_used = {p.name for m in remaining for p in _files_of(m)}
     delete: list[Path] = []
     kept: list[Path] = []
     for m in targets:
-        assert m.manifest_path is not None
-        for p in (m.manifest_path, m.llm_path, m.mmproj_path):
+        for p in _files_of(m):
             if p.name in still_used:
                 if p not in kept:
                     kept.append(p)

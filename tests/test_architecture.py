@@ -26,7 +26,7 @@ RANKS = [
     ({"huatuo_local.runtime.engine"}, 3),
     ({"huatuo_local.runtime.core"}, 4),
     ({"huatuo_local.runtime.api", "huatuo_local.runtime.serve", "huatuo_local.runtime.eval",
-      "huatuo_local.runtime.verify"}, 5),
+      "huatuo_local.runtime.verify", "huatuo_local.runtime.quantize"}, 5),
     ({"huatuo_local.runtime.cli"}, 6),
     ({"huatuo_local", "huatuo_local.__main__"}, 7),  # the package's front door: HuatuoChatbot, the command
 ]

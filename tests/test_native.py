@@ -54,7 +54,7 @@ def test_constants_match_the_pinned_llama_cpp_headers():
 
     ggml, backend, llama = (vendored_header(h) for h in ("ggml/include/ggml.h", "ggml/include/ggml-backend.h",
                                                          "include/llama.h"))
-    wanted = {**c_enum(ggml, "ggml_log_level"), **c_enum(ggml, "ggml_type"),
+    wanted = {**c_enum(ggml, "ggml_log_level"), **c_enum(ggml, "ggml_type"), **c_enum(ggml, "ggml_op"),
               **c_enum(backend, "ggml_backend_dev_type"), **c_enum(llama, "llama_load_mode"),
               **c_enum(llama, "llama_token_attr")}
     mine = {k: v for k, v in vars(C).items() if k.isupper()}
@@ -63,6 +63,40 @@ def test_constants_match_the_pinned_llama_cpp_headers():
         assert wanted.get(name) == value, f"{name} is {value} here but {wanted.get(name)} in llama.cpp's headers"
     # The bug this guards against, spelled out: a GPU is device type 1, not 2.
     assert wanted["GGML_BACKEND_DEVICE_TYPE_GPU"] == 1 and wanted["GGML_BACKEND_DEVICE_TYPE_ACCEL"] == 3
+
+
+def test_quant_numbers_match_llama_cpp():
+    """`--quant NAME` asks llama.cpp's quantizer for the file type of that name (llama.h's enum
+    llama_ftype); a wrong number would silently make another quant than the one named."""
+    from huatuo_local.convert.quantize import NEEDS_IMATRIX, QUANT_FTYPES
+
+    ftypes = c_enum(vendored_header("include/llama.h"), "llama_ftype")
+    for name, value in QUANT_FTYPES.items():
+        assert ftypes.get(f"LLAMA_FTYPE_MOSTLY_{name}") == value, name
+    assert NEEDS_IMATRIX <= set(QUANT_FTYPES)
+
+
+def test_the_graph_node_layout_matches_ggml():
+    """activations.GgmlTensor reads llama.cpp's graph nodes in place: its fields are ggml.h's struct
+    ggml_tensor's, in order, with the array sizes of the pinned ggml."""
+    from huatuo_local.runtime.engine.activations import GgmlTensor
+
+    header = vendored_header("ggml/include/ggml.h")
+    body = re.search(r"struct ggml_tensor\s*\{(.*?)\n    \};", header, re.S).group(1)
+    body = re.sub(r"//[^\n]*|/\*.*?\*/", "", body, flags=re.S)
+    sizes = {m.group(1): int(m.group(2)) for m in re.finditer(r"#\s*define\s+(GGML_MAX_\w+)\s+(\d+)", header)}
+    fields = dict(GgmlTensor._fields_)
+    names = []
+    for decl in (d.strip() for d in body.split(";")):
+        if not decl:
+            continue
+        m = re.search(r"(\w+)\s*(?:\[([^\]]+)\])?$", decl)
+        names.append(m.group(1))
+        if m.group(2):  # an array: its length from the header's own constants
+            expr = re.sub(r"sizeof\(int32_t\)", "4", m.group(2))
+            length = eval(expr, {}, sizes)  # noqa: S307 (GGML_MAX_OP_PARAMS / 4)
+            assert fields[m.group(1)]._length_ == length, (m.group(1), fields[m.group(1)]._length_, length)
+    assert names == [f[0] for f in GgmlTensor._fields_]
 
 
 GLOBAL_SCOPE = """

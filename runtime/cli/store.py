@@ -12,14 +12,16 @@ from huatuo_local.runtime.cli.app import app, fail
 
 @app.command(epilog="Examples:\n\n  huatuo-local convert ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   "
                    "(into the local store: then chat --model huatuo-vision-7b)\n\n"
-                   "  huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M")
+                   "  huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M\n\n"
+                   "  huatuo-local convert ./HuatuoGPT-Vision-34B --quant IQ3_XXS --imatrix auto   (fits 16 GB)")
 def convert(
     src: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint folder, or a Hugging Face repo id "
                                                                   "to download.")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Output folder for the GGUF pair and manifest "
                                                                  "(default: the local store, as --name).")] = None,
     quant: Annotated[str, typer.Option(help="LLM type: F32, F16, BF16, Q8_0, or a llama.cpp quant (Q6_K, "
-                                            "Q5_K_M, Q4_K_M, ...).")] = "Q4_K_M",
+                                            "Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M, IQ3_M, IQ3_XXS, IQ2_M, IQ2_XS, ...).")]
+    = "Q4_K_M",
     mmproj_type: Annotated[str, typer.Option(help="Vision projector type: f16, q8_0 or f32.")] = "f16",
     vision_tower: Annotated[str | None, typer.Option(help="CLIP tower folder or repo id, when the "
                                                              "checkpoint does not hold it.")] = None,
@@ -27,23 +29,35 @@ def convert(
                                                   "of the output files (default: the checkpoint folder's name).")]
     = None,
     threads: Annotated[int, typer.Option(help="Quantizer threads (0: all cores).")] = 0,
+    imatrix: Annotated[str | None, typer.Option(metavar="auto|FILE", help="Importance matrix, needed by the 2- and "
+                                                "3-bit IQ quants and better for every llama.cpp quant: auto runs "
+                                                "image+text calibration conversations through the model itself; "
+                                                "FILE is llama.cpp's imatrix GGUF. Kept beside the model.")] = None,
+    calibration: Annotated[Path | None, typer.Option(metavar="FOLDER|JSON", help="With --imatrix auto: your own "
+                                                     "calibration, a folder of images (the model answers its own "
+                                                     "questions) or a JSON list of {image, question, answer} "
+                                                     "(default: the bundled medical images).")] = None,
 ) -> None:
     """Convert a HuatuoGPT-Vision checkpoint into NAME-QUANT.gguf + mmproj-NAME-TYPE.gguf."""
     from huatuo_local.convert.pipeline import convert as run_convert
     from huatuo_local.convert.pull import store_name_for
     from huatuo_local.models.store import store_folder
     from huatuo_local.runtime.cli.progress import StageProgress
+    from huatuo_local.runtime.quantize.imatrix import matrix_source
 
     into_store = out is None
     if out is None:  # into the local store, where `list`, `chat --model NAME` and `rm` find it
         name = name or store_name_for(src)
         out = store_folder(name)
     with StageProgress() as bar:
+        matrix = matrix_source(imatrix, calibration, threads or None, bar.update)
         result = run_convert(src, out, quant=quant, mmproj_type=mmproj_type, vision_tower=vision_tower,
-                             name=name, progress=bar.update, threads=threads)
+                             name=name, progress=bar.update, threads=threads, imatrix=matrix)
     typer.echo(f"wrote {result.llm_path}")
     typer.echo(f"wrote {result.mmproj_path}")
     typer.echo(f"wrote {result.manifest_path}")
+    if result.manifest.imatrix_file:
+        typer.echo(f"wrote {result.llm_path.parent / result.manifest.imatrix_file} (importance matrix)")
     if into_store:
         typer.echo(f"in the local store as {out.name}:{result.manifest.quant.lower()}; try: huatuo-local chat IMAGE "
                    f"--model {out.name}")

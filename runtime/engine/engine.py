@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,11 @@ class EngineOptions:
     rpc: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] | None = None
     rpc_output_local: bool = True  # the LM head's weights stay here: hidden states, not logits, cross the wire
+    # Calibration (runtime/quantize): every position's output is computed (llama.cpp otherwise skips the
+    # last layer's rows nobody reads), and `observe_matmuls(weight_name, input_rows)` sees each weight
+    # matrix's input, as llama.cpp's imatrix tool does.
+    output_all: bool = False
+    observe_matmuls: Callable[[str, np.ndarray], None] | None = None
 
     @property
     def threads(self) -> int:
@@ -189,6 +195,11 @@ class Engine:
         # llama.cpp keeps a quantized V cache only with flash attention (else it refuses the context).
         cparams.flash_attn_type = 1 if opts.flash_attn or kv not in (C.GGML_TYPE_F16, C.GGML_TYPE_F32) else 0
         cparams.no_perf = True
+        if opts.observe_matmuls is not None:
+            from huatuo_local.runtime.engine.activations import matmul_observer
+
+            self._observer = matmul_observer(opts.observe_matmuls)  # kept alive: llama.cpp calls it
+            cparams.cb_eval = self._observer
         LAST_ERRORS.clear()
         ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not ctx:
@@ -294,7 +305,7 @@ class Engine:
             b.pos[i] = pos
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
-            b.logits[i] = bool(logits)
+            b.logits[i] = bool(logits) or self.options.output_all
         self._decode(b)
 
     def decode_embeddings(self, seq: int, embd: np.ndarray, pos: int) -> None:
@@ -310,7 +321,7 @@ class Engine:
             b.pos[i] = pos + i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = seq
-            b.logits[i] = False
+            b.logits[i] = self.options.output_all
         self._decode(b)
 
     def _decode(self, batch) -> None:

@@ -16,6 +16,9 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_Q8_0 = 8
 
+# ggml.h: enum ggml_op (the one an importance matrix listens to)
+GGML_OP_MUL_MAT = 29
+
 # ggml-backend.h: enum ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1

@@ -1,0 +1,189 @@
+"""Issue 24: importance matrices from image and text prompts, and the low-bit quants that need them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+from tiny_models import TinySpec
+
+SPEC = TinySpec(arch="qwen2", seed=8, tower="folder")
+# Rows 256 wide: llama.cpp's IQ quants work on 256-value blocks (narrower rows fall back to other types).
+WIDE = TinySpec(arch="qwen2", seed=12, tower="folder", hidden=256, heads=4, kv_heads=2, ffn=512)
+TORCH_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                 "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    path = tmp_path_factory.mktemp("imatrix") / "scan.png"
+    Image.fromarray((np.random.default_rng(21).random((200, 260, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_the_matrix_is_the_squared_inputs_pytorch_computes_image_positions_included(tiny, converted, scan):
+    """Per column, the sums equal each layer input's squares summed over every position of the same
+    prompts, recomputed independently in PyTorch (the release's path, forward hooks on every Linear);
+    the counts are all the positions, the image's 576 included."""
+    import torch
+    from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+    from huatuo_local.runtime.quantize import imatrix
+    from huatuo_local.runtime.quantize.calibration import Conversation
+    from reference import Reference
+
+    model = converted(SPEC, "F32", "f32")
+    conversations = [Conversation(scan, "What does the picture show?", "A small nodule in the right lung."),
+                     Conversation(None, "Is a fever of 39 degrees worrying?", "It can be; see a doctor.")]
+    ours = imatrix.compute(model.llm_path, model.mmproj_path, conversations)
+    ref = Reference(tiny(SPEC))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for i, layer in enumerate(ref.llm.model.layers):
+        for torch_name, gguf_name in TORCH_TO_GGUF.items():
+            module = layer.get_submodule(torch_name)
+            name = f"blk.{i}.{gguf_name}.weight"
+
+            def hook(_module, inputs, _output, name=name):
+                x = inputs[0].detach().double().reshape(-1, inputs[0].shape[-1]).numpy()
+                sums[name] = sums.get(name, 0) + (x * x).sum(axis=0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for c in conversations:
+            images = [str(c.image)] if c.image else []
+            prompt = render_prompt([Turn(c.question, len(images), c.answer)], IMAGE_TOKEN)
+            ref.llm(inputs_embeds=ref.prompt_embeds(prompt, images))
+    for h in hooks:
+        h.remove()
+    assert set(ours.sums) == set(sums), set(ours.sums) ^ set(sums)
+    for name in sums:
+        assert ours.counts[name] == counts[name], name
+        np.testing.assert_allclose(ours.sums[name], sums[name], rtol=2e-2, atol=1e-3, err_msg=name)
+    assert ours.counts["blk.0.attn_q.weight"] > 576, "the image's positions count"
+    text_only = imatrix.compute(model.llm_path, model.mmproj_path, [Conversation(None, c.question, c.answer)
+                                                                   for c in conversations])
+    # Without the image: its 576 positions and the line break the release writes after it are gone.
+    assert text_only.counts["blk.0.attn_q.weight"] == ours.counts["blk.0.attn_q.weight"] - 576 - 1
+
+
+def test_llama_cpp_reads_the_file_and_low_bit_quants_need_it(tiny, converted, scan, tmp_path):
+    """The file is llama.cpp's imatrix format (its quantizer takes it); IQ quants refuse to run without
+    one, in one line; with one they convert, load and answer."""
+    from huatuo_local.models.imatrix import read_imatrix, write_imatrix
+    from huatuo_local.runtime.quantize import calibration, imatrix
+
+    f16 = converted(WIDE, "F16", "f16")
+    matrix = imatrix.compute(f16.llm_path, f16.mmproj_path, calibration.bundled()[:4])
+    path = tmp_path / "wide.imatrix.gguf"
+    write_imatrix(path, matrix)
+    again = read_imatrix(path)
+    assert again.counts == matrix.counts and again.chunk_count == 4
+    assert all(np.allclose(again.sums[n], matrix.sums[n], rtol=1e-6) for n in matrix.sums)
+    ckpt = tiny(WIDE)["ckpt"]
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    refused = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ2_XS", env=env)
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "error: --quant IQ2_XS needs an importance matrix: add --imatrix auto (computed from image and text "
+        "prompts) or --imatrix FILE")
+    assert not (tmp_path / "home" / "models" / "wide").exists()
+    done = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ2_XS", "--imatrix", str(path), env=env)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(next((tmp_path / "home" / "models" / "wide").glob("*IQ2_XS.manifest.json")).read_text())
+    assert manifest["quant"] == "IQ2_XS" and manifest["extra"]["imatrix"]["file"] == "wide.imatrix.gguf"
+    chat = run_cli("chat", str(scan), "-p", "What is it?", "--model", "wide:iq2_xs", "--max-tokens", "4",
+                   "--temperature", "0", env=env)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_convert_computes_the_matrix_itself(tiny, scan, tmp_path):
+    """`convert --quant IQ3_XXS --imatrix auto`: the matrix from the bundled image+text conversations,
+    saved beside the model in llama.cpp's format and named in the manifest."""
+    from huatuo_local.models.imatrix import read_imatrix
+
+    ckpt = tiny(WIDE)["ckpt"]
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    proc = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ3_XXS", "--imatrix", "auto", env=env,
+                   timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "home" / "models" / "wide"
+    saved = read_imatrix(folder / "wide.imatrix.gguf")
+    assert saved.chunk_count == 16 and saved.counts["blk.0.attn_q.weight"] > 16 * 576
+    manifest = json.loads((folder / "wide-IQ3_XXS.manifest.json").read_text())
+    assert manifest["extra"]["imatrix"]["datasets"] == ["huatuo-local bundled calibration (16 image+text)"]
+    assert not list(folder.glob("*F16*")), "the intermediate used for the matrix is gone"
+    chat = run_cli("chat", str(scan), "-p", "What is it?", "--model", "wide", "--max-tokens", "4", env=env)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_own_calibration_and_mistakes_get_one_line(tiny, scan, tmp_path):
+    """`--calibration FOLDER` (the model answers its own questions) and `--calibration JSON`; mistakes
+    are refused in one line before any work, leaving nothing behind."""
+    from huatuo_local.runtime.quantize import calibration
+
+    ckpt = tiny(WIDE)["ckpt"]
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(scan.read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    own = calibration.from_user(folder)
+    assert [(c.image.name, c.answer) for c in own] == [("a.png", "")]
+    listed = tmp_path / "cal.json"
+    listed.write_text(json.dumps([{"image": "mine/a.png", "question": "What is it?", "answer": "A scan."},
+                                  {"question": "Is 39 degrees a fever?"}]))
+    assert calibration.describe(calibration.from_user(listed), "cal.json") == "cal.json (1 image+text, 1 text-only)"
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{"image": "nowhere.png", "question": "?"}]))
+    cases = [
+        (["--quant", "Q8_0", "--imatrix", "auto"], "error: --imatrix: Q8_0 is written directly"),
+        (["--quant", "IQ3_XXS", "--calibration", str(folder)], "error: --calibration is used only to compute"),
+        (["--quant", "IQ3_XXS", "--imatrix", str(tmp_path / "none.gguf")], f"error: {tmp_path / 'none.gguf'}"),
+        (["--quant", "IQ3_XXS", "--imatrix", str(scan)], f"error: {scan}: not a GGUF file"),
+        (["--quant", "IQ3_XXS", "--imatrix", "auto", "--calibration", str(missing)],
+         f"error: {missing}: image {tmp_path / 'nowhere.png'} not found"),
+        (["--quant", "IQ3_XXS", "--imatrix", "auto", "--calibration", str(tmp_path / "home")],
+         "error: --calibration"),
+    ]
+    for args, start in cases:
+        proc = run_cli("convert", str(ckpt), "--name", "wide", *args, env=env)
+        assert proc.returncode == 1 and proc.stderr.startswith(start), (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "home" / "models" / "wide").exists(), args
+    done = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ3_XXS", "--imatrix", "auto",
+                   "--calibration", str(listed), env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "home" / "models" / "wide" / "wide-IQ3_XXS.manifest.json").read_text())
+    assert manifest["extra"]["imatrix"]["datasets"] == ["cal.json (1 image+text, 1 text-only)"]
+
+
+def test_rm_takes_the_matrix_with_the_last_quant_that_uses_it(tiny, tmp_path, monkeypatch):
+    """The matrix is the model's file: kept while a quant made with it remains, deleted with the last."""
+    from huatuo_local.models.imatrix import write_imatrix
+    from huatuo_local.models.store import remove
+    from huatuo_local.runtime.quantize import calibration, imatrix
+
+    ckpt = tiny(WIDE)["ckpt"]
+    home = tmp_path / "home"
+    env = {"HUATUO_LOCAL_HOME": str(home)}
+    f16 = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "F16", env=env)
+    assert f16.returncode == 0, f16.stderr
+    folder = home / "models" / "wide"
+    path = tmp_path / "m.imatrix.gguf"
+    write_imatrix(path, imatrix.compute(folder / "wide-F16.gguf", folder / "mmproj-wide-f16.gguf",
+                                        calibration.bundled()[:2]))
+    for quant in ("IQ2_XS", "Q3_K_M"):
+        proc = run_cli("convert", str(ckpt), "--name", "wide", "--quant", quant, "--imatrix", str(path), env=env)
+        assert proc.returncode == 0, proc.stderr
+    saved = folder / "wide.imatrix.gguf"
+    assert saved.read_bytes() == path.read_bytes()
+    monkeypatch.setenv("HUATUO_LOCAL_HOME", str(home))
+    first = remove("wide:iq2_xs")
+    assert saved.is_file() and saved in first.kept
+    second = remove("wide:q3_k_m")
+    assert saved in second.deleted and not saved.exists()
