@@ -9,20 +9,49 @@ import typer
 from huatuo_local.runtime.cli.app import app, fail
 
 
-@app.command(epilog="Example: huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png")
+@app.command(epilog="Examples:\n\n  huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png\n\n"
+                   "  huatuo-local verify --reference huatuo-vision-7b:f16 huatuo-vision-7b:q4_k_m "
+                   "huatuo-vision-7b:iq3_xxs   (what each quant costs; held-out medical images by default)")
 def verify(
-    models: Annotated[list[str], typer.Argument(help="Converted models (folders, manifests or .gguf files).")],
-    original: Annotated[Path, typer.Option(help="The original checkpoint folder.")],
-    images: Annotated[list[Path], typer.Option(help="Images for the prompt (repeat the option).")],
+    models: Annotated[list[str], typer.Argument(metavar="MODELS...", help="Converted models (names, folders, "
+                                                                          "manifests or .gguf files).")],
+    original: Annotated[Path | None, typer.Option(help="The original checkpoint folder: measure against the "
+                                                       "release's PyTorch model.")] = None,
+    reference: Annotated[str | None, typer.Option(help="A lossless conversion (F16, BF16, F32) of the same "
+                                                       "checkpoint: measure quants against it, no PyTorch "
+                                                       "needed.")] = None,
+    images: Annotated[list[Path] | None, typer.Option(help="Images for the prompt (repeat the option); with "
+                                                           "--reference, default: six held-out medical images, "
+                                                           "each with its own question.")] = None,
     prompt: Annotated[str, typer.Option("-p", "--prompt")] = "What does the picture show?",
-    tokens: Annotated[int, typer.Option(help="Greedy tokens to compare.")] = 32,
+    tokens: Annotated[int, typer.Option(help="Greedy tokens to compare (per prompt).")] = 32,
     vision_tower: Annotated[str | None, typer.Option(help="Tower folder, if not found from the checkpoint.")] = None,
 ) -> None:
-    """Measure converted models against the original PyTorch model (needs the `verify` extra:
-    pip install 'huatuo-local[verify]')."""
+    """Measure converted models: against the original PyTorch model (--original; needs the `verify`
+    extra: pip install 'huatuo-local[verify]'), or quants against a lossless conversion (--reference):
+    image-embedding cosine, and with the reference's own answer fed back, per-token KL divergence and
+    top-1 agreement."""
     from huatuo_local.runtime.verify.compare import format_table
+
+    if (original is None) == (reference is None):
+        fail("give --original CHECKPOINT (the PyTorch model) or --reference MODEL (a lossless conversion)")
+    if tokens < 1:
+        fail(f"--tokens {tokens}: give at least 1")
+    for path in images or []:
+        if not path.expanduser().is_file():
+            fail(f"{path}: no such image; check the path")
+    if reference is not None:
+        from huatuo_local.runtime.quantize.calibration import held_out
+        from huatuo_local.runtime.verify.quants import Prompt, compare_quants
+
+        prompts = ([Prompt(list(images), prompt)] if images else
+                   [Prompt([c.image] if c.image else [], c.question) for c in held_out()])
+        typer.echo(format_table(compare_quants(reference, models, prompts, tokens)))
+        return
     from huatuo_local.runtime.verify.compare import verify as run_verify
 
+    if not images:
+        fail("--original needs --images: the images to ask about")
     rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
     typer.echo(format_table(rows))
 

@@ -8,6 +8,7 @@ is converted to RGB. Multi-frame files take `--frame N` (default: the middle fra
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -150,7 +151,11 @@ def read_dicom(source: str | Path | BinaryIO, window: tuple[float, float] | None
     """
     path = label or str(source)
     try:
-        return _read_dicom(source, path, window, frame, max_pixels)
+        # pydicom warns about irregularities it reads through (implicit VR where explicit was declared,
+        # odd padding): the picture is still the file's, and the warnings would only clutter the chat.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _read_dicom(source, path, window, frame, max_pixels)
     except ImageError:
         raise
     except MemoryError:

@@ -1,7 +1,9 @@
 """Calibration conversations: what an importance matrix is computed from, and what quality is checked on.
 
 The bundled set uses real medical images that ship with pydicom as public test data (CT, MR,
-ultrasound, nuclear medicine; read from the installed package's own folder, never downloaded), each
+ultrasound, nuclear medicine; several are NEMA's public WG04 sample images; distributed under
+pydicom's MIT licence, a few under GDCM's BSD licence, as pydicom's test_files/README.txt states).
+They are read from the installed package's own folder, never downloaded or copied. Each comes
 with questions in the release's two styles: an open question with an answer, and a multiple-choice
 query exactly as the release's evaluation asks it. A held-out set (other images, other questions) is
 for measuring a quant, never for computing its matrix. `--calibration FOLDER|JSON` gives the user's own.
@@ -36,37 +38,38 @@ def _choice(question: str, options: list[str], right: int) -> tuple[str, str]:
 _CALIBRATION = [
     ("CT_small.dcm", "What does this image show?",
      "An axial CT slice at the level of a thoracic vertebra: the vertebral body, the spinal canal and the "
-     "paraspinal muscles, with a round vessel beside the spine, most likely the descending aorta.",
+     "paraspinal muscles, shown in a soft-tissue window.",
      "Which imaging modality was used?", ["MRI", "CT", "Ultrasound", "X-ray"], 1),
     ("693_J2KI.dcm", "Describe the findings.",
-     "An axial CT image. The soft tissues and the bone are shown in one window; no focal lesion is seen.",
+     "An axial CT image of the head. In this window the skull is bright and the brain is a uniform grey; "
+     "no focal lesion can be assessed.",
      "In which plane is this image?", ["Axial", "Sagittal", "Coronal"], 0),
     ("MR_small.dcm", "What kind of image is this?",
-     "A small magnetic resonance image of the head in grayscale; the contrast is that of a T1-weighted "
-     "sequence.", "Which imaging modality was used?", ["CT", "PET", "MRI", "Ultrasound"], 2),
+     "A small magnetic resonance image in grayscale, a cropped section with bright fluid and darker soft "
+     "tissue.", "Which imaging modality was used?", ["CT", "PET", "MRI", "Ultrasound"], 2),
     ("examples_overlay.dcm", "Is there anything abnormal?",
-     "This MR slice shows no clear abnormality; the signal is homogeneous and the structures are symmetric.",
-     "Which organ is mainly shown?", ["Brain", "Liver", "Kidney", "Heart"], 0),
+     "This axial MR image of the upper abdomen shows the liver, both kidneys and the spine; there is a "
+     "rounded area of different signal in the liver that should be characterised further.",
+     "Which region of the body is shown?", ["Head", "Chest", "Abdomen", "Pelvis"], 2),
     ("examples_rgb_color.dcm", "What does this ultrasound image show?",
-     "A colour ultrasound image with a Doppler box; flow is shown in red and blue within the vessel.",
+     "A colour Doppler ultrasound of a lymph node; flow is shown in red and orange within the node.",
      "What does the colour in this image encode?", ["Tissue density", "Blood flow", "Temperature"], 1),
     ("examples_palette.dcm", "Describe this image.",
-     "An ultrasound image displayed through a colour palette, with the sector-shaped field of view typical "
-     "of a curved transducer.", "Which imaging modality was used?", ["Ultrasound", "CT", "MRI", "X-ray"], 0),
-    ("examples_jpeg2k.dcm", "What is seen in this image?",
-     "An ultrasound frame with the scanner's annotations around a fan-shaped view of soft tissue.",
-     "Is this a cross-sectional CT image?", ["Yes", "No"], 1),
+     "An obstetric ultrasound image with the sector-shaped field of view of a curved transducer; little "
+     "tissue is seen within the sector.", "Which imaging modality was used?", ["Ultrasound", "CT", "MRI", "X-ray"],
+     0),
     ("JPEG2000.dcm", "What type of study is this?",
-     "A nuclear medicine image: a planar scintigraphy acquisition showing the distribution of a tracer.",
+     "A nuclear medicine image: a planar whole-body scintigraphy showing the distribution of a tracer.",
      "Which imaging modality was used?", ["Nuclear medicine", "MRI", "CT", "Endoscopy"], 0),
 ]
+# Other pictures (pydicom's files hold a few images twice under other encodings: none of those here).
 _HELD_OUT = [
     ("J2K_pixelrep_mismatch.dcm", "What does this image show?"),
-    ("image_dfl.dcm", "Describe the findings."),
-    ("SC_rgb_jpeg.dcm", "What can be seen in this picture?"),
-    ("examples_ybr_color.dcm", "Is there anything abnormal in this ultrasound image?"),
-    ("JPGExtended.dcm", "What kind of study is this?"),
-    ("MR_small_RLE.dcm", "Which modality is this, and what does it show?"),
+    ("J2K_pixelrep_mismatch.dcm", "Is the skull intact in this image?"),
+    ("examples_ybr_color.dcm", "Describe the findings."),
+    ("examples_ybr_color.dcm", "Which heart chambers can be seen?"),
+    ("liver_1frame.dcm", "What does this image show?"),
+    ("liver_1frame.dcm", "Which organ has been outlined?"),
 ]
 
 
@@ -83,7 +86,7 @@ def _pydicom_file(name: str) -> Path:
 
 
 def bundled(text_only: bool = False) -> list[Conversation]:
-    """The calibration set: each image with an open question and a multiple-choice query (16 in all)."""
+    """The calibration set: each image with an open question and a multiple-choice query (14 in all)."""
     out = []
     for name, question, answer, choice, options, right in _CALIBRATION:
         image = None if text_only else _pydicom_file(name)
@@ -98,7 +101,7 @@ def held_out() -> list[Conversation]:
 
 
 def describe(conversations: list[Conversation], name: str) -> str:
-    """The dataset label an importance matrix records: `name (16 image+text)`."""
+    """The dataset label an importance matrix records: `name (14 image+text)`."""
     with_image = sum(c.image is not None for c in conversations)
     if with_image == len(conversations):
         return f"{name} ({len(conversations)} image+text)"
