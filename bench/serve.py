@@ -57,7 +57,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"{name} did not start: {Path(self.log.name).read_text()[-2000:]}")
+                text = Path(self.log.name).read_text()[-2000:]
+                self.stop()
+                raise RuntimeError(f"{name} did not start: {text}")
             time.sleep(0.5)
 
     def stop(self) -> float:
@@ -67,6 +69,8 @@ class Server:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)  # a bench leaves nothing behind in /tmp
         return peak
 
 

@@ -23,7 +23,7 @@ from huatuo_local import __version__
 from . import hub
 from .checkpoint import TensorSource, open_tensors
 from .names import PROJECTOR_PREFIX, Mapped, clip_name, llm_name, permute_for_rope, projector_name
-from .quantize import NEEDS_IMATRIX, QUANT_FTYPES, quantize_gguf
+from .quantize import NEEDS_IMATRIX, QUANT_FTYPES, WANTS_IMATRIX, quantize_gguf
 from .tower import Tower, locate_tower
 from .vocab import Vocab, read_vocab
 from .write import DIRECT_TYPES, FILE_TYPES, TensorPlan, atomic_output, pick_type, write_gguf
@@ -319,6 +319,7 @@ class _Importance:
         else:
             with atomic_output(self.stage) as tmp:
                 shutil.copyfile(self.given, tmp)
+        os.chmod(self.stage, 0o600)  # statistics of the calibration conversations: owner-only (SECURITY.md)
         self.matrix = read_imatrix(self.stage)
         return self.matrix
 
@@ -439,4 +440,4 @@ def convert(
     return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
 
 
-__all__ = ["convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES"]
+__all__ = ["convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES", "NEEDS_IMATRIX", "WANTS_IMATRIX"]

@@ -81,7 +81,9 @@ def store_name_for(source: str) -> str:
 
 
 def pull(model: str, quant: str | None = None, name: str | None = None, progress=None,
-         revision: str | None = None) -> ResolvedModel:
+         revision: str | None = None, imatrix=None) -> ResolvedModel:
+    """Fetch `model` into the store as `quant`; `imatrix` (a file or a MatrixMaker, see convert()) is used
+    when the checkpoint is converted here, not for a repository of ready GGUF files."""
     from huatuo_local.convert import hub
     from huatuo_local.convert.pipeline import QUANT_TYPES, convert
 
@@ -99,12 +101,12 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
         raise HuatuoError(f"--name {name}: use letters, digits, '.', '_' and '-' (no folders)")
     folder = store_folder(name)
     if local.is_dir():  # a checkpoint copied onto an offline machine: converted straight into the store
-        convert(local, folder, quant=quant, name=name, progress=progress, source=str(local.resolve()))
+        convert(local, folder, quant=quant, name=name, progress=progress, source=str(local.resolve()), imatrix=imatrix)
         return resolve(f"{name}:{quant.lower()}")
     listing = hub.list_repo(repo_id, revision)
     if any(f.lower().endswith(".gguf") for f in listing.sizes):
         return _pull_gguf(repo_id, listing, quant, name, folder, progress)
     local, sha = hub.fetch_checkpoint(repo_id, listing.sha, progress, store=folder)
-    convert(local, folder, quant=quant, name=name, progress=progress, revision=sha, source=repo_id)
+    convert(local, folder, quant=quant, name=name, progress=progress, revision=sha, source=repo_id, imatrix=imatrix)
     hub.remove_snapshot(repo_id, sha)  # ours, and converted now
     return resolve(f"{name}:{quant.lower()}")

@@ -28,6 +28,9 @@ QUANT_FTYPES = {
 # Quants whose tensor types llama.cpp refuses to make without an importance matrix (llama-quant.cpp,
 # tensor_requires_imatrix: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, and Q2_K inside Q2_K_S).
 NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M", "Q2_K_S"})
+# Quants whose quality depends on a matrix even where llama.cpp does not insist: `pull` computes one
+# for them (llama.cpp's own guidance: below 4 bits, and the non-linear IQ4 types).
+WANTS_IMATRIX = NEEDS_IMATRIX | {"IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_XS", "IQ4_NL", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L"}
 GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -72,6 +75,37 @@ def quantize_gguf(
     if rc != 0:
         detail = errors[-1] if errors else f"code {rc}"
         raise HuatuoError(f"{dst}: llama.cpp could not quantize to {quant} ({detail})")
+
+
+_QUANT_SIZE = re.compile(rb"quant size\s*=\s*([0-9.]+) MiB")
+
+
+def quantized_size(src: Path, quant: str) -> int:
+    """The bytes llama.cpp's quantizer would write for `src` as `quant`, without quantizing (its dry run:
+    only the shapes are read, so a file whose data was never written answers too). To 10 KiB."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {**QUANT_FTYPES, "F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[quant]
+    params.dry_run = True
+    found: list[float] = []
+
+    @llama_cpp.llama_log_callback
+    def log(_level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        m = _QUANT_SIZE.search(text or b"")
+        if m:
+            found.append(float(m.group(1)))
+
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+    if rc != 0 or not found:
+        raise HuatuoError(f"{src}: llama.cpp could not size a {quant} quant (code {rc})")
+    return int(found[-1] * 1024 * 1024)
 
 
 def _imatrix_param(params, imatrix: dict[str, np.ndarray]):

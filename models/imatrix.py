@@ -12,6 +12,7 @@ The runtime computes a matrix (runtime/quantize/); the converter reads one to qu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from .errors import HuatuoError
 from .gguf_check import check_gguf
+from .private import FILE_MODE
 
 SUFFIX = ".imatrix.gguf"
 KEY_DATASETS = "imatrix.datasets"
@@ -46,9 +48,12 @@ class ImportanceMatrix:
         self.counts[name] = self.counts.get(name, 0) + int(rows.shape[0])
 
     def means(self) -> dict[str, np.ndarray]:
-        """Per-column mean squares, as llama.cpp's quantizer takes them (1 for a matrix never used)."""
-        return {n: (s / self.counts[n] if self.counts[n] else np.ones_like(s)).astype(np.float32)
-                for n, s in self.sums.items()}
+        """Per-column mean squares, as llama.cpp's quantizer takes them (1 for a matrix never used).
+
+        Computed as `llama-quantize --imatrix` does from the file (float32 sums / float32 count), so
+        a quant made here and one made by llama.cpp's tool from the same file are the same bytes."""
+        return {n: (s.astype(np.float32) / np.float32(self.counts[n]) if self.counts[n]
+                    else np.ones(s.shape, np.float32)) for n, s in self.sums.items()}
 
 
 def write_imatrix(path: Path, matrix: ImportanceMatrix) -> None:
@@ -57,6 +62,10 @@ def write_imatrix(path: Path, matrix: ImportanceMatrix) -> None:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
+    # Owner-only from creation: computed from the user's own calibration (--calibration), the sums are
+    # statistics of their images and conversations.
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE))
     writer = GGUFWriter(tmp, "imatrix")
     writer.add_string("general.type", "imatrix")
     writer.add_array(KEY_DATASETS, list(matrix.datasets) or ["huatuo-local"])

@@ -217,3 +217,15 @@ def test_verify_measures_quants_against_the_lossless_model(tiny, scan, tmp_path)
     for args, start in mistakes:
         bad = run_cli("verify", *args, env=env)
         assert bad.returncode == 1 and bad.stderr.startswith(start) and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_the_matrix_is_owner_only(tiny, tmp_path):
+    """Statistics of the user's own calibration conversations: written 0600 in the store (SECURITY.md)."""
+    ckpt = tiny(WIDE)["ckpt"]
+    home = tmp_path / "home"
+    listed = tmp_path / "cal.json"
+    listed.write_text(json.dumps([{"question": "Is 39 degrees a fever?", "answer": "Yes."}]))
+    proc = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ2_XS", "--imatrix", "auto",
+                   "--calibration", str(listed), env={"HUATUO_LOCAL_HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "models" / "wide" / "wide.imatrix.gguf").stat().st_mode & 0o777 == 0o600

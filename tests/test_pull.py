@@ -174,3 +174,32 @@ def test_a_revision_that_no_ref_can_be_is_refused_before_any_request(tmp_path):
             assert proc.returncode == 1 and "give a branch, tag or commit id" in proc.stderr, bad
             assert len(proc.stderr.strip().splitlines()) == 1
         assert hub.requests == []
+
+
+def test_pull_without_a_quant_chooses_the_best_that_fits(tiny, tmp_path, image):
+    """Issue 24: `pull NAME` picks the best quant whose weights, KV cache and buffers fit the free memory
+    (`--memory` stands in for another machine's), says so with what else fits, and computes the importance
+    matrix a low-bit quant needs; when nothing fits it refuses before any request."""
+    from huatuo_local.models.registry import GIB, KNOWN_MODELS
+    from huatuo_local.models.sizing import best_quant
+
+    expected = best_quant(KNOWN_MODELS["huatuo-vision-7b"], int(6.5 * GIB))  # IQ4_XS: computes a matrix
+    folder = _repo_folder(tiny, tmp_path, TinySpec(seed=8, tower="folder"))
+    with FakeHub({REPO: Repo(folder)}) as hub:
+        env = _env(tmp_path, hub)
+        refused = run_cli("pull", "huatuo-vision-34b", "--memory", "8", env=env)
+        assert refused.returncode == 1 and not hub.requests, refused.stderr
+        assert refused.stderr.startswith("error: huatuo-vision-34b: nothing fits in 8.0 GiB free RAM (the smallest, "
+                                         "IQ2_XS, needs "), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        proc = run_cli("pull", "huatuo-vision-7b", "--memory", "6.5", env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    assert f"choosing {expected.quant}: needs {expected.need().total / GIB:.1f} GiB of 6.5 GiB free RAM" in proc.stderr
+    assert f"also fits: {', '.join(expected.fits[1:4])}" in proc.stderr
+    manifest = json.loads((tmp_path / "home" / "models" / "huatuo-vision-7b" /
+                           f"huatuo-vision-7b-{expected.quant}.manifest.json").read_text())
+    assert manifest["quant"] == expected.quant == "IQ4_XS"
+    assert manifest["extra"]["imatrix"]["datasets"] == ["huatuo-local bundled calibration (14 image+text)"]
+    chat = run_cli("chat", str(image), "-p", "hi", "--model", "huatuo-vision-7b", "--max-tokens", "3",
+                   env={"HUATUO_LOCAL_HOME": str(tmp_path / "home")})
+    assert chat.returncode == 0, chat.stderr

@@ -34,6 +34,7 @@ class Report:
     workers: list[dict] | None = None  # doctor --rpc: each worker's memory, and what fits across them
     gpus: list[dict] | None = None  # each GPU llama.cpp sees: name, card, free and total GiB
     placements: dict[str, str] | None = None  # installed model → where it goes by default (one line)
+    choices: dict[str, dict] | None = None  # known model → its best quant here, what it needs, what else fits
 
 
 def engine_build() -> dict:
@@ -45,9 +46,49 @@ def engine_build() -> dict:
         return {}
 
 
-def fits_across(free_bytes: float) -> dict[str, dict[str, bool]]:
-    """Which quant of each known model fits in this much memory."""
-    return {m.name: {q: m.ram_needed_gib(q) <= free_bytes / GIB for q in m.llm_gib} for m in KNOWN_MODELS.values()}
+def fits_across(free_bytes: float, gpu: bool = False) -> dict[str, dict[str, bool]]:
+    """Which quant of each known model fits in this much memory (weights, KV cache for the default
+    context, compute buffers and headroom: models/sizing.py)."""
+    from huatuo_local.models.sizing import QUALITY_ORDER, best_quant
+
+    out = {}
+    for m in KNOWN_MODELS.values():
+        fits = best_quant(m, int(free_bytes), gpu).fits
+        out[m.name] = {q: q in fits for q in QUALITY_ORDER}
+    return out
+
+
+def machine_choice(model, ram_free: float | None = None, gpu_free: float | None = None):
+    """`model`'s best quant on this machine: in the GPUs' free memory when one fits there, else in RAM."""
+    from huatuo_local.models.sizing import best_quant
+
+    if ram_free is None:
+        from huatuo_local.runtime.llama.devices import local_gpus
+        from huatuo_local.runtime.system import memory_gib
+
+        ram_free = memory_gib()[1] * GIB
+        gpus = local_gpus()
+        gpu_free = sum(g.free for g in gpus) if gpus else None
+    choice = best_quant(model, int(ram_free))
+    if gpu_free:
+        on_gpu = best_quant(model, int(gpu_free), gpu=True)
+        if on_gpu.quant is not None:
+            choice = on_gpu
+    return choice
+
+
+def choices(ram_free: float, gpu_free: float | None) -> dict[str, dict]:
+    """Each known model's best quant here: in the GPUs' free memory when one fits there, else in RAM;
+    what it needs, its measured cost against F16, what else fits, and what a smaller context would allow."""
+    out = {}
+    for m in KNOWN_MODELS.values():
+        choice = machine_choice(m, ram_free, gpu_free)
+        out[m.name] = {"quant": choice.quant, "where": choice.where, "summary": choice.describe(),
+                       "need_gib": choice.need().total / GIB, "free_gib": choice.budget / GIB,
+                       "also_fits": choice.fits[1:],
+                       "stretch": ({"quant": choice.stretch[0], "ctx": choice.stretch[1], "kv_type": "q8_0"}
+                                   if choice.stretch else None)}
+    return out
 
 
 def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Report:
@@ -67,10 +108,8 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     gpu = bool(found_gpus)
     probe = check_library().__dict__ if run_probe else {}
     total, avail = memory_gib()
-    fits = {
-        m.name: {q: m.ram_needed_gib(q) <= avail for q in m.llm_gib}
-        for m in KNOWN_MODELS.values()
-    }
+    fits = fits_across(avail * GIB)
+    best_here = choices(avail * GIB, sum(g.free for g in found_gpus) if found_gpus else None)
     workers = None
     usable = fits  # what the recommendation is made from: this machine, or it with its RPC workers
     if rpc_endpoints:
@@ -79,15 +118,14 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
         usable = fits_across(together)
         workers = [{"endpoint": w.endpoint, "free_gib": w.free / GIB, "total_gib": w.total / GIB} for w in found]
         workers.append({"endpoint": "together with this machine", "free_gib": together / GIB, "fits": usable})
-    best = {}
-    for m in KNOWN_MODELS.values():
-        ok = [q for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") if usable[m.name].get(q)]
-        best[m.name] = ok[0] if ok else None
+    best = {name: c["quant"] for name, c in best_here.items()}
+    if rpc_endpoints:
+        best = {name: next((q for q, ok in f.items() if ok), None) for name, f in usable.items()}
     recommended = {"n_gpu_layers": -1 if gpu else 0, "threads": physical_cores(), "quant": best}
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
                   recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers,
                   [{"name": g.name, "description": g.description, "free_gib": g.free / GIB, "total_gib": g.total / GIB}
-                   for g in found_gpus], placements(found_gpus))
+                   for g in found_gpus], placements(found_gpus), best_here)
 
 
 def placements(gpus) -> dict[str, str]:
@@ -155,9 +193,13 @@ def doctor(
             "the physical count)",
             f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
         ]
-        for name, fits in report.fits.items():
-            ok = [q for q, f in fits.items() if f]
-            lines.append(f"{name:<16} fits: {', '.join(ok) if ok else 'none of ' + ', '.join(fits)}")
+        for name, c in (report.choices or {}).items():
+            lines.append(f"{name:<16} best here: {c['summary']}")
+            if c["also_fits"]:
+                lines.append(f"{'':<16} also fits: {', '.join(c['also_fits'])}")
+            if c["stretch"]:
+                st = c["stretch"]
+                lines.append(f"{'':<16} with --ctx {st['ctx']} --kv-type {st['kv_type']}: {st['quant']} fits")
         for w in report.workers or []:
             if "fits" in w:
                 for name, fits in w["fits"].items():

@@ -62,29 +62,68 @@ def convert(
         typer.echo(f"in the local store as {out.name}:{result.manifest.quant.lower()}; try: huatuo-local chat IMAGE "
                    f"--model {out.name}")
 
-@app.command(epilog="Examples:\n\n  huatuo-local pull huatuo-vision-7b\n\n"
-                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside Q4_K_M as "
+@app.command(epilog="Examples:\n\n  huatuo-local pull huatuo-vision-7b   (the best quant for this machine's free "
+                   "memory)\n\n"
+                   "  huatuo-local pull huatuo-vision-7b --quant Q8_0   (kept beside others as "
                    "huatuo-vision-7b:q8_0)\n\n"
+                   "  huatuo-local pull huatuo-vision-34b --memory 16   (chosen for a machine with 16 GiB free)\n\n"
                    "  huatuo-local pull ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   (a checkpoint copied over)")
 def pull(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="huatuo-vision-7b, huatuo-vision-34b, a Hugging Face "
                                                                "repo id, or a checkpoint folder on this machine.")],
-    quant: Annotated[str | None, typer.Option(help="LLM quant (default: the model's, Q4_K_M).")] = None,
+    quant: Annotated[str | None, typer.Option(help="LLM quant (default: for a known model, the best whose weights, "
+                                                   "KV cache and buffers fit this machine's free GPU memory or RAM; "
+                                                   "else Q4_K_M).")] = None,
+    memory: Annotated[float | None, typer.Option(help="Choose the quant for this much free memory, in GiB, instead "
+                                                      "of this machine's (a model for another machine).")] = None,
     name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of the repository (default: main); "
                                                       "the commit is recorded in the manifest.")] = None,
 ) -> None:
     """Download a model (and convert it when needed) into the local store, or convert a checkpoint folder
     already on this machine into it. Converting a 7B needs about 2.5x its download size of free disk while it
-    runs; pull checks before downloading."""
+    runs; pull checks before downloading. Quants below 4 bits get an importance matrix computed from image and
+    text prompts (the F16 model is read through for it)."""
+    from huatuo_local.convert.pipeline import WANTS_IMATRIX
     from huatuo_local.convert.pull import pull as run_pull
     from huatuo_local.runtime.cli.progress import StageProgress
+    from huatuo_local.runtime.quantize.imatrix import matrix_source
 
+    if quant is None:
+        quant = _quant_for(model, memory)
+    elif memory is not None:
+        fail("--memory chooses the quant: give it or --quant, not both")
     with StageProgress() as bar:
-        resolved = run_pull(model, quant, name, progress=bar.update, revision=revision)
+        matrix = matrix_source("auto", None, None, bar.update) if (quant or "").upper() in WANTS_IMATRIX else None
+        resolved = run_pull(model, quant, name, progress=bar.update, revision=revision, imatrix=matrix)
     commit = f", commit {resolved.manifest.revision[:12]}" if resolved.manifest and resolved.manifest.revision else ""
     typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}{commit}); "
                f"try: huatuo-local chat IMAGE --model {resolved.ref}")
+
+
+def _quant_for(model: str, memory: float | None) -> str | None:
+    """A known model's best quant for this machine (or `memory` GiB), said on stderr with what else fits."""
+    from huatuo_local.models.registry import GIB, KNOWN_MODELS
+    from huatuo_local.models.sizing import best_quant
+    from huatuo_local.runtime.cli.doctor import machine_choice
+
+    known = KNOWN_MODELS.get(model)
+    if known is None:
+        if memory is not None:
+            fail(f"--memory: huatuo-local knows the sizes of {', '.join(KNOWN_MODELS)} only; give --quant")
+        return None  # the default quant of a repository or folder
+    if memory is not None and not 0 < memory < 1e6:
+        fail(f"--memory {memory}: give the free memory in GiB, e.g. --memory 16")
+    choice = best_quant(known, int(memory * GIB)) if memory is not None else machine_choice(known)
+    if choice.quant is None:
+        hint = (f"; with --ctx {choice.stretch[1]} --kv-type q8_0 {choice.stretch[0]} would fit: add --quant "
+                f"{choice.stretch[0]}" if choice.stretch else "; free memory, or choose one with --quant")
+        fail(f"{model}: {choice.describe()}{hint}")
+    others = f"; also fits: {', '.join(choice.fits[1:4])}" if len(choice.fits) > 1 else ""
+    stretch = (f"; with --ctx {choice.stretch[1]} --kv-type q8_0, {choice.stretch[0]} would fit"
+               if choice.stretch else "")
+    typer.echo(f"choosing {choice.describe()}{others}{stretch}", err=True)
+    return choice.quant
 
 @app.command(name="list", epilog="Example: huatuo-local list")
 def list_cmd() -> None:

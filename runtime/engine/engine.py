@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
+from huatuo_local.models.sizing import DEFAULT_CTX
 from huatuo_local.runtime.engine.loading import LOAD_MODES, MappedPages
 from huatuo_local.runtime.engine.text import TextDecoder
 from huatuo_local.runtime.images.loader import VisionInput
@@ -39,9 +40,6 @@ class EngineError(HuatuoError):
 
 class DecodeAborted(EngineError):
     """llama_decode stopped because the abort check said so; what it did is still in the KV cache."""
-
-
-DEFAULT_CTX = 8192
 
 
 @dataclass

@@ -1,0 +1,91 @@
+"""How much memory a known model needs at each quant, and the best quant that fits a machine.
+
+What a run holds: the LLM file, the vision projector, the KV cache for the context (f16: 2 bytes a
+value; K and V of every layer for every position), llama.cpp's compute buffers (the LLM's and the
+vision encoder's), and headroom for the runtime itself and the allocators' slack (0.5 GiB and 5 %).
+The sizes are llama.cpp's own for the real shapes (models/registry.py). The quality column is the
+measured cost of each quant against F16 at the 7B's real widths (FIDELITY.md, bench/quants.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .registry import GIB, KnownModel
+
+DEFAULT_CTX = 8192  # positions per conversation unless --ctx says otherwise
+# Best first. F16/BF16 are left out: no measurable gain over Q8_0 for twice the memory and half the speed.
+QUALITY_ORDER = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_XS")
+# The vision encoder's working memory: libmtmd reserves 19 MiB for CLIP ViT-L/14-336 at load; this
+# allowance also covers the decoded image and its 576 embeddings on their way to the LLM.
+VISION_COMPUTE_BYTES = 200 * 1024**2
+HEADROOM_BYTES = GIB // 2
+HEADROOM_FRACTION = 0.05
+KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}  # per cached value
+
+# Each quant's cost against F16 (KL divergence, top-1 agreement) with the image+text matrix where it
+# applies; measured on random weights at the 7B's widths by bench/quants.py (FIDELITY.md says what that
+# can and cannot show). None: not measured.
+MEASURED_QUALITY: dict[str, tuple[float, float]] = {}
+
+
+@dataclass(frozen=True)
+class Need:
+    weights: int
+    kv: int
+    compute: int
+    headroom: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.headroom
+
+
+def memory_needed(model: KnownModel, quant: str, n_ctx: int = DEFAULT_CTX, gpu: bool = False,
+                  kv_type: str = "f16") -> Need:
+    """What running `model` at `quant` holds in memory (RAM, or with `gpu` the GPU's)."""
+    weights = model.llm_bytes[quant] + model.mmproj_bytes
+    kv = model.shape.kv_bytes_per_token(KV_BYTES[kv_type]) * n_ctx
+    compute = (model.compute_bytes_gpu if gpu else model.compute_bytes_cpu) + VISION_COMPUTE_BYTES
+    headroom = HEADROOM_BYTES + int(HEADROOM_FRACTION * (weights + kv + compute))
+    return Need(weights, kv, compute, headroom)
+
+
+@dataclass
+class QuantChoice:
+    model: KnownModel
+    budget: int  # bytes free where it runs
+    where: str  # "RAM" or "GPU"
+    quant: str | None  # the best that fits; None: nothing does
+    fits: list[str] = field(default_factory=list)  # every quant that fits, best first
+    # A better quant that fits with a smaller context and an 8-bit KV cache: (quant, n_ctx)
+    stretch: tuple[str, int] | None = None
+
+    def need(self, quant: str | None = None) -> Need:
+        return memory_needed(self.model, quant or self.quant or QUALITY_ORDER[-1], gpu=self.where == "GPU")
+
+    def describe(self, quant: str | None = None) -> str:
+        """`IQ3_XXS: 12.9 GiB of 14.1 GiB free; top-1 vs F16 97.1%` for the choice (or `quant`)."""
+        q = quant or self.quant
+        if q is None:
+            smallest = QUALITY_ORDER[-1]
+            return (f"nothing fits in {self.budget / GIB:.1f} GiB free {self.where} (the smallest, {smallest}, "
+                    f"needs {self.need(smallest).total / GIB:.1f} GiB)")
+        text = f"{q}: needs {self.need(q).total / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB free {self.where}"
+        measured = MEASURED_QUALITY.get(q)
+        if measured:
+            text += f"; vs F16: top-1 {measured[1] * 100:.1f}%, KL {measured[0]:.3f}"
+        return text
+
+
+def best_quant(model: KnownModel, budget: int, gpu: bool = False) -> QuantChoice:
+    """The best quant of `model` whose weights, KV cache (default context) and buffers fit `budget` bytes."""
+    fits = [q for q in QUALITY_ORDER if memory_needed(model, q, gpu=gpu).total <= budget]
+    choice = QuantChoice(model, budget, "GPU" if gpu else "RAM", fits[0] if fits else None, fits)
+    better = QUALITY_ORDER[:QUALITY_ORDER.index(choice.quant)] if choice.quant else QUALITY_ORDER
+    for n_ctx in (4096, 2048):
+        smaller = [q for q in better if memory_needed(model, q, n_ctx, gpu, "q8_0").total <= budget]
+        if smaller:
+            choice.stretch = (smaller[0], n_ctx)
+            break
+    return choice

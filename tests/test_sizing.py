@@ -1,0 +1,99 @@
+"""Issue 24: the memory a known model needs at each quant is llama.cpp's own, and `doctor` and `pull`
+choose the best quant that fits."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import run_cli
+from huatuo_local.models.registry import GIB, KNOWN_MODELS
+from huatuo_local.models.sizing import QUALITY_ORDER, best_quant, memory_needed
+from real_shapes import planned_compute_bytes, write_sparse_llm
+
+MIB_ROUNDING = 6 * 1024  # llama.cpp logs sizes in MiB to two decimals
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_the_registry_sizes_are_llama_cpps_for_the_real_shapes(name, tmp_path):
+    """Each quant's file as llama.cpp's quantizer sizes the real shapes (its dry run; the file's data is a
+    hole), and the compute buffers it plans for the default context: what models/registry.py says."""
+    from huatuo_local.convert.quantize import quantized_size
+
+    known = KNOWN_MODELS[name]
+    path = write_sparse_llm(tmp_path / "sparse.gguf", known.shape)
+    assert path.stat().st_size > 10 * GIB and path.stat().st_blocks * 512 < 64 * 1024**2  # a hole
+    for quant in QUALITY_ORDER:
+        assert abs(quantized_size(path, quant) - known.llm_bytes[quant]) <= MIB_ROUNDING, quant
+    assert abs(planned_compute_bytes(path, 8192, 256) - known.compute_bytes_cpu) <= MIB_ROUNDING
+    assert abs(planned_compute_bytes(path, 8192, 512) - known.compute_bytes_gpu) <= MIB_ROUNDING
+
+
+def test_the_kv_cache_is_what_llama_cpp_allocates(converted, tmp_path):
+    """K and V for every layer and position, as llama.cpp allocates them (a converted model, a real context)."""
+    import ctypes
+
+    import llama_cpp
+    from huatuo_local.models.registry import LlmShape
+    from tiny_models import TinySpec
+
+    spec = TinySpec(arch="llama", seed=30, layers=3, hidden=128, heads=4, kv_heads=2, ffn=256, tower="folder")
+    model = converted(spec, "F16", "f16")
+    shape = LlmShape("llama", 3, 128, 256, 4, 2, 704, False)
+    found = []
+
+    @llama_cpp.llama_log_callback
+    def log(_level, text, _user):
+        m = re.search(rb"KV buffer size\s*=\s*([0-9.]+) MiB", text or b"")
+        if m:
+            found.append(float(m.group(1)))
+
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    try:
+        mp = llama_cpp.llama_model_default_params()
+        m = llama_cpp.llama_model_load_from_file(str(model.llm_path).encode(), mp)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = 4096
+        ctx = llama_cpp.llama_init_from_model(m, cp)
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(m)
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+    assert found and abs(found[-1] * 1024**2 - shape.kv_bytes_per_token() * 4096) < 1024
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
+def test_the_best_quant_is_the_best_that_fits(name):
+    known = KNOWN_MODELS[name]
+    needs = [memory_needed(known, q).total for q in QUALITY_ORDER]
+    assert needs == sorted(needs, reverse=True), "the order is best (largest) first"
+    for quant, need in zip(QUALITY_ORDER, needs):
+        assert best_quant(known, need).quant == quant
+        below = best_quant(known, need - 1)
+        assert below.quant != quant and (below.quant is None or needs[QUALITY_ORDER.index(below.quant)] < need)
+        if below.stretch:  # a better quant with a smaller context and an 8-bit cache: it does fit then
+            better, n_ctx = below.stretch
+            assert memory_needed(known, better, n_ctx, kv_type="q8_0").total <= need - 1
+            assert below.quant is None or QUALITY_ORDER.index(better) < QUALITY_ORDER.index(below.quant)
+    laptop = best_quant(KNOWN_MODELS["huatuo-vision-7b"], int(6.5 * GIB))
+    assert laptop.quant in ("Q4_K_M", "IQ4_XS"), laptop.describe()  # an 8 GB laptop with 6.5 GiB free
+
+
+def test_doctor_chooses_each_models_best_quant_for_this_machine():
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["gpus"]  # this machine: RAM decides
+    for name, choice in report["choices"].items():
+        known = KNOWN_MODELS[name]
+        free = choice["free_gib"] * GIB
+        assert abs(choice["free_gib"] - report["ram_available_gib"]) < 0.01
+        fitting = [q for q in QUALITY_ORDER if memory_needed(known, q).total <= free]
+        assert choice["quant"] == (fitting[0] if fitting else None)
+        assert choice["also_fits"] == fitting[1:]
+        assert report["recommended"]["quant"][name] == choice["quant"]
+    text = run_cli("doctor").stdout
+    assert re.search(r"huatuo-vision-7b +best here: \S+: needs [0-9.]+ GiB of [0-9.]+ GiB free RAM", text), text
