@@ -117,6 +117,9 @@ def test_convert_computes_the_matrix_itself(tiny, scan, tmp_path):
     manifest = json.loads((folder / "wide-IQ3_XXS.manifest.json").read_text())
     assert manifest["extra"]["imatrix"]["datasets"] == ["huatuo-local bundled calibration (14 image+text)"]
     assert not list(folder.glob("*F16*")), "the intermediate used for the matrix is gone"
+    shown = run_cli("info", "wide", env=env)
+    assert f"imatrix          {folder / 'wide.imatrix.gguf'} (from huatuo-local bundled calibration (14 image+text))" \
+        in shown.stdout, shown.stdout
     chat = run_cli("chat", str(scan), "-p", "What is it?", "--model", "wide", "--max-tokens", "4", env=env)
     assert chat.returncode == 0, chat.stderr
 
