@@ -3,8 +3,8 @@
 What a run holds: the LLM file, the vision projector, the KV cache for the context (f16: 2 bytes a
 value; K and V of every layer for every position), llama.cpp's compute buffers (the LLM's and the
 vision encoder's), and headroom for the runtime itself and the allocators' slack (0.5 GiB and 5 %).
-The sizes are llama.cpp's own for the real shapes (models/registry.py). The quality column is the
-measured cost of each quant against F16 at the 7B's real widths (FIDELITY.md, bench/quants.py).
+The sizes are llama.cpp's own for the real shapes (models/registry.py); the quality figure is each
+quant's measured cost against F16 at the 7B's real widths (FIDELITY.md, bench/quants.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ HEADROOM_BYTES = GIB // 2
 HEADROOM_FRACTION = 0.05
 KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}  # per cached value
 
-# Each quant's cost against F16 (KL divergence, top-1 agreement) with the image+text matrix where it
-# applies; measured on random weights at the 7B's widths by bench/quants.py (FIDELITY.md says what that
-# can and cannot show). None: not measured.
-MEASURED_QUALITY: dict[str, tuple[float, float]] = {}
+# Each quant's measured cost against F16: the mean KL divergence of the next-token distributions on six
+# held-out image prompts, as `pull` makes the quant (Q4_K_M without a matrix, lower ones with the
+# image+text matrix). Random weights at the 7B's widths, 2 layers (bench/quants.py, 2026-11-30;
+# FIDELITY.md says what that can and cannot show); not measured for Q5_K_M and above.
+MEASURED_KL: dict[str, float] = {"Q4_K_M": 0.0370, "IQ4_XS": 0.0305, "Q3_K_M": 0.0640, "IQ3_M": 0.0711,
+                                 "IQ3_XXS": 0.1195, "IQ2_M": 0.1898, "IQ2_XS": 0.3196}
 
 
 @dataclass(frozen=True)
@@ -65,16 +67,17 @@ class QuantChoice:
         return memory_needed(self.model, quant or self.quant or QUALITY_ORDER[-1], gpu=self.where == "GPU")
 
     def describe(self, quant: str | None = None) -> str:
-        """`IQ3_XXS: 12.9 GiB of 14.1 GiB free; top-1 vs F16 97.1%` for the choice (or `quant`)."""
+        """`IQ3_XXS: needs 17.4 GiB of 18.0 GiB free RAM; KL to F16 0.120 (FIDELITY.md)` for the choice
+        (or `quant`)."""
         q = quant or self.quant
         if q is None:
             smallest = QUALITY_ORDER[-1]
             return (f"nothing fits in {self.budget / GIB:.1f} GiB free {self.where} (the smallest, {smallest}, "
                     f"needs {self.need(smallest).total / GIB:.1f} GiB)")
         text = f"{q}: needs {self.need(q).total / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB free {self.where}"
-        measured = MEASURED_QUALITY.get(q)
-        if measured:
-            text += f"; vs F16: top-1 {measured[1] * 100:.1f}%, KL {measured[0]:.3f}"
+        kl = MEASURED_KL.get(q)
+        if kl is not None:
+            text += f"; KL to F16 {kl:.3f} (FIDELITY.md)"
         return text
 
 
