@@ -88,9 +88,14 @@ def planned_compute_bytes(path: Path, n_ctx: int, n_ubatch: int) -> int:
     previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
     llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    from huatuo_local.runtime.rpc.client import device_list
+
+    devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
     try:
         mp = llama_cpp.llama_model_default_params()
         mp.no_alloc, mp.n_gpu_layers, mp.load_mode = True, 0, 0  # no mmap: nothing to map in a plan
+        if devices is not None:
+            mp.devices = ctypes.cast(devices, ctypes.c_void_p)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         assert model, f"{path}: llama.cpp did not load the plan"
         cp = llama_cpp.llama_context_default_params()

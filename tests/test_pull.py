@@ -157,7 +157,7 @@ def test_a_hostile_hub_sha_never_becomes_a_path(tiny, tmp_path, sha):
         repo.sha = wanted
         with FakeHub({REPO: repo}) as hub:
             env = dict(_env(tmp_path, hub), HUATUO_LOCAL_HOME=str(home))
-            proc = run_cli("pull", "huatuo-vision-7b", env=env)
+            proc = run_cli("pull", "huatuo-vision-7b", "--quant", "Q4_K_M", env=env)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip().splitlines() == [
             f"error: {REPO}: the Hub answered {wanted[:60]!r} where a commit id (40 hex digits) belongs; "
@@ -170,7 +170,7 @@ def test_a_hostile_hub_sha_never_becomes_a_path(tiny, tmp_path, sha):
 def test_a_revision_that_no_ref_can_be_is_refused_before_any_request(tmp_path):
     with FakeHub({}) as hub:
         for bad in ("../../etc", "/abs", "a/../b", "x\ny", "-flag"):
-            proc = run_cli("pull", "huatuo-vision-7b", "--revision", bad, env=_env(tmp_path, hub))
+            proc = run_cli("pull", "huatuo-vision-7b", "--quant", "Q4_K_M", "--revision", bad, env=_env(tmp_path, hub))
             assert proc.returncode == 1 and "give a branch, tag or commit id" in proc.stderr, bad
             assert len(proc.stderr.strip().splitlines()) == 1
         assert hub.requests == []

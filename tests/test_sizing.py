@@ -52,8 +52,13 @@ def test_the_kv_cache_is_what_llama_cpp_allocates(converted, tmp_path):
     previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
     llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
     llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    from huatuo_local.runtime.rpc.client import device_list
+
+    devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
     try:
         mp = llama_cpp.llama_model_default_params()
+        if devices is not None:
+            mp.devices = ctypes.cast(devices, ctypes.c_void_p)
         m = llama_cpp.llama_model_load_from_file(str(model.llm_path).encode(), mp)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = 4096

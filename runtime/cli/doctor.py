@@ -147,6 +147,28 @@ def placements(gpus) -> dict[str, str]:
     return out
 
 
+def _memory_lines(report: Report) -> list[str]:
+    """Each model's best quant here (what else fits, what a smaller context allows), and the RPC workers."""
+    lines = []
+    for name, c in (report.choices or {}).items():
+        lines.append(f"{name:<16} best here: {c['summary']}")
+        if c["also_fits"]:
+            lines.append(f"{'':<16} also fits: {', '.join(c['also_fits'])}")
+        if c["stretch"]:
+            st = c["stretch"]
+            lines.append(f"{'':<16} with --ctx {st['ctx']} --kv-type {st['kv_type']}: {st['quant']} fits")
+    for w in report.workers or []:
+        if "fits" in w:
+            for name, fits in w["fits"].items():
+                ok = [q for q, f in fits.items() if f]
+                lines.append(f"{name:<16} fits across the workers and this machine ({w['free_gib']:.1f} GiB "
+                             f"free): {', '.join(ok) if ok else 'none'}")
+        else:
+            lines.append(f"RPC worker       {w['endpoint']}: {w['free_gib']:.1f} GiB free of "
+                         f"{w['total_gib']:.1f} GiB")
+    return lines
+
+
 @app.command(epilog="Example: huatuo-local doctor --json")
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -193,22 +215,7 @@ def doctor(
             "the physical count)",
             f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
         ]
-        for name, c in (report.choices or {}).items():
-            lines.append(f"{name:<16} best here: {c['summary']}")
-            if c["also_fits"]:
-                lines.append(f"{'':<16} also fits: {', '.join(c['also_fits'])}")
-            if c["stretch"]:
-                st = c["stretch"]
-                lines.append(f"{'':<16} with --ctx {st['ctx']} --kv-type {st['kv_type']}: {st['quant']} fits")
-        for w in report.workers or []:
-            if "fits" in w:
-                for name, fits in w["fits"].items():
-                    ok = [q for q, f in fits.items() if f]
-                    lines.append(f"{name:<16} fits across the workers and this machine ({w['free_gib']:.1f} GiB "
-                                 f"free): {', '.join(ok) if ok else 'none'}")
-            else:
-                lines.append(f"RPC worker       {w['endpoint']}: {w['free_gib']:.1f} GiB free of "
-                             f"{w['total_gib']:.1f} GiB")
+        lines += _memory_lines(report)
         rec = report.recommended
         lines.append(f"recommended      -ngl {rec['n_gpu_layers']} --threads {rec['threads']}, quant "
                      + ", ".join(f"{k}: {v or 'too large'}" for k, v in rec["quant"].items()))
