@@ -69,6 +69,9 @@ def sizes(args) -> None:
                      + f" | {cpu / GIB:.2f} | {gpu / GIB:.2f} |")
     table = "\n".join(lines)
     print(json.dumps(literal, indent=1))
+    if args.no_append:
+        print(table)
+        return
     append("Quant sizes at full depth (llama.cpp's dry run), GiB", invocation(), table,
            "Each LLM file as llama.cpp's quantizer sizes it from the real shapes (no weights needed); the compute "
            "buffers llama.cpp plans for an 8192-position context (no flash attention), the LM head's output "
@@ -157,6 +160,9 @@ def write_checkpoint(folder: Path, s: LlmShape, depth: int) -> Path:
               "image_aspect_ratio": "pad", "mm_patch_merge_type": "flat",
               "mm_vision_tower": "openai/clip-vit-large-patch14-336",
               "bos_token_id": None if qwen else 1, "eos_token_id": None if qwen else 2}
+    if VH != 1024:  # --tiny: not the named tower's shapes
+        config["vision_config"] = {"hidden_size": VH, "intermediate_size": VFFN, "num_hidden_layers": VLAYERS,
+                                   "num_attention_heads": VHEADS, "image_size": 336, "patch_size": 14}
     (folder / "config.json").write_text(json.dumps(config))
     if qwen:
         import qwen_vocab
@@ -239,6 +245,15 @@ def _variant_manifest(f16_manifest: Path, llm: Path, quant: str) -> Path:
     return out
 
 
+def _tiny():
+    """Small shapes with 256-wide rows (what the IQ quants need), to keep the script working in tests."""
+    from huatuo_local.models.registry import KnownModel
+
+    global VH, VFFN, VLAYERS, VHEADS
+    VH, VFFN, VLAYERS, VHEADS = 64, 128, 2, 2
+    return KnownModel("tiny", "", "", "llama", "Q4_K_M", LlmShape("llama", 4, 256, 512, 4, 2, 704, False))
+
+
 def quality(args) -> None:
     from gguf import GGUFReader
     from huatuo_local.convert.pipeline import convert
@@ -246,7 +261,7 @@ def quality(args) -> None:
     from huatuo_local.runtime.quantize.calibration import held_out
     from huatuo_local.runtime.verify.quants import Prompt, compare_quants
 
-    known = SHAPES[args.shape]
+    known = SHAPES[args.shape] if not args.tiny else _tiny()
     s, depth = known.shape, args.depth
     work = Path(args.workdir) / f"{args.shape}-d{depth}"
     ckpt = write_checkpoint(work / "ckpt", s, depth)
@@ -297,6 +312,9 @@ def quality(args) -> None:
     print("\n".join(quality_lines), flush=True)
     table = ("| step | at depth " + str(depth) + " | full depth (extrapolated) | peak RSS | peak RSS, full depth |\n"
              "|---|---|---|---|---|\n" + "\n".join(rows_time) + "\n\n" + "\n".join(quality_lines))
+    if args.no_append:
+        print(table)
+        return
     append(f"Low-bit quants at {known.shape.arch} {args.shape.upper()} widths, {depth} layer(s), random weights",
            invocation(), table,
            f"Quality: against the F16 conversion of the same random weights, `huatuo-local verify --reference`'s "
@@ -337,8 +355,12 @@ def _peer_check(llm: Path, matrix: Path, folder: Path, threads: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="step", required=True)
-    sub.add_parser("sizes").add_argument("--workdir", default="/tmp/huatuo-bench-quants")
+    sz = sub.add_parser("sizes")
+    sz.add_argument("--workdir", default="/tmp/huatuo-bench-quants")
+    sz.add_argument("--no-append", action="store_true", help="print the table only (not into BENCHMARKS.md)")
     q = sub.add_parser("quality")
+    q.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
+    q.add_argument("--no-append", action="store_true", help="print the tables only (not into BENCHMARKS.md)")
     q.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     q.add_argument("--depth", type=int, default=2)
     q.add_argument("--quants", nargs="+", default=list(QUANTS))

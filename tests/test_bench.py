@@ -76,3 +76,16 @@ def test_rpc_bench_runs(tmp_path):
     rows = [ln for ln in out.splitlines() if ln.startswith(("| all", "| half", "| a third"))]
     assert len(rows) == 5 and all(r.count("|") == 8 for r in rows), out[-1500:]
     assert "| all layers on 2 workers | 2 |" in out
+
+
+def test_quants_bench_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quants.py"), "quality", "--tiny", "--no-append",
+                           "--depth", "2", "--quants", "Q4_K_M", "IQ2_XS", "--tokens", "2", "--workdir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| Q4_K_M |", "| IQ2_XS |"))]
+    assert [r.split("|")[2].strip() for r in rows] == ["none", "text-only", "image+text", "text-only", "image+text"]
+    assert "| importance matrix, image+text" in proc.stdout and "| quantize IQ2_XS with a matrix" in proc.stdout
+    sizes = subprocess.run([sys.executable, str(ROOT / "bench" / "quants.py"), "sizes", "--no-append", "--workdir",
+                            str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert sizes.returncode == 0 and "| huatuo-vision-34b |" in sizes.stdout, sizes.stderr[-2000:]

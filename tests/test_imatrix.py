@@ -141,6 +141,14 @@ def test_own_calibration_and_mistakes_get_one_line(tiny, scan, tmp_path):
     listed.write_text(json.dumps([{"image": "mine/a.png", "question": "What is it?", "answer": "A scan."},
                                   {"question": "Is 39 degrees a fever?"}]))
     assert calibration.describe(calibration.from_user(listed), "cal.json") == "cal.json (1 image+text, 1 text-only)"
+    release = tmp_path / "eval.json"  # the release's evaluation file: its query and its right letter
+    release.write_text(json.dumps([
+        {"question": "Which organ?", "options": ["Liver", "Lung"], "answer": "Lung", "image": ["mine/a.png"],
+         "dataset": "VQA-RAD"},
+        {"question": "Open?", "options": [], "answer": "x", "image": ["mine/a.png"], "dataset": "VQA-RAD"}]))
+    [asked] = calibration.from_user(release)
+    assert asked.image == folder / "a.png" and asked.answer == "B"
+    assert asked.question.startswith("Which organ?\nA. Liver")
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"image": "nowhere.png", "question": "?"}]))
     cases = [
