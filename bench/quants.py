@@ -286,7 +286,7 @@ def quality(args) -> None:
                          f"{r['peak_rss_kib'] / 1024**2:.1f} GiB | "
                          f"{(r['peak_rss_kib'] * 1024 - llm.stat().st_size + f16_full) / GIB:.0f} GiB |")
         matrices[kind] = out
-        print(rows_time[-1], flush=True)
+        print(rows_time[-1], file=sys.stderr, flush=True)  # progress; the table goes to stdout once, at the end
     variants = []
     for quant in args.quants:
         for kind in (None, "text-only", "image+text"):
@@ -300,7 +300,7 @@ def quality(args) -> None:
             if kind != "text-only":
                 rows_time.append(f"| quantize {quant}{' with a matrix' if kind else ''} | {r['seconds']:.0f} s | "
                                  f"{full / 60:.1f} min | {r['peak_rss_kib'] / 1024**2:.1f} GiB | – |")
-                print(rows_time[-1], flush=True)
+                print(rows_time[-1], file=sys.stderr, flush=True)
             variants.append((quant, kind or "none", _variant_manifest(f16_manifest, dst, quant)))
     peer = _peer_check(llm, matrices["image+text"], folder, args.threads)
     prompts = [Prompt([c.image] if c.image else [], c.question) for c in held_out()]
@@ -309,11 +309,10 @@ def quality(args) -> None:
     for (quant, kind, _), row in zip(variants, rows):
         quality_lines.append(f"| {quant} | {kind} | {row.kl_mean:.4f} | {row.kl_max:.4f} | "
                              f"{row.top1_agreement * 100:.1f}% | {row.positions} |")
-    print("\n".join(quality_lines), flush=True)
     table = ("| step | at depth " + str(depth) + " | full depth (extrapolated) | peak RSS | peak RSS, full depth |\n"
              "|---|---|---|---|---|\n" + "\n".join(rows_time) + "\n\n" + "\n".join(quality_lines))
     if args.no_append:
-        print(table)
+        print(table, flush=True)
         return
     append(f"Low-bit quants at {known.shape.arch} {args.shape.upper()} widths, {depth} layer(s), random weights",
            invocation(), table,
