@@ -71,17 +71,25 @@ def write_sparse_llm(path: Path, shape: LlmShape) -> Path:
 def planned_compute_bytes(path: Path, n_ctx: int, n_ubatch: int) -> int:
     """The compute and output buffers llama.cpp plans for a context on `path` (its no-alloc load: nothing is
     read or allocated), as its log reports them."""
+    found = logged_buffer_mib(path, rb"(?:compute|output) buffer size\s*=\s*([0-9.]+) MiB", n_ctx, n_ubatch)
+    return int(sum(found) * 1024 * 1024)
+
+
+def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 512,
+                      plan_only: bool = True) -> list[float]:
+    """Load `path` on the CPU, make a context of `n_ctx`, and return the sizes (MiB) llama.cpp's log reports
+    in the lines `pattern` matches (its group 1). `plan_only`: llama.cpp's no-alloc load, nothing read."""
     import ctypes
     import re
 
     import llama_cpp
 
     found: list[float] = []
-    pattern = re.compile(rb"(?:compute|output) buffer size\s*=\s*([0-9.]+) MiB")
+    compiled = re.compile(pattern)
 
     @llama_cpp.llama_log_callback
     def log(_level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        m = pattern.search(text or b"")
+        m = compiled.search(text or b"")
         if m:
             found.append(float(m.group(1)))
 
@@ -93,17 +101,19 @@ def planned_compute_bytes(path: Path, n_ctx: int, n_ubatch: int) -> int:
     devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
     try:
         mp = llama_cpp.llama_model_default_params()
-        mp.no_alloc, mp.n_gpu_layers, mp.load_mode = True, 0, 0  # no mmap: nothing to map in a plan
+        mp.n_gpu_layers = 0
+        if plan_only:
+            mp.no_alloc, mp.load_mode = True, 0  # no mmap: nothing to map in a plan
         if devices is not None:
             mp.devices = ctypes.cast(devices, ctypes.c_void_p)
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        assert model, f"{path}: llama.cpp did not load the plan"
+        assert model, f"{path}: llama.cpp did not load it"
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.flash_attn_type = n_ctx, 2048, n_ubatch, 0
         ctx = llama_cpp.llama_init_from_model(model, cp)
-        assert ctx, f"{path}: llama.cpp did not plan a context"
+        assert ctx, f"{path}: llama.cpp did not make a context"
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
     finally:
         llama_cpp.llama_log_set(previous, previous_data)
-    return int(sum(found) * 1024 * 1024)
+    return found

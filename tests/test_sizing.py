@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from huatuo_local.models.registry import GIB, KNOWN_MODELS
 from huatuo_local.models.sizing import QUALITY_ORDER, best_quant, memory_needed
-from real_shapes import planned_compute_bytes, write_sparse_llm
+from real_shapes import logged_buffer_mib, planned_compute_bytes, write_sparse_llm
 
 MIB_ROUNDING = 6 * 1024  # llama.cpp logs sizes in MiB to two decimals
 
@@ -32,41 +32,13 @@ def test_the_registry_sizes_are_llama_cpps_for_the_real_shapes(name, tmp_path):
 
 def test_the_kv_cache_is_what_llama_cpp_allocates(converted, tmp_path):
     """K and V for every layer and position, as llama.cpp allocates them (a converted model, a real context)."""
-    import ctypes
-
-    import llama_cpp
     from huatuo_local.models.registry import LlmShape
     from tiny_models import TinySpec
 
     spec = TinySpec(arch="llama", seed=30, layers=3, hidden=128, heads=4, kv_heads=2, ffn=256, tower="folder")
     model = converted(spec, "F16", "f16")
     shape = LlmShape("llama", 3, 128, 256, 4, 2, 704, False)
-    found = []
-
-    @llama_cpp.llama_log_callback
-    def log(_level, text, _user):
-        m = re.search(rb"KV buffer size\s*=\s*([0-9.]+) MiB", text or b"")
-        if m:
-            found.append(float(m.group(1)))
-
-    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    from huatuo_local.runtime.rpc.client import device_list
-
-    devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
-    try:
-        mp = llama_cpp.llama_model_default_params()
-        if devices is not None:
-            mp.devices = ctypes.cast(devices, ctypes.c_void_p)
-        m = llama_cpp.llama_model_load_from_file(str(model.llm_path).encode(), mp)
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = 4096
-        ctx = llama_cpp.llama_init_from_model(m, cp)
-        llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(m)
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
+    found = logged_buffer_mib(model.llm_path, rb"KV buffer size\s*=\s*([0-9.]+) MiB", 4096, plan_only=False)
     assert found and abs(found[-1] * 1024**2 - shape.kv_bytes_per_token() * 4096) < 1024
 
 
