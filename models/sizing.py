@@ -4,7 +4,7 @@ What a run holds: the LLM file, the vision projector, the KV cache for the conte
 value; K and V of every layer for every position), llama.cpp's compute buffers (the LLM's and the
 vision encoder's), and headroom for the runtime itself and the allocators' slack (0.5 GiB and 5 %).
 The sizes are llama.cpp's own for the real shapes (models/registry.py); the quality figure is each
-quant's measured cost against F16 at the 7B's real widths (FIDELITY.md, bench/quants.py).
+quant's measured cost against F16 at the model's real widths (FIDELITY.md, bench/quants.py).
 """
 
 from __future__ import annotations
@@ -25,10 +25,15 @@ KV_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "f32": 4.0}  # per cached value
 
 # Each quant's measured cost against F16: the mean KL divergence of the next-token distributions on six
 # held-out image prompts, as `pull` makes the quant (Q4_K_M without a matrix, lower ones with the
-# image+text matrix). Random weights at the 7B's widths, 2 layers (bench/quants.py, 2026-11-30;
-# FIDELITY.md says what that can and cannot show); not measured for Q5_K_M and above.
-MEASURED_KL: dict[str, float] = {"Q4_K_M": 0.0370, "IQ4_XS": 0.0305, "Q3_K_M": 0.0640, "IQ3_M": 0.0711,
-                                 "IQ3_XXS": 0.1195, "IQ2_M": 0.1898, "IQ2_XS": 0.3196}
+# image+text matrix). Random weights at each model's real widths, 2 of the 7B's layers and 1 of the
+# 34B's (bench/quants.py, 2026-11-30; FIDELITY.md says what that can and cannot show); the two models'
+# figures are not comparable with each other; not measured for Q5_K_M and above.
+MEASURED_KL: dict[str, dict[str, float]] = {
+    "huatuo-vision-7b": {"Q4_K_M": 0.0370, "IQ4_XS": 0.0305, "Q3_K_M": 0.0640, "IQ3_M": 0.0711,
+                         "IQ3_XXS": 0.1195, "IQ2_M": 0.1898, "IQ2_XS": 0.3196},
+    "huatuo-vision-34b": {"Q4_K_M": 0.0704, "IQ4_XS": 0.0853, "Q3_K_M": 0.2397, "IQ3_M": 0.2497,
+                          "IQ3_XXS": 0.4533, "IQ2_M": 0.5336, "IQ2_XS": 0.9003},
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class QuantChoice:
             return (f"nothing fits in {self.budget / GIB:.1f} GiB free {self.where} (the smallest, {smallest}, "
                     f"needs {self.need(smallest).total / GIB:.1f} GiB)")
         text = f"{q}: needs {self.need(q).total / GIB:.1f} GiB of {self.budget / GIB:.1f} GiB free {self.where}"
-        kl = MEASURED_KL.get(q)
+        kl = MEASURED_KL.get(self.model.name, {}).get(q)
         if kl is not None:
             text += f"; KL to F16 {kl:.3f} (FIDELITY.md)"
         return text

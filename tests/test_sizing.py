@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -74,3 +75,18 @@ def test_doctor_chooses_each_models_best_quant_for_this_machine():
         assert report["recommended"]["quant"][name] == choice["quant"]
     text = run_cli("doctor").stdout
     assert re.search(r"huatuo-vision-7b +best here: \S+: needs [0-9.]+ GiB of [0-9.]+ GiB free RAM", text), text
+
+
+def test_the_quality_doctor_and_pull_show_is_fidelity_mds():
+    """Each quant's KL as `pull` makes it (Q4_K_M without a matrix, lower ones with the image+text one) is
+    the figure in FIDELITY.md's tables (7B first, then 34B), and `describe` shows it."""
+    from huatuo_local.models.sizing import MEASURED_KL
+
+    text = (Path(__file__).resolve().parents[1] / "FIDELITY.md").read_text()
+    for order, name in enumerate(("huatuo-vision-7b", "huatuo-vision-34b")):
+        for quant, kl in MEASURED_KL[name].items():
+            rows = [r.split("|") for r in text.splitlines() if r.startswith(f"| {quant} | ") and "GiB" in r]
+            cells = [c.strip().strip("*") for c in rows[order]]
+            assert float(cells[3] if quant == "Q4_K_M" else cells[5]) == kl, (name, quant)
+            budget = memory_needed(KNOWN_MODELS[name], quant).total
+            assert f"KL to F16 {kl:.3f}" in best_quant(KNOWN_MODELS[name], budget).describe(quant)
