@@ -13,7 +13,7 @@ from huatuo_local.runtime.cli.app import app, fail
 @app.command(epilog="Examples:\n\n  huatuo-local convert ./HuatuoGPT-Vision-7B --name huatuo-vision-7b   "
                    "(into the local store: then chat --model huatuo-vision-7b)\n\n"
                    "  huatuo-local convert FreedomIntelligence/HuatuoGPT-Vision-7B -o models/ --quant Q4_K_M\n\n"
-                   "  huatuo-local convert ./HuatuoGPT-Vision-34B --quant IQ3_XXS --imatrix auto   (fits 16 GB)")
+                   "  huatuo-local convert ./HuatuoGPT-Vision-34B --quant IQ3_XXS --imatrix auto   (a 12.9 GiB file)")
 def convert(
     src: Annotated[str, typer.Argument(metavar="CHECKPOINT", help="Checkpoint folder, or a Hugging Face repo id "
                                                                   "to download.")],
