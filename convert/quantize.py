@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,27 @@ GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CO
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
 
+@contextmanager
+def llama_logs_to(on_line: Callable[[int, bytes], None]) -> Iterator[None]:
+    """Send llama.cpp's log lines to `on_line(level, text)` while the block runs (what its quantizer and
+    loader report is only in the log), then put back whatever callback was installed before: the
+    runtime's error collector or llama-cpp-python's own (restoring a fixed one would silence the
+    runtime's error messages)."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        on_line(level, text or b"")
+
+    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+
+
 def quantize_gguf(
     src: Path, dst: Path, quant: str, threads: int = 0, on_progress: Callable[[int, int], None] | None = None,
     imatrix: dict[str, np.ndarray] | None = None,
@@ -55,23 +77,15 @@ def quantize_gguf(
     keep = _imatrix_param(params, imatrix) if imatrix else None  # noqa: F841  (alive through the call)
     errors: list[str] = []
 
-    @llama_cpp.llama_log_callback
-    def log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        m = _PROGRESS.search(text or b"")
+    def on_line(level: int, text: bytes) -> None:
+        m = _PROGRESS.search(text)
         if m and on_progress:
             on_progress(int(m.group(1)), int(m.group(2)))
         if level == GGML_LOG_LEVEL_ERROR and text:
             errors.append(text.decode("utf-8", "replace").strip())
 
-    # Put back whatever callback was installed before (the runtime's error collector, or
-    # llama-cpp-python's own): restoring a fixed one would silence the runtime's error messages.
-    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    try:
+    with llama_logs_to(on_line):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
     if rc != 0:
         detail = errors[-1] if errors else f"code {rc}"
         raise HuatuoError(f"{dst}: llama.cpp could not quantize to {quant} ({detail})")
@@ -90,19 +104,13 @@ def quantized_size(src: Path, quant: str) -> int:
     params.dry_run = True
     found: list[float] = []
 
-    @llama_cpp.llama_log_callback
-    def log(_level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        m = _QUANT_SIZE.search(text or b"")
+    def on_line(_level: int, text: bytes) -> None:
+        m = _QUANT_SIZE.search(text)
         if m:
             found.append(float(m.group(1)))
 
-    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    try:
+    with llama_logs_to(on_line):
         rc = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(), ctypes.byref(params))
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
     if rc != 0 or not found:
         raise HuatuoError(f"{src}: llama.cpp could not size a {quant} quant (code {rc})")
     return int(found[-1] * 1024 * 1024)

@@ -83,23 +83,19 @@ def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 51
     import re
 
     import llama_cpp
+    from huatuo_local.convert.quantize import llama_logs_to
+    from huatuo_local.runtime.rpc.client import device_list
 
     found: list[float] = []
     compiled = re.compile(pattern)
 
-    @llama_cpp.llama_log_callback
-    def log(_level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        m = compiled.search(text or b"")
+    def on_line(_level: int, text: bytes) -> None:
+        m = compiled.search(text)
         if m:
             found.append(float(m.group(1)))
 
-    previous, previous_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
-    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
-    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
-    from huatuo_local.runtime.rpc.client import device_list
-
     devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
-    try:
+    with llama_logs_to(on_line):
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0
         if plan_only:
@@ -114,6 +110,4 @@ def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 51
         assert ctx, f"{path}: llama.cpp did not make a context"
         llama_cpp.llama_free(ctx)
         llama_cpp.llama_model_free(model)
-    finally:
-        llama_cpp.llama_log_set(previous, previous_data)
     return found
