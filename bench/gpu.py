@@ -11,9 +11,7 @@ Appends its tables to BENCHMARKS.md (History) unless --no-append.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import llama_tools  # noqa: E402
 from common import append, invocation, run_measured  # noqa: E402
 
-from runtime import QUESTION, converted_pair, write_image  # noqa: E402
+from runtime import QUESTION, converted_pair, llama_bench, write_image  # noqa: E402
 
 OURS = """
 import json
@@ -37,14 +35,6 @@ r = bot.last_reply
 print(json.dumps({{"ttft_s": r.timings.first_token_s, "decode_tok_s": (len(r.tokens) - 1) / r.timings.generation_s,
                   "placement": bot.engine.placement_note}}))
 """
-
-
-def tool(bin_dir: Path, *args: str) -> str:
-    proc = subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, errors="replace",
-                          timeout=1800, env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-800:])
-    return proc.stdout + proc.stderr
 
 
 def main() -> None:
@@ -61,11 +51,12 @@ def main() -> None:
     llm, mmproj = folder / f"m-{args.quant}.gguf", folder / "mmproj-m-f16.gguf"
     image = write_image(args.workdir)
     bin_dir = llama_tools.build()
-    bench = tool(bin_dir, "llama-bench", "-m", str(llm), "-ngl", "99", "-p", "600", "-n", str(args.tokens), "-r", "3",
-                 "-o", "csv")
-    rates = [float(x) for x in re.findall(r",(\d+\.\d+),\d+\.\d+\s*$", bench, re.M)]  # avg_ts per row: pp, tg
-    mtmd = tool(bin_dir, "llama-mtmd-cli", "-m", str(llm), "--mmproj", str(mmproj), "--image", str(image), "-p",
-                QUESTION, "-n", str(args.tokens), "-ngl", "99", "--temp", "0", "-c", "4096", "--jinja", "--ignore-eos")
+    rates = llama_bench(bin_dir, llm, None, n_gen=args.tokens, repeat=3, ngl=99)
+    tg = rates["tg_tok_s"]
+    proc = llama_tools.run_tool(bin_dir, "llama-mtmd-cli", "-m", str(llm), "--mmproj", str(mmproj), "--image",
+                                str(image), "-p", QUESTION, "-n", str(args.tokens), "-ngl", "99", "--temp", "0", "-c",
+                                "4096", "--jinja", "--ignore-eos", timeout=1800)
+    mtmd = proc.stdout + proc.stderr
     encode = float(re.search(r"encoded in (\d+) ms", mtmd).group(1)) / 1000
     prompt = float(re.search(r"prompt eval time =\s*([\d.]+) ms", mtmd).group(1)) / 1000
     gen = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", mtmd)
@@ -73,11 +64,11 @@ def main() -> None:
     cpp_ttft, cpp_decode = encode + prompt, int(gen.group(2)) / (float(gen.group(1)) / 1000)
     table = ("| what | huatuo-local | llama.cpp | ratio |\n|---|---|---|---|\n"
              f"| decode tok/s ({args.tokens} tokens) | {ours['decode_tok_s']:.1f} | llama-bench tg{args.tokens} "
-             f"{rates[-1]:.1f}; llama-mtmd-cli {cpp_decode:.1f} | {ours['decode_tok_s'] / rates[-1]:.2f}; "
+             f"{tg:.1f}; llama-mtmd-cli {cpp_decode:.1f} | {ours['decode_tok_s'] / tg:.2f}; "
              f"{ours['decode_tok_s'] / cpp_decode:.2f} |\n"
              f"| image question: time to first token | {ours['ttft_s']:.3f} s | llama-mtmd-cli {cpp_ttft:.3f} s "
              f"(encode {encode:.3f} + prompt {prompt:.3f}) | {ours['ttft_s'] / cpp_ttft:.2f} |\n"
-             f"| prompt read (llama-bench pp600) | – | {rates[0]:.0f} tok/s | – |")
+             f"| prompt read (llama-bench pp600) | – | {rates['pp_tok_s']:.0f} tok/s | – |")
     print(table)
     print("placement:", ours["placement"])
     if not args.no_append:

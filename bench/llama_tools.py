@@ -25,6 +25,16 @@ from fix_llava_concat import apply_fix  # noqa: E402
 TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-server", "llama-imatrix", "llama-quantize")
 
 
+def run_tool(bin_dir: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """Run one of the built tools (`args[0]`) with its own libraries; RuntimeError with the end of its
+    stderr when it fails."""
+    proc = subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True, text=True, errors="replace",
+                          timeout=timeout, env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]}: {proc.stderr[-800:]}")
+    return proc
+
+
 def tools_dir() -> Path:
     return bootstrap.cache_root().parent / "llama-tools" / bootstrap.build_key(os.environ.get("CMAKE_ARGS", ""))
 

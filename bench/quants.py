@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -339,8 +338,8 @@ def _peer_check(llm: Path, matrix: Path, folder: Path, threads: int) -> str:
         return "llama-quantize is not built (bench/llama_tools.py): no byte-for-byte check."
     ours, theirs = folder / "peer-ours.gguf", folder / "peer-llama.gguf"
     quantize_gguf(llm, ours, "IQ3_XXS", threads, None, read_imatrix(matrix).means())
-    subprocess.run([str(bin_dir / "llama-quantize"), "--imatrix", str(matrix), str(llm), str(theirs), "IQ3_XXS",
-                    str(threads)], check=True, capture_output=True)
+    llama_tools.run_tool(bin_dir, "llama-quantize", "--imatrix", str(matrix), str(llm), str(theirs), "IQ3_XXS",
+                         str(threads))
     a = {t.name: np.asarray(t.data) for t in GGUFReader(str(ours)).tensors}
     b = {t.name: np.asarray(t.data) for t in GGUFReader(str(theirs)).tensors}
     same = a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)

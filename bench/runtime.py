@@ -141,30 +141,30 @@ print(json.dumps(out))
     return {"cold": cold, "cached": warm}
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict:
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "600", "-n", "32", "-r", "2",
-           "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=3600,
-                          env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-500:])
-    rows = json.loads(proc.stdout)
+def llama_bench(bin_dir: Path, gguf: Path, threads: int | None, n_gen: int = 32, repeat: int = 2,
+                ngl: int | None = None) -> dict:
+    """llama-bench's pp600 and tg`n_gen` rates (tokens/s, the mean of `repeat` runs); `threads` or `ngl`
+    None: the tool's default."""
+    import llama_tools
+
+    args = ["llama-bench", "-m", str(gguf), "-p", "600", "-n", str(n_gen), "-r", str(repeat), "-o", "json"]
+    args += ["-t", str(threads)] if threads is not None else []
+    args += ["-ngl", str(ngl)] if ngl is not None else []
     out = {}
-    for row in rows:
+    for row in json.loads(llama_tools.run_tool(bin_dir, *args).stdout):
         key = "pp_tok_s" if row.get("n_prompt") else "tg_tok_s"
         out[key] = float(row["avg_ts"])
     return out
 
 
 def llama_mtmd_cli(bin_dir: Path, gguf: Path, mmproj: Path, image: Path, threads: int) -> dict:
-    cmd = [str(bin_dir / "llama-mtmd-cli"), "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image),
-           "-p", QUESTION, "-n", "8", "-t", str(threads), "--temp", "0", "--no-warmup", "-c", "4096"]
+    import llama_tools
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=3600,
-                          env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
+    proc = llama_tools.run_tool(bin_dir, "llama-mtmd-cli", "-m", str(gguf), "--mmproj", str(mmproj), "--image",
+                                str(image), "-p", QUESTION, "-n", "8", "-t", str(threads), "--temp", "0",
+                                "--no-warmup", "-c", "4096")
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-800:])
     log = proc.stdout + proc.stderr
     out = {"wall_s": wall}
     m = re.search(r"(?:image slice encoded|mtmd batch encoding done) in (\d+) ms", log)
