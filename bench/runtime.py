@@ -157,13 +157,17 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int | None, n_gen: int = 32,
     return out
 
 
-def llama_mtmd_cli(bin_dir: Path, gguf: Path, mmproj: Path, image: Path, threads: int) -> dict:
+def llama_mtmd_cli(bin_dir: Path, gguf: Path, mmproj: Path, image: Path, threads: int | None,
+                   ngl: int | None = None) -> dict:
+    """llama-mtmd-cli's wall time and image encode time (it prints no prompt or decode timings)."""
     import llama_tools
 
+    args = ["llama-mtmd-cli", "-m", str(gguf), "--mmproj", str(mmproj), "--image", str(image), "-p", QUESTION,
+            "-n", "8", "--temp", "0", "--no-warmup", "-c", "4096"]
+    args += ["-t", str(threads)] if threads is not None else []
+    args += ["-ngl", str(ngl)] if ngl is not None else []
     t0 = time.perf_counter()
-    proc = llama_tools.run_tool(bin_dir, "llama-mtmd-cli", "-m", str(gguf), "--mmproj", str(mmproj), "--image",
-                                str(image), "-p", QUESTION, "-n", "8", "-t", str(threads), "--temp", "0",
-                                "--no-warmup", "-c", "4096")
+    proc = llama_tools.run_tool(bin_dir, *args)
     wall = time.perf_counter() - t0
     log = proc.stdout + proc.stderr
     out = {"wall_s": wall}
