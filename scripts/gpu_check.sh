@@ -19,7 +19,7 @@ step "doctor: a GPU must be listed"
 "$PY" -m huatuo_local doctor
 "$PY" -m huatuo_local doctor --json | "$PY" -c 'import json,sys; r=json.load(sys.stdin); assert r["gpus"], "no GPU found"; print("GPUs:", [g["description"] for g in r["gpus"]])'
 step "self-test on the GPU"
-"$PY" -m huatuo_local doctor --selftest | head -1
+"$PY" -m huatuo_local doctor --selftest | grep "^selftest"  # grep reads it all: head would break the pipe
 step "tests with the model on the GPU (fidelity, chat, serve, native, sampling)"
 "$PY" -m pytest -q -x tests/test_native.py tests/test_sampling.py tests/test_fidelity.py tests/test_chat_cli.py \
   tests/test_serve.py
