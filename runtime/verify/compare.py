@@ -25,9 +25,21 @@ class VerifyRow:
     positions: int
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max()
     return x - np.log(np.exp(x).sum())
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(P || Q) of two next-token distributions given as log-probabilities."""
+    return float((np.exp(p) * (p - q)).sum())
+
+
+def embedding_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two encodings of one image (positions x width): the smallest per-position cosine, the largest
+    absolute difference."""
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cosine.min()), float(np.abs(a - b).max())
 
 
 def verify(original: str | Path, models: list[str | Path], images: list[str | Path], prompt: str,
@@ -49,17 +61,16 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
             cos, mx = [], 0.0
             for path, theirs in zip(images, ref_feats):
                 ours = engine.image_embeddings(prepare(load_rgb(path), engine.vision)).astype(np.float64)
-                cos.append(((ours * theirs).sum(1) / np.linalg.norm(ours, axis=1)
-                            / np.linalg.norm(theirs, axis=1)).min())
-                mx = max(mx, float(np.abs(ours - theirs).max()))
+                c, d = embedding_difference(ours, theirs)
+                cos.append(c)
+                mx = max(mx, d)
             session = Session(engine)
             items = session.items_for([Turn(prompt, len(images))], session.prepare_images(list(images)))
             kls, agree = [], 0
             for step, want in enumerate(want_logits):
                 # Teacher forcing: the release's own tokens so far; only the newest is evaluated.
                 got = session.evaluate(items + list(want_tokens[:step])).astype(np.float64)
-                p, q = _log_softmax(want), _log_softmax(got)
-                kls.append(float((np.exp(p) * (p - q)).sum()))
+                kls.append(kl_divergence(log_softmax(want), log_softmax(got)))
                 agree += int(np.argmax(got) == np.argmax(want))
             session.close()
         rows.append(VerifyRow(m.llm_path.name, float(min(cos)) if cos else float("nan"), mx,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.prompt import Turn
-from huatuo_local.runtime.verify.compare import VerifyRow, _log_softmax
+from huatuo_local.runtime.verify.compare import VerifyRow, embedding_difference, kl_divergence, log_softmax
 
 
 @dataclass
@@ -51,7 +51,7 @@ def _run(model: str | Path, prompts: list[Prompt], n_tokens: int, follow: list[_
             answer = _Answer(embeddings, [], [])
             for step in range(len(tokens) if follow else n_tokens):
                 logits = session.evaluate(items + answer.tokens).astype(np.float64)
-                answer.log_probs.append(_log_softmax(logits).astype(np.float32))
+                answer.log_probs.append(log_softmax(logits).astype(np.float32))
                 token = tokens[step] if follow else int(np.argmax(logits))
                 if not follow and token == engine.eos_id:
                     break
@@ -73,13 +73,11 @@ def compare_quants(reference: str | Path, models: list[str | Path], prompts: lis
         cos, mx, kls, agree = [], 0.0, [], 0
         for w, g in zip(want, got):
             for a, b in zip(w.images, g.images):
-                a64, b64 = a.astype(np.float64), b.astype(np.float64)
-                cos.append(float(((a64 * b64).sum(1) / np.linalg.norm(a64, axis=1) / np.linalg.norm(b64, axis=1))
-                                 .min()))
-                mx = max(mx, float(np.abs(a64 - b64).max()))
+                c, d = embedding_difference(a.astype(np.float64), b.astype(np.float64))
+                cos.append(c)
+                mx = max(mx, d)
             for p, q in zip(w.log_probs, g.log_probs):
-                p64, q64 = p.astype(np.float64), q.astype(np.float64)
-                kls.append(float((np.exp(p64) * (p64 - q64)).sum()))
+                kls.append(kl_divergence(p.astype(np.float64), q.astype(np.float64)))
                 agree += int(np.argmax(p) == np.argmax(q))
         rows.append(VerifyRow(Path(str(model)).name, min(cos) if cos else float("nan"), mx,
                               float(np.mean(kls)), float(np.max(kls)), agree / max(len(kls), 1), len(kls)))
