@@ -23,7 +23,7 @@ from huatuo_local import __version__
 from . import hub
 from .checkpoint import TensorSource, open_tensors
 from .names import PROJECTOR_PREFIX, Mapped, clip_name, llm_name, permute_for_rope, projector_name
-from .quantize import NEEDS_IMATRIX, QUANT_FTYPES, WANTS_IMATRIX, quantize_gguf
+from .quantize import NEEDS_IMATRIX, QUANT_FTYPES, WANTS_IMATRIX, quantize_gguf, require_imatrix
 from .tower import Tower, locate_tower
 from .vocab import Vocab, read_vocab
 from .write import DIRECT_TYPES, FILE_TYPES, TensorPlan, atomic_output, pick_type, write_gguf
@@ -350,9 +350,7 @@ def _check_options(quant: str, mmproj_type: str, imatrix: str | Path | MatrixMak
         raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
     if mmproj_type not in MMPROJ_TYPES:
         raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
-    if quant in NEEDS_IMATRIX and imatrix is None:
-        raise HuatuoError(f"--quant {quant} needs an importance matrix: add --imatrix auto (computed from image and "
-                          "text prompts) or --imatrix FILE")
+    require_imatrix(quant, imatrix is not None)
     if imatrix is not None and DIRECT_TYPES.get(quant) is not None:
         raise HuatuoError(f"--imatrix: {quant} is written directly, without llama.cpp's quantizer, so a matrix would "
                           "be unused; drop --imatrix or choose a quant such as Q4_K_M or IQ3_XXS")

@@ -36,6 +36,13 @@ GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CO
 _PROGRESS = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 
 
+def require_imatrix(quant: str, have_one: bool) -> None:
+    """Refuse, in one line, a quant llama.cpp cannot make without an importance matrix."""
+    if quant in NEEDS_IMATRIX and not have_one:
+        raise HuatuoError(f"--quant {quant} needs an importance matrix: add --imatrix auto (computed from image and "
+                          "text prompts) or --imatrix FILE")
+
+
 @contextmanager
 def llama_logs_to(on_line: Callable[[int, bytes], None]) -> Iterator[None]:
     """Send llama.cpp's log lines to `on_line(level, text)` while the block runs (what its quantizer and
@@ -67,9 +74,7 @@ def quantize_gguf(
     llama.cpp uses to weigh each column's rounding error; required for the quants in NEEDS_IMATRIX."""
     import llama_cpp
 
-    if quant in NEEDS_IMATRIX and not imatrix:
-        raise HuatuoError(f"--quant {quant} needs an importance matrix: add --imatrix auto (computed from image and "
-                          "text prompts) or --imatrix FILE")
+    require_imatrix(quant, bool(imatrix))
     ftype = QUANT_FTYPES[quant]
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
