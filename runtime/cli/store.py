@@ -167,10 +167,9 @@ def info(
             ("source", data.get("source") or "?"), ("commit", data.get("revision") or "-"),
             ("converter", data.get("converter") or "?"),
             ("llm sha256", data.get("llm_sha256") or "-"), ("mmproj sha256", data.get("mmproj_sha256") or "-")]
-    matrix = (m.manifest.extra.get("imatrix") if m.manifest else None) or {}
-    if isinstance(matrix, dict) and matrix.get("file"):
-        rows.append(("imatrix", f"{m.folder / str(matrix['file'])} (from "
-                     f"{', '.join(map(str, matrix.get('datasets') or ['?']))})"))
+    if m.manifest and m.manifest.imatrix_file:  # the manifest's own check: a plain file beside the model
+        datasets = m.manifest.extra["imatrix"].get("datasets") or ["?"]
+        rows.append(("imatrix", f"{m.folder / m.manifest.imatrix_file} (from {', '.join(map(str, datasets))})"))
     typer.echo("\n".join(f"{k:<17}{v}" for k, v in rows))
 
 @app.command(epilog="Examples:\n\n  huatuo-local rm huatuo-vision-7b:q8_0\n\n"
