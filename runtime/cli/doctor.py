@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.models.registry import KNOWN_MODELS
+from huatuo_local.models.registry import GIB, KNOWN_MODELS
 from huatuo_local.runtime.cli.app import app
-
-GIB = 1024**3
 
 
 @dataclass
@@ -178,11 +176,6 @@ def doctor(
                                             "show which quants fit across them and this machine.")] = None,
 ) -> None:
     """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
-    import json
-    from dataclasses import asdict
-
-    from huatuo_local.runtime.cli.doctor import gather
-
     if selftest:
         from huatuo_local.runtime.cli import selftest as st
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import GGUFSummary
+from huatuo_local.models.registry import GIB
+from huatuo_local.models.sizing import KV_BYTES
 from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
 
-GIB = 1024**3
 HEADROOM = GIB // 2  # left free on each GPU: the driver, the display, other programs
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
 
 
 def _lib_dir() -> Path:
