@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 1024**3
-MIB = 1024**2
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,6 @@ class KnownModel:
     mmproj_bytes: int = 0
     compute_bytes_cpu: int = 0
     compute_bytes_gpu: int = 0
-
-    @property
-    def llm_gib(self) -> dict[str, float]:
-        return {q: b / GIB for q, b in self.llm_bytes.items()}
 
 
 QWEN2_7B = LlmShape("qwen2", 28, 3584, 18944, 28, 4, 152064, True)
