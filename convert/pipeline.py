@@ -343,11 +343,16 @@ def _write_llm(stage: Path, out: Path, name: str, spec, meta: dict, plans, targe
         intermediate.unlink(missing_ok=True)
 
 
+def check_quant_type(quant: str) -> None:
+    """Refuse a type the converter cannot write, in one line."""
+    if quant not in QUANT_TYPES:
+        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+
+
 def _check_options(quant: str, mmproj_type: str, imatrix: str | Path | MatrixMaker | None) -> None:
     """Refuse, before any download: an unknown type, a quant that needs a matrix without one, a matrix
     that would be unused or is not one."""
-    if quant not in QUANT_TYPES:
-        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+    check_quant_type(quant)
     if mmproj_type not in MMPROJ_TYPES:
         raise HuatuoError(f"--mmproj-type {mmproj_type}: unknown type; choose f16, q8_0 or f32")
     require_imatrix(quant, imatrix is not None)
@@ -438,4 +443,5 @@ def convert(
     return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
 
 
-__all__ = ["convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES", "NEEDS_IMATRIX", "WANTS_IMATRIX"]
+__all__ = ["check_quant_type", "convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES",
+           "NEEDS_IMATRIX", "WANTS_IMATRIX"]

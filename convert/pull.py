@@ -85,7 +85,7 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
     """Fetch `model` into the store as `quant`; `imatrix` (a file or a MatrixMaker, see convert()) is used
     when the checkpoint is converted here, not for a repository of ready GGUF files."""
     from huatuo_local.convert import hub
-    from huatuo_local.convert.pipeline import QUANT_TYPES, convert
+    from huatuo_local.convert.pipeline import check_quant_type, convert
 
     known = KNOWN_MODELS.get(model)
     local = Path(model).expanduser()
@@ -94,8 +94,7 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
         raise HuatuoError(f"{model}: not a known model ({', '.join(KNOWN_MODELS)}), a checkpoint folder, nor a "
                           "Hugging Face repo id")
     quant = (quant or (known.default_quant if known else "Q4_K_M")).upper()
-    if quant not in QUANT_TYPES:  # before anything reaches the network
-        raise HuatuoError(f"--quant {quant}: unknown type; choose one of {', '.join(QUANT_TYPES)}")
+    check_quant_type(quant)  # before anything reaches the network
     name = name or (known.name if known else store_name_for(str(local) if local.is_dir() else repo_id))
     if not is_valid_name(name):
         raise HuatuoError(f"--name {name}: use letters, digits, '.', '_' and '-' (no folders)")
