@@ -114,14 +114,14 @@ def config(layers: int, llava: bool) -> dict:
 def llama_cpp_converter(work: Path) -> Path | None:
     """convert_hf_to_gguf.py and its gguf-py from the cached llama-cpp-python source distribution."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    import bootstrap
+    import engine_build
 
-    sdist = bootstrap.cache_root() / "sdist" / f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = engine_build.cache_root() / "sdist" / f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
     if not sdist.is_file():
         return None
     dst = work / "llama.cpp"
     if not (dst / "convert_hf_to_gguf.py").is_file():
-        prefix = f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+        prefix = f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (
                 m.name.endswith("convert_hf_to_gguf.py") or "/conversion/" in m.name or "/gguf-py/" in m.name)]

@@ -105,7 +105,7 @@ def main() -> None:
     if not args.no_llama_cpp:
         import llama_tools
 
-        bin_dir = llama_tools.build()
+        bin_dir = llama_tools.bin_folder()
     home = work / "eval-home"
     for label, per_image in layouts:
         data = write_data(work / f"eval-{per_image}", args.questions, per_image)

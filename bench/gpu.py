@@ -55,7 +55,7 @@ def main() -> None:
     manifest = folder / f"m-{args.quant}.manifest.json"
     llm, mmproj = folder / f"m-{args.quant}.gguf", folder / "mmproj-m-f16.gguf"
     image = write_image(args.workdir)
-    bin_dir = llama_tools.build()
+    bin_dir = llama_tools.bin_folder()
     rates = llama_bench(bin_dir, llm, None, n_gen=args.tokens, repeat=3, ngl=99)
     tg = rates["tg_tok_s"]
     encode = llama_mtmd_cli(bin_dir, llm, mmproj, image, None, ngl=99)["encode_s"]

@@ -1,28 +1,26 @@
-"""Build llama.cpp's own tools (`llama-bench`, `llama-mtmd-cli`, `llama-server`, `llama-imatrix`,
-`llama-quantize`) from the engine's source and fix.
+"""llama.cpp's own tools (`llama-bench`, `llama-mtmd-cli`, `llama-server`, `llama-imatrix`,
+`llama-quantize`), from the same build as the installed engine.
 
-Same source distribution, same one-line LLaVA fix as `scripts/bootstrap.py`; built once into
-~/.cache/huatuo-local/llama-tools/KEY/ (outside the repository), so the bench compares our
-runtime with llama.cpp's tools on identical kernels.
+scripts/engine_build.py builds the engine's libraries and these tools in one CMake build of the
+fixed source (so the bench compares our runtime with llama.cpp's tools on identical kernels, and
+a CUDA machine compiles its kernels once); setup records where they are.
 
     .venv/bin/python bench/llama_tools.py        # prints the bin folder
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import bootstrap  # noqa: E402
-from fix_llava_concat import apply_fix  # noqa: E402
+import engine_build  # noqa: E402
 
-TARGETS = ("llama-bench", "llama-mtmd-cli", "llama-server", "llama-imatrix", "llama-quantize")
+TARGETS = engine_build.TOOLS
 
 
 def run_tool(bin_dir: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
@@ -36,41 +34,24 @@ def run_tool(bin_dir: Path, *args: str, timeout: float = 3600) -> subprocess.Com
 
 
 def tools_dir() -> Path:
-    return bootstrap.cache_root().parent / "llama-tools" / bootstrap.build_key(os.environ.get("CMAKE_ARGS", ""))
+    """The bin folder of the installed engine's build (recorded by setup in the environment), else the
+    cached build for the current CMAKE_ARGS."""
+    try:
+        return Path(json.loads((Path(sys.prefix) / "huatuo-engine.json").read_text())["tools"])
+    except (OSError, ValueError, KeyError):
+        args = engine_build.engine_cmake_args(os.environ.get("CMAKE_ARGS"))
+        return engine_build.engine_dir(engine_build.build_key(args)) / "bin"
 
 
-def build() -> Path:
-    out = tools_dir()
-    bin_dir = out / "bin"
-    if all((bin_dir / t).is_file() for t in TARGETS):
-        return bin_dir
-    sdist = bootstrap.fetch_sdist(Path(sys.executable))
-    src = out / "src"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    prefix = f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        tar.extractall(src, members=members, filter="data")
-    print(f"llama-tools: LLaVA fix {apply_fix(src)}", flush=True)
-    build_dir = out / "build"
-    cmake_args = os.environ.get("CMAKE_ARGS", "").split()
-    subprocess.run(["cmake", "-S", src, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                    # The default downloads prebuilt web-UI assets; without them the server builds offline.
-                    "-DLLAMA_USE_PREBUILT_UI=OFF", *cmake_args], check=True)
-    subprocess.run(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
-                   check=True)
-    bin_dir.mkdir()
-    for t in TARGETS:
-        shutil.copy2(build_dir / "bin" / t, bin_dir / t)
-    for lib in (build_dir / "bin").glob("*.so*"):
-        shutil.copy2(lib, bin_dir / lib.name)
-    shutil.rmtree(src)
+def bin_folder() -> Path:
+    """The tools' bin folder; setup builds them with the engine."""
+    bin_dir = tools_dir()
+    missing = [t for t in TARGETS if not (bin_dir / t).is_file()]
+    if missing:
+        raise SystemExit(f"llama.cpp's tools ({', '.join(missing)}) are missing from {bin_dir}: they are built with "
+                         "the engine; run python3 scripts/bootstrap.py")
     return bin_dir
 
 
 if __name__ == "__main__":
-    print(build())
+    print(bin_folder())

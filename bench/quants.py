@@ -11,7 +11,7 @@
         and measured; every quant made without a matrix (where llama.cpp allows), with the text-only one
         and with the image+text one; each measured against F16 exactly as `huatuo-local verify
         --reference` does (six held-out medical prompts, the reference's answer fed back: KL divergence
-        and top-1 agreement per position). With llama.cpp's tools built (bench/llama_tools.py),
+        and top-1 agreement per position). With llama.cpp's tools (built with the engine),
         llama-quantize is given our matrix file too and its output compared byte for byte with ours.
         Times at full depth are extrapolated: quantizing per tensor (the layers' share scaled by depth),
         the matrix by the forward pass's arithmetic.
@@ -324,18 +324,14 @@ def quality(args) -> None:
 
 def _peer_check(llm: Path, matrix: Path, folder: Path, threads: int) -> str:
     """llama-quantize --imatrix OUR_FILE and our quantizer, same input and quant: the same bytes?"""
+    import llama_tools
     from gguf import GGUFReader
     from huatuo_local.convert.quantize import quantize_gguf
     from huatuo_local.models.imatrix import read_imatrix
 
-    try:
-        import llama_tools
-
-        bin_dir = llama_tools.tools_dir() / "bin"
-    except Exception:  # noqa: BLE001 (no tools: the check is skipped and says so)
-        return "llama.cpp's tools are not built (bench/llama_tools.py): no byte-for-byte check against llama-quantize."
+    bin_dir = llama_tools.tools_dir()
     if not (bin_dir / "llama-quantize").is_file():
-        return "llama-quantize is not built (bench/llama_tools.py): no byte-for-byte check."
+        return "llama-quantize is missing (it is built with the engine: scripts/bootstrap.py): no byte-for-byte check."
     ours, theirs = folder / "peer-ours.gguf", folder / "peer-llama.gguf"
     quantize_gguf(llm, ours, "IQ3_XXS", threads, None, read_imatrix(matrix).means())
     llama_tools.run_tool(bin_dir, "llama-quantize", "--imatrix", str(matrix), str(llm), str(theirs), "IQ3_XXS",

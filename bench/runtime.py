@@ -326,7 +326,7 @@ def main() -> None:
         try:
             import llama_tools
 
-            bin_dir = llama_tools.build()
+            bin_dir = llama_tools.bin_folder()
         except Exception as exc:  # a missing compiler must not stop our own figures
             print(f"llama.cpp tools skipped: {exc}")
     results: dict = {}

@@ -197,7 +197,7 @@ def main() -> None:
         try:
             import llama_tools
 
-            bin_dir = llama_tools.build()
+            bin_dir = llama_tools.bin_folder()
             contenders["llama-server"] = lambda np_: Server("llama-server", [
                 str(bin_dir / "llama-server"), "-m", str(llm), "--mmproj", str(mmproj), "--jinja", "-np", str(np_),
                 "-c", str(args.ctx * np_), "-t", str(args.threads), "--host", "127.0.0.1", "--port", "PORT",

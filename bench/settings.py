@@ -187,7 +187,7 @@ def wall_and_peak(cmd: list[str], env: dict | None = None) -> tuple[float, float
 def bench_load(args, out: Path, image: Path) -> None:
     import os
 
-    from llama_tools import build
+    from llama_tools import bin_folder
 
 
     llm, mmproj = out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
@@ -210,7 +210,7 @@ def bench_load(args, out: Path, image: Path) -> None:
                     f"{r['anon_after'] / gib:.2f} + {r['file_after'] / gib:.2f} "
                     f"GiB | {r['first_decode_s']:.2f} s |")
     # The whole one-shot run, as a new user starts it, against llama.cpp's own tool on the same files.
-    bins = None if args.no_llama_cpp else build()
+    bins = None if args.no_llama_cpp else bin_folder()
     question = "What does the picture show?"
     ours_cmd = [str(Path(sys.executable).with_name("huatuo-local")), "chat", str(image), "-p", question,
                 "--model", str(out / f"m-{args.quant}.manifest.json"), "--max-tokens", "16", "--temperature", "0",

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check, one command for a CUDA machine (issue 20): the engine built with CUDA, doctor and the
-# self-test on the GPU, the fidelity, chat and serve tests with the model on the GPU (the default
-# placement), then decode, time to first token and serving beside llama.cpp's own tools built from the
-# same source (bench/gpu.py, bench/serve.py --ngl 99). Results go to BENCHMARKS.md's history.
+# The GPU check, one command for a CUDA machine (issue 20): the engine built with CUDA (one build gives
+# huatuo-local's libraries and llama.cpp's own tools), doctor and the self-test on the GPU, the
+# fidelity, chat and serve tests with the model on the GPU (the default placement), then decode, time
+# to first token and serving beside llama.cpp's tools from that same build (bench/gpu.py,
+# bench/serve.py --ngl 99). Results go to BENCHMARKS.md's history.
 #
-#   bash scripts/gpu_check.sh                       (after python3 scripts/bootstrap.py with CUDA)
-#   PY=python3 bash scripts/gpu_check.sh            (an environment prepared otherwise, e.g. offline)
+#   bash scripts/gpu_check.sh                  in a project set up by scripts/bootstrap.py
 #
-# Setup with CUDA: CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90" python3 scripts/bootstrap.py
+# On a machine without network, with the Python packages already installed (e.g. into a --target
+# folder on PYTHONPATH) and llama-cpp-python's source distribution unpacked:
+#   PY=python3 SITE=/tmp/site SRC=/tmp/src/llama_cpp_python-0.3.36 bash scripts/gpu_check.sh
+# GPU_CMAKE_ARGS sets the build's flags (default: CUDA for the GPUs present, with the RPC backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_CUDA=on -DGGML_RPC=ON"}
+# Not CMAKE_ARGS from the caller: an offline setup may have exported one for a bindings-only build.
+export CMAKE_ARGS=${GPU_CMAKE_ARGS:-"-DGGML_CUDA=on -DGGML_RPC=ON"}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
 
+step "engine: one build of llama.cpp's libraries and tools ($CMAKE_ARGS; cached after the first)"
+"$PY" scripts/engine_build.py --install ${SITE:+--target "$SITE"} ${SRC:+--source "$SRC"}
 step "doctor: a GPU must be listed"
 "$PY" -m huatuo_local doctor
 "$PY" -m huatuo_local doctor --json | "$PY" -c 'import json,sys; r=json.load(sys.stdin); assert r["gpus"], "no GPU found"; print("GPUs:", [g["description"] for g in r["gpus"]])'

@@ -22,15 +22,15 @@ def load_script(name: str):
 
 
 fix = load_script("fix_llava_concat")
-bootstrap = load_script("bootstrap")
+engine_build = load_script("engine_build")
 
 
 @pytest.fixture(scope="module")
 def upstream_llava(tmp_path_factory) -> Path:
     """The untouched upstream file, from the source distribution setup downloaded and cached."""
-    sdist = bootstrap.cache_root() / "sdist" / f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = engine_build.cache_root() / "sdist" / f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
     assert sdist.is_file(), "setup caches the pinned source distribution; run scripts/bootstrap.py"
-    member = f"llama_cpp_python-{bootstrap.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/{fix.RELATIVE_PATH}"
+    member = f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/{fix.RELATIVE_PATH}"
     dst = tmp_path_factory.mktemp("upstream")
     with tarfile.open(sdist) as tar:
         data = tar.extractfile(member).read()
@@ -73,17 +73,56 @@ def test_fix_fails_loudly_when_upstream_changed(upstream_llava, tmp_path):
 
 
 def test_wheel_cache_key_tracks_version_fix_and_flags(monkeypatch):
-    base = bootstrap.build_key("")
-    assert base == bootstrap.build_key("")
-    assert base != bootstrap.build_key("-DGGML_CUDA=on")
-    assert base.startswith(bootstrap.LLAMA_CPP_PYTHON_VERSION)
-    monkeypatch.setattr(bootstrap, "FIX_ID", bootstrap.FIX_ID + "-changed")  # another fix: another wheel
-    assert bootstrap.build_key("") != base
+    base = engine_build.build_key("")
+    assert base == engine_build.build_key("")
+    assert base != engine_build.build_key("-DGGML_CUDA=on")
+    assert base.startswith(engine_build.LLAMA_CPP_PYTHON_VERSION)
+    monkeypatch.setattr(engine_build, "FIX_ID", engine_build.FIX_ID + "-changed")  # another fix: another wheel
+    assert engine_build.build_key("") != base
     monkeypatch.undo()
-    monkeypatch.setattr(bootstrap, "LLAMA_CPP_PYTHON_VERSION", "0.0.1")  # another engine version too
-    assert bootstrap.build_key("") != base and bootstrap.build_key("").startswith("0.0.1-")
+    monkeypatch.setattr(engine_build, "LLAMA_CPP_PYTHON_VERSION", "0.0.1")  # another engine version too
+    assert engine_build.build_key("") != base and engine_build.build_key("").startswith("0.0.1-")
     monkeypatch.undo()
-    assert bootstrap.build_key("") == base
+    assert engine_build.build_key("") == base
+
+
+def test_cuda_is_chosen_only_where_a_gpu_can_run_it(monkeypatch, tmp_path, capsys):
+    """The plain setup builds for CUDA where an NVIDIA GPU and nvcc are both present; a toolkit
+    without a driver (a CI runner) builds for the CPU; CMAKE_ARGS and --cpu-only decide over both."""
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setenv("PATH", str(nvcc.parent))
+    monkeypatch.setattr(engine_build, "NVIDIA_DRIVER", tmp_path / "no-driver")
+    assert engine_build.engine_cmake_args(None) == "-DGGML_RPC=ON"
+    driver = tmp_path / "version"
+    driver.write_text("NVRM version: 580\n")
+    monkeypatch.setattr(engine_build, "NVIDIA_DRIVER", driver)
+    assert engine_build.engine_cmake_args(None) == f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={nvcc} -DGGML_RPC=ON"
+    assert "building for CUDA" in capsys.readouterr().out
+    assert engine_build.engine_cmake_args(None, cpu_only=True) == "-DGGML_RPC=ON"
+    assert engine_build.engine_cmake_args("") == "-DGGML_RPC=ON"  # CMAKE_ARGS set, even empty, decides
+    assert engine_build.engine_cmake_args("-DGGML_VULKAN=on") == "-DGGML_VULKAN=on -DGGML_RPC=ON"
+
+
+def test_the_tools_come_from_the_engines_own_build():
+    """One build: llama.cpp's tools (what every benchmark compares against) sit beside the very
+    libraries installed for huatuo-local, byte for byte, and run."""
+    import json
+
+    import llama_cpp
+
+    marker = json.loads((Path(sys.prefix) / engine_build.ENGINE_MARKER).read_text())
+    tools = Path(marker["tools"])
+    assert tools.parent == Path(marker["wheel"]).parent
+    installed = Path(llama_cpp.__file__).parent / "lib"
+    for lib in ("libllama.so.0", "libmtmd.so.0", "libggml.so.0", "libggml-cpu.so.0", "libggml-base.so.0"):
+        assert (tools / lib).read_bytes() == (installed / lib).read_bytes(), lib
+    for tool in engine_build.TOOLS:
+        assert (tools / tool).is_file(), tool
+    version = subprocess.run([str(tools / "llama-bench"), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and "version" in (version.stdout + version.stderr)
 
 
 def test_probe_passes_on_the_installed_engine():
@@ -146,7 +185,7 @@ def test_doctor_reports_the_probe_and_the_build():
     assert any(line.startswith("GPU              ") for line in proc.stdout.splitlines()) and "RAM" in proc.stdout
     assert "huatuo-vision-7b" in proc.stdout
     report = json.loads(run_cli("doctor", "--json").stdout)
-    assert report["probe"]["ok"] is True and report["engine_version"] == bootstrap.LLAMA_CPP_PYTHON_VERSION
+    assert report["probe"]["ok"] is True and report["engine_version"] == engine_build.LLAMA_CPP_PYTHON_VERSION
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "").split()
     if "avx2" in flags:  # the engine was built for this CPU (GGML_NATIVE): llama.cpp must say it uses AVX2
         assert "AVX2 = 1" in report["system_info"], report["system_info"]

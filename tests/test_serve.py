@@ -293,8 +293,15 @@ def test_a_full_queue_answers_503_with_retry_after(model, tmp_path):
                 retry.append(r.headers.get("retry-after"))
                 assert r.json()["error"]["code"] == "queue_full"
 
+        # The first request must be running before the rest arrive: ten at once could all find the
+        # queue holding the first, not yet moved to the one sequence, and only one would be answered.
         threads = [threading.Thread(target=one) for _ in range(10)]
-        for t in threads:
+        threads[0].start()
+        deadline = time.time() + 60
+        while httpx.get(f"{url}/health", timeout=5).json().get("active") != 1:
+            assert time.time() < deadline and threads[0].is_alive(), codes
+            time.sleep(0.01)
+        for t in threads[1:]:
             t.start()
         for t in threads:
             t.join(180)

@@ -1,0 +1,275 @@
+"""Build the fixed llama.cpp engine: one CMake build gives the libraries huatuo-local loads and
+llama.cpp's own tools, cached outside the repository.
+
+    python3 scripts/engine_build.py                       # build (or find) it; prints the wheel and tools
+    CMAKE_ARGS="-DGGML_CUDA=on" python3 scripts/engine_build.py
+    python3 scripts/engine_build.py --source DIR          # offline: an unpacked llama-cpp-python sdist
+    python3 scripts/engine_build.py --install             # and pip-install it for this Python
+
+Why one standalone build: llama-cpp-python's own CMake tree builds only the libraries (its
+llama.cpp is a subproject, so the tools are off and cannot be switched on there), so the tools
+the benchmarks compare against needed a second compile of the same source — on a CUDA machine
+two compiles of every kernel (about 4 minutes each on 16 cores). Here the vendored llama.cpp is
+configured standalone, as its own README builds it, with our LLaVA fix applied; the libraries
+(libllama, libmtmd, libggml*) and the tools (llama-bench, llama-mtmd-cli, llama-server,
+llama-imatrix, llama-quantize) come out of that one build with identical kernels. The Python
+bindings are llama-cpp-python's own files from the same source distribution, packed with those
+libraries into one wheel (`llama_cpp/lib/`, where llama-cpp-python looks for them), so pip
+installs and uninstalls it like any other. Only the standard library is used.
+
+The cache: ~/.cache/huatuo-local/engine/wheels/KEY/ holds the wheel, build.json and bin/ (the
+tools beside the libraries they link). KEY covers the version, the fix, CMAKE_ARGS, Python, the
+machine and the CPU's instruction sets (a native build only runs on the same ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fix_llava_concat import FIX_ID, apply_fix  # noqa: E402
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # keep in step with pyproject.toml
+LAYOUT = "standalone-v1"  # how the wheel is made; part of the cache key
+LIBRARIES = ("llama", "mtmd")  # what huatuo-local loads (they pull in libggml and its backends)
+TOOLS = ("llama-bench", "llama-mtmd-cli", "llama-server", "llama-imatrix", "llama-quantize")
+# Loaded by file name by llama-cpp-python (llama_cpp.py, mtmd_cpp.py, _ggml.py): the wheel holds
+# these under their plain names as well as their sonames (a wheel cannot hold symlinks).
+LOADED_BY_PATH = ("libllama", "libmtmd", "libggml")
+ENGINE_MARKER = "huatuo-engine.json"  # in a virtual environment: which build is installed there
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there while NVIDIA's kernel driver is loaded
+
+
+def cache_root() -> Path:
+    env = os.environ.get("HUATUO_LOCAL_WHEEL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "huatuo-local" / "engine"
+
+
+def cpu_signature() -> str:
+    """A native build only runs on CPUs with the same instruction sets."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return hashlib.sha256(line.split(":", 1)[1].strip().encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def build_key(cmake_args: str) -> str:
+    parts = {
+        "version": LLAMA_CPP_PYTHON_VERSION,
+        "fix": FIX_ID,
+        "layout": LAYOUT,
+        "cmake_args": cmake_args,
+        "python": f"cp{sys.version_info.major}{sys.version_info.minor}",
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "cpu": "" if "GGML_NATIVE=OFF" in cmake_args.upper() else cpu_signature(),
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{LLAMA_CPP_PYTHON_VERSION}-{digest}"
+
+
+def nvidia_gpu() -> str | None:
+    """nvcc, when this machine can both build for and run on an NVIDIA GPU (the driver is loaded):
+    a toolkit alone (a build box, a CI runner) is not a reason to build for CUDA."""
+    nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).is_file()), None)
+    return nvcc if nvcc and NVIDIA_DRIVER.is_file() else None
+
+
+def engine_cmake_args(user: str | None, cpu_only: bool = False) -> str:
+    """The build flags: the user's CMAKE_ARGS when set (CUDA, Metal ...), else CUDA when this machine
+    has an NVIDIA GPU and its toolkit (a GPU user who runs the plain setup gets the GPU), plus
+    llama.cpp's RPC backend (huatuo-local rpc-worker, --rpc)."""
+    args = (user or "").strip()
+    if user is None and not cpu_only:
+        nvcc = nvidia_gpu()
+        if nvcc:
+            args = f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={nvcc}"
+            print(f"engine: an NVIDIA GPU and {nvcc} found: building for CUDA (--cpu-only, or CMAKE_ARGS='', "
+                  "builds for the CPU)", flush=True)
+    if "GGML_RPC" not in args.upper():
+        args = (args + " -DGGML_RPC=ON").strip()
+    return args
+
+
+def engine_dir(key: str) -> Path:
+    return cache_root() / "wheels" / key
+
+
+def run(cmd: list, **kw) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def fetch_sdist(python: Path) -> Path:
+    sdist_dir = cache_root() / "sdist"
+    sdist_dir.mkdir(parents=True, exist_ok=True)
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not (sdist_dir / name).is_file():
+        run([python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist_dir])
+    return sdist_dir / name
+
+
+@dataclass(frozen=True)
+class Engine:
+    wheel: Path  # llama-cpp-python with the fixed libraries, for pip
+    tools: Path  # llama.cpp's tools from the same build, beside their libraries
+
+
+def cached(key: str) -> Engine | None:
+    out = engine_dir(key)
+    wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
+    if wheels and all((out / "bin" / t).is_file() for t in TOOLS):
+        return Engine(wheels[0], out / "bin")
+    return None
+
+
+def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = None) -> Engine:
+    """The engine for `key`: from the cache, or built from the pinned source distribution
+    (or `source`, an unpacked one, for a machine without network)."""
+    found = cached(key)
+    if found:
+        print(f"engine: cached wheel {found.wheel}")
+        return found
+    out = engine_dir(key)
+    with tempfile.TemporaryDirectory(prefix="huatuo-engine-") as tmp:
+        src = Path(tmp) / "src"
+        if source is None:
+            with tarfile.open(fetch_sdist(python)) as tar:
+                tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+            (Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}").rename(src)
+        else:
+            shutil.copytree(source, src, symlinks=True)
+        outcome = apply_fix(src / "vendor" / "llama.cpp")
+        print(f"engine: LLaVA class-token fix {outcome}")
+        build = Path(tmp) / "build"
+        cmake(src / "vendor" / "llama.cpp", build, cmake_args)
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        wheel = write_wheel(src, build / "bin", staging)
+        shutil.copytree(build / "bin", staging / "bin", symlinks=True)
+        (staging / "build.json").write_text(json.dumps(
+            {"version": LLAMA_CPP_PYTHON_VERSION, "fix": FIX_ID, "fix_outcome": outcome, "layout": LAYOUT,
+             "cmake_args": cmake_args}, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return Engine(out / wheel.name, out / "bin")
+
+
+def cmake(llama_cpp: Path, build: Path, cmake_args: str) -> None:
+    """One standalone build of the libraries and the tools."""
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
+    print(f"engine: building llama.cpp and its tools (about 10 minutes on 2 cores, once per machine; {jobs} jobs)",
+          flush=True)
+    run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+         "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+         # The default downloads prebuilt web-UI assets; without them the server builds offline.
+         "-DLLAMA_USE_PREBUILT_UI=OFF",
+         # Libraries and tools find each other beside themselves, wherever the files are copied.
+         "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+         "-DCMAKE_INSTALL_RPATH=" + ("@loader_path" if sys.platform == "darwin" else "$ORIGIN"),
+         *cmake_args.split()])
+    run(["cmake", "--build", build, "-j", jobs, "--target", *LIBRARIES, *TOOLS])
+
+
+def _soname_files(bin_dir: Path) -> dict[str, Path]:
+    """The engine's libraries in the wheel: each under its soname (libllama.so.0: what the others
+    need), and the ones llama-cpp-python opens by file name under that name too (libllama.so)."""
+    files: dict[str, Path] = {}
+    for link in sorted(bin_dir.glob("lib*.so*")) + sorted(bin_dir.glob("lib*.dylib")):
+        name = link.name
+        stem = name.split(".", 1)[0]
+        if not (stem.startswith("libggml") or stem in ("libllama", "libmtmd")):
+            continue  # the tools' own libraries (libllama-common, libllama-server-impl ...)
+        real = link.resolve()
+        plain = name.endswith((".so", ".dylib"))
+        versioned = name.count(".") == 2 and name.startswith(stem + ".so.")  # libllama.so.0: the soname
+        if versioned or (plain and stem in LOADED_BY_PATH) or (plain and not link.is_symlink()):
+            files[name] = real
+    return files
+
+
+def _record_line(arcname: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{arcname},sha256={digest},{len(data)}"
+
+
+def write_wheel(src: Path, bin_dir: Path, out_dir: Path) -> Path:
+    """llama-cpp-python's `llama_cpp` package from `src` plus the built libraries, as a wheel."""
+    tag = "py3-none-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    dist = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
+    wheel = out_dir / f"{dist}-{tag}.whl"
+    entries: list[tuple[str, bytes]] = []
+    for path in sorted((src / "llama_cpp").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and path.parent.name != "lib":
+            entries.append((path.relative_to(src).as_posix(), path.read_bytes()))
+    for name, real in _soname_files(bin_dir).items():
+        entries.append((f"llama_cpp/lib/{name}", real.read_bytes()))
+    info = f"{dist}.dist-info"
+    entries.append((f"{info}/METADATA", (src / "PKG-INFO").read_bytes()))
+    entries.append((f"{info}/WHEEL", (f"Wheel-Version: 1.0\nGenerator: huatuo-local engine_build ({LAYOUT})\n"
+                                      f"Root-Is-Purelib: false\nTag: {tag}\n").encode()))
+    entries.append((f"{info}/licenses/LICENSE.md", (src / "LICENSE.md").read_bytes()))
+    record = [_record_line(name, data) for name, data in entries] + [f"{info}/RECORD,,"]
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries:
+            zi = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+            zi.external_attr = (0o755 if "/lib/" in name else 0o644) << 16
+            zi.compress_type = zipfile.ZIP_DEFLATED
+            z.writestr(zi, data)
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def install(python: Path, engine: Engine, key: str, cmake_args: str, target: Path | None = None) -> None:
+    """pip-install the engine's wheel for `python` (or into `target`, a --target folder) and, in a
+    virtual environment, record which build it is (doctor shows it; bench/ finds the tools by it)."""
+    cmd = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall"]
+    run(cmd + (["--target", target, "--upgrade"] if target else []) + [engine.wheel])
+    prefix = Path(subprocess.run([str(python), "-c", "import sys; print(sys.prefix if sys.prefix != sys.base_prefix "
+                                  "else '')"], capture_output=True, text=True, check=True).stdout.strip() or ".")
+    if target is None and prefix != Path("."):
+        (prefix / ENGINE_MARKER).write_text(json.dumps(
+            {"key": key, "wheel": str(engine.wheel), "tools": str(engine.tools), "cmake_args": cmake_args}, indent=2))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, help="an unpacked llama-cpp-python source distribution (offline)")
+    ap.add_argument("--install", action="store_true", help="pip-install the wheel for this Python")
+    ap.add_argument("--target", type=Path, help="with --install: into this folder (pip install --target)")
+    ap.add_argument("--cpu-only", action="store_true", help="build for the CPU even where a GPU is found")
+    args = ap.parse_args()
+    cmake_args = engine_cmake_args(os.environ.get("CMAKE_ARGS"), args.cpu_only)
+    key = build_key(cmake_args)
+    engine = build_engine(Path(sys.executable), cmake_args, key, args.source)
+    if args.install:
+        install(Path(sys.executable), engine, key, cmake_args, args.target)
+    print(f"wheel {engine.wheel}\ntools {engine.tools}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
