@@ -181,7 +181,7 @@ def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = 
 def cmake(llama_cpp: Path, build: Path, cmake_args: str) -> None:
     """One standalone build of the libraries and the tools."""
     jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
-    print(f"engine: building llama.cpp and its tools (about 10 minutes on 2 cores, once per machine; {jobs} jobs)",
+    print(f"engine: building llama.cpp and its tools (about 6 minutes on 2 cores, once per machine; {jobs} jobs)",
           flush=True)
     run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
