@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from huatuo_local.runtime.core.sampling import SamplingParams, next_token
+from huatuo_local.runtime.core.sampling import SamplingParams, kth_largest, next_token
 from transformers import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -110,3 +110,25 @@ def test_tiny_temperatures_are_greedy_not_nan(temperature):
     logits = (rng.standard_normal(VOCAB) * 2).astype(np.float32)
     params = SamplingParams(temperature=temperature, repetition_penalty=1.0)
     assert next_token(logits.copy(), [1], params, rng, EOS) == int(np.argmax(logits))
+
+
+def test_top_k_threshold_is_np_partitions_exactly():
+    """The fast k-th largest (a strided bound, then an exact partition of what is not below it) equals
+    np.partition on vocabulary-sized arrays, including sorted ones (the worst case for the stride),
+    ties, -inf (eos masked, the penalty) and NaN (which np.partition ranks first)."""
+    rng = np.random.default_rng(5)
+    for trial in range(400):
+        n = 152064 if trial % 2 else int(rng.integers(1, 200_000))
+        k = min(n, int(rng.integers(1, 200)))
+        x = (rng.standard_normal(n) * 3).astype(np.float32)
+        kind = trial % 5
+        if kind == 1:
+            x = np.sort(x)
+        elif kind == 2:
+            x = np.round(x, 1)
+        elif kind == 3:
+            x[rng.integers(0, n, int(rng.integers(1, 2 * k + 2)))] = np.nan
+        elif kind == 4:
+            x[rng.integers(0, n, n // 2)] = -np.inf
+        got, want = kth_largest(x, k), np.partition(x, -k)[-k]
+        assert got == want or (np.isnan(got) and np.isnan(want)), (trial, n, k, kind, got, want)

@@ -64,10 +64,26 @@ def apply_repetition_penalty(logits: np.ndarray, generated: list[int], penalty: 
     """HF's RepetitionPenaltyLogitsProcessor, in place on the generated tokens' entries."""
     if penalty == 1.0 or not generated:
         return logits
-    ids = np.unique(np.asarray(generated, dtype=np.int64))
+    # Repeated ids need no np.unique: every copy reads the same value before any write and writes
+    # the same result (HF's gather/scatter does the same).
+    ids = np.asarray(generated, dtype=np.int64)
     vals = logits[ids]
     logits[ids] = np.where(vals < 0, vals * penalty, vals / penalty)
     return logits
+
+
+def kth_largest(x: np.ndarray, k: int) -> float:
+    """The k-th largest value of `x`, exactly as `np.partition(x, -k)[-k]` gives it (NaN ranks above
+    everything, as there), in about a third of the time for a vocabulary-sized `x` and a small k.
+
+    Every 16th entry's k-th largest value is a lower bound of the whole array's (those k entries are
+    in it), so the top k are among the entries not below it: usually a few hundred, and the exact
+    partition runs on those alone."""
+    if x.size < 64 * k:
+        return np.partition(x, -k)[-k]
+    bound = np.partition(x[::16], -k)[-k]
+    # `not below` rather than `>=`: NaN entries stay in, as they rank first in np.partition.
+    return np.partition(x[~(x < bound)], -k)[-k]
 
 
 def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams, rng: np.random.Generator,
@@ -80,7 +96,7 @@ def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams,
         return int(np.argmax(logits))
     if 0 < params.top_k < logits.size:
         # HF keeps every token scoring at least the k-th best (ties included).
-        kth = np.partition(logits, -params.top_k)[-params.top_k]
+        kth = kth_largest(logits, params.top_k)
         candidates = np.flatnonzero(logits >= kth)
     else:
         candidates = np.arange(logits.size)
