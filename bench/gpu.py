@@ -12,6 +12,7 @@ Appends its tables to BENCHMARKS.md (History) unless --no-append.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,12 +22,21 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import llama_tools  # noqa: E402
 from common import append, invocation, run_measured  # noqa: E402
 
-from runtime import QUESTION, converted_pair, llama_bench, llama_mtmd_cli, write_image  # noqa: E402
+from runtime import QUESTION, converted_pair, llama_bench, llama_mtmd_cli, tiny_shapes, write_image  # noqa: E402
 
 OURS = """
-import json
+import json, time
 from PIL import Image
 from huatuo_local import HuatuoChatbot
+from huatuo_local.runtime.engine.engine import Engine
+# Each llama_decode's duration: the rest of a token's time is huatuo-local's own (sampling, text, events).
+durations = []
+_decode = Engine._decode
+def timed(self, batch):
+    t = time.perf_counter()
+    _decode(self, batch)
+    durations.append(time.perf_counter() - t)
+Engine._decode = timed
 bot = HuatuoChatbot({manifest!r}, n_gpu_layers=-1, temperature=0, max_new_tokens={n}, prefix_cache=False)
 bot.sampling.min_new_tokens = {n}  # random weights: decode a fixed number of tokens
 bot.chat({question!r}, [{image!r}])  # the first turn: the GPU's kernels start cold, as a user meets them
@@ -35,11 +45,15 @@ cold = bot.last_reply.timings.first_token_s
 other = {image!r} + ".mirrored.png"
 Image.open({image!r}).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
 bot.clear_history()
+durations.clear()
 bot.chat({question!r}, [other])
 r = bot.last_reply
-print(json.dumps({{"ttft_s": r.timings.first_token_s, "cold_ttft_s": cold,
+n = len(r.tokens) - 1
+outside = r.timings.generation_s / n - sum(durations[-n:]) / n
+print(json.dumps({{"ttft_s": r.timings.first_token_s, "cold_ttft_s": cold, "outside_decode_ms": outside * 1e3,
                   "decode_tok_s": (len(r.tokens) - 1) / r.timings.generation_s, "positions": r.prompt_positions,
-                  "reused": r.counters.tokens_reused, "placement": bot.engine.placement_note}}))
+                  "reused": r.counters.tokens_reused, "placement": bot.engine.placement_note,
+                  "on_gpu": bot.engine.on_gpu}}))
 """
 
 def main() -> None:
@@ -49,29 +63,39 @@ def main() -> None:
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (a fast step: the per-token overhead shows)")
     args = ap.parse_args()
+    if args.tiny:
+        tiny_shapes()
     args.workdir.mkdir(parents=True, exist_ok=True)
     folder = converted_pair(args.workdir, args.depth, args.quant)
     manifest = folder / f"m-{args.quant}.manifest.json"
     llm, mmproj = folder / f"m-{args.quant}.gguf", folder / "mmproj-m-f16.gguf"
     image = write_image(args.workdir)
     bin_dir = llama_tools.bin_folder()
-    rates = llama_bench(bin_dir, llm, None, n_gen=args.tokens, repeat=3, ngl=99)
-    tg = rates["tg_tok_s"]
-    encode = llama_mtmd_cli(bin_dir, llm, mmproj, image, None, ngl=99)["encode_s"]
+    threads = os.cpu_count() or 2  # huatuo-local's default: llama.cpp's tools get the same
     ours = run_measured(OURS.format(manifest=str(manifest), n=args.tokens, question=QUESTION, image=str(image)))
+    fa = "auto" if ours["on_gpu"] else "off"  # as our engine chose (runtime/engine/engine.py, flash_attn_type)
+    rates = llama_bench(bin_dir, llm, threads, n_gen=args.tokens, repeat=3, ngl=99, fa=fa)
+    # Our answer is decoded after the image question's positions: llama-bench's tg at that depth too.
+    tg = llama_bench(bin_dir, llm, threads, n_gen=args.tokens, repeat=3, ngl=99, depth=ours["positions"],
+                     fa=fa)["tg_tok_s"]
+    encode = llama_mtmd_cli(bin_dir, llm, mmproj, image, threads, ngl=99)["encode_s"]
     # llama-mtmd-cli prints its image encode time but no prompt or decode timings: its time to first token
     # is that encode plus our prompt's positions at llama-bench's pp600 rate (as bench/runtime.py counts it).
     prompt = ours["positions"] / rates["pp_tok_s"]  # all of them, though ours reused the system prompt's few
     cpp_ttft = encode + prompt
     table = ("| what | huatuo-local | llama.cpp | ratio |\n|---|---|---|---|\n"
-             f"| decode tok/s ({args.tokens} tokens) | {ours['decode_tok_s']:.1f} | llama-bench tg{args.tokens} "
-             f"{tg:.1f} | {ours['decode_tok_s'] / tg:.2f} |\n"
+             f"| decode tok/s ({args.tokens} tokens after the image question) | {ours['decode_tok_s']:.1f} | "
+             f"llama-bench tg{args.tokens} at depth {ours['positions']}: {tg:.1f} (at depth 0: "
+             f"{rates['tg_tok_s']:.1f}) | {ours['decode_tok_s'] / tg:.2f} |\n"
              f"| image question: time to first token | {ours['ttft_s']:.3f} s | {cpp_ttft:.3f} s (llama-mtmd-cli's "
              f"encode {encode:.3f} + {ours['positions']} positions at pp600 {prompt:.3f}; ours reused "
              f"{ours['reused']} of them) | "
              f"{ours['ttft_s'] / cpp_ttft:.2f} |\n"
              f"| the same, the process's first turn (kernels cold) | {ours['cold_ttft_s']:.3f} s | – | – |\n"
+             f"| per token outside llama_decode (sampling, text, events) | {ours['outside_decode_ms']:.3f} ms "
+             f"of {1e3 / ours['decode_tok_s']:.3f} | – | – |\n"
              f"| prompt read (llama-bench pp600) | – | {rates['pp_tok_s']:.0f} tok/s | – |")
     print(table)
     print("placement:", ours["placement"])

@@ -142,14 +142,17 @@ print(json.dumps(out))
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int | None, n_gen: int = 32, repeat: int = 2,
-                ngl: int | None = None) -> dict:
-    """llama-bench's pp600 and tg`n_gen` rates (tokens/s, the mean of `repeat` runs); `threads` or `ngl`
-    None: the tool's default."""
+                ngl: int | None = None, depth: int = 0, fa: str | None = None) -> dict:
+    """llama-bench's pp600 and tg`n_gen` rates (tokens/s, the mean of `repeat` runs), both after `depth`
+    positions already in the context; `threads`, `ngl` or `fa` (flash attention: on, off, auto) None: the
+    tool's default."""
     import llama_tools
 
-    args = ["llama-bench", "-m", str(gguf), "-p", "600", "-n", str(n_gen), "-r", str(repeat), "-o", "json"]
+    args = ["llama-bench", "-m", str(gguf), "-p", "600", "-n", str(n_gen), "-r", str(repeat), "-o", "json",
+            "-d", str(depth)]
     args += ["-t", str(threads)] if threads is not None else []
     args += ["-ngl", str(ngl)] if ngl is not None else []
+    args += ["-fa", fa] if fa is not None else []
     out = {}
     for row in json.loads(llama_tools.run_tool(bin_dir, *args).stdout):
         key = "pp_tok_s" if row.get("n_prompt") else "tg_tok_s"

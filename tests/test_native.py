@@ -56,7 +56,7 @@ def test_constants_match_the_pinned_llama_cpp_headers():
                                                          "include/llama.h"))
     wanted = {**c_enum(ggml, "ggml_log_level"), **c_enum(ggml, "ggml_type"), **c_enum(ggml, "ggml_op"),
               **c_enum(backend, "ggml_backend_dev_type"), **c_enum(llama, "llama_load_mode"),
-              **c_enum(llama, "llama_token_attr")}
+              **c_enum(llama, "llama_token_attr"), **c_enum(llama, "llama_flash_attn_type")}
     mine = {k: v for k, v in vars(C).items() if k.isupper()}
     assert mine, "no constants"
     for name, value in mine.items():
@@ -176,3 +176,18 @@ def test_default_placement_from_the_models_own_sizes(converted):
 def test_doctor_lists_no_gpu_here(tmp_path):
     report = json.loads(run_cli("doctor", "--json", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout)
     assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
+
+
+def test_flash_attention_is_llama_cpps_choice_on_a_gpu_and_off_on_the_cpu():
+    """On a GPU the context asks for llama.cpp's own choice (flash attention where the device has it,
+    as llama-bench, llama-mtmd-cli and llama-server do by default); on the CPU it stays off (no faster,
+    and the fidelity figures were measured so); a quantized KV cache always has it (llama.cpp needs it)."""
+    from huatuo_local.runtime.engine.engine import EngineOptions, flash_attn_type
+    from huatuo_local.runtime.llama import constants as C
+
+    f16, q8 = C.GGML_TYPE_F16, C.GGML_TYPE_Q8_0
+    assert flash_attn_type(EngineOptions(), f16, on_gpu=False) == C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert flash_attn_type(EngineOptions(), f16, on_gpu=True) == C.LLAMA_FLASH_ATTN_TYPE_AUTO
+    assert flash_attn_type(EngineOptions(flash_attn=False), f16, on_gpu=True) == C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    assert flash_attn_type(EngineOptions(flash_attn=True), f16, on_gpu=False) == C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    assert flash_attn_type(EngineOptions(), q8, on_gpu=False) == C.LLAMA_FLASH_ATTN_TYPE_ENABLED

@@ -25,6 +25,7 @@ from huatuo_local.runtime.images.loader import VisionInput
 from huatuo_local.runtime.llama import constants as C
 from huatuo_local.runtime.llama.bindings import llama
 from huatuo_local.runtime.llama.bindings import mtmd as mtmd_lib
+from huatuo_local.runtime.llama.devices import local_gpus
 from huatuo_local.runtime.llama.logs import LAST_ERRORS, quiet_logs
 from huatuo_local.runtime.rpc import client as rpc
 from huatuo_local.runtime.rpc.client import place_on_workers
@@ -36,6 +37,16 @@ KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_
 
 class EngineError(HuatuoError):
     pass
+
+
+def flash_attn_type(opts: EngineOptions, kv: int, on_gpu: bool) -> int:
+    """llama.cpp's flash-attention setting for these options (see EngineOptions.flash_attn)."""
+    if opts.flash_attn or kv not in (C.GGML_TYPE_F16, C.GGML_TYPE_F32):
+        # llama.cpp keeps a quantized V cache only with flash attention (else it refuses the context).
+        return C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    if opts.flash_attn is None and on_gpu:
+        return C.LLAMA_FLASH_ATTN_TYPE_AUTO
+    return C.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
 class DecodeAborted(EngineError):
@@ -52,7 +63,10 @@ class EngineOptions:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     kv_type: str = "f16"
-    flash_attn: bool = False
+    # None: llama.cpp's own choice (on where the device supports it) when layers are on a GPU, as its
+    # tools and server do: much faster prompts there. Off on the CPU, where it is no faster and the
+    # fidelity figures were measured without it. A quantized KV cache always needs it.
+    flash_attn: bool | None = None
     mmproj_offload: bool = True
     seed: int = 0
     n_seq: int = 1  # parallel sequences (server slots), each with n_ctx positions
@@ -106,6 +120,8 @@ class Engine:
         LAST_ERRORS.clear()
         self.n_seq = max(1, opts.n_seq)
         self.model = self._load_model(opts, llm_fields)
+        # Layers on this machine's GPU (not on RPC workers, which may hold GPUs of their own).
+        self.on_gpu = opts.n_gpu_layers != 0 and not opts.rpc and bool(local_gpus())
         self.ctx = self._create_context(opts)
         llama_cpp = llama()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -190,8 +206,7 @@ class Engine:
         cparams.kv_unified = False
         cparams.n_threads = cparams.n_threads_batch = opts.threads
         cparams.type_k = cparams.type_v = kv
-        # llama.cpp keeps a quantized V cache only with flash attention (else it refuses the context).
-        cparams.flash_attn_type = 1 if opts.flash_attn or kv not in (C.GGML_TYPE_F16, C.GGML_TYPE_F32) else 0
+        cparams.flash_attn_type = flash_attn_type(opts, kv, self.on_gpu)
         cparams.no_perf = True
         if opts.observe_matmuls is not None:
             from huatuo_local.runtime.engine.activations import matmul_observer
@@ -336,7 +351,8 @@ class Engine:
         where stopping at once matters (an interactive chat), not for the server.
         """
         llama_cpp = llama()
-        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _data: bool(check())) if check else None
+        self._abort_cb = (llama_cpp.ggml_abort_callback(lambda _data: bool(check())) if check
+                          else ctypes.cast(None, llama_cpp.ggml_abort_callback))  # NULL: no callback
         llama_cpp.llama_set_abort_callback(self.ctx, self._abort_cb, None)
 
     def logits_at(self, index: int) -> np.ndarray:
