@@ -89,3 +89,21 @@ def test_quants_bench_runs(tmp_path):
     sizes = subprocess.run([sys.executable, str(ROOT / "bench" / "quants.py"), "sizes", "--no-append", "--workdir",
                             str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert sizes.returncode == 0 and "| huatuo-vision-34b |" in sizes.stdout, sizes.stderr[-2000:]
+
+
+def test_gpu_bench_runs_on_the_cpu_too(tmp_path):
+    """scripts/gpu_check.sh's speed step, on tiny shapes: llama.cpp's tools from the engine's own build,
+    llama-bench at the answer's depth, and our time outside llama_decode."""
+    out = run_bench("gpu.py", "--depth", "1", "--quant", "Q8_0", "--tokens", "16", tmp_path=tmp_path)
+    decode = next(ln for ln in out.splitlines() if ln.startswith("| decode tok/s"))
+    assert "llama-bench tg16 at depth " in decode and decode.count("|") == 5, decode
+    outside = next(ln for ln in out.splitlines() if ln.startswith("| per token outside llama_decode"))
+    assert float(outside.split("|")[2].split("ms")[0]) > 0, outside
+
+
+def test_sampling_bench_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sampling.py")], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| next_token", "| top-50"))]
+    assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 for r in rows), proc.stdout
