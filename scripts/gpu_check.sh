@@ -11,26 +11,38 @@
 # folder on PYTHONPATH) and llama-cpp-python's source distribution unpacked:
 #   PY=python3 SITE=/tmp/site SRC=/tmp/src/llama_cpp_python-0.3.36 bash scripts/gpu_check.sh
 # GPU_CMAKE_ARGS sets the build's flags (default: CUDA for the GPUs present, with the RPC backend).
+# REHEARSE=1 runs every step on a machine without a GPU (a CPU build, tiny shapes, no GPU required,
+# nothing appended to BENCHMARKS.md): the script itself is checked before a GPU's time is spent on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+REHEARSE=${REHEARSE:-0}
 # Not CMAKE_ARGS from the caller: an offline setup may have exported one for a bindings-only build.
-export CMAKE_ARGS=${GPU_CMAKE_ARGS:-"-DGGML_CUDA=on -DGGML_RPC=ON"}
+if [ "$REHEARSE" = 1 ]; then DEFAULT_ARGS="-DGGML_RPC=ON"; else DEFAULT_ARGS="-DGGML_CUDA=on -DGGML_RPC=ON"; fi
+export CMAKE_ARGS=${GPU_CMAKE_ARGS:-$DEFAULT_ARGS}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); step() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
+if [ "$REHEARSE" = 1 ]; then
+  SHAPES=(--tiny --depth 2 --workdir /tmp/huatuo-gpu-check-rehearsal --no-append); CLIENTS=(1 4); TOKENS=16
+else
+  SHAPES=(--depth 28); CLIENTS=(1 16 64); TOKENS=64
+fi
 
 step "engine: one build of llama.cpp's libraries and tools ($CMAKE_ARGS; cached after the first)"
 "$PY" scripts/engine_build.py --install ${SITE:+--target "$SITE"} ${SRC:+--source "$SRC"}
 step "doctor: a GPU must be listed"
 "$PY" -m huatuo_local doctor
-"$PY" -m huatuo_local doctor --json | "$PY" -c 'import json,sys; r=json.load(sys.stdin); assert r["gpus"], "no GPU found"; print("GPUs:", [g["description"] for g in r["gpus"]])'
+"$PY" -m huatuo_local doctor --json | REHEARSE=$REHEARSE "$PY" -c 'import json, os, sys
+r = json.load(sys.stdin)
+assert r["gpus"] or os.environ["REHEARSE"] == "1", "no GPU found"
+print("GPUs:", [g["description"] for g in r["gpus"] or []])'
 step "self-test on the GPU"
 "$PY" -m huatuo_local doctor --selftest | grep "^selftest"  # grep reads it all: head would break the pipe
 step "tests with the model on the GPU (fidelity, chat, serve, native, sampling)"
 "$PY" -m pytest -q -x tests/test_native.py tests/test_sampling.py tests/test_fidelity.py tests/test_chat_cli.py \
   tests/test_serve.py
 step "speed: decode and time to first token vs llama-bench and llama-mtmd-cli"
-"$PY" bench/gpu.py --depth 28
-step "speed: serving 1/16/64 clients vs llama-server"
-"$PY" bench/serve.py --ngl 99 --depth 28 --tokens 64 --rounds 1 --clients 1 16 64 --ctx 2048
+"$PY" bench/gpu.py "${SHAPES[@]}"
+step "speed: serving ${CLIENTS[*]} clients vs llama-server"
+"$PY" bench/serve.py --ngl 99 "${SHAPES[@]}" --tokens "$TOKENS" --rounds 1 --clients "${CLIENTS[@]}" --ctx 2048
 step "done"
