@@ -58,7 +58,13 @@ def main() -> int:
     marker = venv / ENGINE_MARKER
     installed = json.loads(marker.read_text()) if marker.is_file() else {}
     if installed.get("key") != key or not Path(installed.get("tools", "")).is_dir():
-        install(python, build_engine(python, cmake_args, key), key, cmake_args)
+        try:
+            install(python, build_engine(python, cmake_args, key), key, cmake_args)
+        except subprocess.CalledProcessError as exc:
+            print(f"error: building the engine failed at `{' '.join(map(str, exc.cmd[:4]))} ...` (exit "
+                  f"{exc.returncode}); the output above says why (a C/C++ compiler and CMake are needed)",
+                  file=sys.stderr)
+            return 1
     else:
         print(f"engine: {key} already installed in {venv}")
 

@@ -131,6 +131,21 @@ def fetch_sdist(python: Path) -> Path:
     return sdist_dir / name
 
 
+class BuildError(Exception):
+    """The engine cannot be built as asked; the message says why in one line."""
+
+
+def source_version(src: Path) -> str:
+    """The llama-cpp-python version of an unpacked source distribution (its PKG-INFO)."""
+    try:
+        for line in (src / "PKG-INFO").read_text(encoding="utf-8").splitlines():
+            if line.startswith("Version:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown (no PKG-INFO)"
+
+
 @dataclass(frozen=True)
 class Engine:
     wheel: Path  # llama-cpp-python with the fixed libraries, for pip
@@ -161,6 +176,10 @@ def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = 
             (Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}").rename(src)
         else:
             shutil.copytree(source, src, symlinks=True)
+        version = source_version(src)
+        if version != LLAMA_CPP_PYTHON_VERSION:  # the cache key would name another build than this one
+            raise BuildError(f"{source or 'the source distribution'} is llama-cpp-python {version}; this "
+                             f"huatuo-local pins {LLAMA_CPP_PYTHON_VERSION}")
         outcome = apply_fix(src / "vendor" / "llama.cpp")
         print(f"engine: LLaVA class-token fix {outcome}")
         build = Path(tmp) / "build"
@@ -262,11 +281,23 @@ def main() -> int:
     ap.add_argument("--target", type=Path, help="with --install: into this folder (pip install --target)")
     ap.add_argument("--cpu-only", action="store_true", help="build for the CPU even where a GPU is found")
     args = ap.parse_args()
+    if args.source is not None and not (args.source / "vendor" / "llama.cpp").is_dir():
+        print(f"error: {args.source} is not an unpacked llama-cpp-python source distribution (no "
+              "vendor/llama.cpp inside); pass the folder the .tar.gz unpacks to", file=sys.stderr)
+        return 2
     cmake_args = engine_cmake_args(os.environ.get("CMAKE_ARGS"), args.cpu_only)
     key = build_key(cmake_args)
-    engine = build_engine(Path(sys.executable), cmake_args, key, args.source)
-    if args.install:
-        install(Path(sys.executable), engine, key, cmake_args, args.target)
+    try:
+        engine = build_engine(Path(sys.executable), cmake_args, key, args.source)
+        if args.install:
+            install(Path(sys.executable), engine, key, cmake_args, args.target)
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"error: building the engine failed at `{' '.join(map(str, exc.cmd[:4]))} ...` (exit {exc.returncode}); "
+              "the output above says why", file=sys.stderr)
+        return 1
     print(f"wheel {engine.wheel}\ntools {engine.tools}")
     return 0
 

@@ -204,3 +204,18 @@ def test_setup_from_a_clean_venv_with_a_warm_cache(tmp_path):
                             timeout=300, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert doctor.returncode == 0, doctor.stderr
     assert "vision probe     ok: correct" in doctor.stdout
+
+
+def test_a_wrong_source_folder_is_refused_in_one_line(tmp_path):
+    """`engine_build.py --source` (the offline path) names the folder and the fix, before any build."""
+    script = [sys.executable, str(ROOT / "scripts/engine_build.py"), "--source"]
+    env = {"PATH": "/usr/bin:/bin", "HUATUO_LOCAL_WHEEL_CACHE": str(tmp_path / "cache"), "CMAKE_ARGS": ""}
+    missing = subprocess.run([*script, str(tmp_path / "nowhere")], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "not an unpacked llama-cpp-python source" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
+    other = tmp_path / "llama_cpp_python-0.0.1"
+    (other / "vendor" / "llama.cpp").mkdir(parents=True)
+    (other / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: llama_cpp_python\nVersion: 0.0.1\n")
+    wrong = subprocess.run([*script, str(other)], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 1 and "is llama-cpp-python 0.0.1" in wrong.stderr and "pins" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not any((tmp_path / "cache").rglob("*.whl"))
