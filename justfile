@@ -55,3 +55,12 @@ bench-eval *ARGS:
 # RPC: the model split over local llama.cpp RPC workers vs all local; bytes per token
 bench-rpc *ARGS:
     {{python}} bench/rpc.py {{ARGS}}
+
+# Sampling's cost per token on a 152064-token vocabulary, in isolation
+bench-sampling:
+    {{python}} bench/sampling.py
+
+# (REHEARSE=1 runs every step on a machine without a GPU)
+# On a CUDA machine: build the engine for CUDA, test on the GPU, measure beside llama.cpp's tools
+gpu-check:
+    bash scripts/gpu_check.sh
