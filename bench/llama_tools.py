@@ -37,7 +37,7 @@ def tools_dir() -> Path:
     """The bin folder of the installed engine's build (recorded by setup in the environment), else the
     cached build for the current CMAKE_ARGS."""
     try:
-        return Path(json.loads((Path(sys.prefix) / "huatuo-engine.json").read_text())["tools"])
+        return Path(json.loads((Path(sys.prefix) / engine_build.ENGINE_MARKER).read_text())["tools"])
     except (OSError, ValueError, KeyError):
         args = engine_build.engine_cmake_args(os.environ.get("CMAKE_ARGS"))
         return engine_build.engine_dir(engine_build.build_key(args)) / "bin"

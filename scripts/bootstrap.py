@@ -29,7 +29,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 # fetch_sdist too: scripts that prepare an offline machine call bootstrap.fetch_sdist
-from engine_build import ENGINE_MARKER, build_engine, build_key, engine_cmake_args, fetch_sdist, install, run  # noqa: E402, F401
+from engine_build import (  # noqa: E402, F401
+    ENGINE_MARKER,
+    BuildError,
+    build_engine,
+    build_key,
+    engine_cmake_args,
+    failure,
+    fetch_sdist,
+    install,
+    run,
+)
 
 
 def venv_python(venv: Path) -> Path:
@@ -57,13 +67,12 @@ def main() -> int:
     key = build_key(cmake_args)
     marker = venv / ENGINE_MARKER
     installed = json.loads(marker.read_text()) if marker.is_file() else {}
-    if installed.get("key") != key or not Path(installed.get("tools", "")).is_dir():
+    tools = installed.get("tools")
+    if installed.get("key") != key or not (tools and Path(tools).is_dir()):  # a deleted cache: build again
         try:
-            install(python, build_engine(python, cmake_args, key), key, cmake_args)
-        except subprocess.CalledProcessError as exc:
-            print(f"error: building the engine failed at `{' '.join(map(str, exc.cmd[:4]))} ...` (exit "
-                  f"{exc.returncode}); the output above says why (a C/C++ compiler and CMake are needed)",
-                  file=sys.stderr)
+            install(python, build_engine(python, cmake_args, key), key, cmake_args, venv=venv)
+        except (BuildError, subprocess.CalledProcessError) as exc:
+            print(failure(exc), file=sys.stderr)
             return 1
     else:
         print(f"engine: {key} already installed in {venv}")

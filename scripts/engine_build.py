@@ -262,16 +262,23 @@ def write_wheel(src: Path, bin_dir: Path, out_dir: Path) -> Path:
     return wheel
 
 
-def install(python: Path, engine: Engine, key: str, cmake_args: str, target: Path | None = None) -> None:
-    """pip-install the engine's wheel for `python` (or into `target`, a --target folder) and, in a
-    virtual environment, record which build it is (doctor shows it; bench/ finds the tools by it)."""
+def install(python: Path, engine: Engine, key: str, cmake_args: str, target: Path | None = None,
+            venv: Path | None = None) -> None:
+    """pip-install the engine's wheel for `python` (or into `target`, a --target folder) and, when it
+    is `venv`'s, record there which build it is (doctor shows it; bench/ finds the tools by it)."""
     cmd = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall"]
     run(cmd + (["--target", target, "--upgrade"] if target else []) + [engine.wheel])
-    prefix = Path(subprocess.run([str(python), "-c", "import sys; print(sys.prefix if sys.prefix != sys.base_prefix "
-                                  "else '')"], capture_output=True, text=True, check=True).stdout.strip() or ".")
-    if target is None and prefix != Path("."):
-        (prefix / ENGINE_MARKER).write_text(json.dumps(
+    if venv is not None:
+        (venv / ENGINE_MARKER).write_text(json.dumps(
             {"key": key, "wheel": str(engine.wheel), "tools": str(engine.tools), "cmake_args": cmake_args}, indent=2))
+
+
+def failure(exc: BuildError | subprocess.CalledProcessError) -> str:
+    """The one line for a build that could not finish."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        return (f"error: building the engine failed at `{' '.join(map(str, exc.cmd[:4]))} ...` (exit "
+                f"{exc.returncode}); the output above says why (a C/C++ compiler and CMake are needed)")
+    return f"error: {exc}"
 
 
 def main() -> int:
@@ -287,16 +294,13 @@ def main() -> int:
         return 2
     cmake_args = engine_cmake_args(os.environ.get("CMAKE_ARGS"), args.cpu_only)
     key = build_key(cmake_args)
+    in_venv = args.target is None and sys.prefix != sys.base_prefix
     try:
         engine = build_engine(Path(sys.executable), cmake_args, key, args.source)
         if args.install:
-            install(Path(sys.executable), engine, key, cmake_args, args.target)
-    except BuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as exc:
-        print(f"error: building the engine failed at `{' '.join(map(str, exc.cmd[:4]))} ...` (exit {exc.returncode}); "
-              "the output above says why", file=sys.stderr)
+            install(Path(sys.executable), engine, key, cmake_args, args.target, Path(sys.prefix) if in_venv else None)
+    except (BuildError, subprocess.CalledProcessError) as exc:
+        print(failure(exc), file=sys.stderr)
         return 1
     print(f"wheel {engine.wheel}\ntools {engine.tools}")
     return 0
