@@ -51,6 +51,9 @@ TOOLS = ("llama-bench", "llama-mtmd-cli", "llama-server", "llama-imatrix", "llam
 # Loaded by file name by llama-cpp-python (llama_cpp.py, mtmd_cpp.py, _ggml.py): the wheel holds
 # these under their plain names as well as their sonames (a wheel cannot hold symlinks).
 LOADED_BY_PATH = ("libllama", "libmtmd", "libggml")
+# Run at the end of llama.cpp's CMake configuration: its GPU and RPC backends export their C interface only.
+EXPORTS_CMAKE = HERE / "engine_exports.cmake"
+EXPORTS_MAP = HERE / "ggml_backend_exports.map"  # the version script it applies
 ENGINE_MARKER = "huatuo-engine.json"  # in a virtual environment: which build is installed there
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # there while NVIDIA's kernel driver is loaded
 
@@ -80,6 +83,8 @@ def build_key(cmake_args: str) -> str:
         "fix": FIX_ID,
         "layout": LAYOUT,
         "cmake_args": cmake_args,
+        # The build's own CMake additions: an edit to them is a different engine.
+        "exports": hashlib.sha256(EXPORTS_CMAKE.read_bytes() + EXPORTS_MAP.read_bytes()).hexdigest(),
         "python": f"cp{sys.version_info.major}{sys.version_info.minor}",
         "machine": platform.machine(),
         "system": platform.system(),
@@ -209,6 +214,8 @@ def cmake(llama_cpp: Path, build: Path, cmake_args: str) -> None:
          # Libraries and tools find each other beside themselves, wherever the files are copied.
          "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
          "-DCMAKE_INSTALL_RPATH=" + ("@loader_path" if sys.platform == "darwin" else "$ORIGIN"),
+         # No C++ runtime symbol exported from a backend library (issue 20's crash; see the file).
+         f"-DCMAKE_PROJECT_INCLUDE={EXPORTS_CMAKE}",
          *cmake_args.split()])
     run(["cmake", "--build", build, "-j", jobs, "--target", *LIBRARIES, *TOOLS])
 

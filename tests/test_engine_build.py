@@ -86,6 +86,36 @@ def test_wheel_cache_key_tracks_version_fix_and_flags(monkeypatch):
     assert engine_build.build_key("") == base
 
 
+def test_wheel_cache_key_tracks_the_builds_own_cmake_files(monkeypatch, tmp_path):
+    base = engine_build.build_key("")
+    edited = tmp_path / "ggml_backend_exports.map"
+    edited.write_bytes(engine_build.EXPORTS_MAP.read_bytes() + b"\n/* edited */\n")
+    monkeypatch.setattr(engine_build, "EXPORTS_MAP", edited)
+    assert engine_build.build_key("") != base
+
+
+def test_backend_libraries_export_only_their_c_interface():
+    """Issue 20's crash, at its root: a C++ shared library exports every template instance it holds,
+    and libllama's calls into the C++ runtime were bound to libggml-cuda's copies. The engine's
+    build (scripts/engine_exports.cmake) gives the GPU and RPC backends a version script: only
+    ggml_* and gguf_* leave them. Every build here has the RPC backend, so the same script is
+    checked on it (a CUDA build's libggml-cuda gets it too: 10 symbols, measured on a CUDA 13 build)."""
+    import llama_cpp
+
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    backends = [p for p in sorted(lib.glob("libggml-*.so.0"))
+                if p.name.split(".")[0] in ("libggml-rpc", "libggml-cuda", "libggml-hip", "libggml-musa")]
+    assert "libggml-rpc.so.0" in [p.name for p in backends], "setup builds the RPC backend"
+    for path in backends:
+        out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True)
+        names = [line.split()[-1] for line in out.stdout.splitlines() if line.strip()]
+        others = [n for n in names if not n.startswith(("ggml_", "gguf_"))]
+        assert names and not others, f"{path.name} exports {len(others)} more, e.g. {others[:3]}"
+    # The control: libllama has no version script, and exports C++ template instances (so the check can fail).
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib / "libllama.so.0")], capture_output=True, text=True)
+    assert any(line.split()[-1].startswith("_ZNSt") for line in out.stdout.splitlines() if line.strip())
+
+
 def test_cuda_is_chosen_only_where_a_gpu_can_run_it(monkeypatch, tmp_path, capsys):
     """The plain setup builds for CUDA where an NVIDIA GPU and nvcc are both present; a toolkit
     without a driver (a CI runner) builds for the CPU; CMAKE_ARGS and --cpu-only decide over both."""

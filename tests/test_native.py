@@ -176,6 +176,20 @@ def test_default_placement_from_the_models_own_sizes(converted):
 def test_doctor_lists_no_gpu_here(tmp_path):
     report = json.loads(run_cli("doctor", "--json", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout)
     assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
+    assert report["idle_backends"] == []  # a CPU build: no GPU backend waits for a device (RPC is not one)
+    text = run_cli("doctor", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout
+    assert "GPU              none (the CPU runs the model)" in text
+
+
+def test_a_gpu_build_without_a_device_says_why_in_one_line():
+    """A CUDA build on a machine whose driver is missing registers CUDA with no device; doctor and the
+    load say so instead of silently running on the CPU (seen with a CUDA 13 build and no driver)."""
+    from huatuo_local.runtime.llama.devices import no_device_note
+
+    assert no_device_note([]) == ""
+    note = no_device_note(["CUDA"])
+    assert "\n" not in note and "built for CUDA" in note and "nvidia-smi" in note and "CPU" in note
+    assert "Vulkan" in no_device_note(["Vulkan"]) and "nvidia-smi" not in no_device_note(["Vulkan"])
 
 
 def test_flash_attention_is_llama_cpps_choice_on_a_gpu_and_off_on_the_cpu():

@@ -33,6 +33,7 @@ class Report:
     gpus: list[dict] | None = None  # each GPU llama.cpp sees: name, card, free and total GiB
     placements: dict[str, str] | None = None  # installed model → where it goes by default (one line)
     choices: dict[str, dict] | None = None  # known model → its best quant here, what it needs, what else fits
+    idle_backends: list[str] | None = None  # GPU backends built in that found no device (CUDA without a driver)
 
 
 def engine_build() -> dict:
@@ -99,7 +100,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
 
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    from huatuo_local.runtime.llama.devices import local_gpus
+    from huatuo_local.runtime.llama.devices import idle_backends, local_gpus
     from huatuo_local.runtime.rpc import client as rpc
 
     found_gpus = local_gpus()  # not llama_supports_gpu_offload(): it says yes for an RPC build without a GPU
@@ -123,7 +124,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
                   recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers,
                   [{"name": g.name, "description": g.description, "free_gib": g.free / GIB, "total_gib": g.total / GIB}
-                   for g in found_gpus], placements(found_gpus), best_here)
+                   for g in found_gpus], placements(found_gpus), best_here, idle_backends())
 
 
 def placements(gpus) -> dict[str, str]:
@@ -184,6 +185,7 @@ def doctor(
         typer.echo(f"selftest         ok on {where}: converted a random model and generated {result.tokens} "
                    f"tokens in {result.seconds:.1f} s (random weights: the answer is meaningless)")
 
+    from huatuo_local.runtime.llama.devices import no_device_note
     from huatuo_local.runtime.rpc.client import parse_endpoints
 
     report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None)
@@ -200,7 +202,8 @@ def doctor(
             f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),
             f"library          {probe.get('library')}",
             *([f"GPU              {g['name']}: {g['description']}, {g['free_gib']:.1f} GiB free of "
-               f"{g['total_gib']:.1f} GiB" for g in report.gpus] or ["GPU              none (the CPU runs the model)"]),
+               f"{g['total_gib']:.1f} GiB" for g in report.gpus]
+              or [f"GPU              {no_device_note(report.idle_backends or []) or 'none (the CPU runs the model)'}"]),
             *[f"{ref:<16} {note}" for ref, note in (report.placements or {}).items()],
             f"RPC backend      {'built in (huatuo-local rpc-worker, --rpc)' if report.rpc else 'not built'}",
             f"CPU features     {report.system_info}",

@@ -21,11 +21,13 @@ def default_placement(model: ResolvedModel, n_ctx: int, n_seq: int, kv_type: str
     fits, else as much as fits (runtime/llama/devices.py). Not llama_supports_gpu_offload(): it also says yes
     for a CPU build with the RPC backend."""
     from huatuo_local.models.gguf_check import check_gguf
-    from huatuo_local.runtime.llama.devices import local_gpus, plan_offload
+    from huatuo_local.runtime.llama.devices import idle_backends, local_gpus, no_device_note, plan_offload
 
     gpus = local_gpus()
+    if not gpus:  # on a GPU build that found no GPU, the note says so rather than silently using the CPU
+        return Placement(0, 0, 0, False, no_device_note(idle_backends()))
     return plan_offload(check_gguf(model.llm_path, "llm"), check_gguf(model.mmproj_path, "mmproj"), gpus,
-                        (n_ctx or DEFAULT_CTX) * max(1, n_seq), kv_type) if gpus else Placement(0, 0, 0, False, "")
+                        (n_ctx or DEFAULT_CTX) * max(1, n_seq), kv_type)
 
 def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
     """Everything that changes what a saved KV state means (see core/prefix_cache.py)."""
@@ -69,6 +71,6 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         tensor_split=tuple(tensor_split) if tensor_split else None,
     )
     engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
-    engine.placement_note = placement.note if placement else ""  # said once at load, where there is a GPU
+    engine.placement_note = placement.note if placement else ""  # said once at load: where the GPU work went
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
     return resolved, engine, cache

@@ -104,7 +104,7 @@ class Engine:
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
                  eos_id: int | None = None):
         self.options = opts = options or EngineOptions()
-        self.placement_note = ""  # where the model went, when a GPU decided it (core.loading sets it)
+        self.placement_note = ""  # where the model went on the GPU, or why no GPU took it (core.loading sets it)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         llm_fields, vision = self._check_files(opts)
         if not opts.n_ctx:

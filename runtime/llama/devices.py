@@ -82,6 +82,9 @@ def ggml() -> ctypes.CDLL:
     lib.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
     lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_reg_get.restype = ctypes.c_void_p
     return lib
 
 
@@ -110,6 +113,32 @@ def local_gpus() -> list[Gpu]:
                        (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
                        int(free.value), int(total.value), int(dev)))
     return out
+
+
+def idle_backends() -> list[str]:
+    """The backends this engine was built with that found no device: a CUDA build on a machine whose
+    NVIDIA driver is missing, or older than the CUDA the engine was built with, registers "CUDA" with
+    no device (ggml_cuda_init says why on stderr, which quiet_logs hides). The CPU backend always has
+    its device; an RPC backend gets its devices only from --rpc."""
+    g = ggml()
+    idle = []
+    for i in range(g.ggml_backend_reg_count()):
+        reg = g.ggml_backend_reg_get(i)
+        name = (g.ggml_backend_reg_name(reg) or b"?").decode(errors="replace")
+        if name not in ("CPU", "RPC") and g.ggml_backend_reg_dev_count(reg) == 0:
+            idle.append(name)
+    return idle
+
+
+def no_device_note(idle: list[str]) -> str:
+    """One line for a GPU build that found no GPU: why the CPU runs the model, and what to check."""
+    if not idle:
+        return ""
+    check = ("is NVIDIA's driver loaded, and at least as new as the CUDA the engine was built with? "
+             "`nvidia-smi` shows both" if "CUDA" in idle else "is its driver installed, and the device visible "
+             "to this user?")
+    return (f"no GPU: this engine is built for {', '.join(idle)} but it found no device, so the CPU runs the "
+            f"model ({check})")
 
 
 @dataclass(frozen=True)
