@@ -11,7 +11,12 @@
 # the order in which a program loads its libraries. huatuo_local/native.py guards the same thing
 # from the other side (libstdc++ first in the global scope), for engines built without this file.
 get_property(_huatuo_exports_scheduled GLOBAL PROPERTY HUATUO_EXPORTS_SCHEDULED)
-if(NOT _huatuo_exports_scheduled AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
+if(NOT _huatuo_exports_scheduled AND CMAKE_SYSTEM_NAME STREQUAL "Linux" AND CMAKE_VERSION VERSION_LESS 3.19)
+  # cmake_language(DEFER) is 3.19's; an older CMake still builds the engine, with the exports as they are.
+  set_property(GLOBAL PROPERTY HUATUO_EXPORTS_SCHEDULED TRUE)
+  message(WARNING "huatuo-local: CMake ${CMAKE_VERSION} < 3.19: backend exports not limited "
+                  "(huatuo_local/native.py's guard still applies)")
+elseif(NOT _huatuo_exports_scheduled AND CMAKE_SYSTEM_NAME STREQUAL "Linux")
   set_property(GLOBAL PROPERTY HUATUO_EXPORTS_SCHEDULED TRUE)
   set_property(GLOBAL PROPERTY HUATUO_EXPORTS_MAP "${CMAKE_CURRENT_LIST_DIR}/ggml_backend_exports.map")
 

@@ -36,6 +36,14 @@ step "doctor: a GPU must be listed"
 r = json.load(sys.stdin)
 assert r["gpus"] or os.environ["REHEARSE"] == "1", "no GPU found"
 print("GPUs:", [g["description"] for g in r["gpus"] or []])'
+step "issue 20's crash: a model load with the C++-runtime guard off (do the backends' exports alone hold?)"
+# huatuo_local imports numpy before llama.cpp, the order that crashed; a crash here is reported, not fatal:
+# native.py's guard (on in every other step) is what the product relies on then.
+if HUATUO_LOCAL_NO_CPP_GLOBAL=1 "$PY" -m huatuo_local doctor --selftest | grep "^selftest"; then
+  echo "holds without the guard: libggml-cuda exports only its C interface"
+else
+  echo "CRASHED without the guard: the version script alone is not enough here; the guard is what holds"
+fi
 step "self-test on the GPU"
 "$PY" -m huatuo_local doctor --selftest | grep "^selftest"  # grep reads it all: head would break the pipe
 step "tests with the model on the GPU (fidelity, chat, serve, native, sampling)"
