@@ -40,7 +40,7 @@ step "issue 20's crash: a model load with the C++-runtime guard off (do the back
 # huatuo_local imports numpy before llama.cpp, the order that crashed; a crash here is reported, not fatal:
 # native.py's guard (on in every other step) is what the product relies on then.
 if HUATUO_LOCAL_NO_CPP_GLOBAL=1 "$PY" -m huatuo_local doctor --selftest | grep "^selftest"; then
-  echo "holds without the guard: libggml-cuda exports only its C interface"
+  echo "holds without the guard (the backends export only their C interface)"
 else
   echo "CRASHED without the guard: the version script alone is not enough here; the guard is what holds"
 fi
