@@ -29,7 +29,10 @@ def wait_js(page, expression: str, timeout: float = 30_000) -> None:
     evaluates strings inside the page, which the page's Content-Security-Policy rightly forbids."""
     deadline = time.time() + timeout / 1000
     while not page.evaluate(expression):
-        assert time.time() < deadline, f"timed out waiting for {expression}"
+        if time.time() >= deadline:  # say where the page is instead, and what it shows as an error
+            where = page.evaluate("[document.querySelector('#chat')?.dataset.state, "
+                                  "document.querySelector('#error')?.textContent]")
+            raise AssertionError(f"timed out waiting for {expression}; the page's state and error: {where}")
         time.sleep(0.05)
 
 
@@ -89,7 +92,9 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
 
     model = converted(SPEC, "F32", "f32")
     ct = Path(get_testdata_file("CT_small.dcm"))
-    with server(str(model.manifest_path), tmp_path, "--parallel", "2", "--ctx", "4096",
+    # 8192 positions per conversation: the stopped answer below may run to its full 3000 tokens before the
+    # stop lands (a slow browser), and the follow-up after it (about 2700 positions before it) must still fit.
+    with server(str(model.manifest_path), tmp_path, "--parallel", "2", "--ctx", "8192",
                 env={"HUATUO_LOCAL_API_KEY": KEY}) as (url, _, _):
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         problems: list[str] = []
