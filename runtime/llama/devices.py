@@ -118,8 +118,8 @@ def local_gpus() -> list[Gpu]:
 def idle_backends() -> list[str]:
     """The backends this engine was built with that found no device: a CUDA build on a machine whose
     NVIDIA driver is missing, or older than the CUDA the engine was built with, registers "CUDA" with
-    no device (ggml_cuda_init says why on stderr, which quiet_logs hides). The CPU backend always has
-    its device; an RPC backend gets its devices only from --rpc."""
+    no device (ggml_cuda_init prints the driver's reason as the library loads, before our log handler).
+    The CPU backend always has its device; an RPC backend gets its devices only from --rpc."""
     g = ggml()
     idle = []
     for i in range(g.ggml_backend_reg_count()):
