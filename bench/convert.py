@@ -116,7 +116,7 @@ def llama_cpp_converter(work: Path) -> Path | None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import engine_build
 
-    sdist = engine_build.cache_root() / "sdist" / f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = engine_build.sdist_path()
     if not sdist.is_file():
         return None
     dst = work / "llama.cpp"

@@ -18,8 +18,9 @@ libraries into one wheel (`llama_cpp/lib/`, where llama-cpp-python looks for the
 installs and uninstalls it like any other. Only the standard library is used.
 
 The cache: ~/.cache/huatuo-local/engine/wheels/KEY/ holds the wheel, build.json and bin/ (the
-tools beside the libraries they link). KEY covers the version, the fix, CMAKE_ARGS, Python, the
-machine and the CPU's instruction sets (a native build only runs on the same ones).
+tools beside the libraries they link). KEY covers the version, the fix, CMAKE_ARGS, this build's
+own CMake files (engine_exports.cmake and its version script), Python, the machine and the CPU's
+instruction sets (a native build only runs on the same ones).
 """
 
 from __future__ import annotations
@@ -126,14 +127,18 @@ def run(cmd: list, **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
+def sdist_path() -> Path:
+    """Where the pinned source distribution is cached (fetch_sdist puts it there)."""
+    return cache_root() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+
+
 def fetch_sdist(python: Path) -> Path:
-    sdist_dir = cache_root() / "sdist"
-    sdist_dir.mkdir(parents=True, exist_ok=True)
-    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
-    if not (sdist_dir / name).is_file():
+    sdist = sdist_path()
+    sdist.parent.mkdir(parents=True, exist_ok=True)
+    if not sdist.is_file():
         run([python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist_dir])
-    return sdist_dir / name
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist.parent])
+    return sdist
 
 
 class BuildError(Exception):

@@ -28,7 +28,7 @@ engine_build = load_script("engine_build")
 @pytest.fixture(scope="module")
 def upstream_llava(tmp_path_factory) -> Path:
     """The untouched upstream file, from the source distribution setup downloaded and cached."""
-    sdist = engine_build.cache_root() / "sdist" / f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = engine_build.sdist_path()
     assert sdist.is_file(), "setup caches the pinned source distribution; run scripts/bootstrap.py"
     member = f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/{fix.RELATIVE_PATH}"
     dst = tmp_path_factory.mktemp("upstream")

@@ -27,7 +27,7 @@ GIB = 1024**3
 
 def vendored_header(name: str) -> str:
     """A header of the llama.cpp that the engine was built from (the source distribution setup cached)."""
-    sdist = engine_build.cache_root() / "sdist" / f"llama_cpp_python-{engine_build.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    sdist = engine_build.sdist_path()
     assert sdist.is_file(), f"{sdist}: run scripts/bootstrap.py (it caches the engine's source)"
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("/vendor/llama.cpp/" + name))
