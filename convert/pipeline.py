@@ -238,7 +238,7 @@ class _Bar:
             self.progress(self.stage, self.done, self.total)
 
 
-def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
+def _commit_shared(stage: Path, final: Path, on_read: Callable[[int], None] | None = None) -> tuple[Path, str]:
     """Move a finished mmproj (or importance matrix) into place without breaking a manifest that uses
     the file there.
 
@@ -246,7 +246,7 @@ def _commit_shared(stage: Path, final: Path) -> tuple[Path, str]:
     present; a different one (another checkpoint converted under the same name, a matrix from other
     calibration) gets its own name.
     """
-    sha = sha256_file(stage)
+    sha = sha256_file(stage, on_read=on_read)
     if final.is_file():
         if sha256_file(final) == sha:
             return final, sha
@@ -412,14 +412,12 @@ def convert(
         _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans, llm_target,
                    quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress,
                    importance, mm_stage)
-        if progress:
-            progress("checksums", 0, 1)
-        llm_sha = sha256_file(llm_stage)
-        mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path)
+        hashed = [llm_stage, mm_stage] + ([importance.stage] if importance is not None else [])
+        bar = _Bar(progress, "checksums", sum(p.stat().st_size for p in hashed))
+        llm_sha = sha256_file(llm_stage, on_read=bar)
+        mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path, bar)
         if importance is not None:
-            imatrix_path, imatrix_sha = _commit_shared(importance.stage, imatrix_path)
-        if progress:
-            progress("checksums", 1, 1)
+            imatrix_path, imatrix_sha = _commit_shared(importance.stage, imatrix_path, bar)
         os.replace(llm_stage, llm_path)
         manifest = Manifest(
             name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,

@@ -8,9 +8,9 @@ into the store. The commit sha is recorded in the manifest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
-import shutil
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
@@ -36,14 +36,24 @@ def pick_gguf_pair(files: list[str], quant: str) -> tuple[str, str]:
     return wanted[0], sorted(projectors, key=lambda f: ("f16" not in f.lower(), f))[0]
 
 
-def _copy_into(src: Path, dst: Path) -> None:
-    """A real copy, written under a temporary name: the store never depends on the download cache."""
+def _copy_into(src: Path, dst: Path, progress=None, stage: str = "copy into store") -> str:
+    """A real copy, written under a temporary name: the store never depends on the download cache.
+    Returns the file's SHA-256, computed from the same read (one pass over a file of many GB, with
+    progress, instead of a silent copy and then a second read to hash it)."""
     tmp = dst.with_name(f".{dst.name}.partial")
+    total, done, h = src.stat().st_size, 0, hashlib.sha256()
     try:
-        shutil.copyfile(src, tmp)
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while block := fin.read(16 * 1024 * 1024):
+                h.update(block)
+                fout.write(block)
+                done += len(block)
+                if progress:
+                    progress(stage, done, total)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+    return h.hexdigest()
 
 
 def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progress) -> ResolvedModel:
@@ -60,15 +70,15 @@ def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progr
     llm, mm = folder / Path(llm_file).name, folder / Path(mm_file).name
     mm_sha = sha256_file(mm_src)
     if not (mm.is_file() and not mm.is_symlink() and sha256_file(mm) == mm_sha):
-        _copy_into(mm_src, mm)
-    _copy_into(llm_src, llm)
+        _copy_into(mm_src, mm, progress, "store: projector")
+    llm_sha = _copy_into(llm_src, llm, progress, "store: model")
     hub.remove_snapshot(repo_id, listing.sha)  # copied into the store now
     eos = info.fields.get("tokenizer.ggml.eos_token_id")
     n_embd = info.fields.get(f"{info.arch}.embedding_length")
     if not isinstance(eos, int) or not isinstance(n_embd, int):
         raise HuatuoError(f"{repo_id}: {llm_file} lacks its eos token or embedding length; not a usable model")
     manifest = Manifest(name=name, llm_file=llm.name, mmproj_file=mm.name, quant=quant, mmproj_type="",
-                        arch=info.arch, source=repo_id, eos_id=eos, n_embd=n_embd, llm_sha256=sha256_file(llm),
+                        arch=info.arch, source=repo_id, eos_id=eos, n_embd=n_embd, llm_sha256=llm_sha,
                         mmproj_sha256=mm_sha, converter="downloaded", revision=listing.sha)
     manifest_path = folder / f"{llm.name[: -len('.gguf')]}{MANIFEST_SUFFIX}"
     manifest.write(manifest_path)

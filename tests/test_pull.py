@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -131,6 +132,10 @@ def test_pull_of_a_gguf_repo_copies_exactly_the_quant_asked_for(converted, tmp_p
         assert p.is_file() and not p.is_symlink() and p.stat().st_nlink == 1
     manifest = json.loads((stored / "tiny-Q8_0.manifest.json").read_text())
     assert manifest["revision"] == hub.repos["someone/tiny-GGUF"].sha
+    # The checksums are of the bytes in the store (the model's is computed while copying it there).
+    for key, f in (("llm_sha256", "tiny-Q8_0.gguf"), ("mmproj_sha256", "mmproj-tiny-f16.gguf")):
+        assert manifest[key] == hashlib.sha256((stored / f).read_bytes()).hexdigest(), key
+        assert manifest[key] == hashlib.sha256((folder / f).read_bytes()).hexdigest(), key
     # The download folder is gone once copied: the store depends on nothing else.
     assert not list((tmp_path / "home" / "downloads").rglob("*.gguf"))
     chat = run_cli("chat", str(image), "-p", "hi", "--model", "tiny:q8_0", "--max-tokens", "3",
