@@ -177,7 +177,10 @@ def test_doctor_lists_no_gpu_here(tmp_path):
     report = json.loads(run_cli("doctor", "--json", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout)
     assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
     assert report["idle_backends"] == []  # a CPU build: no GPU backend waits for a device (RPC is not one)
+    # The backends come from the loaded engine's registry, not from setup's record: setup builds CPU + RPC here.
+    assert set(report["backends"]) == {"CPU", "RPC"}, report["backends"]
     text = run_cli("doctor", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout
+    assert f"backends {', '.join(report['backends'])}" in text
     assert "GPU              none (the CPU runs the model)" in text
 
 

@@ -33,6 +33,7 @@ class Report:
     gpus: list[dict] | None = None  # each GPU llama.cpp sees: name, card, free and total GiB
     placements: dict[str, str] | None = None  # installed model → where it goes by default (one line)
     choices: dict[str, dict] | None = None  # known model → its best quant here, what it needs, what else fits
+    backends: list[str] | None = None  # what the loaded engine was built with, from llama.cpp's registry
     idle_backends: list[str] | None = None  # GPU backends built in that found no device (CUDA without a driver)
 
 
@@ -100,7 +101,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
 
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-    from huatuo_local.runtime.llama.devices import idle_backends, local_gpus
+    from huatuo_local.runtime.llama.devices import built_backends, idle_backends, local_gpus
     from huatuo_local.runtime.rpc import client as rpc
 
     found_gpus = local_gpus()  # not llama_supports_gpu_offload(): it says yes for an RPC build without a GPU
@@ -124,7 +125,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
                   recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers,
                   [{"name": g.name, "description": g.description, "free_gib": g.free / GIB, "total_gib": g.total / GIB}
-                   for g in found_gpus], placements(found_gpus), best_here, idle_backends())
+                   for g in found_gpus], placements(found_gpus), best_here, built_backends(), idle_backends())
 
 
 def placements(gpus) -> dict[str, str]:
@@ -196,7 +197,7 @@ def doctor(
         status = "ok" if probe.get("ok") else "FAILED"
         lines = [
             f"huatuo-local     {report.version}",
-            f"engine           llama-cpp-python {report.engine_version}"
+            f"engine           llama-cpp-python {report.engine_version}, backends {', '.join(report.backends or [])}"
             + (f" (CMAKE_ARGS={report.engine_build.get('cmake_args') or 'default'})" if report.engine_build else ""),
             f"vision probe     {status}: {probe.get('verdict')} (max |diff| {probe.get('max_abs_diff', 0):.2e} "
             f"on a scale of {probe.get('scale', 0):.2f})" + (f"; {probe['detail']}" if probe.get("detail") else ""),

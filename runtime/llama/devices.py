@@ -115,6 +115,14 @@ def local_gpus() -> list[Gpu]:
     return out
 
 
+def built_backends() -> list[str]:
+    """The backends the loaded engine was built with (CPU, RPC, CUDA, Metal ...), from llama.cpp's own
+    registry: what this process really runs on, whichever build is installed or on the path."""
+    g = ggml()
+    return [(g.ggml_backend_reg_name(g.ggml_backend_reg_get(i)) or b"?").decode(errors="replace")
+            for i in range(g.ggml_backend_reg_count())]
+
+
 def idle_backends() -> list[str]:
     """The backends this engine was built with that found no device: a CUDA build on a machine whose
     NVIDIA driver is missing, or older than the CUDA the engine was built with, registers "CUDA" with
