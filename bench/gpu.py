@@ -22,7 +22,15 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import llama_tools  # noqa: E402
 from common import append, invocation, run_measured  # noqa: E402
 
-from runtime import QUESTION, converted_pair, llama_bench, llama_mtmd_cli, tiny_shapes, write_image  # noqa: E402
+from runtime import (  # noqa: E402
+    QUESTION,
+    converted_pair,
+    llama_bench,
+    llama_mtmd_cli,
+    tiny_shapes,
+    write_checkpoint,
+    write_image,
+)
 
 OURS = """
 import json, time
@@ -64,11 +72,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a fast step: the per-token overhead shows)")
+    ap.add_argument("--prepare", choices=["checkpoint", "model"],
+                    help="only write the random checkpoint (needs no engine) or also convert it (needs the engine's "
+                         "quantizer), then exit: scripts/gpu_check.sh does this beside the build and the tests")
     args = ap.parse_args()
     if args.tiny:
         tiny_shapes()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.prepare == "checkpoint":
+        write_checkpoint(args.workdir, args.depth)
+        return
     folder = converted_pair(args.workdir, args.depth, args.quant)
+    if args.prepare == "model":
+        return
     manifest = folder / f"m-{args.quant}.manifest.json"
     llm, mmproj = folder / f"m-{args.quant}.gguf", folder / "mmproj-m-f16.gguf"
     image = write_image(args.workdir)

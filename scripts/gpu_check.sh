@@ -28,8 +28,30 @@ else
   SHAPES=(--depth 28); CLIENTS=(1 16 64); TOKENS=64
 fi
 
+# The speed steps' model (at full depth: a 16 GB checkpoint, converted and quantized) is made in the background
+# beside the build and the tests: writing the checkpoint needs no engine, converting it needs the engine's
+# quantizer. Both are atomic (a killed job leaves nothing the speed steps would take as done); the speed
+# steps wait for it and make whatever is missing themselves, so nothing is timed while it runs.
+PREP_LOG=${TMPDIR:-/tmp}/huatuo-gpu-check-prepare.log
+PREP=""
+trap '[ -n "$PREP" ] && kill "$PREP" 2>/dev/null; true' EXIT
+prepare() {  # prepare checkpoint|model: in the background, its output in $PREP_LOG
+  "$PY" bench/gpu.py "${SHAPES[@]}" --prepare "$1" >>"$PREP_LOG" 2>&1 & PREP=$!
+}
+finish_prepare() {
+  if [ -n "$PREP" ] && ! wait "$PREP"; then
+    echo "preparing the model failed (the speed step will try again); its log:"; tail -n 20 "$PREP_LOG"
+  fi
+  PREP=""
+}
+: >"$PREP_LOG"
+step "model: writing the speed steps' checkpoint in the background ($PREP_LOG)"
+prepare checkpoint
 step "engine: one build of llama.cpp's libraries and tools ($CMAKE_ARGS; cached after the first)"
 "$PY" scripts/engine_build.py --install ${SITE:+--target "$SITE"} ${SRC:+--source "$SRC"}
+finish_prepare
+step "model: converting it in the background while the checks run"
+prepare model
 step "doctor: a GPU must be listed"
 "$PY" -m huatuo_local doctor
 "$PY" -m huatuo_local doctor --json | REHEARSE=$REHEARSE "$PY" -c 'import json, os, sys
@@ -49,6 +71,8 @@ step "self-test on the GPU"
 step "tests with the model on the GPU (fidelity, chat, serve, native, sampling)"
 "$PY" -m pytest -q -x tests/test_native.py tests/test_sampling.py tests/test_fidelity.py tests/test_chat_cli.py \
   tests/test_serve.py
+step "model: waiting for the background conversion (nothing is timed while it runs)"
+finish_prepare
 step "speed: decode and time to first token vs llama-bench and llama-mtmd-cli"
 "$PY" bench/gpu.py "${SHAPES[@]}"
 step "speed: serving ${CLIENTS[*]} clients vs llama-server"
