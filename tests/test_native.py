@@ -99,6 +99,51 @@ def test_the_graph_node_layout_matches_ggml():
     assert names == [f[0] for f in GgmlTensor._fields_]
 
 
+def c_struct_fields(header: str, struct: str) -> list[tuple[str, str]]:
+    """(type, name) of each field of `struct NAME { ... };`, comments dropped."""
+    body = re.search(r"struct " + struct + r"\s*\{(.*?)\};", header, re.S).group(1)
+    body = re.sub(r"//[^\n]*|/\*.*?\*/", "", body, flags=re.S)
+    decls = [" ".join(d.split()) for d in body.split(";") if d.strip()]
+    return [(d.rsplit(" ", 1)[0].replace(" *", "*"), d.rsplit(" ", 1)[1].lstrip("*")) for d in decls]
+
+
+def test_the_device_props_layout_matches_ggml():
+    """devices.DevProps is filled by ggml_backend_dev_get_props: its fields are ggml-backend.h's, in order,
+    with the C types' sizes (a missing or moved field would read the device id from the wrong bytes)."""
+    import ctypes
+
+    from huatuo_local.runtime.llama.devices import DevCaps, DevProps
+
+    header = vendored_header("ggml/include/ggml-backend.h")
+    c_types = {"const char*": ctypes.c_char_p, "size_t": ctypes.c_size_t, "bool": ctypes.c_bool,
+               "enum ggml_backend_dev_type": ctypes.c_int, "struct ggml_backend_dev_caps": DevCaps}
+    for ours, struct in ((DevCaps, "ggml_backend_dev_caps"), (DevProps, "ggml_backend_dev_props")):
+        theirs = c_struct_fields(header, struct)
+        assert [name for _, name in theirs] == [f[0] for f in ours._fields_], struct
+        assert [c_types[t] for t, _ in theirs] == [f[1] for f in ours._fields_], struct
+
+
+def test_the_gpus_counted_are_the_ones_llama_cpp_uses_by_default():
+    """local_gpus() keeps llama.cpp's own default choice (src/llama.cpp, "default device selection"), so
+    doctor and the default placement never count memory the model will not use."""
+    from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_GPU as GPU
+    from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_IGPU as IGPU
+    from huatuo_local.runtime.llama.devices import RegistryDevice as D
+    from huatuo_local.runtime.llama.devices import default_choice
+
+    cuda0, cuda1 = D(GPU, "CUDA", "0000:01:00.0"), D(GPU, "CUDA", "0000:02:00.0")
+    assert default_choice([cuda0, cuda1]) == [0, 1]
+    # One card seen by two backends (a CUDA + Vulkan build): the first backend's device only.
+    assert default_choice([cuda0, D(GPU, "Vulkan", "0000:01:00.0"), cuda1]) == [0, 2]
+    assert default_choice([D(GPU, "CUDA", None), D(GPU, "Vulkan", None)]) == [0, 1]  # no ids: both
+    # An integrated GPU beside a discrete one holds nothing; alone, it is used (one backend's only).
+    assert default_choice([D(IGPU, "Vulkan", None), cuda0]) == [1]
+    assert default_choice([D(IGPU, "Vulkan", None), D(IGPU, "SYCL", None), D(IGPU, "Vulkan", None)]) == [0, 2]
+    # RPC workers register as GPUs but are never this machine's.
+    assert default_choice([D(GPU, "RPC", None), D(IGPU, "Metal", None)]) == [1]
+    assert default_choice([D(GPU, "RPC", None)]) == []
+
+
 GLOBAL_SCOPE = """
 import ctypes, sys
 first = sys.argv[1]

@@ -72,6 +72,8 @@ def ggml() -> ctypes.CDLL:
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
     lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_get_props.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.ggml_backend_dev_get_props.restype = None
     lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
     lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
@@ -97,16 +99,64 @@ class Gpu:
     handle: int = 0  # ggml_backend_dev_t, for llama_model_params.devices
 
 
+class DevCaps(ctypes.Structure):
+    # ggml-backend.h: struct ggml_backend_dev_caps (tests/test_native.py checks the fields against the header)
+    _fields_ = [("async", ctypes.c_bool), ("host_buffer", ctypes.c_bool), ("buffer_from_host_ptr", ctypes.c_bool),
+                ("events", ctypes.c_bool), ("mmap_support", ctypes.c_bool)]
+
+
+class DevProps(ctypes.Structure):
+    # ggml-backend.h: struct ggml_backend_dev_props
+    _fields_ = [("name", ctypes.c_char_p), ("description", ctypes.c_char_p), ("memory_free", ctypes.c_size_t),
+                ("memory_total", ctypes.c_size_t), ("type", ctypes.c_int), ("device_id", ctypes.c_char_p),
+                ("caps", DevCaps)]
+
+
+@dataclass(frozen=True)
+class RegistryDevice:
+    """One device of llama.cpp's registry, as its default device choice weighs it."""
+
+    kind: int  # enum ggml_backend_dev_type
+    backend: str  # its registry's name: CUDA, Vulkan, Metal, RPC, CPU ...
+    device_id: str | None  # the PCI bus id where the backend knows it
+
+
+def default_choice(devices: list[RegistryDevice]) -> list[int]:
+    """The indices of the devices llama.cpp itself puts a model on by default, in its order (src/llama.cpp,
+    "default device selection"), less the RPC workers: the GPUs, each physical one once (a GPU seen by two
+    backends, CUDA and Vulkan, has the same device id), and the integrated GPUs of one backend only when
+    there is no other GPU. Doctor, the default placement and its memory sums must count these and no
+    others: an integrated GPU beside a discrete one holds none of the model."""
+    gpus: list[int] = []
+    igpus: list[int] = []
+    for i, d in enumerate(devices):
+        if d.kind == GGML_BACKEND_DEVICE_TYPE_GPU and d.backend != "RPC":
+            if d.device_id and any(devices[j].device_id == d.device_id for j in gpus):
+                continue
+            gpus.append(i)
+        elif d.kind == GGML_BACKEND_DEVICE_TYPE_IGPU and (not igpus or devices[igpus[-1]].backend == d.backend):
+            igpus.append(i)
+    return gpus or igpus
+
+
 def local_gpus() -> list[Gpu]:
-    """Every GPU llama.cpp can use on this machine, in its registry's order (RPC workers left out)."""
+    """The GPUs llama.cpp puts a model on by default on this machine (`default_choice`), in its order."""
     g = ggml()
-    out = []
+    handles, seen = [], []
     for i in range(g.ggml_backend_dev_count()):
         dev = g.ggml_backend_dev_get(i)
-        if g.ggml_backend_dev_type(dev) not in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
+        kind = g.ggml_backend_dev_type(dev)
+        if kind not in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
             continue
-        if g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) == b"RPC":
-            continue
+        props = DevProps()
+        g.ggml_backend_dev_get_props(dev, ctypes.byref(props))
+        handles.append(dev)
+        seen.append(RegistryDevice(kind, (g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"?")
+                                   .decode(errors="replace"),
+                                   props.device_id.decode(errors="replace") if props.device_id else None))
+    out = []
+    for i in default_choice(seen):
+        dev = handles[i]
         free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
         g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         out.append(Gpu((g.ggml_backend_dev_name(dev) or b"?").decode(errors="replace"),
