@@ -106,6 +106,39 @@ def test_split_over_two_workers_gives_the_local_answer(converted, images, worker
     assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "1,0,1", placement=["CPU", "RPC1"]) == local
 
 
+def said_placement(stderr: str, n_layer: int) -> tuple[list[str], list[str]]:
+    """(the devices of the layers as chat's one line says them, as llama.cpp's own log assigns them)."""
+    note = next(line for line in stderr.splitlines() if line.startswith("split: "))
+    said: dict[int, str] = {}
+    for a, b, dev in re.findall(r"layers? (\d+)(?:-(\d+))? on (RPC\d+|this machine's CPU|\w+)", note):
+        for il in range(int(a), int(b or a) + 1):
+            said[il] = "CPU" if dev == "this machine's CPU" else dev
+    # The model's own load comes before the line (the vision probe may load a model of its own after it).
+    logged = dict(re.findall(r"layer +(\d+) assigned to device (\w+),", stderr[: stderr.index(note)]))
+    return [said.get(il, "?") for il in range(n_layer)], [logged.get(str(il), "?") for il in range(n_layer)]
+
+
+@pytest.mark.parametrize("shares, expected", [
+    ("1,1,1", ["CPU", "RPC0", "RPC0", "RPC1"]),  # 4 layers, a third each: 1.33 here, 2.67 on the workers
+    ("0,1,1", ["RPC0", "RPC0", "RPC1", "RPC1"]),  # every repeating layer on the workers
+    ("0,3,1", ["RPC0", "RPC0", "RPC0", "RPC1"]),
+    ("1,0,1", ["CPU", "CPU", "RPC1", "RPC1"]),
+    ("1,0,0", ["CPU", "CPU", "CPU", "CPU"]),
+])
+def test_the_line_at_load_says_where_each_layer_went_as_llama_cpp_put_it(converted, images, workers, shares,
+                                                                          expected):
+    """--tensor-split's shares are of the repeating layers (llama.cpp's own split would also give the output
+    a share, though it stays here); the one line at load says the placement, checked against llama.cpp's log."""
+    model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
+    proc = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
+                   "--max-tokens", "2", *images, "-p", QUESTION, "--rpc", workers.endpoints, "--tensor-split", shares,
+                   env={"HUATUO_LOCAL_VERBOSE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said, logged = said_placement(proc.stderr, 4)
+    assert said == logged == expected, (said, logged)
+    assert "the output on this machine's CPU" in proc.stderr  # the LM head stays here: no logits on the wire
+
+
 def test_the_split_follows_tensor_split(converted, workers):
     from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 

@@ -71,6 +71,7 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         tensor_split=tuple(tensor_split) if tensor_split else None,
     )
     engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
-    engine.placement_note = placement.note if placement else ""  # said once at load: where the GPU work went
+    if placement is not None:  # said once at load: where the GPU work went (with --rpc the engine says it)
+        engine.placement_note = placement.note
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
     return resolved, engine, cache

@@ -120,8 +120,9 @@ class Engine:
         LAST_ERRORS.clear()
         self.n_seq = max(1, opts.n_seq)
         self.model = self._load_model(opts, llm_fields)
-        # Layers on this machine's GPU (not on RPC workers, which may hold GPUs of their own).
-        self.on_gpu = opts.n_gpu_layers != 0 and not opts.rpc and bool(local_gpus())
+        # Layers on this machine's GPU (with --rpc: its share; the workers may hold GPUs of their own).
+        self._gpus = local_gpus()
+        self.on_gpu = bool(self._gpus) and (opts.n_gpu_layers != 0 or bool(opts.rpc))
         self.ctx = self._create_context(opts)
         llama_cpp = llama()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -169,9 +170,11 @@ class Engine:
         self.rpc_layers = 0
         if opts.rpc:
             # Kept on self: llama.cpp reads the split and the overrides while it loads.
-            self._on_workers = place_on_workers(opts.rpc, opts.tensor_split, opts.rpc_output_local, llm_fields)
+            self._on_workers = place_on_workers(opts.rpc, opts.tensor_split, opts.rpc_output_local, llm_fields,
+                                                self.llm_path.stat().st_size)
             self._on_workers.apply(mparams)
             self.rpc_layers, self.workers = self._on_workers.layers, self._on_workers.workers
+            self.placement_note = self._on_workers.note
         self._devices = rpc.device_list(opts.rpc)  # None unless RPC workers were registered in this process
         if self._devices is not None:
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
@@ -226,8 +229,11 @@ class Engine:
     def _load_vision(self, opts: EngineOptions):
         m = mtmd_lib()
         params = m.mtmd_context_params_default()
-        # With RPC workers the encoder stays on this machine (an RPC device counts as a GPU to libmtmd).
-        params.use_gpu = bool(opts.mmproj_offload and opts.n_gpu_layers != 0 and not opts.rpc)
+        params.use_gpu = bool(opts.mmproj_offload and self.on_gpu)
+        if params.use_gpu:
+            # Named, not libmtmd's "first GPU in the registry": an RPC worker registered in this process counts
+            # as a GPU there, and the encoder (the images) always stays on this machine.
+            params.device = self._gpus[0].handle
         params.n_threads = opts.threads
         params.print_timings = False
         params.warmup = False

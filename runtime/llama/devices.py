@@ -148,12 +148,14 @@ def local_gpus() -> list[Gpu]:
         kind = g.ggml_backend_dev_type(dev)
         if kind not in (GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU):
             continue
+        backend = (g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"?").decode(errors="replace")
+        if backend == "RPC":
+            continue  # never asked: its props come over the network, and llama.cpp aborts if the worker is gone
         props = DevProps()
         g.ggml_backend_dev_get_props(dev, ctypes.byref(props))
         handles.append(dev)
-        seen.append(RegistryDevice(kind, (g.ggml_backend_reg_name(g.ggml_backend_dev_backend_reg(dev)) or b"?")
-                                   .decode(errors="replace"),
-                                   props.device_id.decode(errors="replace") if props.device_id else None))
+        device_id = props.device_id.decode(errors="replace") if props.device_id else None
+        seen.append(RegistryDevice(kind, backend, device_id))
     out = []
     for i in default_choice(seen):
         dev = handles[i]

@@ -136,11 +136,12 @@ def device_list(endpoints: tuple[str, ...] | list[str]):
 
     Registered workers stay in llama.cpp's process-wide registry, where its default device choice
     would pick them up for every later model (and abort when one is gone): once any worker is
-    registered, each model names its devices: its own workers, else this machine's GPUs only.
+    registered, each model names its devices: its own workers (if any) and this machine's GPUs.
     """
     if not endpoints and not _REGISTERED:
         return None  # llama.cpp's default choice
-    devs = [d for ep in endpoints for d in _REGISTERED[ep]] if endpoints else [g.handle for g in local_gpus()]
+    # The workers' devices first, then this machine's GPUs: the order place_on_workers splits in.
+    devs = [d for ep in endpoints for d in _REGISTERED[ep]] + [g.handle for g in local_gpus()]
     return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
@@ -149,15 +150,16 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def output_stays_local():
-    """tensor_buft_overrides keeping the LM head's weights in this machine's memory.
+def output_stays_local(gpu: int | None = None):
+    """tensor_buft_overrides keeping the LM head's weights in this machine's memory: on `gpu` (a local
+    GPU's ggml_backend_dev_t) when given, else in RAM.
 
     llama.cpp offloads the last layers, the output layer included: with it on a worker, every token's
     logits (the whole vocabulary in f32: 594 KiB for Qwen2's 152064 tokens) cross the network. With
     its weights here, only the last hidden state does (bench/rpc.py measures both)."""
     g = ggml()
-    cpu = g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
-    overrides = (_BuftOverride * 2)(_BuftOverride(rb"^output\.weight$", g.ggml_backend_dev_buffer_type(cpu)),
+    dev = gpu if gpu is not None else g.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    overrides = (_BuftOverride * 2)(_BuftOverride(rb"^output\.weight$", g.ggml_backend_dev_buffer_type(dev)),
                                     _BuftOverride(None, None))
     return overrides
 
@@ -190,48 +192,141 @@ _ABORT_CB = None
 
 @dataclass
 class WorkerPlacement:
-    """The model parameters that put some layers on the workers (kept alive through the load)."""
+    """The model parameters that put layers on the workers and this machine's GPUs (kept alive through the
+    load), and where each layer goes, as llama.cpp will assign it."""
 
-    layers: int
+    n_gpu_layers: int  # llama.cpp's count: the last n of the repeating layers and the output go to `devices`
+    layers: int  # repeating layers on the workers
     workers: list[Worker]
+    devices: list[int]  # ggml_backend_dev_t, in llama.cpp's order: the workers', then this machine's GPUs
     tensor_split: object
     overrides: object | None
+    note: str  # one line for the user: which layers went where
 
     def apply(self, mparams) -> None:
-        mparams.n_gpu_layers = self.layers
+        mparams.n_gpu_layers = self.n_gpu_layers
         mparams.tensor_split = ctypes.cast(self.tensor_split, ctypes.POINTER(ctypes.c_float))
         if self.overrides is not None:
             mparams.tensor_buft_overrides = ctypes.cast(self.overrides, ctypes.c_void_p)
 
 
 def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...] | None, output_local: bool,
-                     llm_fields: dict) -> WorkerPlacement:
-    """Probe and register the workers, and split the layers over them (by tensor_split or free memory)."""
+                     llm_fields: dict, model_bytes: int = 0) -> WorkerPlacement:
+    """Probe and register the workers, and split the layers over them and this machine (by tensor_split
+    or free memory).
+
+    This machine's share goes to its GPUs when it has any (CUDA, Metal, Vulkan ...), else to its CPU.
+    Devices are in llama.cpp's own order for RPC beside local GPUs: the workers first, this machine's GPUs
+    last, so that the last layers and the output run here and only hidden states cross the network. With
+    GPUs, the CPU keeps only the first layers that do not fit in the devices' free memory."""
     from huatuo_local.runtime.llama.bindings import llama
-    from huatuo_local.runtime.llama.devices import local_gpus
+    from huatuo_local.runtime.llama.devices import HEADROOM, local_gpus
 
     gpus = local_gpus()
-    if gpus:
-        raise HuatuoError(f"--rpc beside this machine's GPU ({gpus[0].description or gpus[0].name}) is not "
-                          "supported yet (the layer split counts this machine's CPU memory, not the GPU's); "
-                          "use the GPU alone, or lend it as a worker: huatuo-local rpc-worker --device "
-                          f"{gpus[0].name.lower()}")
     workers = [probe(ep) for ep in endpoints]  # one line for a worker that is down, before loading
     register(list(endpoints))
     install_abort_message()
     arch = llm_fields.get("general.architecture", "")
     n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
-    local_free = int(memory_gib()[1] * GIB)
-    on_workers, shares = split(n_layer, workers, local_free, list(tensor_split) if tensor_split else None)
-    shares_c = (ctypes.c_float * llama().llama_max_devices())()
-    for i, share in enumerate(shares):  # RPC devices come in registration order (no local GPU)
-        shares_c[i] = share
-    return WorkerPlacement(on_workers, workers, shares_c, output_stays_local() if output_local else None)
+    proportions = list(tensor_split) if tensor_split else None
+    worker_devs = [list(_REGISTERED[ep]) for ep in endpoints]
+    local_devs = [g.handle for g in gpus]
+    if gpus:
+        budgets = [max(0, g.free - HEADROOM) for g in gpus]
+        _k, worker_shares, local_share = split(n_layer, workers, sum(budgets), proportions)
+        gpu_shares = [local_share * b / sum(budgets) if sum(budgets) else local_share / len(gpus) for b in budgets]
+        room = sum(budgets) + sum(w.free for w in workers)
+        # Every layer on the devices when it fits; else the CPU keeps the first ones.
+        on_devices = n_layer if not model_bytes or model_bytes <= room else int(n_layer * room / model_bytes)
+    else:
+        on_devices, worker_shares, _local = split(n_layer, workers, int(memory_gib()[1] * GIB), proportions)
+        gpu_shares = []
+    devices = [d for devs in worker_devs for d in devs] + local_devs
+    shares = [share / len(devs) for share, devs in zip(worker_shares, worker_devs) for _ in devs] + gpu_shares
+    # llama.cpp cuts the last n_gpu_layers of the layers *and the output* at the split's cumulative shares, so
+    # shares alone would give the output a share of layers. Whole counts per device instead, the output riding
+    # with the last device (a local GPU when there is one; with no GPU the override below keeps it in RAM).
+    counts = whole_layers(on_devices, shares)
+    if counts:
+        counts[-1] += 1
+    n_gpu_layers = on_devices + 1 if on_devices else 0
+    split_c = (ctypes.c_float * llama().llama_max_devices())()
+    for i, count in enumerate(counts):
+        split_c[i] = count
+    names = [_device_name(d) for d in devices]
+    where = layer_devices(n_layer, n_gpu_layers, [float(c) for c in counts], names)
+    local_names = {g.name for g in gpus}
+    on_workers = sum(1 for w in where[:-1] if w != "CPU" and w not in local_names)
+    # The LM head's weights stay here (see output_stays_local): on the GPU llama.cpp gives it anyway.
+    overrides = output_stays_local(local_devs[-1] if local_devs else None) if output_local else None
+    if overrides is not None:
+        where[-1] = names[-1] if local_devs else "CPU"
+    labels = {name: f"{name} ({ep})" for ep, devs in zip(endpoints, worker_devs) for name in map(_device_name, devs)}
+    labels.update({g.name: f"{g.name} ({g.description})" for g in gpus})
+    return WorkerPlacement(n_gpu_layers, on_workers, workers, devices, split_c, overrides,
+                           placement_note(where, labels))
+
+
+def whole_layers(n: int, shares: list[float]) -> list[int]:
+    """`n` layers in whole numbers per device, in proportion to `shares` (largest remainders first)."""
+    total = sum(shares)
+    if not shares:
+        return []
+    if total <= 0:
+        shares, total = [1.0] * len(shares), float(len(shares))
+    exact = [n * s / total for s in shares]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(shares)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _device_name(dev: int) -> str:
+    return (ggml().ggml_backend_dev_name(dev) or b"?").decode(errors="replace")
+
+
+def layer_devices(n_layer: int, n_gpu_layers: int, shares: list[float], names: list[str]) -> list[str]:
+    """The device of each repeating layer, then of the output, as llama.cpp's load_tensors assigns them
+    (src/llama-model.cpp): the last `n_gpu_layers` of the n_layer + 1 go to the devices in order, cut at
+    the cumulative shares (in float32, as there); the rest stay on the CPU. All shares zero means by free
+    memory there, which this does not model (callers never pass it with devices)."""
+    import numpy as np
+
+    if not names or n_gpu_layers <= 0:
+        return ["CPU"] * (n_layer + 1)
+    cum = np.cumsum(np.asarray(shares[: len(names)], dtype=np.float32), dtype=np.float32)
+    cum = cum / cum[-1] if cum[-1] > 0 else np.linspace(1 / len(names), 1, len(names), dtype=np.float32)
+    start = max(n_layer + 1 - n_gpu_layers, 0)
+    active = min(n_gpu_layers, n_layer + 1)
+    out = []
+    for il in range(n_layer + 1):
+        if il < start or il - start >= active:
+            out.append("CPU")
+        else:
+            k = int(np.searchsorted(cum, np.float32(il - start) / np.float32(active), side="right"))
+            out.append(names[min(k, len(names) - 1)])
+    return out
+
+
+def placement_note(where: list[str], labels: dict[str, str]) -> str:
+    """One line: each device's run of layers (`where` from layer_devices, the output last)."""
+    runs: list[tuple[str, int, int]] = []
+    for il, dev in enumerate(where[:-1]):
+        if runs and runs[-1][0] == dev and runs[-1][2] == il - 1:
+            runs[-1] = (dev, runs[-1][1], il)
+        else:
+            runs.append((dev, il, il))
+    parts = [f"{'layer' if a == b else 'layers'} {a}{'' if a == b else f'-{b}'} on "
+             f"{'this machine' + chr(39) + 's CPU' if dev == 'CPU' else labels.get(dev, dev)}" for dev, a, b in runs]
+    out = where[-1]
+    parts.append(f"the output on {'this machine' + chr(39) + 's CPU' if out == 'CPU' else labels.get(out, out)}")
+    return "split: " + ", ".join(parts)
 
 
 def split(n_layer: int, workers: list[Worker], local_free: int,
-          proportions: list[float] | None) -> tuple[int, list[float]]:
-    """(layers placed on the workers, their tensor_split) from `--tensor-split LOCAL,W1,...` or free memory."""
+          proportions: list[float] | None) -> tuple[int, list[float], float]:
+    """(repeating layers placed on the workers, each worker's share, this machine's share) from
+    `--tensor-split LOCAL,W1,...` or free memory."""
     if proportions is not None:
         if len(proportions) != len(workers) + 1 or any(p < 0 for p in proportions) or sum(proportions) <= 0:
             raise HuatuoError(f"--tensor-split: give {len(workers) + 1} non-negative numbers, this machine's share "
@@ -241,7 +336,7 @@ def split(n_layer: int, workers: list[Worker], local_free: int,
         local, remote = float(local_free), [float(w.free) for w in workers]
     total = local + sum(remote)
     on_workers = n_layer if local == 0 else round(n_layer * sum(remote) / total)
-    return on_workers, ([r / sum(remote) for r in remote] if sum(remote) else [0.0] * len(workers))
+    return on_workers, list(remote), local
 
 
 
