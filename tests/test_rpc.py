@@ -28,6 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_port(proc: subprocess.Popen) -> int:
+    """The port of an `rpc-worker` once it says it listens (a GPU backend may print its devices first)."""
+    seen: list[str] = []
+    while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+), protocol", seen[-1] if seen else "")):
+        seen.append(proc.stdout.readline())
+        assert seen[-1] and len(seen) < 50, "".join(seen)
+    return int(found.group(1))
+
+
 class Workers:
     """`rpc-worker --port 0` each: the worker picks a free port and prints it (no port guessed here that
     another process could take first); everything started is stopped if one fails to come up."""
@@ -39,10 +48,7 @@ class Workers:
                 self.procs.append(subprocess.Popen([*CLI, "rpc-worker", "--port", "0", "--threads", "1"], cwd=ROOT,
                                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
             for proc in self.procs:
-                line = proc.stdout.readline()
-                found = re.search(r"listening on 127\.0\.0\.1:(\d+), protocol", line)
-                assert found, line
-                self.ports.append(int(found.group(1)))
+                self.ports.append(listening_port(proc))
         except BaseException:
             for proc in self.procs:
                 proc.kill()
@@ -98,19 +104,29 @@ def ask(model, images, *extra, placement: list[str] | None = None):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_split_over_two_workers_gives_the_local_answer(converted, images, workers, arch):
     model = converted(TinySpec(arch=arch, seed=15, layers=4, tower="folder"), "F32", "f32")
-    local = ask(model, images, placement=["CPU"])
+    cpu = ("-ngl", "0")  # this machine's share on its CPU, also where it has a GPU: the same arithmetic as local
+    local = ask(model, images, *cpu, placement=["CPU"])
     # by free memory (all three report the same machine: a third each)
-    assert ask(model, images, "--rpc", workers.endpoints, placement=["CPU", "RPC0", "RPC1"]) == local
-    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "0,1,1",
+    assert ask(model, images, *cpu, "--rpc", workers.endpoints, placement=["CPU", "RPC0", "RPC1"]) == local
+    assert ask(model, images, *cpu, "--rpc", workers.endpoints, "--tensor-split", "0,1,1",
                placement=["RPC0", "RPC1"]) == local  # every repeating layer on the workers
-    assert ask(model, images, "--rpc", workers.endpoints, "--tensor-split", "1,0,1", placement=["CPU", "RPC1"]) == local
+    assert ask(model, images, *cpu, "--rpc", workers.endpoints, "--tensor-split", "1,0,1",
+               placement=["CPU", "RPC1"]) == local
+
+
+def local_device() -> str:
+    """Where this machine's share of the layers goes: its first GPU (doctor lists the ones llama.cpp uses), or
+    the CPU."""
+    gpus = json.loads(run_cli("doctor", "--json").stdout)["gpus"]
+    return gpus[0]["name"] if gpus else "CPU"
 
 
 def said_placement(stderr: str, n_layer: int) -> tuple[list[str], list[str]]:
     """(the devices of the layers as chat's one line says them, as llama.cpp's own log assigns them)."""
     note = next(line for line in stderr.splitlines() if line.startswith("split: "))
     said: dict[int, str] = {}
-    for a, b, dev in re.findall(r"layers? (\d+)(?:-(\d+))? on (RPC\d+|this machine's CPU|\w+)", note):
+    for a, b, dev in re.findall(r"layers? (\d+)(?:-(\d+))?(?: and the output)? on (RPC\d+|this machine's CPU|\w+)",
+                                note):
         for il in range(int(a), int(b or a) + 1):
             said[il] = "CPU" if dev == "this machine's CPU" else dev
     # The model's own load comes before the line (the vision probe may load a model of its own after it).
@@ -118,17 +134,21 @@ def said_placement(stderr: str, n_layer: int) -> tuple[list[str], list[str]]:
     return [said.get(il, "?") for il in range(n_layer)], [logged.get(str(il), "?") for il in range(n_layer)]
 
 
-@pytest.mark.parametrize("shares, expected", [
-    ("1,1,1", ["CPU", "RPC0", "RPC0", "RPC1"]),  # 4 layers, a third each: 1.33 here, 2.67 on the workers
-    ("0,1,1", ["RPC0", "RPC0", "RPC1", "RPC1"]),  # every repeating layer on the workers
-    ("0,3,1", ["RPC0", "RPC0", "RPC0", "RPC1"]),
-    ("1,0,1", ["CPU", "CPU", "RPC1", "RPC1"]),
-    ("1,0,0", ["CPU", "CPU", "CPU", "CPU"]),
+@pytest.mark.parametrize("shares, counts", [
+    ("1,1,1", (1, 2, 1)),  # 4 layers, a third each: 1.33 here, 2.67 on the workers
+    ("0,1,1", (0, 2, 2)),  # every repeating layer on the workers
+    ("0,3,1", (0, 3, 1)),
+    ("1,0,1", (2, 0, 2)),
+    ("1,0,0", (4, 0, 0)),
 ])
-def test_the_line_at_load_says_where_each_layer_went_as_llama_cpp_put_it(converted, images, workers, shares,
-                                                                          expected):
+def test_the_line_at_load_says_where_each_layer_went_as_llama_cpp_put_it(converted, images, workers, shares, counts):
     """--tensor-split's shares are of the repeating layers (llama.cpp's own split would also give the output
-    a share, though it stays here); the one line at load says the placement, checked against llama.cpp's log."""
+    a share, though it stays here); the one line at load says the placement, checked against llama.cpp's log.
+    On a machine with a GPU this machine's share goes to the GPU, placed after the workers as llama.cpp
+    orders them (the last layers and the output run here); on the CPU it is the first layers."""
+    here = local_device()
+    mine, rpc0, rpc1 = ([here] * counts[0], ["RPC0"] * counts[1], ["RPC1"] * counts[2])
+    expected = mine + rpc0 + rpc1 if here == "CPU" else rpc0 + rpc1 + mine
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
     proc = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
                    "--max-tokens", "2", *images, "-p", QUESTION, "--rpc", workers.endpoints, "--tensor-split", shares,
@@ -136,7 +156,8 @@ def test_the_line_at_load_says_where_each_layer_went_as_llama_cpp_put_it(convert
     assert proc.returncode == 0, proc.stderr[-3000:]
     said, logged = said_placement(proc.stderr, 4)
     assert said == logged == expected, (said, logged)
-    assert "the output on this machine's CPU" in proc.stderr  # the LM head stays here: no logits on the wire
+    # The LM head stays here: no logits on the wire.
+    assert re.search(r"the output on " + ("this machine's CPU" if here == "CPU" else here + " "), proc.stderr)
 
 
 def test_the_split_follows_tensor_split(converted, workers):
@@ -290,7 +311,7 @@ def test_serve_stays_up_when_a_worker_dies_and_answers_again_when_it_is_back(con
         back = subprocess.Popen([*CLI, "rpc-worker", "--port", str(dead_port), "--threads", "1"], cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         workers.procs[1] = back
-        assert "listening" in back.stdout.readline()
+        assert listening_port(back) == dead_port
         health(60, 200)
         after = c.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12)
         assert after.choices[0].message.content == before
@@ -350,10 +371,13 @@ def test_eval_over_rpc_workers_gives_the_local_answers(workers, converted, image
     def rows(out):
         return {r["number"]: r["output"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
-    local = run_cli("eval", str(data), "--model", str(model.manifest_path), "--greedy", "--out", str(tmp_path / "l"))
+    # -ngl 0: this machine's share on its CPU also where it has a GPU, the same arithmetic as the workers'.
+    local = run_cli("eval", str(data), "--model", str(model.manifest_path), "--greedy", "--out", str(tmp_path / "l"),
+                    "-ngl", "0")
     assert local.returncode == 0, local.stderr
     remote = run_cli("eval", str(data), "--model", str(model.manifest_path), "--greedy", "--out", str(tmp_path / "r"),
-                     "--rpc", workers.endpoints, "--tensor-split", "0,1,1", env={"HUATUO_LOCAL_VERBOSE": "1"})
+                     "--rpc", workers.endpoints, "--tensor-split", "0,1,1", "-ngl", "0",
+                     env={"HUATUO_LOCAL_VERBOSE": "1"})
     assert remote.returncode == 0, remote.stderr[-2000:]
     assert "assigned to device RPC0" in remote.stderr and "assigned to device RPC1" in remote.stderr
     assert rows(tmp_path / "r") == rows(tmp_path / "l") and len(rows(tmp_path / "l")) == 2

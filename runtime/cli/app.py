@@ -81,8 +81,8 @@ def fail(message: str, code: int = 1) -> None:
 
 # --rpc and --tensor-split, the same on chat, serve and eval
 RpcOption = Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
-                                                    "layers (huatuo-local rpc-worker on each); the vision encoder "
-                                                    "stays here.")]
+                                                    "layers (huatuo-local rpc-worker on each); this machine's share "
+                                                    "and the vision encoder stay here, on its GPU when it has one.")]
 TensorSplitOption = Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
                                                              "then each worker (e.g. 1,1,1; default: by free "
                                                              "memory).")]

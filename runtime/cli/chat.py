@@ -19,7 +19,8 @@ def chat(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or "
                                                  ".gguf file (default: huatuo-vision-7b).")] = None,
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
-                                                        "(default: all when a GPU is available).")] = None,
+                                                        "(default: all when a GPU is available; 0: the CPU "
+                                                        "only, also with --rpc).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, room for the "
                                                   "release's 6 images and a 512-token answer).")] = None,

@@ -42,6 +42,9 @@ def eval_cmd(
                                                 "machine).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads per model (default: the physical "
                                                 "cores).")] = None,
+    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
+                                                        "(default: all when a GPU is available; 0: the CPU "
+                                                        "only, also with --rpc).")] = None,
     rpc: RpcOption = None,
     tensor_split: TensorSplitOption = None,
 ) -> None:
@@ -66,13 +69,15 @@ def eval_cmd(
         fail("give one evaluation file (or: huatuo-local eval compare RUN_A RUN_B)")
     if workers and not ray:
         fail("--workers needs --ray")
+    if n_gpu_layers is not None and ray:
+        fail("--n-gpu-layers applies to this machine's model; with --ray each worker places its own")
     if rpc and ray:
         fail("give --ray (a model per machine) or --rpc (one model across machines), not both")
     try:
         folder, md = evaluate.run(
             Path(args[0]), model, out, [d for d in datasets.split(",")] if datasets else None, limit, parallel,
             greedy, ray, threads, show_progress=sys.stderr.isatty(), workers=workers, rpc=rpc,
-            tensor_split=_shares(tensor_split, rpc))
+            tensor_split=_shares(tensor_split, rpc), n_gpu_layers=n_gpu_layers)
     except KeyboardInterrupt:
         typer.echo("stopped: every answer so far is saved; run the same command again to continue", err=True)
         raise typer.Exit(130) from None

@@ -28,7 +28,8 @@ def serve(
                                                           "is its own tenant (its clients never share cached "
                                                           "work with another key's).")] = None,
     n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
-                                                        "(default: all when a GPU is available).")] = None,
+                                                        "(default: all when a GPU is available; 0: the CPU "
+                                                        "only, also with --rpc).")] = None,
     ctx: Annotated[int | None, typer.Option(help="Context per conversation in tokens (default 8192).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a free sequence; more get 503.")]

@@ -63,6 +63,8 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         placement = default_placement(resolved, n_ctx or 0, n_seq, kv_type)
         n_gpu_layers = placement.n_gpu_layers
         mmproj_offload = mmproj_offload and placement.vision_on_gpu
+    elif n_gpu_layers is None:
+        n_gpu_layers = -1  # with RPC workers: this machine's share on its GPUs when it has any (-ngl 0: its CPU)
     options = EngineOptions(
         n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
         n_gpu_layers=n_gpu_layers or 0,

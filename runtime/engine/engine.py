@@ -91,7 +91,7 @@ class EngineOptions:
 
     @property
     def ubatch(self) -> int:
-        return self.n_ubatch or (256 if self.n_gpu_layers == 0 else 512)
+        return self.n_ubatch or (256 if self.n_gpu_layers == 0 else 512)  # Engine settles it by where layers run
 
 
 class Engine:
@@ -119,10 +119,13 @@ class Engine:
         quiet_logs()
         LAST_ERRORS.clear()
         self.n_seq = max(1, opts.n_seq)
+        # Layers on this machine's GPUs (with --rpc: this machine's share; the workers may have GPUs of their
+        # own). -ngl 0 keeps everything here on the CPU, with or without workers.
+        self._gpus = local_gpus() if opts.n_gpu_layers != 0 else []
+        self.on_gpu = bool(self._gpus)
+        if opts.n_ubatch is None:  # 256 on the CPU, where it runs as fast and needs less; 512 on a GPU
+            opts.n_ubatch = 512 if self.on_gpu else 256
         self.model = self._load_model(opts, llm_fields)
-        # Layers on this machine's GPU (with --rpc: its share; the workers may hold GPUs of their own).
-        self._gpus = local_gpus()
-        self.on_gpu = bool(self._gpus) and (opts.n_gpu_layers != 0 or bool(opts.rpc))
         self.ctx = self._create_context(opts)
         llama_cpp = llama()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -171,14 +174,21 @@ class Engine:
         if opts.rpc:
             # Kept on self: llama.cpp reads the split and the overrides while it loads.
             self._on_workers = place_on_workers(opts.rpc, opts.tensor_split, opts.rpc_output_local, llm_fields,
-                                                self.llm_path.stat().st_size)
+                                                self.llm_path.stat().st_size, self._gpus)
             self._on_workers.apply(mparams)
             self.rpc_layers, self.workers = self._on_workers.layers, self._on_workers.workers
             self.placement_note = self._on_workers.note
-        self._devices = rpc.device_list(opts.rpc)  # None unless RPC workers were registered in this process
+            devs = self._on_workers.devices
+            self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+        elif self._gpus:
+            self._devices = rpc.device_list(())  # None unless RPC workers were registered in this process
+        else:
+            # The CPU only, named (an empty list): llama.cpp would otherwise still send large batches' matrix
+            # products to a GPU it sees (its op offload), so -ngl 0 would not mean the CPU's arithmetic.
+            self._devices = (ctypes.c_void_p * 1)(None)
         if self._devices is not None:
             mparams.devices = ctypes.cast(self._devices, ctypes.c_void_p)
-        load = opts.load or ("mmap-release" if opts.n_gpu_layers == 0 else "mmap")
+        load = opts.load or ("mmap" if self.on_gpu else "mmap-release")
         if load not in LOAD_MODES:
             raise EngineError(f"unknown load mode {load!r}; use one of {', '.join(LOAD_MODES)}")
         # (llama-cpp-python's struct has `load_mode`; a `use_mmap` attribute would be silently ignored)

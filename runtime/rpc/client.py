@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_CPU
-from huatuo_local.runtime.llama.devices import ggml, loaded_library, local_gpus
+from huatuo_local.runtime.llama.devices import Gpu, ggml, loaded_library, local_gpus
 from huatuo_local.runtime.system import GIB, memory_gib
 
 # ggml-rpc.h of the pinned llama.cpp (RPC_PROTO_*_VERSION); a worker must speak the same major
@@ -211,18 +211,18 @@ class WorkerPlacement:
 
 
 def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...] | None, output_local: bool,
-                     llm_fields: dict, model_bytes: int = 0) -> WorkerPlacement:
+                     llm_fields: dict, model_bytes: int = 0, gpus: list[Gpu] | None = None) -> WorkerPlacement:
     """Probe and register the workers, and split the layers over them and this machine (by tensor_split
     or free memory).
 
-    This machine's share goes to its GPUs when it has any (CUDA, Metal, Vulkan ...), else to its CPU.
+    This machine's share goes to `gpus` when given (its CUDA, Metal, Vulkan ... devices), else to its CPU.
     Devices are in llama.cpp's own order for RPC beside local GPUs: the workers first, this machine's GPUs
     last, so that the last layers and the output run here and only hidden states cross the network. With
     GPUs, the CPU keeps only the first layers that do not fit in the devices' free memory."""
     from huatuo_local.runtime.llama.bindings import llama
-    from huatuo_local.runtime.llama.devices import HEADROOM, local_gpus
+    from huatuo_local.runtime.llama.devices import HEADROOM
 
-    gpus = local_gpus()
+    gpus = gpus or []  # this machine's GPUs that take its share (none: -ngl 0, or a CPU-only machine)
     workers = [probe(ep) for ep in endpoints]  # one line for a worker that is down, before loading
     register(list(endpoints))
     install_abort_message()
@@ -316,11 +316,17 @@ def placement_note(where: list[str], labels: dict[str, str]) -> str:
             runs[-1] = (dev, runs[-1][1], il)
         else:
             runs.append((dev, il, il))
-    parts = [f"{'layer' if a == b else 'layers'} {a}{'' if a == b else f'-{b}'} on "
-             f"{'this machine' + chr(39) + 's CPU' if dev == 'CPU' else labels.get(dev, dev)}" for dev, a, b in runs]
-    out = where[-1]
-    parts.append(f"the output on {'this machine' + chr(39) + 's CPU' if out == 'CPU' else labels.get(out, out)}")
-    return "split: " + ", ".join(parts)
+    def label(dev: str) -> str:
+        return "this machine's CPU" if dev == "CPU" else labels.get(dev, dev)
+
+    parts = [f"{'layer' if a == b else 'layers'} {a}{'' if a == b else f'-{b}'}" for _dev, a, b in runs]
+    devices = [dev for dev, _a, _b in runs]
+    if devices and devices[-1] == where[-1]:
+        parts[-1] += " and the output"
+    else:
+        parts.append("the output")
+        devices.append(where[-1])
+    return "split: " + ", ".join(f"{part} on {label(dev)}" for part, dev in zip(parts, devices))
 
 
 def split(n_layer: int, workers: list[Worker], local_free: int,
