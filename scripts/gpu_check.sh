@@ -68,9 +68,9 @@ else
 fi
 step "self-test on the GPU"
 "$PY" -m huatuo_local doctor --selftest | grep "^selftest"  # grep reads it all: head would break the pipe
-step "tests with the model on the GPU (fidelity, chat, serve, native, sampling)"
+step "tests with the model on the GPU (fidelity, chat, serve, native, sampling; the GPU beside RPC workers)"
 "$PY" -m pytest -q -x tests/test_native.py tests/test_sampling.py tests/test_fidelity.py tests/test_chat_cli.py \
-  tests/test_serve.py
+  tests/test_serve.py "tests/test_rpc.py::test_the_line_at_load_says_where_each_layer_went_as_llama_cpp_put_it"
 step "model: waiting for the background conversion (nothing is timed while it runs)"
 finish_prepare
 step "speed: decode and time to first token vs llama-bench and llama-mtmd-cli"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -218,15 +219,33 @@ def test_default_placement_from_the_models_own_sizes(converted):
     assert layer > 0 and vision > 0
 
 
-def test_doctor_lists_no_gpu_here(tmp_path):
-    report = json.loads(run_cli("doctor", "--json", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout)
-    assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
-    assert report["idle_backends"] == []  # a CPU build: no GPU backend waits for a device (RPC is not one)
-    # The backends come from the loaded engine's registry, not from setup's record: setup builds CPU + RPC here.
-    assert set(report["backends"]) == {"CPU", "RPC"}, report["backends"]
-    text = run_cli("doctor", env={"HUATUO_LOCAL_HOME": str(tmp_path)}).stdout
+def test_doctor_lists_the_gpus_llama_cpp_uses(tmp_path, converted):
+    """doctor (JSON and text) on what this engine was built with: a CPU build (CI) has no GPU and says so; a
+    GPU build lists each GPU with its memory and where an installed model goes, or says why it found none."""
+    home = {"HUATUO_LOCAL_HOME": str(tmp_path)}
+    model = converted(TinySpec(arch="qwen2", seed=8, tower="folder"), "F32", "f32")
+    stored = tmp_path / "models" / "tiny"
+    stored.mkdir(parents=True)
+    for f in (model.llm_path, model.mmproj_path, model.manifest_path):
+        shutil.copy(f, stored / f.name)
+    report = json.loads(run_cli("doctor", "--json", env=home).stdout)
+    text = run_cli("doctor", env=home).stdout
+    # The backends come from the loaded engine's registry, not from setup's record.
     assert f"backends {', '.join(report['backends'])}" in text
-    assert "GPU              none (the CPU runs the model)" in text
+    gpu_backends = set(report["backends"]) - {"CPU", "RPC", "BLAS"}
+    if not gpu_backends:  # setup's CPU build, as in CI
+        assert set(report["backends"]) == {"CPU", "RPC"}, report["backends"]
+        assert report["gpus"] == [] and report["gpu_offload"] is False and report["recommended"]["n_gpu_layers"] == 0
+        assert report["idle_backends"] == []  # no GPU backend waits for a device (RPC is not one)
+        assert "GPU              none (the CPU runs the model)" in text
+    elif report["idle_backends"]:  # built for a GPU this machine does not have (or cannot reach)
+        assert report["gpus"] == [] and f"no GPU: this engine is built for {report['idle_backends'][0]}" in text
+    else:
+        assert report["gpus"] and report["gpu_offload"] is True and report["recommended"]["n_gpu_layers"] == -1
+        for g in report["gpus"]:
+            assert g["total_gib"] > 0 and 0 <= g["free_gib"] <= g["total_gib"], g
+            assert f"GPU              {g['name']}: {g['description']}, {g['free_gib']:.1f} GiB free" in text
+        assert report["placements"]["tiny:f32"].startswith("GPU ") and "all 2 layers and the vision encoder" in text
 
 
 def test_a_gpu_build_without_a_device_says_why_in_one_line():

@@ -8,8 +8,10 @@ special, no BOS is added, and pieces are detokenized with buffers sized to fit.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
+import threading
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,6 +242,13 @@ class Engine:
         m = mtmd_lib()
         params = m.mtmd_context_params_default()
         params.use_gpu = bool(opts.mmproj_offload and self.on_gpu)
+        # One GPU job at a time when the vision encoder and the LLM share a GPU: the scheduler encodes images
+        # on its own thread while it decodes, and ggml's GPU backends are not made for two threads submitting
+        # to one device at once (a Vulkan build crashed in llama_get_logits_ith while an image was encoded).
+        # Each GPU step takes this lock, and a decode waits for its results before it lets go. On the CPU
+        # (and with the encoder there) both still run side by side, as they always have.
+        self._one_at_a_time = params.use_gpu
+        self._device_lock = threading.Lock() if params.use_gpu else contextlib.nullcontext()
         if params.use_gpu:
             # Named, not libmtmd's "first GPU in the registry": an RPC worker registered in this process counts
             # as a GPU there, and the encoder (the images) always stays on this machine.
@@ -354,7 +363,10 @@ class Engine:
         self._decode(b)
 
     def _decode(self, batch) -> None:
-        rc = llama().llama_decode(self.ctx, batch)
+        with self._device_lock:
+            rc = llama().llama_decode(self.ctx, batch)
+            if self._one_at_a_time:
+                llama().llama_synchronize(self.ctx)  # its work done before the encoder may use the device
         if rc == 2:
             raise DecodeAborted("stopped")
         if rc != 0:
@@ -421,10 +433,11 @@ class Engine:
                 if mtmd.mtmd_input_chunk_get_type(chunk) == 0:
                     continue
                 n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
-                    raise EngineError("libmtmd failed to encode the image")
-                ptr = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
-                return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+                with self._device_lock:  # see _load_vision
+                    if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                        raise EngineError("libmtmd failed to encode the image")
+                    ptr = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
+                    return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
             raise EngineError("libmtmd produced no image chunk")
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -432,9 +445,10 @@ class Engine:
     def sequence_state(self, seq: int) -> bytes:
         """The KV state of `seq`, as llama.cpp serializes it."""
         llama_cpp = llama()
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        with self._device_lock:  # copies the KV cache off the device (see _load_vision)
+            size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
         if written != size:
             raise EngineError(f"llama.cpp wrote {written} of {size} state bytes")
         return bytes(buf)
@@ -447,7 +461,9 @@ class Engine:
         llama_cpp = llama()
         self.seq_rm(seq, 0)
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq) != len(data):
+        with self._device_lock:  # copies onto the device (see _load_vision)
+            restored = llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq)
+        if restored != len(data):
             self.seq_rm(seq, 0)
             return 0
         mem = llama_cpp.llama_get_memory(self.ctx)

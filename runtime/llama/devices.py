@@ -52,6 +52,11 @@ def loaded_library(name: str) -> ctypes.CDLL | None:
 
 
 def ggml() -> ctypes.CDLL:
+    from huatuo_local.runtime.llama.logs import quiet_logs
+
+    # Before the first look at the registry: that is when the backends start (ggml_cuda_init, ggml_vulkan) and
+    # list their devices, which belongs in the log (HUATUO_LOCAL_VERBOSE=1), not on the user's terminal.
+    quiet_logs()
     lib = loaded_library("libggml")
     if lib is None:
         raise HuatuoError("llama.cpp's libggml is missing from the engine; run scripts/bootstrap.py again")
@@ -178,7 +183,7 @@ def built_backends() -> list[str]:
 def idle_backends() -> list[str]:
     """The backends this engine was built with that found no device: a CUDA build on a machine whose
     NVIDIA driver is missing, or older than the CUDA the engine was built with, registers "CUDA" with
-    no device (ggml_cuda_init prints the driver's reason as the library loads, before our log handler).
+    no device (ggml_cuda_init logs the driver's own reason: HUATUO_LOCAL_VERBOSE=1 shows it).
     The CPU backend always has its device; an RPC backend gets its devices only from --rpc."""
     g = ggml()
     idle = []
@@ -194,11 +199,11 @@ def no_device_note(idle: list[str]) -> str:
     """One line for a GPU build that found no GPU: why the CPU runs the model, and what to check."""
     if not idle:
         return ""
-    check = ("is NVIDIA's driver loaded, and at least as new as the CUDA the engine was built with? "
-             "`nvidia-smi` shows both" if "CUDA" in idle else "is its driver installed, and the device visible "
-             "to this user?")
+    check = ("Is NVIDIA's driver loaded, and at least as new as the CUDA the engine was built with? "
+             "(`nvidia-smi` shows both" if "CUDA" in idle else "Is its driver installed, and the device visible "
+             "to this user? (")
     return (f"no GPU: this engine is built for {', '.join(idle)} but it found no device, so the CPU runs the "
-            f"model ({check})")
+            f"model. {check}{'; ' if 'CUDA' in idle else ''}HUATUO_LOCAL_VERBOSE=1 shows the backend's own reason)")
 
 
 @dataclass(frozen=True)
