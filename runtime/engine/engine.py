@@ -243,10 +243,12 @@ class Engine:
         params = m.mtmd_context_params_default()
         params.use_gpu = bool(opts.mmproj_offload and self.on_gpu)
         # One GPU job at a time when the vision encoder and the LLM share a GPU: the scheduler encodes images
-        # on its own thread while it decodes, and ggml's GPU backends are not made for two threads submitting
-        # to one device at once (a Vulkan build crashed in llama_get_logits_ith while an image was encoded).
-        # Each GPU step takes this lock, and a decode waits for its results before it lets go. On the CPU
-        # (and with the encoder there) both still run side by side, as they always have.
+        # on its own thread while it decodes, and ggml does not promise that two threads may drive one device
+        # at once (llama.cpp's own server never does). Seen: a Vulkan build on Debian 12's Mesa 22.3 software
+        # driver segfaulted in llama_get_logits_ith when the REPL's encoder ran beside a decode, 4 runs of 4;
+        # with this lock 0 of 5 (Mesa 25 did not crash either way). Each GPU step takes the lock, and a decode
+        # waits for its results before it lets go: at most one image's encode of waiting, a fraction of a
+        # second on a GPU. On the CPU (or with the encoder there) both still run side by side.
         self._one_at_a_time = params.use_gpu
         self._device_lock = threading.Lock() if params.use_gpu else contextlib.nullcontext()
         if params.use_gpu:
