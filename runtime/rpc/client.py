@@ -316,6 +316,7 @@ def placement_note(where: list[str], labels: dict[str, str]) -> str:
             runs[-1] = (dev, runs[-1][1], il)
         else:
             runs.append((dev, il, il))
+
     def label(dev: str) -> str:
         return "this machine's CPU" if dev == "CPU" else labels.get(dev, dev)
 
