@@ -94,7 +94,7 @@ def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 51
         if m:
             found.append(float(m.group(1)))
 
-    devices = device_list(())  # not llama.cpp's default: RPC workers an earlier test registered may be gone
+    devices = device_list()  # not llama.cpp's default: RPC workers an earlier test registered may be gone
     with llama_logs_to(on_line):
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 0

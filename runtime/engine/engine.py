@@ -183,7 +183,7 @@ class Engine:
             devs = self._on_workers.devices
             self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         elif self._gpus:
-            self._devices = rpc.device_list(())  # None unless RPC workers were registered in this process
+            self._devices = rpc.device_list()  # None unless RPC workers were registered in this process
         else:
             # The CPU only, named (an empty list): llama.cpp would otherwise still send large batches' matrix
             # products to a GPU it sees (its op offload), so -ngl 0 would not mean the CPU's arithmetic.

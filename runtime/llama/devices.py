@@ -172,12 +172,18 @@ def local_gpus() -> list[Gpu]:
     return out
 
 
+def _registry() -> list[tuple[str, int]]:
+    """(name, number of devices) of each backend in llama.cpp's registry, in its order."""
+    g = ggml()
+    regs = [g.ggml_backend_reg_get(i) for i in range(g.ggml_backend_reg_count())]
+    return [((g.ggml_backend_reg_name(r) or b"?").decode(errors="replace"), g.ggml_backend_reg_dev_count(r))
+            for r in regs]
+
+
 def built_backends() -> list[str]:
     """The backends the loaded engine was built with (CPU, RPC, CUDA, Metal ...), from llama.cpp's own
     registry: what this process really runs on, whichever build is installed or on the path."""
-    g = ggml()
-    return [(g.ggml_backend_reg_name(g.ggml_backend_reg_get(i)) or b"?").decode(errors="replace")
-            for i in range(g.ggml_backend_reg_count())]
+    return [name for name, _n in _registry()]
 
 
 def idle_backends() -> list[str]:
@@ -185,14 +191,7 @@ def idle_backends() -> list[str]:
     NVIDIA driver is missing, or older than the CUDA the engine was built with, registers "CUDA" with
     no device (ggml_cuda_init logs the driver's own reason: HUATUO_LOCAL_VERBOSE=1 shows it).
     The CPU backend always has its device; an RPC backend gets its devices only from --rpc."""
-    g = ggml()
-    idle = []
-    for i in range(g.ggml_backend_reg_count()):
-        reg = g.ggml_backend_reg_get(i)
-        name = (g.ggml_backend_reg_name(reg) or b"?").decode(errors="replace")
-        if name not in ("CPU", "RPC") and g.ggml_backend_reg_dev_count(reg) == 0:
-            idle.append(name)
-    return idle
+    return [name for name, n in _registry() if name not in ("CPU", "RPC") and n == 0]
 
 
 def no_device_note(idle: list[str]) -> str:

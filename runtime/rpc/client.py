@@ -131,17 +131,18 @@ def register(endpoints: list[str]) -> None:
         _REGISTERED[ep] = [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
 
 
-def device_list(endpoints: tuple[str, ...] | list[str]):
-    """The devices a model may use, as llama_model_params.devices wants them (NULL-terminated), or None.
+def device_list():
+    """This machine's GPUs, as llama_model_params.devices wants them (NULL-terminated), or None (llama.cpp's
+    default choice) while no RPC worker is registered in this process.
 
     Registered workers stay in llama.cpp's process-wide registry, where its default device choice
     would pick them up for every later model (and abort when one is gone): once any worker is
-    registered, each model names its devices: its own workers (if any) and this machine's GPUs.
+    registered, a model without workers names its devices (a model with workers gets its own list from
+    place_on_workers).
     """
-    if not endpoints and not _REGISTERED:
-        return None  # llama.cpp's default choice
-    # The workers' devices first, then this machine's GPUs: the order place_on_workers splits in.
-    devs = [d for ep in endpoints for d in _REGISTERED[ep]] + [g.handle for g in local_gpus()]
+    if not _REGISTERED:
+        return None
+    devs = [g.handle for g in local_gpus()]
     return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
@@ -261,7 +262,8 @@ def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...]
     overrides = output_stays_local(local_devs[-1] if local_devs else None) if output_local else None
     if overrides is not None:
         where[-1] = names[-1] if local_devs else "CPU"
-    labels = {name: f"{name} ({ep})" for ep, devs in zip(endpoints, worker_devs) for name in map(_device_name, devs)}
+    owners = [ep for ep, devs in zip(endpoints, worker_devs) for _ in devs]  # the workers' devices come first
+    labels = {name: f"{name} ({ep})" for name, ep in zip(names, owners)}
     labels.update({g.name: f"{g.name} ({g.description})" for g in gpus})
     return WorkerPlacement(n_gpu_layers, on_workers, workers, devices, split_c, overrides,
                            placement_note(where, labels))
