@@ -5,13 +5,15 @@ The package is one namespace over the repository's top-level folders:
 (runtime/).
 """
 
-from huatuo_local.native import cpp_runtime_global
+from huatuo_local.native import bounded_openmp_spin, cpp_runtime_global
 
 __version__ = "0.1.0"
 
 # Before anything can import llama_cpp (see huatuo_local/native.py: CUDA builds crashed at every model
 # load when numpy came first). Cheap: the C++ runtime is already mapped in any process using numpy.
 cpp_runtime_global()
+# Before llama.cpp's CPU backend loads libgomp: idle OpenMP threads sleep soon instead of spinning (issue 33).
+bounded_openmp_spin()
 
 
 def __getattr__(name: str):

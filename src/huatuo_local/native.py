@@ -35,3 +35,50 @@ def cpp_runtime_global() -> str | None:
     except OSError:
         return None
     return _CPP_RUNTIME
+
+
+# How long (in pause-loop iterations) an idle OpenMP thread of llama.cpp's CPU backend spins before it
+# sleeps. See `bounded_openmp_spin`; the value is measured in bench/cpu_wait.py (BENCHMARKS.md).
+OPENMP_SPIN = "100"
+
+
+def bounded_openmp_spin() -> str | None:
+    """Load libgomp with a short spin before sleeping, unless the user chose a wait policy themselves.
+
+    Why (issue 33): llama.cpp's CPU backend is built with OpenMP, and every barrier between two graph
+    operations is an OpenMP barrier. libgomp spins 300,000 iterations at a barrier before it sleeps,
+    but only 100 when it manages more threads than the process may use CPUs. So the same answer ran
+    in two regimes: after an image was encoded, the encoder thread's OpenMP team made the process
+    "oversubscribed" (short spins), while an answer whose image came from the prefix cache had one
+    team (long spins). On a busy CPU a spinning thread burns the time slice its descheduled partner
+    needs: cache hits took 5-20x the CPU time of misses per token. With a short spin both paths
+    behave alike, and alike whether or not other programs load the machine.
+
+    libgomp reads its settings once, when it is first loaded; this loads it now with the setting and
+    restores the environment, so child processes (llama.cpp's own tools in the benchmarks) keep
+    libgomp's defaults. A no-op when libgomp is already loaded, absent, or OMP_WAIT_POLICY /
+    GOMP_SPINCOUNT are set. HUATUO_LOCAL_OPENMP_SPIN=default keeps libgomp's defaults (benchmarks).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    spin = os.environ.get("HUATUO_LOCAL_OPENMP_SPIN", OPENMP_SPIN)
+    if spin == "default" or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return None
+    if _mapped("/libgomp.so.1"):
+        return None  # too late to change (another library loaded it first): its settings stand
+    os.environ["GOMP_SPINCOUNT"] = spin
+    try:
+        ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        return None
+    finally:
+        del os.environ["GOMP_SPINCOUNT"]
+    return spin
+
+
+def _mapped(name: str) -> bool:
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            return any(line.rstrip().endswith(name) for line in maps)
+    except OSError:
+        return False
