@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.store import COMMIT, REPO_ID, downloads_dir, snapshot_dir
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-COMMIT = re.compile(r"[0-9a-f]{40}")
 REVISION = re.compile(r"[A-Za-z0-9][\w.\-/]{0,199}")
 # Files read beside the weights, at the top of the repo (and config/preprocessor in a tower folder).
 SIDE_FILES = (
@@ -174,33 +173,6 @@ def _bar_class(progress: Progress | None):
                 progress(self._stage, self._done, max(self._total, self._done))
 
     return Bar
-
-
-def downloads_dir() -> Path:
-    from huatuo_local.models.store import home
-
-    return home() / "downloads"
-
-
-def snapshot_dir(repo_id: str, revision: str) -> Path:
-    """Our download folder for one commit: always a plain folder two levels inside downloads/."""
-    if not REPO_ID.match(repo_id) or ".." in repo_id or not COMMIT.fullmatch(revision):
-        raise HuatuoError(f"internal: refusing a download folder for {repo_id!r} at {revision!r}")
-    return downloads_dir() / repo_id.replace("/", "--") / revision
-
-
-def remove_snapshot(repo_id: str, revision: str) -> None:
-    """Delete our download folder of one commit (after it was converted or copied into the store).
-
-    Only a real folder whose resolved path is inside downloads/ is removed; a link there is only unlinked.
-    """
-    folder = snapshot_dir(repo_id, revision)
-    if folder.is_symlink():
-        folder.unlink()
-        return
-    root = downloads_dir().resolve()
-    if folder.is_dir() and root in folder.resolve().parents:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def download(repo_id: str, files: list[str], revision: str, progress: Progress | None = None) -> Path:

@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from huatuo_local.models.imatrix import ImportanceMatrix, read_imatrix
 from huatuo_local.models.layout import ModelSpec, read_spec
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.prompt import CHAT_TEMPLATE
+from huatuo_local.models.store import LOSSLESS
 
 from huatuo_local import __version__
 
@@ -39,6 +40,7 @@ class ConvertResult:
     manifest_path: Path
     llm_path: Path
     mmproj_path: Path
+    lossless: ConvertResult | None = None  # the lossless conversion kept beside it (keep_lossless)
 
 
 def default_name(src: str, folder: Path) -> str:
@@ -326,21 +328,29 @@ class _Importance:
 
 def _write_llm(stage: Path, out: Path, name: str, spec, meta: dict, plans, target, quant: str, threads: int,
                bar, progress: Progress | None, importance: _Importance | None = None,
-               mmproj: Path | None = None) -> None:
+               mmproj: Path | None = None, keep: Path | None = None) -> None:
     """The LLM GGUF at `stage`: written directly, or written lossless and then quantized by llama.cpp
-    (with the importance matrix computed from, or copied beside, that lossless file)."""
+    (with the importance matrix computed from, or copied beside, that lossless file). With `keep`, the
+    lossless file is moved there instead of deleted."""
     if DIRECT_TYPES.get(quant) is not None:
         write_gguf(stage, spec.llm.arch, meta, plans, bar)
         return
     intermediate = out / f".{name}-{target.name}.intermediate.gguf"
     try:
         write_gguf(intermediate, spec.llm.arch, meta, plans, bar)
-        means = importance.obtain(intermediate, mmproj).means() if importance is not None else None
-        with atomic_output(stage) as tmp:
-            quantize_gguf(intermediate, tmp, quant, threads,
-                          (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None, means)
+        _quantize_into(stage, intermediate, quant, threads, progress, importance, mmproj)
+        if keep is not None:
+            os.replace(intermediate, keep)
     finally:
         intermediate.unlink(missing_ok=True)
+
+
+def _quantize_into(stage: Path, lossless: Path, quant: str, threads: int, progress: Progress | None,
+                   importance: _Importance | None, mmproj: Path | None) -> None:
+    means = importance.obtain(lossless, mmproj).means() if importance is not None else None
+    with atomic_output(stage) as tmp:
+        quantize_gguf(lossless, tmp, quant, threads,
+                      (lambda d, t: progress(f"quantize {quant}", d, t)) if progress else None, means)
 
 
 def check_quant_type(quant: str) -> None:
@@ -375,12 +385,15 @@ def convert(
     revision: str | None = None,
     source: str | None = None,
     imatrix: str | Path | MatrixMaker | None = None,
+    keep_lossless: bool = False,
 ) -> ConvertResult:
     """Convert a HuatuoGPT-Vision checkpoint (folder or Hugging Face repo id) into a GGUF pair.
 
     `imatrix`: llama.cpp's importance-matrix file, or a MatrixMaker that computes one from the lossless
     model (`huatuo-local convert --imatrix auto` computes it from image and text prompts); required by
-    the quants in NEEDS_IMATRIX. It is kept beside the model as NAME.imatrix.gguf and named in the manifest."""
+    the quants in NEEDS_IMATRIX. It is kept beside the model as NAME.imatrix.gguf and named in the manifest.
+    `keep_lossless`: also keep the lossless conversion (BF16, F16 or F32, as the checkpoint's weights) as a
+    model of its own (`ConvertResult.lossless`), from which `requantize` makes other quants."""
     quant, mmproj_type = quant.upper(), mmproj_type.lower()
     _check_options(quant, mmproj_type, imatrix)
     src_text = str(src)
@@ -392,54 +405,120 @@ def convert(
     mm_target = MMPROJ_TYPES[mmproj_type]
     llm_path = out / f"{name}-{quant}.gguf"
     mmproj_path = out / f"mmproj-{name}-{mmproj_type}.gguf"
-    manifest_path = out / f"{name}-{quant}{MANIFEST_SUFFIX}"
 
     direct = DIRECT_TYPES.get(quant)
-    llm_target = direct if direct is not None else _source_type(llm_tensors)
+    lossless_type = _source_type(llm_tensors)
+    llm_target = direct if direct is not None else lossless_type
     llm_plans = plan_llm(spec, llm_tensors, llm_target)
     mm_plans = plan_mmproj(spec, tower, projector, mm_target)
+    keep = keep_lossless and quant not in LOSSLESS
 
-    # Both files are written under temporary names and only renamed into place once everything
+    # Every file is written under a temporary name and only renamed into place once everything
     # succeeded: a failed or interrupted convert leaves the folder exactly as it was, including
     # files that another quant's manifest points to (the shared mmproj).
     mm_stage = out / f".{mmproj_path.name}.staging"
     llm_stage = out / f".{llm_path.name}.staging"
+    lossless_path = out / f"{name}-{lossless_type.name}.gguf"
+    lossless_stage = out / f".{lossless_path.name}.staging"
     imatrix_path = out / f"{name}.imatrix.gguf"
     importance = _Importance.staged(imatrix, imatrix_path)
+    stages = [mm_stage, llm_stage, lossless_stage, *([importance.stage] if importance is not None else [])]
     try:
         write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
                    _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
         _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans, llm_target,
                    quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress,
-                   importance, mm_stage)
-        hashed = [llm_stage, mm_stage] + ([importance.stage] if importance is not None else [])
-        bar = _Bar(progress, "checksums", sum(p.stat().st_size for p in hashed))
-        llm_sha = sha256_file(llm_stage, on_read=bar)
-        mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path, bar)
-        if importance is not None:
-            imatrix_path, imatrix_sha = _commit_shared(importance.stage, imatrix_path, bar)
-        os.replace(llm_stage, llm_path)
-        manifest = Manifest(
-            name=name, llm_file=llm_path.name, mmproj_file=mmproj_path.name, quant=quant, mmproj_type=mmproj_type,
-            arch=spec.llm.arch,
+                   importance, mm_stage, lossless_stage if keep else None)
+        if keep and not lossless_stage.exists():  # a direct quant (Q8_0) had no lossless intermediate
+            plans = plan_llm(spec, llm_tensors, lossless_type)
+            write_gguf(lossless_stage, spec.llm.arch, llm_metadata(spec, vocab, name, lossless_type), plans,
+                       _Bar(progress, f"language model ({lossless_type.name}, kept)", sum(p.nbytes for p in plans)))
+        base = Manifest(
+            name=name, llm_file="", mmproj_file="", quant=quant, mmproj_type=mmproj_type, arch=spec.llm.arch,
             source=source or (src_text if not Path(src_text).exists() else str(folder.resolve())),
-            eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size,
-            llm_sha256=llm_sha, mmproj_sha256=mm_sha, revision=revision or "",
+            eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size, revision=revision or "",
             converter=f"huatuo-local {__version__}",
             extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
-                   "selected_layers": spec.selected_layers(tower.spec.n_layer),
-                   **({"imatrix": {"file": imatrix_path.name, "sha256": imatrix_sha,
-                                   "datasets": importance.matrix.datasets}} if importance is not None else {})},
-        )
-        manifest.write(manifest_path)
+                   "selected_layers": spec.selected_layers(tower.spec.n_layer)})
+        result = _commit(out, base, llm_stage, llm_path, mm_stage, mmproj_path, importance, imatrix_path, progress,
+                         (lossless_stage, lossless_path) if keep else None)
     finally:
-        for p in (mm_stage, llm_stage, *([importance.stage] if importance is not None else [])):
-            try:
-                p.unlink(missing_ok=True)
-            except OSError:  # the folder itself could not be created: nothing was staged
-                pass
-    return ConvertResult(manifest, manifest_path, llm_path, mmproj_path)
+        _discard(stages)
+    return result
 
 
-__all__ = ["check_quant_type", "convert", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES",
+def requantize(lossless: Path, quant: str, progress: Progress | None = None, threads: int = 0,
+               imatrix: str | Path | MatrixMaker | None = None) -> ConvertResult:
+    """Another quant of a converted model, made by llama.cpp's quantizer from its lossless conversion (the
+    manifest of a BF16, F16 or F32 pair) and written beside it, sharing its mmproj: no checkpoint needed."""
+    quant = quant.upper()
+    check_quant_type(quant)
+    require_imatrix(quant, imatrix is not None)
+    base = Manifest.read(lossless)
+    if base.quant.upper() not in LOSSLESS:
+        raise HuatuoError(f"{lossless}: a {base.quant} model is not lossless; make {quant} from the checkpoint")
+    out = Path(lossless).parent
+    source_llm, mmproj_path = out / base.llm_file, out / base.mmproj_file
+    llm_path = out / f"{base.name}-{quant}.gguf"
+    llm_stage = out / f".{llm_path.name}.staging"
+    imatrix_path = out / f"{base.name}.imatrix.gguf"
+    importance = _Importance.staged(imatrix, imatrix_path)
+    stages = [llm_stage, *([importance.stage] if importance is not None else [])]
+    try:
+        _quantize_into(llm_stage, source_llm, quant, threads, progress, importance, mmproj_path)
+        extra = {k: v for k, v in base.extra.items() if k != "imatrix"}
+        made = Manifest(**{**asdict(base), "llm_file": "", "quant": quant, "llm_sha256": "",
+                           "converter": f"huatuo-local {__version__} (from {base.llm_file})", "extra": extra})
+        result = _commit(out, made, llm_stage, llm_path, None, mmproj_path, importance, imatrix_path, progress)
+    finally:
+        _discard(stages)
+    return result
+
+
+def _commit(out: Path, base: Manifest, llm_stage: Path, llm_path: Path, mm_stage: Path | None, mmproj_path: Path,
+            importance: _Importance | None, imatrix_path: Path, progress: Progress | None,
+            lossless: tuple[Path, Path] | None = None) -> ConvertResult:
+    """Checksum what was staged, move it into place (the shared files without breaking another manifest)
+    and write the manifests: the model's, and the kept lossless conversion's."""
+    hashed = [llm_stage, *([mm_stage] if mm_stage else []), *([importance.stage] if importance else []),
+              *([lossless[0]] if lossless else [])]
+    bar = _Bar(progress, "checksums", sum(p.stat().st_size for p in hashed))
+    llm_sha = sha256_file(llm_stage, on_read=bar)
+    if mm_stage is not None:
+        mmproj_path, mm_sha = _commit_shared(mm_stage, mmproj_path, bar)
+    else:
+        mm_sha = base.mmproj_sha256 or sha256_file(mmproj_path)
+    extra = dict(base.extra)
+    if importance is not None:
+        imatrix_path, imatrix_sha = _commit_shared(importance.stage, imatrix_path, bar)
+        extra["imatrix"] = {"file": imatrix_path.name, "sha256": imatrix_sha,
+                            "datasets": importance.matrix.datasets if importance.matrix else []}
+    kept = None
+    if lossless is not None:
+        stage, final = lossless
+        kept_sha = sha256_file(stage, on_read=bar)
+        os.replace(stage, final)
+        kept_manifest = Manifest(**{**asdict(base), "llm_file": final.name, "mmproj_file": mmproj_path.name,
+                                    "quant": final.stem.rsplit("-", 1)[1], "llm_sha256": kept_sha,
+                                    "mmproj_sha256": mm_sha, "extra": dict(base.extra)})
+        kept_path = out / f"{final.stem}{MANIFEST_SUFFIX}"
+        kept_manifest.write(kept_path)
+        kept = ConvertResult(kept_manifest, kept_path, final, mmproj_path)
+    os.replace(llm_stage, llm_path)
+    manifest = Manifest(**{**asdict(base), "llm_file": llm_path.name, "mmproj_file": mmproj_path.name,
+                           "llm_sha256": llm_sha, "mmproj_sha256": mm_sha, "extra": extra})
+    manifest_path = out / f"{llm_path.stem}{MANIFEST_SUFFIX}"
+    manifest.write(manifest_path)
+    return ConvertResult(manifest, manifest_path, llm_path, mmproj_path, kept)
+
+
+def _discard(stages: list[Path]) -> None:
+    for p in stages:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:  # the folder itself could not be created: nothing was staged
+            pass
+
+
+__all__ = ["check_quant_type", "convert", "requantize", "ConvertResult", "MatrixMaker", "QUANT_TYPES", "MMPROJ_TYPES",
            "NEEDS_IMATRIX", "WANTS_IMATRIX"]

@@ -26,6 +26,9 @@ QUANT_FTYPES = {
     "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XS": 22, "IQ3_XXS": 23, "IQ1_S": 24, "IQ3_S": 26, "IQ3_M": 27,
     "IQ2_S": 28, "IQ2_M": 29, "IQ1_M": 31,
 }
+# With the types write.py writes directly: what llama.cpp's quantizer makes from a lossless GGUF (a quant
+# made from a kept lossless conversion, without the checkpoint).
+ALL_FTYPES = {**QUANT_FTYPES, "F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
 # Quants whose tensor types llama.cpp refuses to make without an importance matrix (llama-quant.cpp,
 # tensor_requires_imatrix: IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, and Q2_K inside Q2_K_S).
 NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M", "Q2_K_S"})
@@ -75,9 +78,8 @@ def quantize_gguf(
     import llama_cpp
 
     require_imatrix(quant, bool(imatrix))
-    ftype = QUANT_FTYPES[quant]
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = ALL_FTYPES[quant]
     params.nthread = threads or (os.cpu_count() or 1)
     keep = _imatrix_param(params, imatrix) if imatrix else None  # noqa: F841  (alive through the call)
     errors: list[str] = []
@@ -105,7 +107,7 @@ def quantized_size(src: Path, quant: str) -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {**QUANT_FTYPES, "F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}[quant]
+    params.ftype = ALL_FTYPES[quant]
     params.dry_run = True
     found: list[float] = []
 

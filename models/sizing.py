@@ -9,7 +9,9 @@ quant's measured cost against F16 at the model's real widths (FIDELITY.md, bench
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .registry import GIB, KnownModel
 
@@ -97,3 +99,49 @@ def best_quant(model: KnownModel, budget: int, gpu: bool = False) -> QuantChoice
             choice.stretch = (smaller[0], n_ctx)
             break
     return choice
+
+
+@dataclass(frozen=True)
+class FreeMemory:
+    """What this machine has free for a model: RAM, and the GPUs' memory (None: no GPU)."""
+
+    ram: int
+    gpu: int | None = None
+
+
+def files_need(llm_path: Path, mmproj_path: Path, gpu: bool = False, n_ctx: int = DEFAULT_CTX) -> Need:
+    """What a converted pair of an unknown model holds: its files, its KV cache from the GGUF header, and the
+    known models' allowances for compute buffers (the 7B's: a larger model's are larger, which the headroom
+    covers only roughly)."""
+    from .gguf_check import check_gguf
+    from .registry import KNOWN_MODELS
+
+    info = check_gguf(llm_path, "llm")
+    f = info.fields
+
+    def number(key: str) -> int:
+        value = f.get(f"{info.arch}.{key}")
+        return value if isinstance(value, int) and value > 0 else 0
+
+    n_layer, n_embd, n_head = number("block_count"), number("embedding_length"), number("attention.head_count")
+    n_head_kv = number("attention.head_count_kv") or n_head
+    kv = int(2 * n_layer * n_head_kv * (n_embd // max(n_head, 1)) * KV_BYTES["f16"]) * n_ctx
+    weights = llm_path.stat().st_size + mmproj_path.stat().st_size
+    seven = next(iter(KNOWN_MODELS.values()))
+    compute = (seven.compute_bytes_gpu if gpu else seven.compute_bytes_cpu) + VISION_COMPUTE_BYTES
+    return Need(weights, kv, compute, HEADROOM_BYTES + int(HEADROOM_FRACTION * (weights + kv + compute)))
+
+
+def installed_choice(quants: list[str], need: Callable[[str, bool], int], free: FreeMemory | None) -> str:
+    """Which of the installed `quants` a bare model name means: the best (QUALITY_ORDER, lossless types
+    after it) that fits the GPUs' free memory, else the best that fits RAM, else the smallest — the rule
+    `doctor` and `pull` use to recommend a quant, applied to what is installed. Without `free`, the best."""
+    order = sorted(quants, key=lambda q: (QUALITY_ORDER.index(q) if q in QUALITY_ORDER else len(QUALITY_ORDER), q))
+    if free is None:
+        return order[0]
+    for budget, gpu in ((free.gpu, True), (free.ram, False)):
+        if budget:
+            fitting = [q for q in order if need(q, gpu) <= budget]
+            if fitting:
+                return fitting[0]
+    return min(order, key=lambda q: need(q, False))

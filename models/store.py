@@ -4,7 +4,8 @@ Layout: $HUATUO_LOCAL_HOME/models/NAME/{NAME-QUANT.gguf, mmproj-NAME-TYPE.gguf,
 NAME-QUANT.manifest.json, NAME.imatrix.gguf}, one manifest per quant, the mmproj (and the importance
 matrix low-bit quants were made with) shared between them.
 Models are named as Ollama users expect: `NAME:QUANT` (`huatuo-vision-7b:q8_0`), and a bare
-`NAME` is the only quant in the folder or, among several, the model's default.
+`NAME` is the only quant in the folder or, among several, the best installed quant that fits this
+machine's free memory (models/sizing.py `installed_choice`, the rule doctor and pull recommend by).
 HUATUO_LOCAL_HOME defaults to the user cache folder.
 
 Deletion only ever removes files that a manifest in the store lists, resolved inside the
@@ -14,18 +15,26 @@ store, never through a symlink: `rm` cannot be pointed at anything that is not o
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import HuatuoError
 from .manifest import MANIFEST_SUFFIX, Manifest
 from .registry import DEFAULT_MODEL, KNOWN_MODELS
+from .sizing import FreeMemory, files_need, installed_choice, memory_needed
 
 # A store name: what `pull --name` and the store's folders use. No separators, no `..`.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _QUANT = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT = re.compile(r"[0-9a-f]{40}")
+# The types a conversion keeps losslessly: another quant is made from them without the checkpoint.
+LOSSLESS = ("BF16", "F16", "F32")
+CHECKPOINT_SUFFIX = ".checkpoint.json"
 
 
 class ModelNotFound(HuatuoError):
@@ -42,6 +51,74 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def downloads_dir() -> Path:
+    return home() / "downloads"
+
+
+def snapshot_dir(repo_id: str, revision: str) -> Path:
+    """Our download folder for one commit of a repository: always a plain folder two levels inside downloads/."""
+    if not REPO_ID.match(repo_id) or ".." in repo_id or not COMMIT.fullmatch(revision):
+        raise HuatuoError(f"internal: refusing a download folder for {repo_id!r} at {revision!r}")
+    return downloads_dir() / repo_id.replace("/", "--") / revision
+
+
+def remove_snapshot(repo_id: str, revision: str) -> None:
+    """Delete our download folder of one commit, and the repository's folder once it holds nothing else.
+
+    Only a real folder whose resolved path is inside downloads/ is removed; a link there is only unlinked.
+    """
+    folder = snapshot_dir(repo_id, revision)
+    if folder.is_symlink():
+        folder.unlink()
+    else:
+        root = downloads_dir().resolve()
+        if folder.is_dir() and root in folder.resolve().parents:
+            shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # only when empty: another commit's download stays
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class KeptCheckpoint:
+    """A downloaded checkpoint kept (`pull --keep checkpoint`) so that another quant needs no download.
+
+    Recorded as NAME.checkpoint.json in the model's store folder; the files stay in our download folder of
+    that commit (snapshot_dir), which is all `rm` ever deletes for it."""
+
+    repo_id: str
+    revision: str
+    bytes: int
+
+    @property
+    def folder(self) -> Path:
+        return snapshot_dir(self.repo_id, self.revision)
+
+    @staticmethod
+    def record(store: Path) -> Path:
+        return store / f"{store.name}{CHECKPOINT_SUFFIX}"
+
+    def write(self, store: Path) -> None:
+        from .private import write_private
+
+        write_private(self.record(store), json.dumps(asdict(self)))
+
+    @classmethod
+    def read(cls, store: Path) -> KeptCheckpoint | None:
+        """The record in `store`, or None when there is none or it is not one of ours (then it is ignored)."""
+        path = cls.record(store)
+        if not path.is_file() or path.is_symlink():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")[:4096])
+            kept = cls(str(data["repo_id"]), str(data["revision"]), int(data["bytes"]))
+            kept.folder  # noqa: B018 (validates the repository id and commit)
+        except (OSError, ValueError, KeyError, TypeError, HuatuoError):
+            return None
+        return kept if kept.folder.is_dir() else None
 
 
 @dataclass
@@ -64,10 +141,17 @@ class ResolvedModel:
 
     @property
     def ref(self) -> str:
-        """`NAME:quant` for a stored model, else the model's name."""
-        if self.store_name and self.quant:
-            return f"{self.store_name}:{self.quant.lower()}"
-        return self.store_name or self.name
+        """`NAME:quant` (the store's name, else the converted model's), or the file's name without a manifest:
+        what every answer says it came from."""
+        name = self.store_name or self.name
+        return f"{name}:{self.quant.lower()}" if self.quant else name
+
+    def need(self, gpu: bool = False) -> int:
+        """Bytes a run of this model holds at the default context (models/sizing.py)."""
+        known = KNOWN_MODELS.get(self.store_name or "")
+        if known is not None and self.quant.upper() in known.llm_bytes:
+            return memory_needed(known, self.quant.upper(), gpu=gpu).total
+        return files_need(self.llm_path, self.mmproj_path, gpu).total
 
     @property
     def size_bytes(self) -> int:
@@ -117,7 +201,8 @@ def _manifests(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{MANIFEST_SUFFIX}") if p.is_file() and not p.is_symlink())
 
 
-def _from_folder(folder: Path, quant: str | None = None, store_name: str | None = None) -> ResolvedModel:
+def _from_folder(folder: Path, quant: str | None = None, store_name: str | None = None,
+                 free: FreeMemory | None = None) -> ResolvedModel:
     found = [_from_manifest(m, store_name) for m in _manifests(folder)]
     label = store_name or str(folder)
     if quant is not None:
@@ -131,14 +216,11 @@ def _from_folder(folder: Path, quant: str | None = None, store_name: str | None 
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        known = KNOWN_MODELS.get(store_name or "")
-        if known:
-            for r in found:
-                if r.quant.upper() == known.default_quant:
-                    return r
-        refs = ", ".join(r.ref if store_name else r.llm_path.name for r in found)
-        raise ModelNotFound(f"{label}: holds several models ({refs}); name one "
-                            + ("as NAME:QUANT" if store_name else "manifest or .gguf file"))
+        by_quant = {r.quant.upper(): r for r in found}
+        if len(by_quant) != len(found) or "" in by_quant:  # not quants of one model: the user must say which
+            refs = ", ".join(r.llm_path.name for r in found)
+            raise ModelNotFound(f"{label}: holds several models ({refs}); name one manifest or .gguf file")
+        return by_quant[installed_choice(list(by_quant), lambda q, gpu: by_quant[q].need(gpu), free)]
     raise ModelNotFound(f"{folder}: no model manifest here; convert a checkpoint into it with `huatuo-local convert`")
 
 
@@ -155,8 +237,11 @@ def _from_gguf(path: Path) -> ResolvedModel:
     return ResolvedModel(path.stem, path, projectors[0], None, path.parent)
 
 
-def resolve(model: str | Path | None) -> ResolvedModel:
-    """A store name (`NAME` or `NAME:QUANT`), a folder, a manifest or an LLM .gguf → the pair to load."""
+def resolve(model: str | Path | None, free: FreeMemory | None = None) -> ResolvedModel:
+    """A store name (`NAME` or `NAME:QUANT`), a folder, a manifest or an LLM .gguf → the pair to load.
+
+    A name or folder holding several quants means the best that fits `free` (this machine's free memory;
+    None: the best installed)."""
     if model is None or str(model) == "":
         model = DEFAULT_MODEL
     text = str(model)
@@ -168,13 +253,13 @@ def resolve(model: str | Path | None) -> ResolvedModel:
             return _from_gguf(path)
         raise ModelNotFound(f"{path}: not a model (.gguf or {MANIFEST_SUFFIX})")
     if path.is_dir():
-        return _from_folder(path)
+        return _from_folder(path, free=free)
     if "/" in text or os.sep in text or text.endswith(".gguf"):
         raise ModelNotFound(f"{text}: no such file or folder")
     name, quant = parse_ref(text)
     folder = store_folder(name)
     if folder.is_dir() and _manifests(folder):
-        return _from_folder(folder, quant, store_name=name)
+        return _from_folder(folder, quant, store_name=name, free=free)
     if name in KNOWN_MODELS:
         extra = f" --quant {quant}" if quant else ""
         raise ModelNotFound(f"model {text} is not installed; get it with: huatuo-local pull {name}{extra}")
@@ -222,42 +307,55 @@ def _files_of(m: ResolvedModel) -> list[Path]:
     return files
 
 
-def plan_removal(ref: str, all_quants: bool = False) -> tuple[list[ResolvedModel], list[Path], list[Path]]:
-    """What `rm REF` would delete: (models, files to delete, shared files kept). Deletes nothing."""
+def plan_removal(ref: str, all_quants: bool = False
+                 ) -> tuple[list[ResolvedModel], list[Path], list[Path], KeptCheckpoint | None]:
+    """What `rm REF` would delete: (models, files to delete, shared files kept, the kept checkpoint whose
+    download goes too). `NAME:checkpoint` is the checkpoint `pull --keep checkpoint` kept. Deletes nothing."""
     if "/" in ref or os.sep in ref or ref.startswith("."):
         raise ModelNotFound(f"{ref}: rm takes a model name from `huatuo-local list`, not a path")
     name, quant = parse_ref(ref)
     folder = store_folder(name)
     installed = [m for m in list_models() if m.store_name == name]
+    kept = KeptCheckpoint.read(folder) if folder.is_dir() else None
+    if quant == "CHECKPOINT":
+        if kept is None:
+            raise ModelNotFound(f"{ref}: no checkpoint is kept for {name} (see `huatuo-local list`)")
+        return [], [KeptCheckpoint.record(folder)], [], kept
     if not folder.is_dir() or not installed:
+        if kept is not None and (all_quants or quant is None):
+            return [], [KeptCheckpoint.record(folder)], [], kept
         raise ModelNotFound(f"model {ref} is not installed (see `huatuo-local list`)")
     if quant is not None:
         targets = [m for m in installed if m.quant.upper() == quant]
         if not targets:
             have = ", ".join(m.ref for m in installed)
             raise ModelNotFound(f"model {ref} is not installed (installed: {have})")
-    elif all_quants or len(installed) == 1:
+    elif all_quants or (len(installed) == 1 and kept is None):
         targets = installed
     else:
-        have = ", ".join(m.ref for m in installed)
-        raise ModelNotFound(f"{name}: holds several quants ({have}); rm one as NAME:QUANT, or all with --all")
+        have = ", ".join([m.ref for m in installed] + ([f"{name}:checkpoint"] if kept else []))
+        raise ModelNotFound(f"{name}: holds several ({have}); rm one as NAME:QUANT, or all with --all")
     remaining = [m for m in installed if m not in targets]
     still_used = {p.name for m in remaining for p in _files_of(m)}
     delete: list[Path] = []
-    kept: list[Path] = []
+    shared: list[Path] = []
     for m in targets:
         for p in _files_of(m):
             if p.name in still_used:
-                if p not in kept:
-                    kept.append(p)
+                if p not in shared:
+                    shared.append(p)
             elif p not in delete:
                 delete.append(p)
-    return targets, delete, kept
+    if all_quants and kept is not None:
+        delete.append(KeptCheckpoint.record(folder))
+        return targets, delete, shared, kept
+    return targets, delete, shared, None
 
 
 def remove(ref: str, all_quants: bool = False) -> Removal:
-    """Delete one stored model (or every quant of a name); never a file outside its store folder."""
-    targets, delete, kept = plan_removal(ref, all_quants)
+    """Delete one stored model (or every quant of a name, or its kept checkpoint); never a file outside its
+    store folder or our own download folder."""
+    targets, delete, kept, checkpoint = plan_removal(ref, all_quants)
     freed = 0
     folder = store_folder(parse_ref(ref)[0])
     root = folder.resolve()
@@ -272,8 +370,13 @@ def remove(ref: str, all_quants: bool = False) -> Removal:
             p.unlink()
         except FileNotFoundError:
             pass
+    refs = [m.ref for m in targets]
+    if checkpoint is not None:
+        freed += checkpoint.bytes
+        remove_snapshot(checkpoint.repo_id, checkpoint.revision)
+        refs.append(f"{folder.name}:checkpoint")
     try:
         folder.rmdir()  # only when nothing else is left in it
     except OSError:
         pass
-    return Removal([m.ref for m in targets], delete, kept, freed)
+    return Removal(refs, delete, kept, freed)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,12 +59,86 @@ def test_pull_downloads_only_what_it_needs_converts_and_chats(tiny, tmp_path, im
         assert got == expected, got ^ expected
         assert any(g.startswith("vit/tiny_clip/") for g in got)  # the tower's sub-folder was found
     assert "ready: huatuo-vision-7b:q8_0" in proc.stdout and sha[:12] in proc.stdout
-    manifest = json.loads(next((tmp_path / "home" / "models" / "huatuo-vision-7b").glob("*.manifest.json"))
+    manifest = json.loads((tmp_path / "home" / "models" / "huatuo-vision-7b" / "huatuo-vision-7b-Q8_0.manifest.json")
                           .read_text())
     assert manifest["revision"] == sha and manifest["source"] == REPO and manifest["quant"] == "Q8_0"
     chat = run_cli("chat", str(image), "-p", "hi", "--model", "huatuo-vision-7b:q8_0", "--max-tokens", "3",
                    env={"HUATUO_LOCAL_HOME": str(tmp_path / "home")})
     assert chat.returncode == 0, chat.stderr
+
+
+def test_another_quant_needs_no_download_and_an_installed_one_is_said(tiny, tmp_path, image):
+    """Issue 33: every pull downloaded the whole checkpoint again, even for a second quant of a model that was
+    there. The lossless conversion is kept (a store model of its own), the next quant is made from it with no
+    request at all, an installed quant is said to be installed, and a bare name means the best that fits."""
+    from huatuo_local.convert.pipeline import convert
+
+    spec = TinySpec(seed=8, tower="folder")
+    folder = _repo_folder(tiny, tmp_path, spec)
+    home = tmp_path / "home"
+    store = home / "models" / "huatuo-vision-7b"
+    with FakeHub({REPO: Repo(folder)}) as hub:
+        env = _env(tmp_path, hub)
+        first = run_cli("pull", "huatuo-vision-7b", "--quant", "Q8_0", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "kept huatuo-vision-7b:f32 (" in first.stdout and "rm huatuo-vision-7b:f32" in first.stdout
+        hub.requests.clear()
+        again = run_cli("pull", "huatuo-vision-7b", "--quant", "q8_0", env=env)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.startswith("huatuo-vision-7b:q8_0 is already installed (")
+        second = run_cli("pull", "huatuo-vision-7b", "--quant", "Q4_K_M", env=env)
+        assert second.returncode == 0, second.stderr
+        assert "made from huatuo-vision-7b:f32, without downloading" in second.stdout
+        assert hub.requests == []  # not even a listing
+    # The quant made from the kept conversion is the bytes a conversion of the checkpoint gives.
+    direct = convert(tiny(spec)["ckpt"], tmp_path / "direct", quant="Q4_K_M", name="huatuo-vision-7b")
+    made = json.loads((store / "huatuo-vision-7b-Q4_K_M.manifest.json").read_text())
+    assert made["llm_sha256"] == direct.manifest.llm_sha256
+    assert made["revision"] == hub.repos[REPO].sha and made["source"] == REPO
+    # Nothing is left in the download folder, not even the repository's empty folder.
+    assert not (home / "downloads").exists() or not any((home / "downloads").iterdir())
+    listed = json.loads(run_cli("list", "--json", env={"HUATUO_LOCAL_HOME": str(home)}).stdout)
+    assert sorted(r["ref"] for r in listed) == ["huatuo-vision-7b:f32", "huatuo-vision-7b:q4_k_m",
+                                                "huatuo-vision-7b:q8_0"]
+    # A bare name is the best installed quant that fits (Q8_0 before Q4_K_M; lossless types last), and every
+    # answer says which one.
+    chat = run_cli("chat", str(image), "-p", "hi", "--model", "huatuo-vision-7b", "--max-tokens", "3", "--json",
+                   env={"HUATUO_LOCAL_HOME": str(home)})
+    assert chat.returncode == 0, chat.stderr
+    assert json.loads(chat.stdout)["model"] == "huatuo-vision-7b:q8_0"
+    gone = run_cli("rm", "huatuo-vision-7b:f32", "--yes", env={"HUATUO_LOCAL_HOME": str(home)})
+    assert gone.returncode == 0 and "removed huatuo-vision-7b:f32" in gone.stdout, gone.stderr
+    assert not (store / "huatuo-vision-7b-F32.gguf").exists() and (store / "huatuo-vision-7b-Q8_0.gguf").is_file()
+
+
+def test_a_kept_checkpoint_makes_other_quants_offline_and_rm_removes_it(tiny, tmp_path):
+    folder = _repo_folder(tiny, tmp_path, TinySpec(seed=8, tower="folder"))
+    home = tmp_path / "home"
+    with FakeHub({REPO: Repo(folder)}) as hub:
+        env = _env(tmp_path, hub)
+        first = run_cli("pull", "huatuo-vision-7b", "--quant", "Q8_0", "--keep", "checkpoint", env=env)
+        assert first.returncode == 0, first.stderr
+        assert "kept huatuo-vision-7b:checkpoint (" in first.stdout
+        hub.requests.clear()
+        second = run_cli("pull", "huatuo-vision-7b", "--quant", "F16", "--keep", "none", env=env)
+        assert second.returncode == 0, second.stderr
+        assert "made from huatuo-vision-7b:checkpoint, without downloading" in second.stdout
+        assert hub.requests == []
+        bad = run_cli("pull", "huatuo-vision-7b", "--keep", "everything", env=env)
+        assert bad.returncode == 1 and bad.stderr.strip() == ("error: --keep everything: choose lossless, "
+                                                              "checkpoint, none")
+    local = {"HUATUO_LOCAL_HOME": str(home)}
+    listed = {r["ref"]: r for r in json.loads(run_cli("list", "--json", env=local).stdout)}
+    assert set(listed) == {"huatuo-vision-7b:q8_0", "huatuo-vision-7b:f16", "huatuo-vision-7b:checkpoint"}
+    snapshot = Path(listed["huatuo-vision-7b:checkpoint"]["files"][0])
+    assert snapshot.is_dir() and (snapshot / "config.json").is_file()
+    several = run_cli("rm", "huatuo-vision-7b", "--yes", env=local)
+    assert several.returncode == 1 and "huatuo-vision-7b:checkpoint" in several.stderr
+    gone = run_cli("rm", "huatuo-vision-7b", "--all", "--yes", env=local)
+    assert gone.returncode == 0, gone.stderr
+    assert "huatuo-vision-7b:checkpoint" in gone.stdout
+    assert not snapshot.exists() and not (home / "models" / "huatuo-vision-7b").exists()
+    assert not any((home / "downloads").iterdir())
 
 
 def test_an_interrupted_pull_resumes_without_fetching_bytes_twice(tiny, tmp_path):

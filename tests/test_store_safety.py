@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -82,8 +83,11 @@ def test_several_quants_named_as_ollama_does(store_home, tmp_path):
         chat = run_cli("chat", str(img), "-p", "hi", "--model", ref, "--max-tokens", "2", "--no-prefix-cache",
                        env=env)
         assert chat.returncode == 0, (ref, chat.stderr)
-    bare = run_cli("chat", str(img), "-p", "hi", "--model", "tiny", env=env)
-    assert bare.returncode != 0 and "tiny:f16" in bare.stderr and "tiny:q8_0" in bare.stderr
+    # A bare name is the best installed quant that fits this machine (Q8_0 before the lossless F16, as doctor
+    # ranks them), and the answer says which (issue 33: it used to fail with "holds several models").
+    bare = run_cli("chat", str(img), "-p", "hi", "--model", "tiny", "--json", "--max-tokens", "2", env=env)
+    assert bare.returncode == 0, bare.stderr
+    assert json.loads(bare.stdout)["model"] == "tiny:q8_0"
     missing = run_cli("chat", str(img), "-p", "hi", "--model", "tiny:q4_k_m", env=env)
     assert missing.returncode != 0 and "(installed: tiny:f16, tiny:q8_0)" in missing.stderr
     # Bare `rm` of a name with several quants asks which.

@@ -89,7 +89,7 @@ def chat(
 
         reply = bot.session.ask(prompt, paths)
         typer.echo(json.dumps({
-            "answer": reply.text, "model": bot.model.name,
+            "answer": reply.text, "model": bot.model.ref,
             "tokens": {"prompt": reply.prompt_positions, "generated": len(reply.tokens)},
             "timings": asdict(reply.timings), "counters": asdict(reply.counters),
             "session_counters": asdict(bot.counters), "warning": reply.warning,

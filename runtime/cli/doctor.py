@@ -63,12 +63,10 @@ def machine_choice(model, ram_free: float | None = None, gpu_free: float | None 
     from huatuo_local.models.sizing import best_quant
 
     if ram_free is None:
-        from huatuo_local.runtime.llama.devices import local_gpus
-        from huatuo_local.runtime.system import memory_gib
+        from huatuo_local.runtime.llama.devices import free_memory
 
-        ram_free = memory_gib()[1] * GIB
-        gpus = local_gpus()
-        gpu_free = sum(g.free for g in gpus) if gpus else None
+        free = free_memory()
+        ram_free, gpu_free = free.ram, free.gpu
     choice = best_quant(model, int(ram_free))
     if gpu_free:
         on_gpu = best_quant(model, int(gpu_free), gpu=True)

@@ -51,9 +51,9 @@ def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> st
         turns.append({"user": t.text, "images": [Path(n).name for n in names] or t.n_images,
                       "assistant": t.answer, "stopped": i < len(seen.stopped) and seen.stopped[i]})
     if path.suffix.lower() == ".json":
-        text = json.dumps({"model": bot.model.name, "turns": turns}, indent=2, ensure_ascii=False)
+        text = json.dumps({"model": bot.model.ref, "turns": turns}, indent=2, ensure_ascii=False)
     elif path.suffix.lower() in (".md", ".markdown"):
-        parts = [f"# huatuo-local transcript ({bot.model.name})\n"]
+        parts = [f"# huatuo-local transcript ({bot.model.ref})\n"]
         for t in turns:
             images = t["images"]
             shown = ", ".join(images) if isinstance(images, list) else f"{images} image(s)" if images else ""
@@ -134,7 +134,7 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
 def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill) -> int:
     pending = list(images)
     seen = Transcript()
-    print(f"huatuo-local chat with {bot.model.name}. /help for commands, Ctrl-D to leave.", file=out)
+    print(f"huatuo-local chat with {bot.model.ref}. /help for commands, Ctrl-D to leave.", file=out)
     if bot.engine.vision_warning:
         print(bot.engine.vision_warning, file=sys.stderr)
     if pending:

@@ -79,24 +79,44 @@ def pull(
     name: Annotated[str | None, typer.Option(help="Name in the local store.")] = None,
     revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of the repository (default: main); "
                                                       "the commit is recorded in the manifest.")] = None,
+    keep: Annotated[str | None, typer.Option(metavar="lossless|checkpoint|none", help="What to keep so that "
+                                             "another quant needs no download: the lossless conversion (default "
+                                             "for downloads; NAME:bf16 in the store, about the download's size), "
+                                             "the downloaded checkpoint (NAME:checkpoint), or nothing (the "
+                                             "default for a folder). `rm` removes either.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Make NAME:QUANT again even if it is installed.")] = False,
 ) -> None:
     """Download a model (and convert it when needed) into the local store, or convert a checkpoint folder
     already on this machine into it. Converting a 7B needs about 2.5x its download size of free disk while it
     runs; pull checks before downloading. Quants below 4 bits get an importance matrix computed from image and
     text prompts (the F16 model is read through for it)."""
     from huatuo_local.convert.pipeline import WANTS_IMATRIX
+    from huatuo_local.convert.pull import KEEP
     from huatuo_local.convert.pull import pull as run_pull
     from huatuo_local.runtime.cli.progress import StageProgress
     from huatuo_local.runtime.quantize.imatrix import matrix_source
 
+    if keep is not None and keep not in KEEP:
+        fail(f"--keep {keep}: choose {', '.join(KEEP)}")
     if quant is None:
         quant = _quant_for(model, memory)
     elif memory is not None:
         fail("--memory chooses the quant: give it or --quant, not both")
     with StageProgress() as bar:
         matrix = matrix_source("auto", None, None, bar.update) if (quant or "").upper() in WANTS_IMATRIX else None
-        resolved = run_pull(model, quant, name, progress=bar.update, revision=revision, imatrix=matrix)
+        pulled = run_pull(model, quant, name, progress=bar.update, revision=revision, imatrix=matrix, keep=keep,
+                          force=force)
+    resolved = pulled.model
     commit = f", commit {resolved.manifest.revision[:12]}" if resolved.manifest and resolved.manifest.revision else ""
+    if pulled.already:
+        typer.echo(f"{resolved.ref} is already installed ({resolved.llm_path.name}{commit}, "
+                   f"{resolved.size_bytes / 1024**3:.2f} GiB); --force makes it again")
+        return
+    if pulled.made_from and pulled.made_from not in ("download", model):
+        typer.echo(f"made from {pulled.made_from}, without downloading")
+    if pulled.kept:
+        typer.echo(f"kept {pulled.kept}: another quant of it needs no download; "
+                   f"`huatuo-local rm {pulled.kept.split()[0]}` frees it (--keep none next time)")
     typer.echo(f"ready: {resolved.ref} ({resolved.llm_path.name}{commit}); "
                f"try: huatuo-local chat IMAGE --model {resolved.ref}")
 
@@ -125,19 +145,35 @@ def _quant_for(model: str, memory: float | None) -> str | None:
     typer.echo(f"choosing {choice.describe()}{others}{stretch}", err=True)
     return choice.quant
 
-@app.command(name="list", epilog="Example: huatuo-local list")
-def list_cmd() -> None:
-    """List the models in the local store ($HUATUO_LOCAL_HOME/models)."""
-    from huatuo_local.models.store import list_models, models_dir
+@app.command(name="list", epilog="Examples:\n\n  huatuo-local list\n\n  huatuo-local list --json")
+def list_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per model, in a list.")] = False,
+) -> None:
+    """List the models in the local store ($HUATUO_LOCAL_HOME/models), and the checkpoints kept by pull."""
+    import json
+
+    from huatuo_local.models.store import KeptCheckpoint, list_models, models_dir
 
     found = list_models()
-    if not found:
+    rows = [{"ref": m.ref, "name": m.store_name, "quant": m.quant, "size_bytes": m.size_bytes,
+             "files": [m.llm_path.name, m.mmproj_path.name], "revision": m.manifest.revision if m.manifest else ""}
+            for m in found]
+    for folder in sorted({m.folder for m in found} | ({p for p in models_dir().iterdir() if p.is_dir()}
+                                                     if models_dir().is_dir() else set())):
+        kept = KeptCheckpoint.read(folder) if not folder.is_symlink() else None
+        if kept is not None:
+            rows.append({"ref": f"{folder.name}:checkpoint", "name": folder.name, "quant": "checkpoint",
+                         "size_bytes": kept.bytes, "files": [str(kept.folder)], "revision": kept.revision})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
         typer.echo(f"no models in {models_dir()}; get one with: huatuo-local pull huatuo-vision-7b")
         return
-    width = max(len(m.ref) for m in found)
+    width = max(len(r["ref"]) for r in rows)
     typer.echo(f"{'NAME':<{width}}  {'SIZE':>9}  FILES")
-    for m in found:
-        typer.echo(f"{m.ref:<{width}}  {m.size_bytes / 1024**3:5.2f} GiB  {m.llm_path.name} + {m.mmproj_path.name}")
+    for r in rows:
+        typer.echo(f"{r['ref']:<{width}}  {r['size_bytes'] / 1024**3:5.2f} GiB  {' + '.join(r['files'])}")
 
 @app.command(epilog="Examples:\n\n  huatuo-local info huatuo-vision-7b\n\n  huatuo-local info huatuo-vision-7b --json")
 def info(
@@ -173,6 +209,8 @@ def info(
     typer.echo("\n".join(f"{k:<17}{v}" for k, v in rows))
 
 @app.command(epilog="Examples:\n\n  huatuo-local rm huatuo-vision-7b:q8_0\n\n"
+                   "  huatuo-local rm huatuo-vision-7b:bf16   (the lossless conversion pull kept)\n\n"
+                   "  huatuo-local rm huatuo-vision-7b:checkpoint   (the download pull --keep checkpoint kept)\n\n"
                    "  huatuo-local rm huatuo-vision-7b --all --yes")
 def rm(
     model: Annotated[str, typer.Argument(help="NAME or NAME:QUANT as `huatuo-local list` shows it.")],
@@ -183,14 +221,16 @@ def rm(
     another quant uses it)."""
     from huatuo_local.models.store import plan_removal, remove
 
-    targets, delete, kept = plan_removal(model, all_quants)
-    size = sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink()) / 1024**3
-    names = ", ".join(m.ref for m in targets)
+    targets, delete, kept, checkpoint = plan_removal(model, all_quants)
+    size = (sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink())
+            + (checkpoint.bytes if checkpoint else 0)) / 1024**3
+    names = ", ".join([m.ref for m in targets] + ([f"{model.split(':')[0]}:checkpoint"] if checkpoint else []))
     if not yes:
         if not sys.stdin.isatty():  # a script or a pipe cannot answer: deleting needs a person or --yes
             fail(f"rm {model}: would delete {names} ({size:.2f} GiB); nothing deleted: confirm in a terminal, "
                  "or add --yes")
-        if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(p.name for p in delete)})?"):
+        shown = [p.name for p in delete] + ([str(checkpoint.folder)] if checkpoint else [])
+        if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(shown)})?"):
             typer.echo("nothing deleted", err=True)
             raise typer.Exit(1)
     done = remove(model, all_quants)

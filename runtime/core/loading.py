@@ -55,7 +55,10 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
                rpc: str | list[str] | None = None,
                tensor_split: list[float] | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
     """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
-    resolved = resolve(model)
+    from huatuo_local.runtime.llama.devices import free_memory
+
+    # A name with several quants installed means the best that fits this machine now (models/store.py).
+    resolved = resolve(model, free_memory())
     if offline:
         forbid_network()
     placement = None

@@ -18,7 +18,7 @@ from pathlib import Path
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import GGUFSummary
 from huatuo_local.models.registry import GIB
-from huatuo_local.models.sizing import KV_BYTES
+from huatuo_local.models.sizing import KV_BYTES, FreeMemory
 from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
 
 HEADROOM = GIB // 2  # left free on each GPU: the driver, the display, other programs
@@ -170,6 +170,14 @@ def local_gpus() -> list[Gpu]:
                        (g.ggml_backend_dev_description(dev) or b"").decode(errors="replace"),
                        int(free.value), int(total.value), int(dev)))
     return out
+
+
+def free_memory() -> FreeMemory:
+    """This machine's free RAM and the free memory of the GPUs llama.cpp would use: what a model must fit."""
+    from huatuo_local.runtime.system import available_memory
+
+    gpus = local_gpus()
+    return FreeMemory(available_memory(), sum(g.free for g in gpus) if gpus else None)
 
 
 def _registry() -> list[tuple[str, int]]:
