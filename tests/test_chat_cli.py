@@ -79,7 +79,7 @@ def test_question_from_stdin_and_json_output(model, images):
     proc = chat(model, images[0], "--json", "--max-tokens", "8", input="What does the picture show?\n")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["model"] == "tiny"
+    assert out["model"] == "tiny:f32"
     assert 1 <= out["tokens"]["generated"] <= 8
     assert out["tokens"]["prompt"] > 576
     assert out["counters"]["images_encoded"] == 1

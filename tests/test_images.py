@@ -78,8 +78,30 @@ def test_compressed_transfer_syntaxes_decode_or_name_the_decoder():
     mr = gray(load_rgb(bundled("MR_small.dcm")))
     np.testing.assert_array_equal(gray(load_rgb(bundled("MR_small_RLE.dcm"))), mr)  # RLE lossless
     np.testing.assert_array_equal(gray(load_rgb(bundled("MR_small_jp2klossless.dcm"))), mr)  # JPEG 2000
-    with pytest.raises(HuatuoError, match=r"JPEG-lossy.dcm: cannot decode JPEG Extended.*pylibjpeg"):
+    # JPEG-LS lossless through GDCM (installed with huatuo-local), as the release's users' PACS exports use.
+    ls = pydicom.dcmread(bundled("MR_small_jpeg_ls_lossless.dcm"))
+    assert ls.file_meta.TransferSyntaxUID.name == "JPEG-LS Lossless Image Compression"
+    np.testing.assert_array_equal(gray(load_rgb(bundled("MR_small_jpeg_ls_lossless.dcm"))), mr)
+    # 12-bit JPEG Extended: no decoder installed reads it; the one line says why and what would.
+    with pytest.raises(HuatuoError, match=r"JPEG-lossy.dcm: cannot decode JPEG Extended \(Process 2 and 4\) pixel "
+                                          r"data at 12 bits: .*pylibjpeg-libjpeg.*GPL-3.0"):
         load_rgb(bundled("JPEG-lossy.dcm"))
+
+
+def test_a_dicom_without_its_preamble_is_read_as_its_bytes_say(tmp_path):
+    """Issue 33: `no_meta.dcm` (a bare dataset, no preamble or 'DICM') said "Use force=True", which no user
+    of the CLI can do. It is read; this one holds no pixel data, and says so."""
+    for name in ("no_meta.dcm", "ExplVR_BigEndNoMeta.dcm"):
+        with pytest.raises(HuatuoError, match=rf"^{'.*' + name}: DICOM file without pixel data"):
+            load_rgb(bundled(name))
+    # A bare dataset that holds an image: CT_small's elements without its preamble and file meta.
+    ds = pydicom.dcmread(bundled("CT_small.dcm"))
+    bare = tmp_path / "bare.dcm"
+    ds.preamble = None
+    del ds.file_meta
+    ds.save_as(bare, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(np.asarray(load_rgb(bare)), np.asarray(load_rgb(bundled("CT_small.dcm"))))
 
 
 def test_colour_dicoms():
@@ -106,6 +128,18 @@ def test_multi_frame_defaults_to_the_middle_frame():
     np.testing.assert_array_equal(np.asarray(load_rgb(path, LoadOptions(frame=0))), frames[0])
     with pytest.raises(HuatuoError, match="--frame 7 is out of range"):
         load_rgb(path, LoadOptions(frame=7))
+
+
+def test_multi_frame_tiff_and_gif_default_to_the_middle_frame_too(tmp_path):
+    """Issue 33: TIFF and GIF stacks used frame 0 though --help (and DICOM) say the middle one."""
+    for suffix in ("tiff", "gif"):
+        path = tmp_path / f"stack.{suffix}"
+        frames = [Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)) for i in range(5)]
+        frames[0].save(path, save_all=True, append_images=frames[1:])
+        assert np.asarray(load_rgb(path))[0, 0, 0] == 80  # frame 2 of 0-4
+        assert np.asarray(load_rgb(path, LoadOptions(frame=4)))[0, 0, 0] == 160
+        with pytest.raises(HuatuoError, match=r"--frame 5 is out of range \(the file has 5 frames, 0-4\)"):
+            load_rgb(path, LoadOptions(frame=5))
 
 
 def test_sixteen_bit_png_and_tiff(tmp_path):

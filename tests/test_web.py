@@ -107,11 +107,16 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
         page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith(("data:", "blob:"))
                 else problems.append(f"offline page asked for {r.url}"))
         page.goto(url + "/")
-        # The key is asked once and kept for the tab only.
+        # The key is asked once and kept for the tab only; a wrong one is said, not left at "loading…".
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#key", "not-the-key")
+        page.press("#key", "Enter")
+        wait_js(page, "document.querySelector('#error').textContent.includes('API key was not accepted')")
+        assert page.inner_text("#model") == "API key needed"
         page.wait_for_selector("#key-form:not([hidden])")
         page.fill("#key", KEY)
         page.press("#key", "Enter")
-        wait_js(page, "document.querySelector('#model').textContent === 'tiny'")
+        wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
         assert page.evaluate("sessionStorage.getItem('huatuo-key')") == KEY
         assert page.evaluate("localStorage.length") == 0
 
@@ -124,6 +129,18 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
                               preview_cli(png, tmp_path))
         ct_img = cards.nth(1).locator("img")
         assert cards.nth(0).locator(".dicom").is_hidden() and cards.nth(1).locator(".dicom").is_visible()
+        # Centre and width show the window in use: CT_small names none, so the 0.5-99.5 percentile range of
+        # its Hounsfield values; then the preset's.
+        import pydicom
+        from pydicom.pixels import apply_modality_lut
+
+        ds = pydicom.dcmread(ct)
+        assert "WindowCenter" not in ds
+        lo, hi = np.percentile(apply_modality_lut(ds.pixel_array, ds).astype(np.float64), [0.5, 99.5])
+        center, width = cards.nth(1).locator(".center"), cards.nth(1).locator(".width")
+        assert (float(center.input_value()), float(width.input_value())) == (round((lo + hi) / 2, 1),
+                                                                              round(hi - lo, 1))
+        assert "0.5-99.5 % of the values" in cards.nth(1).locator(".window-note").inner_text()
         default = pixels_of(ct_img.get_attribute("src"))
         assert np.array_equal(default, preview_cli(ct, tmp_path))
         before = ct_img.get_attribute("data-digest")
@@ -131,6 +148,8 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
         wait_js(page, f"document.querySelectorAll('#pending img')[1].dataset.digest !== '{before}'")
         lung = pixels_of(ct_img.get_attribute("src"))
         assert not np.array_equal(lung, default) and np.array_equal(lung, preview_cli(ct, tmp_path, "--window", "lung"))
+        assert (float(center.input_value()), float(width.input_value())) == (-600.0, 1500.0)
+        assert "lung preset" in cards.nth(1).locator(".window-note").inner_text()
         cards.nth(1).locator(".window").select_option("custom")
         cards.nth(1).locator(".center").fill("-100")
         cards.nth(1).locator(".width").fill("900")
@@ -164,6 +183,11 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
                                           max_tokens=16).choices[0].message.content
         answers = page.locator("#turns li .answer")
         assert answers.nth(0).inner_text() == want1
+        # Each answer has a copy button that puts exactly its text on the clipboard.
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+        page.locator("#turns li button.copy").nth(0).click()
+        wait_js(page, "document.querySelector('#turns li button.copy').textContent === 'Copied'")
+        assert page.evaluate("navigator.clipboard.readText()") == want1
         assert "first token" in page.inner_text("#stats") and "tokens/s" in page.inner_text("#stats")
         assert page.locator("#pending .card").count() == 0
 
@@ -211,7 +235,7 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
         with page.expect_download() as info:
             page.click("#export")
         text = Path(info.value.path()).read_text(encoding="utf-8")
-        assert text.startswith("# huatuo-local conversation (tiny, F32)")
+        assert text.startswith("# huatuo-local conversation (tiny:f32)")
         assert q1 in text and want1 in text and q2 in text and want2 in text and "(stopped)" in text
         assert "images: chest.png, CT_small.dcm" in text
 
@@ -260,13 +284,39 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
         frame.press("Tab")
         wait_js(page, "document.querySelector('#pending img').dataset.digest === "
                                f"'{hashlib.sha256(want.tobytes()).hexdigest()}'")
-        # A text file named .png: refused by name, and no broken card stays behind.
+        # A multi-frame TIFF has the same control, and starts at its middle frame, as `preview` does.
+        stack = tmp_path / "stack.tiff"
+        frames = [Image.fromarray(np.full((40, 50, 3), 30 * i, np.uint8)) for i in range(5)]
+        frames[0].save(stack, save_all=True, append_images=frames[1:])
+        page.set_input_files("#file", str(stack))
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 2")
+        tiff = page.locator("#pending .card").nth(1)
+        assert tiff.locator(".frame-control").is_visible() and tiff.locator(".frame").input_value() == "2"
+        assert np.array_equal(pixels_of(tiff.locator("img").get_attribute("src")), preview_cli(stack, tmp_path))
+        want = preview_cli(stack, tmp_path, "--frame", "4")
+        tiff.locator(".frame").fill("4")
+        tiff.locator(".frame").press("Tab")
+        wait_js(page, "document.querySelectorAll('#pending img')[1].dataset.digest === "
+                      f"'{hashlib.sha256(want.tobytes()).hexdigest()}'")
+        assert page.locator("#pending .card").nth(0).locator(".frame-control").is_visible()
+        # Two bad files dropped at once: both are refused by their own names, and no broken card stays.
         notes = tmp_path / "notes.png"
         notes.write_text("Patient notes, not an image.\n")
-        drop_file(page, notes, "image/png")
-        wait_js(page, "document.querySelector('#error').textContent.includes('notes.png was not added')")
-        assert "supported format" in page.inner_text("#error")
-        assert page.locator("#pending li").count() == 1
+        lossy = tmp_path / "lossy-12bit.dcm"
+        shutil.copy(get_testdata_file("JPEG-lossy.dcm"), lossy)
+        page.evaluate("""(files) => {
+            const dt = new DataTransfer();
+            for (const [name, b64, mime] of files) {
+                dt.items.add(new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], name, {type: mime}));
+            }
+            document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
+        }""", [[p.name, base64.b64encode(p.read_bytes()).decode(), m]
+               for p, m in ((notes, "image/png"), (lossy, "application/dicom"))])
+        wait_js(page, "document.querySelector('#error').textContent.includes('lossy-12bit.dcm was not added')")
+        error = page.inner_text("#error")
+        assert "notes.png was not added" in error and "supported format" in error, error
+        assert "12 bits" in error and "uploaded image" not in error, error
+        assert page.locator("#pending li").count() == 2
         # A 500 is a server bug (none is produced on purpose), so the page's handling of one is shown with
         # a stand-in in the server's shape; the other errors below come from a real server.
         page.route("**/v1/chat/completions", lambda route: route.fulfill(
@@ -280,7 +330,7 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
             url, _, _):
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(url + "/")
-        wait_js(page, "document.querySelector('#model').textContent === 'tiny'")
+        wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
         ask_on_page(page, "x " * 600_000)  # a 1.2 MB request: over --max-body-mb
         wait_state(page, "error")
         assert "Too large" in page.inner_text("#error") and "larger than 1 MB" in page.inner_text("#error")

@@ -9,6 +9,7 @@ is converted to RGB. Multi-frame files take `--frame N` (default: the middle fra
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -62,11 +63,31 @@ def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
-def percentile_window(values: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Window:
+    """The grayscale window a picture was made with: centre and width in the file's values (after the
+    modality LUT: Hounsfield units for CT), and where it came from; None where it is not linear (a VOI LUT)."""
+
+    center: float | None
+    width: float | None
+    source: str  # "chosen", "the file's", "the file's VOI LUT", "0.5-99.5 % of the values"
+
+
+WINDOW_INFO = "huatuo_window"  # the key of a picture's .info holding its Window
+
+
+def with_window(img: Image.Image, window: Window) -> Image.Image:
+    img.info[WINDOW_INFO] = window
+    return img
+
+
+def percentile_window(values: np.ndarray) -> tuple[np.ndarray, Window]:
+    """The 0.5-99.5 percentile range onto 0..255, and that range as a window."""
     lo, hi = np.percentile(values.astype(np.float64), [0.5, 99.5])
     if hi <= lo:
         hi = lo + 1
-    return np.clip(np.round((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    gray = np.clip(np.round((values - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+    return gray, Window(round(float(lo + hi) / 2, 1), round(float(hi - lo), 1), "0.5-99.5 % of the values")
 
 
 def is_dicom(name: str | Path) -> bool:
@@ -95,7 +116,8 @@ def _int(value) -> int:
         return 0
 
 
-def _frame_index(path: str, n_frames: int, frame: int | None) -> int:
+def frame_index(path: str, n_frames: int, frame: int | None) -> int:
+    """The frame to show of a multi-frame image: `frame`, else the middle one; one line when out of range."""
     if n_frames > 1:
         index = n_frames // 2 if frame is None else frame
         if not 0 <= index < n_frames:
@@ -166,14 +188,29 @@ def read_dicom(source: str | Path | BinaryIO, window: tuple[float, float] | None
 
 
 def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
+    import logging
+
     import pydicom
+
+    # pydicom logs each decoder that failed, with its traceback; we say why in one line instead.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(source)
+        try:
+            ds = pydicom.dcmread(source)
+        except InvalidDicomError:
+            # No preamble and 'DICM' marker: a bare dataset, as older systems write. Read it as its bytes say
+            # (pydicom detects the VR and byte order) instead of asking for pydicom's force=True.
+            if hasattr(source, "seek"):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)
+            if len(ds) == 0:
+                raise ImageError(f"{path}: not a DICOM file (no DICOM header and no data elements)") from None
+            _bare_dataset_syntax(ds)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise ImageError(f"{path}: not a readable DICOM file ({exc})") from exc
+        raise ImageError(f"{path}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(f"{path}: DICOM file without pixel data (a report, plan or structure set?)")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -181,22 +218,18 @@ def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
         raise ImageError(f"{path}: unsupported photometric interpretation {pi or '(missing)'}")
     n_frames = _int(ds.get("NumberOfFrames", 1)) or 1
     samples = _int(ds.get("SamplesPerPixel", 1)) or 1
-    index = _frame_index(path, n_frames, frame)
+    index = frame_index(path, n_frames, frame)
     _check_size(ds, path, n_frames, samples, max_pixels)
     # Only the requested frame is decoded (pydicom decodes one frame of a multi-frame file).
     ds.pixel_array_options(index=index if n_frames > 1 else None)
     try:
         pixels = ds.pixel_array
     except (RuntimeError, NotImplementedError) as exc:
-        text = str(exc)
-        syntax = ds.file_meta.TransferSyntaxUID.name if "TransferSyntaxUID" in ds.file_meta else "?"
-        hint = ("install a decoder: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
-                if "plugin" in text or "decode" in text.lower() else text.splitlines()[0])
-        raise ImageError(f"{path}: cannot decode {syntax} pixel data; {hint}") from exc
+        raise ImageError(f"{path}: {_no_decoder(ds, str(exc))}") from None
     except (ValueError, AttributeError, KeyError, TypeError, IndexError, EOFError, OverflowError,
             MemoryError) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageError(f"{path}: corrupt or truncated pixel data ({detail})") from exc
+        raise ImageError(f"{path}: corrupt or truncated pixel data ({detail})") from None
     if pixels.ndim == (4 if samples > 1 else 3):  # a decoder that ignored the index
         pixels = pixels[index]
 
@@ -210,18 +243,48 @@ def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
 
     values = apply_modality_lut(pixels, ds)
     if window is not None:
-        gray = apply_window(values, *window)
+        gray, used = apply_window(values, *window), Window(*window, "chosen")
     elif "VOILUTSequence" in ds:
         voi = apply_voi_lut(values, ds, index=0).astype(np.float64)
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         gray = np.clip(np.round(voi / (2**bits - 1) * 255), 0, 255).astype(np.uint8)
+        used = Window(None, None, "the file's VOI LUT")
     elif _first(ds.get("WindowCenter")) is not None and _first(ds.get("WindowWidth")):
-        gray = apply_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        gray, used = apply_window(values, center, width), Window(center, width, "the file's")
     else:
-        gray = percentile_window(values)
+        gray, used = percentile_window(values)
     if pi == "MONOCHROME1":
         gray = 255 - gray
-    return Image.fromarray(gray, "L").convert("RGB")
+    return with_window(Image.fromarray(gray, "L").convert("RGB"), used)
+
+
+def _bare_dataset_syntax(ds) -> None:
+    """A dataset read without its file meta gets the transfer syntax its bytes were read with (pixel decoding
+    needs one)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _no_decoder(ds, text: str) -> str:
+    """Why the pixel data cannot be decoded here, and what would decode it, in one line."""
+    syntax = ds.file_meta.TransferSyntaxUID.name if "TransferSyntaxUID" in ds.file_meta else "?"
+    if "12-bit" in text:  # JPEG Extended at 12 bits: neither GDCM nor Pillow reads it
+        return (f"cannot decode {syntax} pixel data at 12 bits: the decoders huatuo-local installs (GDCM, Pillow) "
+                "do not read it; `.venv/bin/pip install pylibjpeg pylibjpeg-libjpeg` adds one (GPL-3.0, so it "
+                "is not installed by default), or export the study uncompressed")
+    if "plugin" in text or "decode" in text.lower():
+        return (f"cannot decode {syntax} pixel data with the decoders installed (GDCM, Pillow); export the "
+                "study uncompressed, or install pylibjpeg and its plugins into huatuo-local's environment")
+    return f"cannot decode {syntax} pixel data ({text.splitlines()[0][:200]})"
 
 
 def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
@@ -233,5 +296,6 @@ def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
 def high_bit_depth_to_rgb(img: Image.Image, window: tuple[float, float] | None) -> Image.Image:
     """16-bit (or 32-bit) grayscale PNG/TIFF → 8-bit, by the window or the percentile range."""
     values = np.asarray(img)
-    gray = apply_window(values, *window) if window is not None else percentile_window(values)
-    return Image.fromarray(gray, "L").convert("RGB")
+    gray, used = ((apply_window(values, *window), Window(*window, "chosen")) if window is not None
+                  else percentile_window(values))
+    return with_window(Image.fromarray(gray, "L").convert("RGB"), used)

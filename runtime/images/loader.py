@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from huatuo_local.models.prompt import MAX_IMAGES
-from huatuo_local.runtime.images.dicom import ImageError, high_bit_depth_to_rgb, is_dicom, looks_like_dicom, read_dicom
+from huatuo_local.runtime.images.dicom import (
+    ImageError,
+    frame_index,
+    high_bit_depth_to_rgb,
+    is_dicom,
+    looks_like_dicom,
+    read_dicom,
+)
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default, set explicitly
@@ -47,7 +54,8 @@ class ImageData:
     """An image already in memory (an upload, a file read through one descriptor): never written to disk."""
 
     data: bytes
-    name: str  # how messages call it ("the uploaded image", a path)
+    name: str  # how messages call it ("the uploaded image", the client's file name, a path)
+    dicom: bool = False  # the sender says it is DICOM (a data: URI's MIME type), whatever its name
 
 
 Source = str | Path | ImageData
@@ -98,9 +106,14 @@ def load_rgb(source: Source, options: LoadOptions | None = None) -> Image.Image:
         if not head:
             raise ImageError(f"{label}: empty file (0 bytes)")
         f.seek(0)
-        if is_dicom(label) or looks_like_dicom(head):
+        if _dicom(source, head):
             return read_dicom(f, opts.window, opts.frame, opts.max_pixels, label=label)
         return _load_pillow(f, label, opts)
+
+
+def _dicom(source: Source, head: bytes) -> bool:
+    return (is_dicom(_label(source)) or looks_like_dicom(head)
+            or (isinstance(source, ImageData) and source.dicom))
 
 
 def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
@@ -111,7 +124,8 @@ def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(f, formats=FORMATS) as img:
                 check_pixels(label, *img.size, opts.max_pixels)
-                img.seek(opts.frame if opts.frame is not None else 0)
+                # The middle frame by default, as for DICOM: of a stack, the middle is where the anatomy is.
+                img.seek(frame_index(label, int(getattr(img, "n_frames", 1) or 1), opts.frame))
                 img = ImageOps.exif_transpose(img) or img
                 check_pixels(label, *img.size, opts.max_pixels)
                 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -159,7 +173,7 @@ def frame_count(source: Source) -> int:
         with _open(source) as f:
             head = f.read(132)
             f.seek(0)
-            if is_dicom(_label(source)) or looks_like_dicom(head):
+            if _dicom(source, head):
                 import pydicom
 
                 ds = pydicom.dcmread(f, stop_before_pixels=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from huatuo_local.runtime.serve.body import Disconnect, read_json
@@ -25,8 +26,10 @@ async def preview(request: Request):
                        param="image_url")
     assert state.loader is not None
     watch = Disconnect(request)
-    item, frames = await watch.run(state.loader.preview, body["image_url"], watch.gone.is_set)
+    shown = await watch.run(state.loader.preview, body["image_url"], watch.gone.is_set)
+    item = shown.item
     buf = io.BytesIO()
     item.picture.save(buf, format="PNG")
-    return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "frames": frames,
-            "width": item.picture.size[0], "height": item.picture.size[1], "digest": item.digest}
+    return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "frames": shown.frames,
+            "width": item.picture.size[0], "height": item.picture.size[1], "digest": item.digest,
+            "window": asdict(shown.window) if shown.window else None}

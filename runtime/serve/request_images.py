@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlparse
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.core.items import ImageItem, image_item
-from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.dicom import WINDOW_INFO, Window, parse_window
 from huatuo_local.runtime.images.loader import ImageData, LoadOptions, frame_count, load_rgb, prepare
 from huatuo_local.runtime.serve.openai import ApiError, _bad
 
@@ -24,6 +24,13 @@ _DICOM_MIMES = ("application/dicom", "image/dicom")
 # A server decodes what any client sends: 50 megapixels (the padded square included) holds every
 # radiograph and mammogram (a 5624-pixel side is 31.6 M) and keeps one decode within ~0.3 GB.
 SERVE_MAX_PIXELS = 50_000_000
+
+
+@dataclass(frozen=True)
+class Preview:
+    item: ImageItem
+    frames: int
+    window: Window | None  # the grayscale window used (DICOM and 16-bit images), None for 8-bit pictures
 
 
 @dataclass
@@ -35,6 +42,15 @@ class Limits:
 
 # Loader messages speak to CLI users; a client is told the request field or the server's option instead.
 _FIELD_NAMES = (("--max-pixels", "the server's --max-pixels"), ("--frame", "'frame'"), ("--window", "'window'"))
+
+
+def _client_name(name: str | None) -> str:
+    """The file name a client gave for an upload (the `name` extension field), as messages may show it:
+    printable, at most 120 characters. It is only ever echoed back to that client, never written."""
+    if not name:
+        return ""
+    shown = "".join(c for c in name if c.isprintable())[:120].strip()
+    return shown
 
 
 def _for_client(message: str) -> str:
@@ -60,9 +76,9 @@ class ImageLoader:
 
     def load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> ImageItem:
         """The picture the model sees for one image part."""
-        return self._load(part, where, cancelled)[0]
+        return self._load(part, where, cancelled).item
 
-    def _load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
+    def _load(self, part: dict, where: str, cancelled: Callable[[], bool] | None = None) -> Preview:
         spec = part.get("image_url")
         if isinstance(spec, str):
             spec = {"url": spec}
@@ -79,10 +95,13 @@ class ImageLoader:
         frame = spec.get("frame")
         if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < 1 << 31):
             raise _bad("'frame' must be a non-negative integer", where)
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _bad("'name' must be a string: the file's name, used in error messages", where)
         options = LoadOptions(window, frame, self.limits.max_pixels)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            data = self._from_data(url, where)
+            data = self._from_data(url, where, name)
         elif scheme == "file":
             data = self._from_file(url, where)
         elif scheme in ("http", "https"):
@@ -95,7 +114,7 @@ class ImageLoader:
                 raise ApiError(499, "the client went away", code="client_closed")
             return self._prepare(data, options, where)
 
-    def _from_data(self, url: str, where: str) -> ImageData:
+    def _from_data(self, url: str, where: str, name: str | None = None) -> ImageData:
         head, sep, payload = url.partition(",")
         if not sep or not head.lower().endswith(";base64"):
             raise _bad("image data URIs must be base64: data:MIME;base64,...", where)
@@ -107,7 +126,7 @@ class ImageLoader:
         except (binascii.Error, ValueError):
             raise _bad("the image's base64 data is invalid", where) from None
         mime = head[5:-7].lower()
-        return ImageData(data, "the uploaded image.dcm" if mime in _DICOM_MIMES else "the uploaded image")
+        return ImageData(data, _client_name(name) or "the uploaded image", dicom=mime in _DICOM_MIMES)
 
     def _from_file(self, url: str, where: str) -> ImageData:
         parsed = urlparse(url)
@@ -158,13 +177,15 @@ class ImageLoader:
             for fd in fds:
                 os.close(fd)
 
-    def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> tuple[ImageItem, int]:
-        """What the model will see for one image part, and how many frames the file has."""
+    def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> Preview:
+        """What the model will see for one image part, how many frames the file has, and the window used."""
         return self._load({"image_url": spec}, "image", cancelled)
 
-    def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> tuple[ImageItem, int]:
+    def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
         try:
-            return image_item(prepare(load_rgb(data, options), self.vision)), frame_count(data)
+            picture = load_rgb(data, options)
+            return Preview(image_item(prepare(picture, self.vision)), frame_count(data),
+                           picture.info.get(WINDOW_INFO))
         except HuatuoError as exc:
             message = _for_client(str(exc))
             status = 413 if "too large" in message else 400

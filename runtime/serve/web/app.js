@@ -25,6 +25,13 @@ function showError(message) {
   box.hidden = !message;
 }
 
+// Another error beside those shown (two bad files dropped at once: both are said).
+function addError(message) {
+  const box = $("#error");
+  box.textContent = box.hidden || !box.textContent ? message : box.textContent + "\n" + message;
+  box.hidden = false;
+}
+
 // One sentence for every error the server can give, in its own words plus what to do.
 function explain(status, body) {
   const err = (body && body.error) || {};
@@ -69,11 +76,17 @@ $("#key-form").addEventListener("submit", (ev) => {
 async function loadStatus() {
   try {
     const h = await (await fetch("/health", { headers: headers() })).json();
-    if (h.status === "ok" && !h.model) { askKey(); return; }  // a keyed server says more once it has the key
+    if (h.status === "ok" && !h.model) {  // a keyed server says more once it has the key
+      $("#model").textContent = "API key needed";
+      if (state.key) showError("The API key was not accepted: enter this server's key.");
+      askKey();
+      return;
+    }
     if (h.status === "ok") {
       state.model = h.model; state.quant = h.quant || "";
       $("#model").textContent = h.model;
-      $("#quant").textContent = state.quant ? "(" + state.quant + ")" : "";
+      // The model is named NAME:QUANT already; a model without a manifest shows its quant beside it.
+      $("#quant").textContent = state.quant && !h.model.includes(":") ? "(" + state.quant + ")" : "";
       if (h.auth && !state.key) askKey();
       return;
     }
@@ -101,12 +114,12 @@ function readAsDataUri(file, mime) {
 }
 
 function imageSpec(img) {
-  const spec = { url: img.uri };
+  const spec = { url: img.uri, name: img.name };  // the name: errors say which file
   if (img.dicom) {
     if (img.window === "custom") spec.window = `${img.center},${img.width}`;
     else if (img.window) spec.window = img.window;
-    if (img.frames > 1) spec.frame = img.frame;
   }
+  if (img.frames > 1) spec.frame = img.frame;  // multi-frame DICOM, TIFF and GIF alike
   return spec;
 }
 
@@ -172,6 +185,8 @@ async function preview(img) {
     const frame = img.card.querySelector(".frame");
     frame.max = String(Math.max(0, data.frames - 1));
     frame.disabled = data.frames <= 1;
+    img.card.querySelector(".frame-control").hidden = data.frames <= 1;
+    showWindow(img, data.window);
     if (img.firstPreview && data.frames > 1) {  // the loader's default: the middle frame
       img.frame = Math.floor(data.frames / 2); frame.value = String(img.frame); img.firstPreview = false;
     }
@@ -184,13 +199,33 @@ async function preview(img) {
       // A file the model could never read (a text file named .png): it does not stay as a broken card.
       state.pending = state.pending.filter((p) => p !== img);
       img.card.remove();
-      showError(`${img.name} was not added: ${e.message}`);
+      addError(`${img.name} was not added: ${withoutName(e.message, img.name)}`);
     } else {
-      showError(img.name + ": " + e.message);
+      addError(img.name + ": " + withoutName(e.message, img.name));
     }
   } finally {
     if (ticket === img.ticket) el.removeAttribute("aria-busy");
   }
+}
+
+// The server names the file in its messages already (the `name` sent with each image).
+function withoutName(message, name) {
+  const at = message.indexOf(name + ": ");
+  return at >= 0 ? message.slice(0, at) + message.slice(at + name.length + 2) : message;
+}
+
+// Centre and width show the window the picture was made with: the preset's, the file's own, or the
+// percentile range used when the file has none.
+function showWindow(img, used) {
+  const center = img.card.querySelector(".center"), width = img.card.querySelector(".width");
+  const note = img.card.querySelector(".window-note");
+  if (img.window !== "custom" && used && used.center !== null) {
+    center.value = String(used.center); width.value = String(used.width);
+    img.center = used.center; img.width = used.width;
+  }
+  note.textContent = used ? "in use: " + (used.center !== null ? `${used.center} / ${used.width}, ` : "") +
+    (used.source === "chosen" ? (img.window && img.window !== "custom" ? img.window + " preset" : "chosen")
+                              : used.source) : "";
 }
 
 function refreshPreviews() { for (const img of state.pending) preview(img); }
@@ -232,6 +267,19 @@ function renderTurn(turn) {
   const note = document.createElement("span");
   note.className = "note";
   a.appendChild(note);
+  const copy = document.createElement("button");
+  copy.type = "button"; copy.className = "copy"; copy.textContent = "Copy";
+  copy.setAttribute("aria-label", "Copy this answer");
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(turn.answer);
+      copy.textContent = "Copied";
+    } catch (e) {
+      showError("The browser did not allow copying; select the answer's text instead.");
+    }
+    setTimeout(() => { copy.textContent = "Copy"; }, 1500);
+  });
+  a.appendChild(copy);
   li.appendChild(a);
   $("#turns").appendChild(li);
   turn.el = text; turn.noteEl = note;
@@ -348,7 +396,7 @@ $("#new").addEventListener("click", () => {
 });
 
 $("#export").addEventListener("click", () => {
-  const lines = [`# huatuo-local conversation (${state.model}${state.quant ? ", " + state.quant : ""})`, ""];
+  const lines = [`# huatuo-local conversation (${state.model})`, ""];
   for (const t of state.turns) {
     const names = t.images.map((i) => i.name).join(", ");
     lines.push(`**You**${names ? " (images: " + names + ")" : ""}: ${t.question}`, "");
