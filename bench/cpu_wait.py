@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/huatuo-bench-runtime"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--only", nargs="+", help="measure only the settings whose labels start with these")
     args = ap.parse_args()
+    settings = [s for s in SETTINGS if not args.only or s[0].startswith(tuple(args.only))]
     import runtime
 
     if args.tiny:
@@ -119,7 +121,7 @@ def main() -> None:
         for load in ("quiet", "busy"):
             busy = hogs(os.cpu_count() or 2) if load == "busy" else []
             try:
-                for label, env in SETTINGS:
+                for label, env in settings:
                     for path, hit in (("cache hit", True), ("cache miss", False)):
                         r = ours(manifest, image, home, env, hit, args.gen, args.threads)
                         rows.setdefault((label, path, load), []).append(r)

@@ -380,3 +380,36 @@ def remove(ref: str, all_quants: bool = False) -> Removal:
     except OSError:
         pass
     return Removal(refs, delete, kept, freed)
+
+
+@dataclass
+class StoreUsage:
+    """What huatuo-local keeps under its home folder, for `doctor`."""
+
+    home: Path
+    models: int
+    model_bytes: int
+    download_bytes: int
+    free_bytes: int  # on the disk that holds the home folder
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    if root.is_dir() and not root.is_symlink():
+        for dirpath, _dirs, files in os.walk(root):  # never follows links
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+def store_usage() -> StoreUsage:
+    found = list_models()
+    root = home()
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return StoreUsage(root, len(found), _tree_bytes(models_dir()), _tree_bytes(downloads_dir()),
+                      shutil.disk_usage(probe).free)

@@ -16,7 +16,7 @@ from huatuo_local.runtime.core.loading import open_model
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.session import Counters, Reply, Session
 from huatuo_local.runtime.images.dicom import parse_window
-from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions
+from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, ImageInput, LoadOptions
 
 
 class HuatuoChatbot:
@@ -58,14 +58,14 @@ class HuatuoChatbot:
 
     # --- the release's interface ----------------------------------------------------
 
-    def inference(self, query: str, image_paths: list[str | Path] | None = None) -> list[str]:
+    def inference(self, query: str, image_paths: list[ImageInput] | None = None) -> list[str]:
         """One question, no history (the release's `inference`); returns [answer]."""
         self.session.clear()
         reply = self.session.ask(query, list(image_paths or []))
         self.session.clear()
         return [reply.text]
 
-    def chat(self, text: str, images: list[str | Path] | None = None) -> str:
+    def chat(self, text: str, images: list[ImageInput] | None = None) -> str:
         """One turn of a conversation; earlier turns and images stay in context."""
         return self.session.ask(text, list(images or [])).text
 
@@ -74,7 +74,7 @@ class HuatuoChatbot:
 
     # --- beyond the release ---------------------------------------------------------
 
-    def stream(self, text: str, images: list[str | Path] | None = None, on_progress=None) -> Iterator[str]:
+    def stream(self, text: str, images: list[ImageInput] | None = None, on_progress=None) -> Iterator[str]:
         """Like `chat`, yielding the answer as it is generated; `last_reply` has the details.
 
         `on_progress(Progress)` reports the prompt being read (images encoded, positions done/total)."""
@@ -84,7 +84,7 @@ class HuatuoChatbot:
         """Evaluate the start every follow-up shares, e.g. while the user types; returns positions."""
         return self.session.prefill_next_turn()
 
-    def prefill_images(self, images: list[str | Path]) -> int:
+    def prefill_images(self, images: list[ImageInput]) -> int:
         """Encode and evaluate the next question's images now, e.g. while the user types it; returns positions."""
         return self.session.prefill_images(list(images))
 

@@ -42,11 +42,20 @@ def test_settings_bench_runs(tmp_path):
 
 
 def test_serve_bench_runs(tmp_path):
+    # One client count alone (`--clients 16` crashed at its summary: issue 33).
     out = run_bench("serve.py", "--depth", "1", "--quant", "Q8_0", "--no-llama-server", "--tokens", "6",
-                    "--rounds", "1", "--clients", "1", "2", tmp_path=tmp_path)
-    rows = [ln for ln in out.splitlines() if ln.startswith(("| 1 |", "| 2 |"))]
-    assert len(rows) == 2 and all(r.count("|") == 4 for r in rows), out[-1500:]
+                    "--rounds", "1", "--clients", "2", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 2 |")]
+    assert len(rows) == 1 and rows[0].count("|") == 4, out[-1500:]
     assert "while another client's image is read" in out and "GiB with 2" in out
+    assert "aggregate with 2 clients = 1.00x 2 clients" in out
+
+
+def test_cpu_wait_bench_runs(tmp_path):
+    out = run_bench("cpu_wait.py", "--depth", "1", "--quant", "Q8_0", "--rounds", "1", "--gen", "4",
+                    "--only", "libgomp default", "spin 100 (", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| libgomp default", "| spin 100", "| llama-bench"))]
+    assert len(rows) == 5 and all(r.count("|") == 7 for r in rows), out[-1500:]
 
 
 def test_load_bench_runs(tmp_path):

@@ -541,3 +541,115 @@ def test_kv_type_reaches_llama_cpp(converted, images):
     assert len(narrow.stderr.strip().splitlines()) == 1
     bad = run_cli("chat", images[0], "-p", "hi", "--model", str(wide.manifest_path), "--kv-type", "q4")
     assert bad.returncode == 1 and "--kv-type q4: choose f16, f32 or q8_0" in bad.stderr
+
+
+def test_a_pasted_question_of_several_lines_is_one_question(model, images, tmp_path):
+    """Issue 33: the chat split a multi-line paste into separate questions (three answers, the image with the
+    first only). Lines that arrive together are one question; so are the lines between two \"\"\"."""
+    from huatuo_local.runtime.cli.terminal import shown
+    from pydicom.data import get_testdata_file
+
+    pasted = "Line one of the history.\nLine two.\nWhat does the picture show?"
+    want = json.loads(chat(model, images[0], "-p", pasted, "--json", "--max-tokens", "8").stdout)["answer"]
+    ct = get_testdata_file("CT_small.dcm")
+    lung = json.loads(chat(model, ct, "-p", "And this one?", "--json", "--max-tokens", "8", "--window",
+                           "lung").stdout)["answer"]
+    child = repl(model.manifest_path, "--max-tokens", "8", "--no-prefix-cache", images[0])
+    child.expect(">>> ")
+    child.send(pasted + "\n")  # one write, as a terminal delivers a paste
+    child.expect(">>> ")
+    assert shown(want) in child.before  # (a terminal shows control characters as pictures: see below)
+    child.sendline("/clear")
+    child.expect(">>> ")
+    # /image takes this image's own window (it said "no such file" for `--window lung`).
+    child.sendline(f"/image {ct} --window lung")
+    child.expect("image added")
+    child.expect(">>> ")
+    child.sendline('"""And this one?')
+    child.expect(r"\.\.\. ")
+    child.sendline('"""')
+    child.expect(">>> ")
+    assert shown(lung) in child.before
+    child.sendline(f"/image {ct} --window nowhere")
+    child.expect("error: --window nowhere: give a preset")
+    child.expect(">>> ")
+    saved = tmp_path / "t.json"
+    child.sendline(f"/save {saved}")
+    child.expect("saved")
+    child.expect(">>> ")
+    leave(child)
+    turns = json.loads(saved.read_text())["turns"]
+    assert [(t["user"], t["images"]) for t in turns] == [("And this one?", ["CT_small.dcm"])]
+
+
+def test_control_characters_in_an_answer_are_shown_not_executed(model, tmp_path, monkeypatch):
+    """Issue 33: a raw carriage return (or escape sequence) in the model's output overwrote the screen, so the
+    terminal showed something else than the saved transcript."""
+    import io
+
+    from huatuo_local import HuatuoChatbot
+    from huatuo_local.runtime.cli import repl
+
+    raw = "Left\rRight \x1b[2J done"
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=40, prefix_cache=False) as bot:
+        forced = iter(bot.engine.tokenize(raw))
+
+        def steer(logits):
+            logits.fill(-1e9)
+            logits[next(forced, bot.engine.eos_id)] = 1e4
+            return logits
+
+        bot.session.logit_hook = steer
+        saved = tmp_path / "t.md"
+        monkeypatch.setattr("sys.stdin", io.StringIO(f"Say it.\n/save {saved}\n"))
+        out = io.StringIO()
+        assert repl.run(bot, [], out=out) == 0
+    assert "Left␍Right ␛[2J done" in out.getvalue() and "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    assert raw in saved.read_bytes().decode()  # the transcript keeps the exact text
+
+
+def test_the_python_api_takes_pil_images_and_arrays(model, images):
+    """Issue 33: a PIL image or numpy array gave a raw TypeError; the release's users pass either."""
+    from huatuo_local import HuatuoChatbot
+    from huatuo_local.models.errors import HuatuoError
+
+    question = "What does the picture show?"
+    picture = Image.open(images[0])
+    with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=8, prefix_cache=False) as bot:
+        want = bot.inference(question, [images[0]])
+        assert bot.inference(question, [picture]) == want
+        assert bot.inference(question, [np.asarray(picture.convert("RGB"))]) == want
+        with pytest.raises(HuatuoError, match=r"a numpy array of shape \(2, 3, 5\).*HxWx3"):
+            bot.inference(question, [np.zeros((2, 3, 5), np.uint8)])
+        with pytest.raises(HuatuoError, match="an image of type int: give a file path, a PIL image"):
+            bot.inference(question, [5])
+        with pytest.raises(HuatuoError, match=r"start a new conversation \(clear_history\(\) in Python"):
+            bot.chat(question, [images[0]] * 7)
+
+
+def test_closing_the_model_gives_the_network_back():
+    """Issue 33: after bot.close() name resolution stayed blocked for the whole notebook. The guard holds while a
+    model is open; its refusal says so. (Audit events are raised directly: nothing leaves the machine.)"""
+    code = textwrap.dedent("""
+        import sys
+        from huatuo_local.runtime.core.offline import NetworkBlocked, forbid_network
+        def lookup():
+            try:
+                sys.audit("socket.getaddrinfo", "huggingface.co", 443, 0, 0, 0)
+                return "allowed"
+            except NetworkBlocked as e:
+                return "blocked: " + str(e)
+        first, second = forbid_network(), forbid_network()
+        print(lookup())
+        first.release(); first.release()
+        print(lookup())
+        second.release()
+        print(lookup())
+    """)
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3, proc.stdout + proc.stderr
+    assert lines[0].startswith("blocked: name lookup of 'huggingface.co' refused") and "bot.close()" in lines[0]
+    assert lines[1].startswith("blocked:") and lines[2] == "allowed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -111,6 +112,9 @@ def test_convert_computes_the_matrix_itself(tiny, scan, tmp_path):
     proc = run_cli("convert", str(ckpt), "--name", "wide", "--quant", "IQ3_XXS", "--imatrix", "auto", env=env,
                    timeout=900)
     assert proc.returncode == 0, proc.stderr
+    # Each bar counts what its stage counts (issue 33: "quantize Q4_K_M 27/27 bytes").
+    assert "14/14 conversations" in proc.stderr and re.search(r"quantize IQ3_XXS .* (\d+)/\1 tensors", proc.stderr)
+    assert not re.search(r"quantize.* bytes", proc.stderr), proc.stderr
     folder = tmp_path / "home" / "models" / "wide"
     saved = read_imatrix(folder / "wide.imatrix.gguf")
     assert saved.chunk_count == 14 and saved.counts["blk.0.attn_q.weight"] > 14 * 576

@@ -61,6 +61,9 @@ def test_doctor_selftest_converts_and_chats_without_download(tmp_path):
     first = proc.stdout.splitlines()[0]
     assert first.startswith("selftest         ok on ") and "meaningless" in first
     assert "generated 16 tokens" in first
+    # Where huatuo-local keeps things, and how much (issue 33).
+    store = next(line for line in proc.stdout.splitlines() if line.startswith("store "))
+    assert f"store            {tmp_path}: 0 model(s), 0.00 GiB;" in store and "GiB free on its disk" in store
 
 
 def test_every_command_has_help_with_an_example():

@@ -326,8 +326,13 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
         wait_state(page, "error")
         assert "generation failed" in page.inner_text("#error")
         page.unroute("**/v1/chat/completions")
-    with server(str(model.manifest_path), tmp_path, "--parallel", "1", "--max-queue", "1", "--max-body-mb", "1") as (
-            url, _, _):
+    # --open where no browser can start: said in one line, not silent (issue 33).
+    with server(str(model.manifest_path), tmp_path, "--parallel", "1", "--max-queue", "1", "--max-body-mb", "1",
+                "--open", env={"BROWSER": str(tmp_path / "no-such-browser") + " %s"}) as (url, _, log):
+        deadline = time.time() + 30
+        while "no browser could be opened" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert f"no browser could be opened here; open {url}/ yourself" in log.read_text()
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(url + "/")
         wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")

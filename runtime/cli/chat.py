@@ -95,10 +95,14 @@ def chat(
             "session_counters": asdict(bot.counters), "warning": reply.warning,
         }, ensure_ascii=False, indent=2))
         return
+    from huatuo_local.runtime.cli.terminal import shown
+
+    # On a terminal a control character in the answer is shown, never executed; a pipe gets the exact text.
+    show = shown if sys.stdout.isatty() else str
     try:
         for piece in bot.stream(prompt, paths, on_progress=status):
             status.stop()  # the answer starts: the status line goes
-            sys.stdout.write(piece)
+            sys.stdout.write(show(piece))
             sys.stdout.flush()
     finally:
         status.stop()

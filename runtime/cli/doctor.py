@@ -35,6 +35,7 @@ class Report:
     choices: dict[str, dict] | None = None  # known model → its best quant here, what it needs, what else fits
     backends: list[str] | None = None  # what the loaded engine was built with, from llama.cpp's registry
     idle_backends: list[str] | None = None  # GPU backends built in that found no device (CUDA without a driver)
+    store: dict | None = None  # the home folder: models, their size, downloads, free disk
 
 
 def engine_build() -> dict:
@@ -123,7 +124,18 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     return Report(__version__, llama_cpp.__version__, engine_build(), system, gpu, probe, total, avail, fits,
                   recommended, physical_cores(), os.cpu_count() or 1, rpc.available(), workers,
                   [{"name": g.name, "description": g.description, "free_gib": g.free / GIB, "total_gib": g.total / GIB}
-                   for g in found_gpus], placements(found_gpus), best_here, built_backends(), idle_backends())
+                   for g in found_gpus], placements(found_gpus), best_here, built_backends(), idle_backends(),
+                  _store())
+
+
+def _store() -> dict:
+    from huatuo_local.models.store import store_usage
+    from huatuo_local.runtime.core import prefix_cache
+
+    usage = store_usage()
+    return {"home": str(usage.home), "models": usage.models, "model_bytes": usage.model_bytes,
+            "download_bytes": usage.download_bytes, "prefix_cache_bytes": prefix_cache.info().bytes,
+            "free_disk_bytes": usage.free_bytes}
 
 
 def placements(gpus) -> dict[str, str]:
@@ -143,6 +155,14 @@ def placements(gpus) -> dict[str, str]:
         except Exception as exc:  # a damaged model is reported, the report goes on
             out[m.ref] = f"unreadable ({exc})"
     return out
+
+
+def _store_line(store: dict) -> str:
+    gib = 1024**3
+    return (f"store            {store.get('home')}: {store.get('models', 0)} model(s), "
+            f"{store.get('model_bytes', 0) / gib:.2f} GiB; downloads {store.get('download_bytes', 0) / gib:.2f} GiB; "
+            f"prefix cache {store.get('prefix_cache_bytes', 0) / gib:.2f} GiB; "
+            f"{store.get('free_disk_bytes', 0) / gib:.1f} GiB free on its disk")
 
 
 def _memory_lines(report: Report) -> list[str]:
@@ -209,6 +229,7 @@ def doctor(
             f"CPU cores        {report.physical_cores} physical, {report.logical_cores} logical (threads default to "
             "the physical count)",
             f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
+            _store_line(report.store or {}),
         ]
         lines += _memory_lines(report)
         rec = report.recommended

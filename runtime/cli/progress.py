@@ -3,7 +3,37 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+# Stages that count things, not bytes (by the start of their name): what their bar says it counts.
+COUNTED = {"quantize": "tensors", "importance matrix": "conversations"}
+
+
+def unit_of(stage: str) -> str:
+    return next((unit for prefix, unit in COUNTED.items() if stage.startswith(prefix)), "bytes")
+
+
+class _AmountColumn(ProgressColumn):
+    """Bytes as a download shows them (1.2/4.7 GB), anything else as a count with its unit (27/27 tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn()
+
+    def render(self, task) -> Text:
+        unit = unit_of(task.description)
+        if unit == "bytes":
+            return self._bytes.render(task)
+        return Text(f"{int(task.completed)}/{int(task.total or 0)} {unit}", style="progress.download")
 
 
 class StageProgress:
@@ -11,7 +41,7 @@ class StageProgress:
 
     def __init__(self) -> None:
         self._progress = Progress(
-            TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            TextColumn("{task.description:<18}"), BarColumn(), _AmountColumn(), TimeRemainingColumn(),
             console=Console(stderr=True), transient=False,
         )
         self._tasks: dict[str, TaskID] = {}

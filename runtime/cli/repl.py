@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import select
 import shlex
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
@@ -14,16 +15,21 @@ from huatuo_local.models.private import write_private
 from huatuo_local.models.prompt import MAX_IMAGES
 from huatuo_local.runtime.api import HuatuoChatbot
 from huatuo_local.runtime.cli.progress import PromptStatus
-from huatuo_local.runtime.images.loader import check_images
+from huatuo_local.runtime.cli.terminal import shown
+from huatuo_local.runtime.images.dicom import parse_window
+from huatuo_local.runtime.images.loader import ImageInput, ImageSpec, LoadOptions, check_images, image_name
 
 HELP = """Commands:
-  /image PATH   add an image to your next question (up to 6 per conversation; quotes are fine)
+  /image PATH [--window W] [--frame N]
+                add an image to your next question (up to 6 per conversation; quotes are fine);
+                --window (lung, bone, ... or C,W) and --frame apply to this image only
   /images       list the images waiting for your next question
   /drop [N]     remove waiting image N (default: the last one added)
   /clear        forget the conversation and its images
   /save FILE    write the transcript (.md for Markdown, .json for JSON)
   /help         this help
-  /quit         leave (Ctrl-D too); Ctrl-C stops an answer in progress"""
+  /quit         leave (Ctrl-D too); Ctrl-C stops an answer in progress
+A question may span lines: paste it, or type \"\"\" to start and end one."""
 
 
 @dataclass
@@ -47,16 +53,16 @@ def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> st
     seen = seen or Transcript()
     turns = []
     for i, t in enumerate(bot.session.turns):
-        names = seen.images[i] if i < len(seen.images) else []
-        turns.append({"user": t.text, "images": [Path(n).name for n in names] or t.n_images,
-                      "assistant": t.answer, "stopped": i < len(seen.stopped) and seen.stopped[i]})
+        names = [Path(n).name for n in seen.images[i]] if i < len(seen.images) else []
+        names += [f"image {k + 1}" for k in range(len(names), t.n_images)]  # always a list, one name per image
+        turns.append({"user": t.text, "images": names, "assistant": t.answer,
+                      "stopped": i < len(seen.stopped) and seen.stopped[i]})
     if path.suffix.lower() == ".json":
         text = json.dumps({"model": bot.model.ref, "turns": turns}, indent=2, ensure_ascii=False)
     elif path.suffix.lower() in (".md", ".markdown"):
         parts = [f"# huatuo-local transcript ({bot.model.ref})\n"]
         for t in turns:
-            images = t["images"]
-            shown = ", ".join(images) if isinstance(images, list) else f"{images} image(s)" if images else ""
+            shown = ", ".join(t["images"])
             parts.append(f"**User**{' (' + shown + ')' if shown else ''}: {t['user']}\n")
             parts.append(f"**Assistant**{' (stopped)' if t['stopped'] else ''}: {t['assistant']}\n")
         text = "\n".join(parts)
@@ -71,12 +77,43 @@ def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> st
 
 
 def image_argument(arg: str) -> str:
-    """`/image`'s argument as a path: quotes and backslash-escaped spaces (what drag-and-drop gives) undone."""
+    """`/save`'s argument as a path: quotes and backslash-escaped spaces (what drag-and-drop gives) undone."""
     try:
         words = shlex.split(arg)
     except ValueError:  # an unbalanced quote: take the text as it is
         words = [arg.strip("'\"")]
     return " ".join(words)
+
+
+def image_command(arg: str, defaults: LoadOptions) -> ImageSpec:
+    """`/image PATH [--window W] [--frame N]`: the path (quoted, or with escaped spaces, as drag-and-drop
+    gives it) and this image's own window and frame over the conversation's."""
+    try:
+        words = shlex.split(arg)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        words = [arg.strip("'\"")]
+    path, window, frame = [], defaults.window, defaults.frame
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in ("--window", "--frame"):
+            if i + 1 >= len(words):
+                raise HuatuoError(f"/image: {word} needs a value, e.g. /image scan.dcm {word} "
+                                  + ("lung" if word == "--window" else "3"))
+            value = words[i + 1]
+            if word == "--window":
+                window = parse_window(value)
+            else:
+                if not value.isdigit():
+                    raise HuatuoError(f"/image: --frame {value}: give a frame number, 0 or more")
+                frame = int(value)
+            i += 2
+            continue
+        path.append(word)
+        i += 1
+    if not path:
+        raise HuatuoError("usage: /image PATH [--window W] [--frame N]")
+    return ImageSpec(str(Path(" ".join(path)).expanduser()), replace(defaults, window=window, frame=frame))
 
 
 class _NextTurnPrefill:
@@ -90,7 +127,7 @@ class _NextTurnPrefill:
         self.bot = bot
         self.thread: threading.Thread | None = None
 
-    def start(self, images: list[str] | None = None) -> None:
+    def start(self, images: list[ImageInput] | None = None) -> None:
         """After an answer: the next turn's shared start; with `images`: those images, read now."""
         self.settle()
         work = (lambda: self.bot.prefill_images(images)) if images else self.bot.prefill_next_turn
@@ -119,6 +156,35 @@ class _NextTurnPrefill:
                 self.thread = None
 
 
+PASTE_GAP_S = 0.05  # lines that arrive closer together than this came from one paste, not from typing
+
+
+def _more_waiting(timeout: float) -> bool:
+    """Whether more input is already there (the rest of a paste); False where stdin cannot be polled."""
+    try:
+        return bool(select.select([sys.stdin], [], [], timeout)[0])
+    except (OSError, ValueError):
+        return False
+
+
+def read_question(out) -> str:
+    """One question: a line; the lines of a paste together (they arrive at once, a typist's do not); or
+    everything between two lines of \"\"\" (as in Ollama)."""
+    first = input(">>> ")
+    if first.strip().startswith('"""'):
+        lines = [first.strip()[3:]]
+        while True:
+            line = input("... ")
+            if line.rstrip().endswith('"""'):
+                lines.append(line.rstrip()[:-3])
+                return "\n".join(lines).strip()
+            lines.append(line)
+    lines = [first]
+    while _more_waiting(PASTE_GAP_S):
+        lines.append(input(""))
+    return "\n".join(lines)
+
+
 def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -132,7 +198,7 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
 
 
 def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill) -> int:
-    pending = list(images)
+    pending: list[ImageInput] = list(images)
     seen = Transcript()
     print(f"huatuo-local chat with {bot.model.ref}. /help for commands, Ctrl-D to leave.", file=out)
     if bot.engine.vision_warning:
@@ -141,7 +207,7 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
         prefill.start(list(pending))  # the images come first in the turn: read them while the question is typed
     while True:
         try:
-            line = input(">>> ")
+            line = read_question(out)
         except EOFError:
             print(file=out)
             return 0
@@ -169,7 +235,7 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
             prefill.start()
 
 
-def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[str], seen: Transcript,
+def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[ImageInput], seen: Transcript,
              prefill: _NextTurnPrefill, out) -> bool:
     """Run one /command; True when the chat should end."""
     if cmd in ("/quit", "/exit", "/bye"):
@@ -183,25 +249,26 @@ def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[str], seen: T
         print("(conversation cleared)", file=out)
     elif cmd == "/image":
         if not arg:
-            raise HuatuoError("usage: /image PATH")
-        path = str(Path(image_argument(arg)).expanduser())
+            raise HuatuoError("usage: /image PATH [--window W] [--frame N]")
+        spec = image_command(arg, bot.session.image_options)
         if len(bot.session.images) + len(pending) >= MAX_IMAGES:
             raise HuatuoError(f"this conversation has {MAX_IMAGES} images already (the release's limit); /drop one "
                               "waiting image, or /clear to start over")
-        for note in check_images([path], bot.session.image_options):  # read now: a bad file fails here
+        for note in check_images([spec.source], spec.options):  # read now: a bad file fails here
             print(note, file=sys.stderr)
-        pending.append(path)
-        print(f"(image added: {path}; it goes with your next question)", file=out)
+        pending.append(spec)
+        print(f"(image added: {spec.name}; it goes with your next question)", file=out)
         prefill.start(list(pending))
     elif cmd == "/images":
-        print("\n".join(f"  {i}. {p}" for i, p in enumerate(pending, 1)) or "(no images waiting)", file=out)
+        print("\n".join(f"  {i}. {image_name(p)}" for i, p in enumerate(pending, 1)) or "(no images waiting)",
+              file=out)
     elif cmd == "/drop":
         if not pending:
             raise HuatuoError("no images are waiting for the next question")
         if arg and not (arg.isdigit() and 1 <= int(arg) <= len(pending)):
             raise HuatuoError(f"/drop N: N is 1 to {len(pending)} (see /images)")
         gone = pending.pop(int(arg) - 1 if arg else -1)
-        print(f"(dropped {gone}; {len(pending)} waiting)", file=out)
+        print(f"(dropped {image_name(gone)}; {len(pending)} waiting)", file=out)
         if pending:
             prefill.start(list(pending))
     elif cmd == "/save":
@@ -213,7 +280,7 @@ def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[str], seen: T
     return False
 
 
-def _ask(bot: HuatuoChatbot, line: str, pending: list[str], seen: Transcript, out) -> bool:
+def _ask(bot: HuatuoChatbot, line: str, pending: list[ImageInput], seen: Transcript, out) -> bool:
     """Ask one question with the waiting images; True when the turn happened (answered or stopped)."""
     status = PromptStatus()
     stopped = False
@@ -221,7 +288,7 @@ def _ask(bot: HuatuoChatbot, line: str, pending: list[str], seen: Transcript, ou
         stream = bot.stream(line, pending, on_progress=status)
         for piece in stream:
             status.stop()  # the answer starts: the status line goes
-            out.write(piece)
+            out.write(shown(piece))  # a control character in the answer is shown, never executed
             out.flush()
     except KeyboardInterrupt:
         stream.close()
@@ -232,7 +299,7 @@ def _ask(bot: HuatuoChatbot, line: str, pending: list[str], seen: Transcript, ou
         return False
     finally:
         status.stop()
-    seen.add(pending, stopped)
+    seen.add([image_name(p) for p in pending], stopped)
     out.write("\n")
     warning = bot.engine.vision_warning
     if warning:

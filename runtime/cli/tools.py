@@ -13,7 +13,7 @@ from huatuo_local.runtime.cli.app import app, fail
                    "  huatuo-local verify --reference huatuo-vision-7b:f16 huatuo-vision-7b:q4_k_m "
                    "huatuo-vision-7b:iq3_xxs   (what each quant costs; held-out medical images by default)")
 def verify(
-    models: Annotated[list[str], typer.Argument(metavar="MODELS...", help="Converted models (names, folders, "
+    models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Converted models (names, folders, "
                                                                           "manifests or .gguf files).")],
     original: Annotated[Path | None, typer.Option(help="The original checkpoint folder: measure against the "
                                                        "release's PyTorch model.")] = None,

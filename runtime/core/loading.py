@@ -59,8 +59,6 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
 
     # A name with several quants installed means the best that fits this machine now (models/store.py).
     resolved = resolve(model, free_memory())
-    if offline:
-        forbid_network()
     placement = None
     if n_gpu_layers is None and not rpc:
         placement = default_placement(resolved, n_ctx or 0, n_seq, kv_type)
@@ -75,7 +73,15 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         load=load, n_seq=n_seq, rpc=tuple(_endpoints(rpc)),
         tensor_split=tuple(tensor_split) if tensor_split else None,
     )
-    engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
+    guard = forbid_network() if offline else None
+    try:
+        engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
+    except BaseException:
+        if guard is not None:
+            guard.release()
+        raise
+    if guard is not None:  # offline for as long as this model is open
+        engine.on_close.append(guard.release)
     if placement is not None:  # said once at load: where the GPU work went (with --rpc the engine says it)
         engine.placement_note = placement.note
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None

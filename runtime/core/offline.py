@@ -1,7 +1,9 @@
-"""Medical data stays on this machine: once a model is local, no network at all.
+"""Medical data stays on this machine: while a model is open, no network at all.
 
 An audit hook (PEP 578) refuses, for the whole process and from any Python code
-(huggingface-hub included), every network event that could leave the loopback interface:
+(huggingface-hub included), every network event that could leave the loopback interface, from the
+moment a model is opened until the last open model is closed (`HuatuoChatbot.close()`; a notebook
+can use the network again after it):
 
 | event                                   | refused when                           |
 |-----------------------------------------|----------------------------------------|
@@ -25,6 +27,8 @@ import sys
 from huatuo_local.models.errors import HuatuoError
 
 _INSTALLED = False
+_HOLDERS = 0  # open models that hold the guard; the hook refuses only while there is one
+_SAVED_ENV: dict[str, str | None] = {}
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 # Environment switches that keep Hugging Face libraries from trying the network at all.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -59,11 +63,12 @@ def _address_is_local(address: object) -> bool:
 
 
 def _refuse(what: str, target: object) -> None:
-    raise NetworkBlocked(f"{what} {target!r} refused: huatuo-local runs offline")
+    raise NetworkBlocked(f"{what} {target!r} refused: huatuo-local runs offline while a model is open "
+                         "(close it, e.g. bot.close(), to use the network again)")
 
 
 def _hook(event: str, args: tuple) -> None:
-    if not event.startswith("socket."):
+    if not _HOLDERS or not event.startswith("socket."):
         return
     if event == "socket.connect":
         if not _address_is_local(args[1]):
@@ -82,14 +87,46 @@ def _hook(event: str, args: tuple) -> None:
             _refuse("address lookup of", args[0][0] if isinstance(args[0], tuple) else args[0])
 
 
-def forbid_network() -> None:
-    """Install the guard (irreversible for this process) and tell libraries to stay offline."""
-    global _INSTALLED
-    os.environ.update(OFFLINE_ENV)
+class OfflineGuard:
+    """One open model's hold on the guard; `release()` (idempotent) lets go of it."""
+
+    def __init__(self) -> None:
+        self._held = True
+
+    def release(self) -> None:
+        global _HOLDERS
+        if not self._held:
+            return
+        self._held = False
+        _HOLDERS -= 1
+        if _HOLDERS == 0:  # the last open model: the process is as it was before
+            for key, value in _SAVED_ENV.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _SAVED_ENV.clear()
+            _set_hub_offline(os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False"))
+
+
+def _set_hub_offline(offline: bool) -> None:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import: set its constant too if it is loaded.
     hub_constants = sys.modules.get("huggingface_hub.constants")
     if hub_constants is not None:
-        hub_constants.HF_HUB_OFFLINE = True
+        hub_constants.HF_HUB_OFFLINE = offline
+
+
+def forbid_network() -> OfflineGuard:
+    """Refuse the network until the returned guard is released, and tell libraries to stay offline.
+
+    The audit hook is installed once (Python cannot remove one); it refuses while any guard is held."""
+    global _INSTALLED, _HOLDERS
+    if _HOLDERS == 0:
+        _SAVED_ENV.update({key: os.environ.get(key) for key in OFFLINE_ENV})
+    os.environ.update(OFFLINE_ENV)
+    _set_hub_offline(True)
+    _HOLDERS += 1
     if not _INSTALLED:
         sys.addaudithook(_hook)
         _INSTALLED = True
+    return OfflineGuard()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
@@ -21,7 +20,7 @@ from huatuo_local.runtime.core.prefix_cache import PrefixCache
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.scheduler import Counters, Job, Scheduler, Timings
 from huatuo_local.runtime.engine.engine import Engine
-from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
+from huatuo_local.runtime.images.loader import ImageInput, LoadOptions, load_input, prepare
 
 __all__ = ["Session", "Reply", "Counters", "Timings", "ImageItem", "Item", "image_item"]
 
@@ -63,11 +62,13 @@ class Session:
         self.turns.clear()
         self.images.clear()
 
-    def prepare_images(self, paths: list[str | Path]) -> list[ImageItem]:
-        if len(self.images) + len(paths) > MAX_IMAGES:
+    def prepare_images(self, images: list[ImageInput]) -> list[ImageItem]:
+        """The pictures the model sees for `images`: paths, PIL images, numpy arrays (images/loader.py)."""
+        if len(self.images) + len(images) > MAX_IMAGES:
             raise HuatuoError(
-                f"at most {MAX_IMAGES} images per conversation (the release's limit); /clear to start over")
-        return [image_item(prepare(load_rgb(p, self.image_options), self.engine.vision)) for p in paths]
+                f"at most {MAX_IMAGES} images per conversation (the release's limit); start a new conversation "
+                "(clear_history() in Python, /clear in the chat)")
+        return [image_item(prepare(load_input(p, self.image_options), self.engine.vision)) for p in images]
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
         """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
@@ -90,7 +91,7 @@ class Session:
         for k, v in result.counters.__dict__.items():
             setattr(self.counters, k, getattr(self.counters, k) + v)
 
-    def stream(self, text: str, image_paths: list[str | Path] | None = None,
+    def stream(self, text: str, image_paths: list[ImageInput] | None = None,
                params: SamplingParams | None = None, on_progress=None) -> Iterator[str]:
         """Ask one turn; yields the answer's text as it is generated. `last_reply` holds the rest.
 
@@ -125,7 +126,7 @@ class Session:
         self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, result.timings,
                                 "\n".join(notes) or None, result.finish_reason)
 
-    def ask(self, text: str, image_paths: list[str | Path] | None = None,
+    def ask(self, text: str, image_paths: list[ImageInput] | None = None,
             params: SamplingParams | None = None) -> Reply:
         for _ in self.stream(text, image_paths, params):
             pass
@@ -138,7 +139,7 @@ class Session:
         assert result.logits is not None
         return result.logits
 
-    def prefill_images(self, image_paths: list[str | Path]) -> int:
+    def prefill_images(self, image_paths: list[ImageInput]) -> int:
         """Encode and evaluate the next turn's images before its question is known; returns positions evaluated.
 
         The release puts a turn's images before its text, so everything up to the last image is

@@ -107,6 +107,7 @@ class Engine:
                  eos_id: int | None = None):
         self.options = opts = options or EngineOptions()
         self.placement_note = ""  # where the model went on the GPU, or why no GPU took it (core.loading sets it)
+        self.on_close: list = []  # called once when the model closes (core.loading: the offline guard's release)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         llm_fields, vision = self._check_files(opts)
         if not opts.n_ctx:
@@ -484,6 +485,10 @@ class Engine:
             pass
 
     def close(self) -> None:
+        # What was tied to this model's lifetime (core/loading.py: the offline guard), once.
+        for release in getattr(self, "on_close", []):
+            release()
+        self.on_close = []
         if getattr(self, "mtmd_ctx", None):
             mtmd_lib().mtmd_free(self.mtmd_ctx)
             self.mtmd_ctx = None

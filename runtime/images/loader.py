@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from huatuo_local.models.prompt import MAX_IMAGES
 from huatuo_local.runtime.images.dicom import (
     ImageError,
@@ -59,6 +60,69 @@ class ImageData:
 
 
 Source = str | Path | ImageData
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """An image with its own window and frame (the chat's `/image FILE --window lung`), beside the
+    conversation's defaults."""
+
+    source: Source
+    options: LoadOptions
+
+    @property
+    def name(self) -> str:
+        return _label(self.source)
+
+
+# What the Python API takes as an image: a path, one in memory, a PIL image or a numpy array (as the
+# release's users pass), or a path with its own window and frame.
+ImageInput = Source | ImageSpec | Image.Image | np.ndarray
+
+
+def image_name(image: ImageInput) -> str:
+    """How messages and transcripts name an image."""
+    if isinstance(image, ImageSpec):
+        return image.name
+    if isinstance(image, Image.Image):
+        return "a PIL image"
+    if isinstance(image, np.ndarray):
+        return "a numpy array"
+    return _label(image)
+
+
+def load_input(image: ImageInput, options: LoadOptions | None = None) -> Image.Image:
+    """The RGB picture of anything the Python API takes as an image (see ImageInput)."""
+    opts = options or LoadOptions()
+    if isinstance(image, ImageSpec):
+        return load_rgb(image.source, image.options)
+    if isinstance(image, np.ndarray):
+        return _from_array(image, opts)
+    if isinstance(image, Image.Image):
+        check_pixels("a PIL image", *image.size, opts.max_pixels)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            return high_bit_depth_to_rgb(image, opts.window)
+        return image.convert("RGB")  # the release's own conversion of what Image.open gave
+    if isinstance(image, (str, Path, ImageData)):
+        return load_rgb(image, opts)
+    raise ImageError(f"an image of type {type(image).__name__}: give a file path, a PIL image or a numpy array")
+
+
+def _from_array(array: np.ndarray, opts: LoadOptions) -> Image.Image:
+    label = f"a numpy array of shape {tuple(array.shape)} and type {array.dtype}"
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or 0 in array.shape:
+        raise ImageError(f"{label}: give HxW (grayscale), HxWx3 (RGB) or HxWx4 (RGBA) pixels")
+    check_pixels(label, array.shape[1], array.shape[0], opts.max_pixels)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+    if array.ndim == 2 and (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        if not np.isfinite(array).all():
+            raise ImageError(f"{label}: holds NaN or infinite values")
+        # 16-bit or float grayscale (a CT slice in Hounsfield units): the window, else the percentile range.
+        return high_bit_depth_to_rgb(Image.fromarray(array.astype(np.float32), "F"), opts.window)
+    raise ImageError(f"{label}: colour pixels must be uint8 (0-255); grayscale may be any number type")
 
 
 def _label(source: Source) -> str:

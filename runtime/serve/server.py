@@ -81,14 +81,25 @@ def serve(config: ServeConfig, open_browser: bool = False) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stopped)
     if open_browser:
-        import webbrowser
-
-        threading.Timer(1.0, webbrowser.open, args=(f"http://{shown}:{port}/",)).start()
+        threading.Timer(1.0, _open_page, args=(f"http://{shown}:{port}/",)).start()
     config.port = port
     app = create_app(config)
     guarded = LocalGuard(app, config.host, port, config.cors_origins)
     settings = uvicorn.Config(guarded, log_level="warning", timeout_graceful_shutdown=10, access_log=False)
     _Server(app, settings).server.run(sockets=[sock])
+
+
+def _open_page(url: str) -> None:
+    """--open: the page in the default browser, or one line saying none could be opened."""
+    import webbrowser
+
+    try:
+        opened = webbrowser.open(url)
+    except Exception:  # a broken $BROWSER entry: said below like any other failure
+        opened = False
+    if not opened:
+        print(f"huatuo-local serve: no browser could be opened here; open {url} yourself", file=sys.stderr,
+              flush=True)
 
 
 def _is_loopback(host: str, ipaddress) -> bool:
