@@ -241,7 +241,8 @@ def report(results: dict, args, names: list[str]) -> None:
     for n in names:
         one, many, img = results[(n, low)], results[(n, top)], results[(n, "image")]
         lines.append(f"- {n}: aggregate with {top} clients = {many['agg_tok_s'] / one['agg_tok_s']:.2f}x "
-                     f"{low} client{'s' if low > 1 else ''}; a text question's first token alone {img['text_solo_ttft_s']:.2f} s, while another "
+                     f"{low} client{'s' if low > 1 else ''}; a text question's first token alone "
+                     f"{img['text_solo_ttft_s']:.2f} s, while another "
                      f"client's image is read {img['text_during_image_ttft_s']:.2f} s (the image's own first "
                      f"token {img['image_ttft_s']:.2f} s); peak memory {results[(n, 'peak1')]:.2f} GiB with one "
                      f"sequence, {results[(n, 'peakN')]:.2f} GiB with {top}.")

@@ -587,8 +587,9 @@ def test_control_characters_in_an_answer_are_shown_not_executed(model, tmp_path,
     terminal showed something else than the saved transcript."""
     import io
 
-    from huatuo_local import HuatuoChatbot
     from huatuo_local.runtime.cli import repl
+
+    from huatuo_local import HuatuoChatbot
 
     raw = "Left\rRight \x1b[2J done"
     with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=40, prefix_cache=False) as bot:
@@ -610,8 +611,9 @@ def test_control_characters_in_an_answer_are_shown_not_executed(model, tmp_path,
 
 def test_the_python_api_takes_pil_images_and_arrays(model, images):
     """Issue 33: a PIL image or numpy array gave a raw TypeError; the release's users pass either."""
-    from huatuo_local import HuatuoChatbot
     from huatuo_local.models.errors import HuatuoError
+
+    from huatuo_local import HuatuoChatbot
 
     question = "What does the picture show?"
     picture = Image.open(images[0])
