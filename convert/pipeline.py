@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -14,10 +15,11 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
 from huatuo_local.models.errors import CheckpointError, HuatuoError
 from huatuo_local.models.imatrix import ImportanceMatrix, read_imatrix
+from huatuo_local.models.interrupt import run_interruptibly, terminate_as_interrupt
 from huatuo_local.models.layout import ModelSpec, read_spec
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.prompt import CHAT_TEMPLATE
-from huatuo_local.models.store import LOSSLESS
+from huatuo_local.models.store import LOSSLESS, is_valid_name, writing_into
 
 from huatuo_local import __version__
 
@@ -317,7 +319,8 @@ class _Importance:
 
     def obtain(self, lossless: Path, mmproj: Path) -> ImportanceMatrix:
         if callable(self.given):
-            self.given(lossless, mmproj, self.stage)
+            # Up to hours of native work: interruptible (models/interrupt.py)
+            run_interruptibly(self.given, lossless, mmproj, self.stage)
         else:
             with atomic_output(self.stage) as tmp:
                 shutil.copyfile(self.given, tmp)
@@ -401,6 +404,8 @@ def convert(
     spec, llm_tensors, projector, tower, vocab = _read_checkpoint(folder, vision_tower)
 
     name = name or default_name(src_text, folder)
+    if not is_valid_name(name):  # it becomes file names: `../x` would write beside the output folder
+        raise HuatuoError(f"--name {name}: use letters, digits, '.', '_' and '-' (no folders)")
     out = Path(out_dir).expanduser()
     mm_target = MMPROJ_TYPES[mmproj_type]
     llm_path = out / f"{name}-{quant}.gguf"
@@ -423,28 +428,29 @@ def convert(
     imatrix_path = out / f"{name}.imatrix.gguf"
     importance = _Importance.staged(imatrix, imatrix_path)
     stages = [mm_stage, llm_stage, lossless_stage, *([importance.stage] if importance is not None else [])]
-    try:
-        write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
-                   _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
-        _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans, llm_target,
-                   quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)), progress,
-                   importance, mm_stage, lossless_stage if keep else None)
-        if keep and not lossless_stage.exists():  # a direct quant (Q8_0) had no lossless intermediate
-            plans = plan_llm(spec, llm_tensors, lossless_type)
-            write_gguf(lossless_stage, spec.llm.arch, llm_metadata(spec, vocab, name, lossless_type), plans,
-                       _Bar(progress, f"language model ({lossless_type.name}, kept)", sum(p.nbytes for p in plans)))
-        base = Manifest(
-            name=name, llm_file="", mmproj_file="", quant=quant, mmproj_type=mmproj_type, arch=spec.llm.arch,
-            source=source or (src_text if not Path(src_text).exists() else str(folder.resolve())),
-            eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size, revision=revision or "",
-            converter=f"huatuo-local {__version__}",
-            extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
-                   "selected_layers": spec.selected_layers(tower.spec.n_layer)})
-        result = _commit(out, base, llm_stage, llm_path, mm_stage, mmproj_path, importance, imatrix_path, progress,
-                         (lossless_stage, lossless_path) if keep else None)
-    finally:
-        _discard(stages)
-    return result
+    source = source or (src_text if not Path(src_text).exists() else str(folder.resolve()))
+    with _writing(out):
+        try:
+            write_gguf(mm_stage, "clip", mmproj_metadata(spec, tower, name, mm_target), mm_plans,
+                       _Bar(progress, "vision projector", sum(p.nbytes for p in mm_plans)))
+            _write_llm(llm_stage, out, name, spec, llm_metadata(spec, vocab, name, llm_target), llm_plans,
+                       llm_target, quant, threads, _Bar(progress, "language model", sum(p.nbytes for p in llm_plans)),
+                       progress, importance, mm_stage, lossless_stage if keep else None)
+            if keep and not lossless_stage.exists():  # a direct quant (Q8_0) had no lossless intermediate
+                plans = plan_llm(spec, llm_tensors, lossless_type)
+                write_gguf(lossless_stage, spec.llm.arch, llm_metadata(spec, vocab, name, lossless_type), plans,
+                           _Bar(progress, f"language model ({lossless_type.name}, kept)",
+                                sum(p.nbytes for p in plans)))
+            base = Manifest(
+                name=name, llm_file="", mmproj_file="", quant=quant, mmproj_type=mmproj_type, arch=spec.llm.arch,
+                source=source, eos_id=int(vocab.eos_id), n_embd=spec.llm.hidden_size, revision=revision or "",
+                converter=f"huatuo-local {__version__}",
+                extra={"vision_tower": tower.where, "vocab_padded": vocab.padded,
+                       "selected_layers": spec.selected_layers(tower.spec.n_layer)})
+            return _commit(out, base, llm_stage, llm_path, mm_stage, mmproj_path, importance, imatrix_path,
+                           progress, (lossless_stage, lossless_path) if keep else None)
+        finally:
+            _discard(stages)
 
 
 def requantize(lossless: Path, quant: str, progress: Progress | None = None, threads: int = 0,
@@ -464,15 +470,15 @@ def requantize(lossless: Path, quant: str, progress: Progress | None = None, thr
     imatrix_path = out / f"{base.name}.imatrix.gguf"
     importance = _Importance.staged(imatrix, imatrix_path)
     stages = [llm_stage, *([importance.stage] if importance is not None else [])]
-    try:
-        _quantize_into(llm_stage, source_llm, quant, threads, progress, importance, mmproj_path)
-        extra = {k: v for k, v in base.extra.items() if k != "imatrix"}
-        made = Manifest(**{**asdict(base), "llm_file": "", "quant": quant, "llm_sha256": "",
-                           "converter": f"huatuo-local {__version__} (from {base.llm_file})", "extra": extra})
-        result = _commit(out, made, llm_stage, llm_path, None, mmproj_path, importance, imatrix_path, progress)
-    finally:
-        _discard(stages)
-    return result
+    with _writing(out):
+        try:
+            _quantize_into(llm_stage, source_llm, quant, threads, progress, importance, mmproj_path)
+            extra = {k: v for k, v in base.extra.items() if k != "imatrix"}
+            made = Manifest(**{**asdict(base), "llm_file": "", "quant": quant, "llm_sha256": "",
+                               "converter": f"huatuo-local {__version__} (from {base.llm_file})", "extra": extra})
+            return _commit(out, made, llm_stage, llm_path, None, mmproj_path, importance, imatrix_path, progress)
+        finally:
+            _discard(stages)
 
 
 def _commit(out: Path, base: Manifest, llm_stage: Path, llm_path: Path, mm_stage: Path | None, mmproj_path: Path,
@@ -510,6 +516,23 @@ def _commit(out: Path, base: Manifest, llm_stage: Path, llm_path: Path, mm_stage
     manifest_path = out / f"{llm_path.stem}{MANIFEST_SUFFIX}"
     manifest.write(manifest_path)
     return ConvertResult(manifest, manifest_path, llm_path, mmproj_path, kept)
+
+
+@contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """One convert at a time into `out` (models/store.py), SIGTERM unwinding like Ctrl-C, and a folder this
+    convert created removed again when it fails with nothing in it."""
+    created = not out.exists()
+    try:
+        with writing_into(out), terminate_as_interrupt():
+            yield
+    except BaseException:
+        if created:
+            try:
+                out.rmdir()  # only when empty
+            except OSError:
+                pass
+        raise
 
 
 def _discard(stages: list[Path]) -> None:

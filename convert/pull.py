@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
+from huatuo_local.models.interrupt import terminate_as_interrupt
 from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.registry import KNOWN_MODELS
 from huatuo_local.models.store import (
@@ -27,6 +28,7 @@ from huatuo_local.models.store import (
     remove_snapshot,
     resolve,
     store_folder,
+    writing_into,
 )
 
 
@@ -187,7 +189,8 @@ def pull(model: str, quant: str | None = None, name: str | None = None, progress
         return _done(name, quant, f"{name}:checkpoint", result)
     listing = hub.list_repo(repo_id, revision)
     if any(f.lower().endswith(".gguf") for f in listing.sizes):
-        return Pulled(_pull_gguf(repo_id, listing, quant, name, folder, progress), made_from="download")
+        with writing_into(folder), terminate_as_interrupt():  # one writer; SIGTERM cleans up as Ctrl-C does
+            return Pulled(_pull_gguf(repo_id, listing, quant, name, folder, progress), made_from="download")
     local, sha = hub.fetch_checkpoint(repo_id, listing.sha, progress, store=folder)
     result = convert(local, folder, quant=quant, name=name, progress=progress, revision=sha, source=repo_id,
                      imatrix=imatrix, keep_lossless=keep == "lossless")

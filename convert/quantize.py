@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.interrupt import run_interruptibly
 
 # llama.cpp's llama_ftype values (include/llama.h).
 QUANT_FTYPES = {
@@ -92,7 +93,10 @@ def quantize_gguf(
             errors.append(text.decode("utf-8", "replace").strip())
 
     with llama_logs_to(on_line):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        # In a worker thread: Ctrl-C and SIGTERM reach the main thread at once and unwind the convert
+        # (models/interrupt.py); llama.cpp's quantizer has no way to be stopped, and dies with the process.
+        rc = run_interruptibly(llama_cpp.llama_model_quantize, str(src).encode(), str(dst).encode(),
+                               ctypes.byref(params))
     if rc != 0:
         detail = errors[-1] if errors else f"code {rc}"
         raise HuatuoError(f"{dst}: llama.cpp could not quantize to {quant} ({detail})")

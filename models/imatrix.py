@@ -23,6 +23,12 @@ from .gguf_check import check_gguf
 from .private import FILE_MODE
 
 SUFFIX = ".imatrix.gguf"
+# What a matrix from llama-imatrix or huatuo-local can hold: a few dataset names of modest length (the
+# manifest repeats them, and the manifest reader takes 1 MiB at most), and input-row counts far below
+# 1e15 (a 34B over a million 4096-token chunks is 4e9).
+MAX_DATASETS = 64
+MAX_DATASET_CHARS = 512
+MAX_COUNT = 1e15
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
@@ -88,6 +94,8 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
     from gguf import GGUFReader
 
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device would block or stream forever
+        raise HuatuoError(f"{path}: not a regular file; give llama.cpp's imatrix GGUF file")
     check_gguf(path, "imatrix")
     reader = GGUFReader(str(path))
     matrix = ImportanceMatrix()
@@ -105,15 +113,36 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
             raise HuatuoError(f"{path}: {name} has sums but no matching counts; not an importance matrix")
         if c.size > 1:
             raise HuatuoError(f"{path}: {name} holds {c.size} expert matrices; HuatuoGPT-Vision has none")
-        matrix.sums[name] = s.reshape(-1).astype(np.float64)
-        matrix.counts[name] = int(round(float(c.reshape(-1)[0])))
+        count = float(c.reshape(-1)[0])
+        values = s.reshape(-1).astype(np.float64)
+        # llama.cpp's quantizer divides the sums by the count and weighs each column's rounding error by the
+        # result: a negative, infinite or absurd value makes it abort (IQ types) or silently quantize worse.
+        if not np.isfinite(count) or not 1 <= count <= MAX_COUNT:
+            raise HuatuoError(f"{path}: {name} claims {count:g} input rows; an importance matrix counts between 1 "
+                              f"and {MAX_COUNT:g} (a damaged or forged file: compute one with --imatrix auto)")
+        if not np.isfinite(values).all() or (values < 0).any():
+            raise HuatuoError(f"{path}: {name} holds negative or non-finite sums of squares (a damaged or forged "
+                              "file: compute one with --imatrix auto)")
+        if not values.any():
+            raise HuatuoError(f"{path}: {name}'s sums of squares are all zero: the matrix says nothing about "
+                              "that weight (compute one with --imatrix auto)")
+        matrix.sums[name] = values
+        matrix.counts[name] = int(round(count))
     for key, target in ((KEY_CHUNK_COUNT, "chunk_count"), (KEY_CHUNK_SIZE, "chunk_size")):
         field_ = reader.fields.get(key)
         if field_ is not None:
-            setattr(matrix, target, int(field_.parts[field_.data[0]][0]))
+            try:
+                setattr(matrix, target, int(field_.parts[field_.data[0]][0]))
+            except (TypeError, ValueError, IndexError, OverflowError):
+                raise HuatuoError(f"{path}: {key} is not a number; not an importance matrix") from None
     datasets = reader.fields.get(KEY_DATASETS)
     if datasets is not None:
-        matrix.datasets = [bytes(datasets.parts[i]).decode("utf-8", "replace") for i in datasets.data]
+        if len(datasets.data) > MAX_DATASETS:
+            raise HuatuoError(f"{path}: names {len(datasets.data)} datasets (at most {MAX_DATASETS}); not a matrix "
+                              "from llama-imatrix or huatuo-local")
+        # Shown by `info` and kept in the manifest: printable text only (no escape sequences), bounded.
+        matrix.datasets = ["".join(ch for ch in bytes(datasets.parts[i]).decode("utf-8", "replace")
+                                   if ch.isprintable())[:MAX_DATASET_CHARS] for i in datasets.data]
     if not matrix.sums:
         raise HuatuoError(f"{path}: no importance data in it; compute one with `huatuo-local convert --imatrix auto`")
     return matrix

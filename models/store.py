@@ -19,6 +19,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -413,3 +415,88 @@ def store_usage() -> StoreUsage:
         probe = probe.parent
     return StoreUsage(root, len(found), _tree_bytes(models_dir()), _tree_bytes(downloads_dir()),
                       shutil.disk_usage(probe).free)
+
+
+# --- one writer per folder, and what a killed one left ------------------------------------
+
+LOCK_NAME = ".huatuo-convert.lock"
+STAGED_SUFFIXES = (".staging", ".intermediate.gguf", ".partial")  # our temporary names (all start with ".")
+
+
+@contextmanager
+def writing_into(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one convert: a second convert into it at the same time is refused in one line
+    (staged files have fixed names), and its leftovers are never taken for a dead run's."""
+    import fcntl
+
+    lock_path = folder / LOCK_NAME
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise HuatuoError(f"{folder}: cannot write here ({exc.strerror}); choose another output folder with -o")\
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HuatuoError(f"{folder}: another convert or pull is writing into this folder; wait for it to "
+                              "finish, or choose another --name or -o") from None
+        try:  # the lock file we hold must still be the one at that path (its last holder unlinks it)
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _busy(folder: Path) -> bool:
+    """A convert is writing into `folder` now."""
+    import fcntl
+
+    lock_path = folder / LOCK_NAME
+    if not lock_path.is_file() or lock_path.is_symlink():
+        return False
+    fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def leftovers() -> list[Path]:
+    """Files a convert or pull that was killed (SIGKILL, a power cut) left in the store: our temporary names
+    in store folders no convert is writing into now. Partial downloads are not among them: they resume."""
+    root = models_dir()
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    for folder in sorted(root.iterdir()):
+        if folder.is_symlink() or not folder.is_dir() or not is_valid_name(folder.name) or _busy(folder):
+            continue
+        found += [p for p in sorted(folder.iterdir()) if p.name.startswith(".") and p.name.endswith(STAGED_SUFFIXES)
+                  and p.is_file() and not p.is_symlink()]
+    return found
+
+
+def remove_leftovers() -> tuple[int, int]:
+    """Delete what `leftovers` lists; returns (files, bytes)."""
+    count = freed = 0
+    for p in leftovers():
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        count, freed = count + 1, freed + size
+    return count, freed

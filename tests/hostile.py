@@ -279,3 +279,50 @@ GGUFS = {
     "gguf-alignment-zero": gguf_bytes(extra_kv=_kv_u32("general.alignment", 0)),
     "gguf-truncated-in-header": gguf_bytes()[:40],
 }
+
+
+# --- importance matrices (issue 36) ---------------------------------------------------------
+
+
+def hostile_matrices(good, write) -> dict[str, object]:
+    """Damaged or forged copies of a good ImportanceMatrix (`good`), each written by `write(path, matrix)`:
+    name -> matrix. Values llama.cpp's quantizer takes on trust and aborts on or quantizes worse with."""
+    import copy
+
+    def changed(change):
+        m = copy.deepcopy(good)
+        change(m)
+        return m
+
+    first = sorted(good.sums)[0]
+
+    def put(name, value):
+        def change(m):
+            m.sums[first] = np.full_like(m.sums[first], value)
+        return name, change
+
+    cases = dict([put("negative-sums", -1.0), put("nan-sums", np.nan), put("inf-sums", np.inf),
+                  put("zero-sums", 0.0)])
+    cases["negative-count"] = lambda m: m.counts.__setitem__(first, -5)
+    cases["zero-count"] = lambda m: m.counts.__setitem__(first, 0)
+    cases["count-1e30"] = lambda m: m.counts.__setitem__(first, 10**30)
+    cases["200000-datasets"] = lambda m: setattr(m, "datasets", [f"set {i}" for i in range(200_000)])
+    return {name: changed(change) for name, change in cases.items()}
+
+
+def write_matrix_raw(path: Path, matrix) -> None:
+    """Like models.imatrix.write_imatrix, but writing whatever the matrix holds (NaN or 1e30 counts too)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "imatrix")
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", list(matrix.datasets) or ["x"])
+    writer.add_uint32("imatrix.chunk_count", 1)
+    writer.add_uint32("imatrix.chunk_size", 1)
+    for name in sorted(matrix.sums):
+        writer.add_tensor(f"{name}.in_sum2", np.asarray(matrix.sums[name], np.float32)[None, :])
+        writer.add_tensor(f"{name}.counts", np.array([[float(matrix.counts[name])]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -244,3 +245,38 @@ def test_the_matrix_is_owner_only(tiny, tmp_path):
                    "--calibration", str(listed), env={"HUATUO_LOCAL_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr
     assert (home / "models" / "wide" / "wide.imatrix.gguf").stat().st_mode & 0o777 == 0o600
+
+
+def test_hostile_matrices_are_refused_in_one_line_and_leave_nothing(tiny, converted, scan, tmp_path):
+    """Issue 36: --imatrix FILE values were never checked: negative sums or counts made llama.cpp abort on
+    IQ3_XXS (leaving the lossless intermediate behind), Q2_K silently got worse, NaN counts gave tracebacks,
+    200,000 dataset names made a manifest the reader then refused, and a FIFO hung."""
+    import hostile
+    from huatuo_local.models.imatrix import read_imatrix
+    from huatuo_local.runtime.quantize import calibration, imatrix
+
+    f16 = converted(WIDE, "F16", "f16")
+    good = imatrix.compute(f16.llm_path, f16.mmproj_path, calibration.bundled()[:2])
+    ckpt = tiny(WIDE)["ckpt"]
+    for name, matrix in hostile.hostile_matrices(good, hostile.write_matrix_raw).items():
+        path = tmp_path / f"{name}.imatrix.gguf"
+        hostile.write_matrix_raw(path, matrix)
+        out = tmp_path / f"out-{name}"
+        for quant in ("IQ3_XXS", "Q2_K"):
+            proc = run_cli("convert", str(ckpt), "-o", str(out), "--quant", quant, "--imatrix", str(path))
+            assert proc.returncode == 1, (name, quant, proc.stderr)
+            lines = proc.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), (name, proc.stderr)
+            assert "Traceback" not in proc.stderr
+            assert not out.exists() or not any(out.iterdir()), (name, sorted(p.name for p in out.iterdir()))
+    fifo = tmp_path / "pipe.imatrix.gguf"
+    os.mkfifo(fifo)
+    proc = run_cli("convert", str(ckpt), "-o", str(tmp_path / "out-fifo"), "--quant", "Q2_K", "--imatrix", str(fifo),
+                   timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {fifo}: not a regular file; give llama.cpp's " \
+                                                            "imatrix GGUF file"
+    # Names are shown printable only (no escape sequences reach a terminal through `info`).
+    good.datasets = ["calib \x1b[2Jset\x07"]
+    clean = tmp_path / "clean.imatrix.gguf"
+    hostile.write_matrix_raw(clean, good)
+    assert read_imatrix(clean).datasets == ["calib [2Jset"]

@@ -6,6 +6,7 @@ tools, cache); `runtime/cli/__init__.py` imports them so that they register on `
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Annotated
@@ -101,6 +102,9 @@ def _shares(text: str | None, rpc: str | None) -> list[float] | None:
     return None
 
 
+INTERRUPTED = 130  # typer turns Ctrl-C (and SIGTERM during a convert) into this exit status
+
+
 def main() -> None:
     try:
         app(prog_name="huatuo-local")
@@ -108,6 +112,18 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:
+        if exc.code == INTERRUPTED:
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    # Everything staged was removed while the interrupt unwound; native work still running in a worker thread
+    # (llama.cpp's quantizer, models/interrupt.py) cannot be stopped, so the process ends here (os._exit: no
+    # buffered stream is flushed for us, hence the flushes).
+    sys.stdout.flush()
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED)
 

@@ -95,6 +95,11 @@ def chat(
             "session_counters": asdict(bot.counters), "warning": reply.warning,
         }, ensure_ascii=False, indent=2))
         return
+    _print_answer(bot, prompt, paths, status)
+
+
+def _print_answer(bot, prompt: str, paths: list[str], status) -> None:
+    """Stream the answer to stdout as it comes; warnings to stderr."""
     from huatuo_local.runtime.cli.terminal import shown
 
     # On a terminal a control character in the answer is shown, never executed; a pipe gets the exact text.

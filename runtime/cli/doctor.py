@@ -129,13 +129,15 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
 
 
 def _store() -> dict:
-    from huatuo_local.models.store import store_usage
+    from huatuo_local.models.store import leftovers, store_usage
     from huatuo_local.runtime.core import prefix_cache
 
     usage = store_usage()
+    left = leftovers()
     return {"home": str(usage.home), "models": usage.models, "model_bytes": usage.model_bytes,
             "download_bytes": usage.download_bytes, "prefix_cache_bytes": prefix_cache.info().bytes,
-            "free_disk_bytes": usage.free_bytes}
+            "free_disk_bytes": usage.free_bytes, "leftovers": [str(p) for p in left],
+            "leftover_bytes": sum(p.stat().st_size for p in left)}
 
 
 def placements(gpus) -> dict[str, str]:
@@ -163,6 +165,14 @@ def _store_line(store: dict) -> str:
             f"{store.get('model_bytes', 0) / gib:.2f} GiB; downloads {store.get('download_bytes', 0) / gib:.2f} GiB; "
             f"prefix cache {store.get('prefix_cache_bytes', 0) / gib:.2f} GiB; "
             f"{store.get('free_disk_bytes', 0) / gib:.1f} GiB free on its disk")
+
+
+def _leftover_lines(store: dict) -> list[str]:
+    left = store.get("leftovers") or []
+    if not left:
+        return []
+    return [f"leftovers        {len(left)} file(s), {store.get('leftover_bytes', 0) / 1024**3:.2f} GiB left by "
+            "interrupted converts or pulls; `huatuo-local rm --leftovers` removes them"]
 
 
 def _memory_lines(report: Report) -> list[str]:
@@ -230,6 +240,7 @@ def doctor(
             "the physical count)",
             f"RAM              {report.ram_total_gib:.1f} GiB total, {report.ram_available_gib:.1f} GiB available",
             _store_line(report.store or {}),
+            *_leftover_lines(report.store or {}),
         ]
         lines += _memory_lines(report)
         rec = report.recommended

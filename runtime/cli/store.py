@@ -213,13 +213,22 @@ def info(
                    "  huatuo-local rm huatuo-vision-7b:checkpoint   (the download pull --keep checkpoint kept)\n\n"
                    "  huatuo-local rm huatuo-vision-7b --all --yes")
 def rm(
-    model: Annotated[str, typer.Argument(help="NAME or NAME:QUANT as `huatuo-local list` shows it.")],
+    model: Annotated[str | None, typer.Argument(help="NAME or NAME:QUANT as `huatuo-local list` shows it.")]
+    = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     all_quants: Annotated[bool, typer.Option("--all", help="Every quant of NAME.")] = False,
+    leftovers: Annotated[bool, typer.Option("--leftovers", help="Instead: the files an interrupted or killed "
+                                            "convert or pull left in the store (doctor lists them).")] = False,
 ) -> None:
     """Delete a model from the local store (only files its manifest lists; the shared mmproj stays while
     another quant uses it)."""
     from huatuo_local.models.store import plan_removal, remove
+
+    if leftovers:
+        _rm_leftovers(model, yes)
+        return
+    if model is None:
+        fail("rm: name a model (see `huatuo-local list`), or give --leftovers")
 
     targets, delete, kept, checkpoint = plan_removal(model, all_quants)
     size = (sum(p.stat().st_size for p in delete if p.is_file() and not p.is_symlink())
@@ -233,7 +242,29 @@ def rm(
         if not typer.confirm(f"Delete {names} ({size:.2f} GiB: {', '.join(shown)})?"):
             typer.echo("nothing deleted", err=True)
             raise typer.Exit(1)
-    done = remove(model, all_quants)
+    done = remove(model, all_quants)  # type: ignore[arg-type]
     typer.echo(f"removed {', '.join(done.refs)} ({done.bytes_freed / 1024**3:.2f} GiB freed)")
     for p in done.kept:
         typer.echo(f"kept {p.name} (another quant uses it)")
+
+
+def _rm_leftovers(model: str | None, yes: bool) -> None:
+    from huatuo_local.models.store import leftovers, remove_leftovers
+
+    if model is not None:
+        fail("rm --leftovers takes no model name: it removes every interrupted convert's files in the store")
+    found = leftovers()
+    if not found:
+        typer.echo("no leftovers in the store")
+        return
+    size = sum(p.stat().st_size for p in found) / 1024**3
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(f"rm --leftovers: would delete {len(found)} file(s) ({size:.2f} GiB); nothing deleted: confirm in a "
+                 "terminal, or add --yes")
+        if not typer.confirm(f"Delete {len(found)} file(s) left by interrupted converts ({size:.2f} GiB: "
+                             f"{', '.join(p.name for p in found[:5])}{' ...' if len(found) > 5 else ''})?"):
+            typer.echo("nothing deleted", err=True)
+            raise typer.Exit(1)
+    count, freed = remove_leftovers()
+    typer.echo(f"removed {count} leftover file(s) ({freed / 1024**3:.2f} GiB freed)")

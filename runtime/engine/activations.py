@@ -14,6 +14,7 @@ import ctypes
 from collections.abc import Callable
 
 import numpy as np
+from huatuo_local.models.interrupt import cancelled
 from huatuo_local.runtime.llama import constants as C
 from huatuo_local.runtime.llama.bindings import llama
 from huatuo_local.runtime.llama.devices import loaded_library
@@ -48,6 +49,8 @@ def matmul_observer(on_rows: Callable[[str, np.ndarray], None]):
     base.ggml_nbytes.restype = ctypes.c_size_t
 
     def callback(node_ptr: int, ask: bool, _user: int) -> bool:
+        if cancelled():  # Ctrl-C or SIGTERM: stop this graph now (the caller then stops computing)
+            return False
         node = GgmlTensor.from_address(node_ptr)
         name = _weight_name(node)
         if ask:

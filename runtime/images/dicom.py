@@ -190,27 +190,12 @@ def read_dicom(source: str | Path | BinaryIO, window: tuple[float, float] | None
 def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
     import logging
 
-    import pydicom
 
     # pydicom logs each decoder that failed, with its traceback; we say why in one line instead.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-    try:
-        try:
-            ds = pydicom.dcmread(source)
-        except InvalidDicomError:
-            # No preamble and 'DICM' marker: a bare dataset, as older systems write. Read it as its bytes say
-            # (pydicom detects the VR and byte order) instead of asking for pydicom's force=True.
-            if hasattr(source, "seek"):
-                source.seek(0)
-            ds = pydicom.dcmread(source, force=True)
-            if len(ds) == 0:
-                raise ImageError(f"{path}: not a DICOM file (no DICOM header and no data elements)") from None
-            _bare_dataset_syntax(ds)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise ImageError(f"{path}: not a readable DICOM file ({exc})") from None
+    ds = _open_dataset(source, path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(f"{path}: DICOM file without pixel data (a report, plan or structure set?)")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -257,6 +242,27 @@ def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
     if pi == "MONOCHROME1":
         gray = 255 - gray
     return with_window(Image.fromarray(gray, "L").convert("RGB"), used)
+
+
+def _open_dataset(source, path: str):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        try:
+            return pydicom.dcmread(source)
+        except InvalidDicomError:
+            # No preamble and 'DICM' marker: a bare dataset, as older systems write. Read it as its bytes say
+            # (pydicom detects the VR and byte order) instead of asking for pydicom's force=True.
+            if hasattr(source, "seek"):
+                source.seek(0)
+            ds = pydicom.dcmread(source, force=True)
+            if len(ds) == 0:
+                raise ImageError(f"{path}: not a DICOM file (no DICOM header and no data elements)") from None
+            _bare_dataset_syntax(ds)
+            return ds
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise ImageError(f"{path}: not a readable DICOM file ({exc})") from None
 
 
 def _bare_dataset_syntax(ds) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.imatrix import ImportanceMatrix, write_imatrix
+from huatuo_local.models.interrupt import cancelled
 from huatuo_local.models.prompt import Turn, render_segments
 from huatuo_local.runtime.core.items import ImageItem, image_item, prompt_items
 from huatuo_local.runtime.engine.engine import Engine, EngineOptions
@@ -76,6 +77,8 @@ def compute(llm: Path, mmproj: Path, conversations: list[Conversation], threads:
                             kv_type="f32", output_all=True, observe_matmuls=matrix.add, load="mmap")
     with Engine(llm, mmproj, options) as engine:
         for k, conversation in enumerate(conversations):
+            if cancelled():  # interrupted: the command is unwinding already (models/interrupt.py)
+                raise KeyboardInterrupt
             if progress:
                 progress("importance matrix", k, len(conversations))
             evaluate(engine, conversation_items(engine, conversation),
