@@ -10,12 +10,12 @@ letter of the right option; an answer of `?` is always wrong.
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HuatuoError
+from .jsonfile import read_json
 
 LETTERS = "ABCDEFGHIJK"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -97,15 +97,9 @@ def _options(raw: object, where: str) -> tuple[str, ...]:
 
 def load_records(path: Path) -> tuple[list[Record], dict[str, int]]:
     """The records the release scores, in file order, and how many were dropped for each reason."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HuatuoError(f"{path}: no such file; give the release's medical_multimodel_evaluation_data.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HuatuoError(f"{path}: not a JSON evaluation file ({exc}); give the release's "
-                          "medical_multimodel_evaluation_data.json") from None
-    if not isinstance(data, list):
-        raise HuatuoError(f"{path}: expected a list of records (the release's evaluation file)")
+    # The release's file is 3 MB; 64 MB holds twenty times its records.
+    data = read_json(path, "give the release's medical_multimodel_evaluation_data.json", list,
+                     max_bytes=64 * 1024 * 1024, error=HuatuoError, text_only=True)
     base = Path(path).resolve().parent
     dropped = {"open": 0, "no options": 0}
     records: list[Record] = []

@@ -12,6 +12,8 @@ It reads only the header (metadata and tensor infos), never tensor data.
 
 from __future__ import annotations
 
+import stat
+
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +126,10 @@ def check_gguf(path: str | Path, expect: str | None = None) -> GGUFSummary:
 
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # opening a FIFO blocks until a writer comes: refuse before that
+            raise GGUFError(f"{path}: not a regular file; a model is a .gguf file")
+        size = info.st_size
         f = open(path, "rb")
     except OSError as exc:
         raise GGUFError(f"{path}: cannot read ({exc.strerror or exc})") from exc

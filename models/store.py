@@ -256,6 +256,8 @@ def resolve(model: str | Path | None, free: FreeMemory | None = None) -> Resolve
         raise ModelNotFound(f"{path}: not a model (.gguf or {MANIFEST_SUFFIX})")
     if path.is_dir():
         return _from_folder(path, free=free)
+    if path.exists():  # a FIFO, socket or device: reading it would block or never end
+        raise ModelNotFound(f"{path}: not a regular file; a model is a .gguf file")
     if "/" in text or os.sep in text or text.endswith(".gguf"):
         raise ModelNotFound(f"{text}: no such file or folder")
     name, quant = parse_ref(text)

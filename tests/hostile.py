@@ -326,3 +326,37 @@ def write_matrix_raw(path: Path, matrix) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# --- the user's JSON files: calibration sets and evaluation files (issue 36) ------------------
+
+
+def hostile_json(folder: Path, image: str) -> dict[str, Path]:
+    """Calibration or evaluation files that bypassed the checked reader: name -> path. `image` is a real
+    image's path relative to `folder`."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "nested-200000": "[" * 200_000 + "]" * 200_000,
+        "lone-surrogate": json.dumps([{"image": image, "question": "q"}]).replace('"q"', '"\\ud800"'),
+        "image-a-number": json.dumps([{"image": 5, "question": "q"}]),
+        "image-a-list": json.dumps([{"image": [image, image], "question": "q"}]),
+        "answer-an-object": json.dumps([{"image": image, "question": "q", "answer": {"a": 1}}]),
+        "not-a-list": json.dumps({"image": image}),
+        "empty": "",
+    }
+    out = {}
+    for name, text in files.items():
+        out[name] = folder / f"{name}.json"
+        out[name].write_text(text, encoding="utf-8", errors="surrogatepass")
+    big = folder / "huge.json"  # valid JSON, past the readers' size limits (64 MB for evaluation files)
+    with open(big, "w") as f:
+        f.write('[{"question": "q", "answer": "')
+        f.write(" " * (65 * 1024 * 1024))
+        f.write('"}]')
+    out["huge"] = big
+    fifo = folder / "pipe.json"
+    os.mkfifo(fifo)
+    out["fifo"] = fifo
+    return out

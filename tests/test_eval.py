@@ -240,9 +240,18 @@ def test_ctrl_c_loses_nothing_and_a_rerun_continues(model, data, tmp_path, greed
 def test_bad_input_is_one_line(model, tmp_path, data):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    for target, words in ((tmp_path / "missing.json", "no such file"), (bad, "not a JSON evaluation file")):
+    for target, words in ((tmp_path / "missing.json", "not found"), (bad, "not valid JSON")):
         proc = run_cli("eval", str(target), "--model", str(model.manifest_path), "--out", str(tmp_path / "o"))
         assert proc.returncode != 0 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # Issue 36: the evaluation file went around the checked JSON reader (deep nesting, lone surrogates, any size,
+    # a FIFO that hangs): each is one line naming the file, before the model loads.
+    import hostile
+
+    for name, path in hostile.hostile_json(tmp_path / "hostile", "x.png").items():
+        proc = run_cli("eval", str(path), "--model", str(model.manifest_path), "--out", str(tmp_path / "o3"),
+                       timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {path}"), (name, proc.stderr)
     proc = run_cli("eval", str(data), "--model", str(model.manifest_path), "--datasets", "NOPE",
                    "--out", str(tmp_path / "o2"))
     assert proc.returncode != 0 and "no dataset nope" in proc.stderr and "VQA-RAD" in proc.stderr

@@ -301,3 +301,19 @@ def test_chat_about_a_dicom_end_to_end(converted):
 
     out = json.loads(proc.stdout)
     assert out["counters"]["images_encoded"] == 1 and out["tokens"]["generated"] >= 1
+
+
+def test_fifos_are_refused_not_waited_on(converted, tmp_path):
+    """Issue 36: a FIFO given as an image or a model blocked the reader forever."""
+    import os
+
+    model = converted()
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    proc = run_cli("chat", str(fifo), "-p", "hi", "--model", str(model.manifest_path), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {fifo}: not a regular file, not an image"
+    gguf = tmp_path / "model.gguf"
+    os.mkfifo(gguf)
+    (tmp_path / "mmproj-x.gguf").write_bytes(model.mmproj_path.read_bytes())
+    proc = run_cli("chat", "-p", "hi", "--model", str(gguf), timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"error: {gguf}: not a regular file; a model is a .gguf file"

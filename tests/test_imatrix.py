@@ -280,3 +280,29 @@ def test_hostile_matrices_are_refused_in_one_line_and_leave_nothing(tiny, conver
     clean = tmp_path / "clean.imatrix.gguf"
     hostile.write_matrix_raw(clean, good)
     assert read_imatrix(clean).datasets == ["calib [2Jset"]
+
+
+def test_hostile_calibration_files_get_one_line_before_any_work(tiny, scan, tmp_path):
+    """Issue 36: calibration JSON bypassed the checked reader (200,000-deep nesting: RecursionError; a lone
+    surrogate: UnicodeEncodeError; an 81 MB file read whole), `"image": 5` or a list was dropped silently, and
+    FIFOs hung the readers."""
+    import hostile
+
+    shutil_scan = tmp_path / "files" / "scan.png"
+    shutil_scan.parent.mkdir(parents=True)
+    shutil_scan.write_bytes(scan.read_bytes())
+    ckpt = tiny(WIDE)["ckpt"]
+    env = {"HUATUO_LOCAL_HOME": str(tmp_path / "home")}
+    for name, path in hostile.hostile_json(tmp_path / "files", "scan.png").items():
+        proc = run_cli("convert", str(ckpt), "-o", str(tmp_path / "out"), "--quant", "IQ3_XXS", "--imatrix", "auto",
+                       "--calibration", str(path), env=env, timeout=60)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {path}: "), (name, proc.stderr)
+        assert not (tmp_path / "out").exists(), name  # refused before anything was written
+    # A FIFO named like an image in a calibration folder is not an image (it would block the loader).
+    folder = tmp_path / "images"
+    folder.mkdir()
+    os.mkfifo(folder / "scan.png")
+    proc = run_cli("convert", str(ckpt), "-o", str(tmp_path / "out"), "--quant", "IQ3_XXS", "--imatrix", "auto",
+                   "--calibration", str(folder), env=env, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith(f"error: {folder}: no images in it"), proc.stderr

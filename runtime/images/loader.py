@@ -137,6 +137,8 @@ def _open(source: Source) -> BinaryIO:
         raise ImageError(f"{path}: no such file")
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image")
+    if not path.is_file():  # a FIFO or device: opening it would block or read forever
+        raise ImageError(f"{path}: not a regular file, not an image")
     try:
         return open(path, "rb")
     except OSError as exc:

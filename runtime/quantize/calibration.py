@@ -11,13 +11,16 @@ for measuring a quant, never for computing its matrix. `--calibration FOLDER|JSO
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import LETTERS, Record, build_query, load_records
+from huatuo_local.models.jsonfile import read_json
 
+# A calibration set is tens to thousands of conversations: 16 MB of JSON holds far more than any.
+MAX_CALIBRATION_BYTES = 16 * 1024 * 1024
+CALIBRATION_FIX = 'give a JSON list of {"image": PATH, "question": ..., "answer": ...}, or a folder of images'
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 
 
@@ -119,19 +122,17 @@ def from_user(source: Path) -> list[Conversation]:
     optional), or the release's evaluation file."""
     source = Path(source).expanduser()
     if source.is_dir():
-        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # Regular files only: a FIFO named scan.png would block the image loader forever.
+        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise HuatuoError(f"{source}: no images in it ({', '.join(sorted(IMAGE_SUFFIXES))})")
         # No answers: the bundled ones describe the bundled images. The model answers itself
         # (imatrix.ANSWER_TOKENS), so the matrix also sees the positions of its own writing.
         questions = [q for _, q, *_ in _CALIBRATION]
         return [Conversation(img, questions[i % len(questions)], "") for i, img in enumerate(images)]
-    if not source.is_file():
+    if not source.exists():
         raise HuatuoError(f"--calibration {source}: no such file or folder")
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise HuatuoError(f"{source}: not a JSON file ({exc})") from None
+    data = read_json(source, CALIBRATION_FIX, max_bytes=MAX_CALIBRATION_BYTES, error=HuatuoError, text_only=True)
     if isinstance(data, list) and data and all(isinstance(r, dict) and "options" in r for r in data):
         records, _ = load_records(source)  # the release's evaluation format: its query, its right option
         return _checked(source, [Conversation(Path(r.images[0]) if r.images else None, build_query(r),
@@ -140,10 +141,16 @@ def from_user(source: Path) -> list[Conversation]:
                                              for r in data):
         raise HuatuoError(f"{source}: give a list of {{\"image\": PATH, \"question\": ..., \"answer\": ...}}")
     out = []
-    for r in data:
+    for number, r in enumerate(data):
         image = r.get("image")
-        path = (source.parent / image).expanduser() if isinstance(image, str) else None
-        out.append(Conversation(path, r["question"], str(r.get("answer") or "")))
+        if image is not None and not isinstance(image, str):  # a number or a list was dropped silently
+            raise HuatuoError(f"{source}: conversation {number}: \"image\" must be one path (a string), relative to "
+                              "the JSON file's folder")
+        answer = r.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise HuatuoError(f"{source}: conversation {number}: \"answer\" must be text")
+        path = (source.parent / image).expanduser() if image else None
+        out.append(Conversation(path, r["question"], answer or ""))
     return _checked(source, out)
 
 
@@ -153,5 +160,6 @@ def _checked(source: Path, conversations: list[Conversation]) -> list[Conversati
         raise HuatuoError(f"{source}: no conversations in it")
     for c in conversations:
         if c.image is not None and not c.image.is_file():
-            raise HuatuoError(f"{source}: image {c.image} not found; fix the path (relative to the JSON file's folder)")
+            what = "not a regular file" if c.image.exists() else "not found"
+            raise HuatuoError(f"{source}: image {c.image} {what}; fix the path (relative to the JSON file's folder)")
     return conversations
