@@ -13,7 +13,6 @@ It reads only the header (metadata and tensor infos), never tensor data.
 from __future__ import annotations
 
 import stat
-
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
