@@ -139,6 +139,12 @@ def read_spec(checkpoint: Path) -> ModelSpec:
         head_dim=_size(cfg, path, "head_dim", max(1, hidden // n_head)),
         tie_embeddings=_get(cfg, path, "tie_word_embeddings", False, bool),
     )
+    import math
+
+    for name, value in (("rope_theta", llm.rope_theta), ("rms_norm_eps", llm.rms_eps)):
+        if not math.isfinite(value) or value <= 0:  # NaN logits at the first token otherwise
+            raise CheckpointError(f"{path}: {name} is {value!r}; it must be a positive number (the config is "
+                                  "damaged)")
     if hidden % n_head or llm.n_head % llm.n_kv_head:
         raise CheckpointError(f"{path}: inconsistent attention heads ({hidden=}, {n_head=}, kv={llm.n_kv_head})")
 

@@ -42,3 +42,32 @@ def write_private(path: str | Path, data: bytes | str) -> Path:
             pass
         raise
     return path
+
+
+def read_secret(path: str | Path, what: str) -> str:
+    """A secret's file (API keys, an RPC key), refused unless only its owner can read it, as ssh refuses an
+    unprotected private key: on a shared machine another user could otherwise read and use it."""
+    import stat
+
+    from .errors import HuatuoError
+
+    path = Path(path).expanduser()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise HuatuoError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise HuatuoError(f"{path}: not a regular file; {what} must be in one")
+        if info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise HuatuoError(f"{path}: {what} readable by other users (mode {info.st_mode & 0o777:o}"
+                              f"{'' if info.st_uid == os.getuid() else ', owned by another user'}); "
+                              f"`chmod 600 {path}` and keep it yours")
+        data = f.read(1024 * 1024 + 1)
+    if len(data) > 1024 * 1024:
+        raise HuatuoError(f"{path}: larger than 1 MiB; not {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HuatuoError(f"{path}: {what} must be UTF-8 text") from None

@@ -221,3 +221,45 @@ def test_threads_default_to_physical_cores_and_doctor_says_so():
     assert report["physical_cores"] == psutil.cpu_count(logical=False)
     assert report["logical_cores"] == psutil.cpu_count(logical=True)
     assert report["recommended"]["threads"] == psutil.cpu_count(logical=False)
+
+
+def test_a_config_that_makes_nan_is_refused_and_nan_scores_end_one_answer(tiny, converted, tmp_path):
+    """Issue 36: rope_theta <= 0 was accepted by convert, and the NaN logits it gives crashed sampling (a chat
+    traceback, a 500 without a word). The config is refused; a model that still gives NaN (a damaged file) ends
+    that answer with one line, in chat and in serve, and the server stays up."""
+    import shutil
+
+    import httpx
+    from gguf import GGUFReader
+    from test_serve import server
+    from tiny_models import TinySpec
+
+    for bad in (0.0, -10000.0):
+        spec = TinySpec(seed=31, extra_config={"rope_theta": bad})
+        proc = run_cli("convert", str(tiny(spec)["ckpt"]), "-o", str(tmp_path / "out"), "--quant", "F32")
+        assert proc.returncode == 1 and proc.stderr.strip().endswith(
+            f"rope_theta is {bad!r}; it must be a positive number (the config is damaged)"), proc.stderr
+    model = converted()
+    folder = tmp_path / "nan"
+    shutil.copytree(model.manifest_path.parent, folder)
+    damaged = folder / model.llm_path.name
+    norm = next(t for t in GGUFReader(str(damaged)).tensors if t.name == "output_norm.weight")
+    with open(damaged, "r+b") as f:  # the final norm's weights set to NaN: every score is NaN
+        f.seek(int(norm.data_offset))
+        f.write(np.full(int(norm.n_elements), np.nan, np.float32).tobytes())
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(image)
+    proc = run_cli("chat", str(image), "-p", "hi", "--model", str(folder / model.manifest_path.name),
+                   "--no-prefix-cache")
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error: the model produced NaN scores"), \
+        proc.stderr
+    with server(str(folder / model.manifest_path.name), tmp_path) as (url, _, _):
+        for stream in (False, True):
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": stream})
+            if stream:  # the stream started: the error arrives as an event in OpenAI's shape
+                assert r.status_code == 200 and '"code": "model_output_invalid"' in r.text.replace('":"', '": "'), \
+                    r.text
+            else:
+                assert r.status_code == 500 and r.json()["error"]["code"] == "model_output_invalid", r.text
+        assert httpx.get(f"{url}/health").status_code == 200

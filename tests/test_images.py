@@ -266,6 +266,7 @@ def test_preview_writes_what_the_model_sees(tmp_path):
     out = tmp_path / "ct.png"
     proc = run_cli("preview", bundled("CT_small.dcm"), "--window", "lung", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600  # a patient's image: owner-only, as transcripts (issue 36)
     seen = np.asarray(Image.open(out))
     assert seen.shape == (336, 336, 3)
     ds = pydicom.dcmread(bundled("CT_small.dcm"))

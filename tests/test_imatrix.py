@@ -224,7 +224,7 @@ def test_verify_measures_quants_against_the_lossless_model(tiny, scan, tmp_path)
     for line in proc.stdout.splitlines()[2:]:
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = (float(cells[3]), float(cells[5].rstrip("%")), int(cells[6]))
-    same, quant, foreign = rows["wide:f16"], rows["wide:iq2_xs"], rows["other"]
+    same, quant, foreign = rows["wide:f16"], rows["wide:iq2_xs"], rows["other:f16"]  # rows say NAME:QUANT
     assert same[0] == 0 and same[1] == 100.0 and same[2] >= 6, same  # six held-out prompts, >= 1 token each
     assert 0 < quant[0] < foreign[0], (quant, foreign)
     assert quant[2] == same[2] == foreign[2]
@@ -233,6 +233,15 @@ def test_verify_measures_quants_against_the_lossless_model(tiny, scan, tmp_path)
     for args, start in mistakes:
         bad = run_cli("verify", *args, env=env)
         assert bad.returncode == 1 and bad.stderr.startswith(start) and "Traceback" not in bad.stderr, bad.stderr
+    # Issue 36: a model of another shape gave a traceback; a reference that is not lossless went unremarked.
+    small = run_cli("convert", str(tiny(TinySpec(seed=14))["ckpt"]), "--name", "small", "--quant", "F16", env=env)
+    assert small.returncode == 0, small.stderr
+    bad = run_cli("verify", "--reference", "wide:f16", "small", "--tokens", "2", env=env)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith(
+        "error: small:f16 is not a quant of wide:f16's model (embedding width 64 vs 256)"), bad.stderr
+    lossy = run_cli("verify", "--reference", "wide:iq2_xs", "wide:f16", "--tokens", "2", env=env, timeout=600)
+    assert lossy.returncode == 0 and lossy.stderr.startswith(
+        "note: the reference wide:iq2_xs is IQ2_XS, not lossless (F16, BF16 or F32)"), lossy.stderr
 
 
 def test_the_matrix_is_owner_only(tiny, tmp_path):

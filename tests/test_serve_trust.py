@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from conftest import run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -221,6 +222,12 @@ def test_decoding_stops_with_its_request(running):
 def test_one_keys_client_learns_nothing_of_anothers_conversation(model, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("key-of-doctor-a\nkey-of-doctor-b\nkey-of-doctor-c\n")
+    # Issue 36: a key file other users can read is refused, as ssh refuses an unprotected private key.
+    keys.chmod(0o644)
+    open_file = run_cli("serve", "--model", str(model.manifest_path), "--api-key-file", str(keys))
+    assert open_file.returncode == 1 and open_file.stderr.strip() == (
+        f"error: {keys}: the API keys readable by other users (mode 644); `chmod 600 {keys}` and keep it yours")
+    keys.chmod(0o600)
     secret = "Patient Maria Lopez, HIV positive, CD4 count 180."
     scan = png_uri(png_bytes(120, 90, seed=9))
     with server(str(model.manifest_path), tmp_path, "--parallel", "2", "--api-key-file", str(keys)) as (url, _, _):

@@ -83,10 +83,9 @@ def _api_keys(flag: str | None, key_file: Path | None) -> list[str]:
     if flag and key_file:
         fail("give --api-key or --api-key-file, not both")
     if key_file is not None:
-        try:
-            text = key_file.expanduser().read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"{key_file}: cannot read the API keys ({getattr(exc, 'strerror', None) or exc})")
+        from huatuo_local.models.private import read_secret
+
+        text = read_secret(key_file, "the API keys")
         keys = [line.strip() for line in text.splitlines() if line.strip()]
         if not keys:
             fail(f"{key_file}: empty; put one API key per line in it")

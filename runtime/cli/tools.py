@@ -46,7 +46,8 @@ def verify(
 
         prompts = ([Prompt(list(images), prompt)] if images else
                    [Prompt([c.image] if c.image else [], c.question) for c in held_out()])
-        typer.echo(format_table(compare_quants(reference, models, prompts, tokens)))
+        rows = compare_quants(reference, models, prompts, tokens, on_note=lambda note: typer.echo(note, err=True))
+        typer.echo(format_table(rows))
         return
     from huatuo_local.runtime.verify.compare import verify as run_verify
 
@@ -79,12 +80,15 @@ def preview(
     if kind is None:
         fail(f"{target}: write a lossless file (.png, .tif, .tiff or .bmp); a lossy format would change the "
              "pixels the model sees")
-    tmp = target.with_name(f".{target.name}.partial")
-    try:
-        picture.save(tmp, format=kind)
-        tmp.replace(target)
+    import io
+
+    from huatuo_local.models.private import write_private
+
+    buf = io.BytesIO()
+    picture.save(buf, format=kind)
+    try:  # a patient's image: owner-only (0600), as transcripts and the prefix cache
+        write_private(target, buf.getvalue())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         fail(f"{target}: cannot write ({exc.strerror or exc}); choose another -o")
     typer.echo(f"wrote {target} ({picture.size[0]}x{picture.size[1]}, what the model sees)")
 

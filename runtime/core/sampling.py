@@ -20,6 +20,15 @@ from huatuo_local.models import defaults
 from huatuo_local.models.errors import HuatuoError
 
 
+class NonFiniteScores(HuatuoError):
+    """The model gave NaN scores: no token can be chosen (a damaged model file, or a config llama.cpp
+    computes NaN from)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model produced NaN scores, so no answer can be made; the model file may be damaged "
+                         "(convert it again; `huatuo-local verify --reference` compares it with a lossless one)")
+
+
 class SettingError(HuatuoError):
     """A sampling setting out of its range; `setting` names it (a front-end names its own flag or field)."""
 
@@ -93,15 +102,22 @@ def next_token(logits: np.ndarray, generated: list[int], params: SamplingParams,
         logits[eos_id] = -np.inf
     apply_repetition_penalty(logits, generated, params.repetition_penalty)
     if params.temperature <= 0:
-        return int(np.argmax(logits))
+        best = int(np.argmax(logits))  # numpy's argmax is the first NaN when there is one: one check suffices
+        if np.isnan(logits[best]):
+            raise NonFiniteScores()
+        return best
     if 0 < params.top_k < logits.size:
         # HF keeps every token scoring at least the k-th best (ties included).
         kth = kth_largest(logits, params.top_k)
+        if np.isnan(kth):  # at least k NaN scores (NaN ranks first): nothing real to draw from
+            raise NonFiniteScores()
         candidates = np.flatnonzero(logits >= kth)
     else:
         candidates = np.arange(logits.size)
     scores = logits[candidates].astype(np.float64)
-    top = scores.max()
+    top = scores.max()  # NaN when any candidate is
+    if np.isnan(top):
+        raise NonFiniteScores()
     if not np.isfinite(top):  # nothing is left to draw from but the best
         return int(candidates[int(np.argmax(scores))])
     # Scaled after subtracting the maximum: any positive temperature, however small, stays finite

@@ -9,6 +9,7 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import Response
+from huatuo_local.runtime.core.sampling import NonFiniteScores
 from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
 from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
 from huatuo_local.runtime.serve.openai import ApiError
@@ -73,6 +74,8 @@ def generation_error(exc: BaseException) -> ApiError:
     """What a client hears when its answer failed in the scheduler."""
     if isinstance(exc, ShuttingDown):
         return state_shutting_down()
+    if isinstance(exc, NonFiniteScores):  # the model file's fault, said as such; the server stays up
+        return ApiError(500, str(exc), "server_error", code="model_output_invalid")
     return ApiError(500, f"generation failed: {exc}", "server_error")
 
 

@@ -73,7 +73,7 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
                 kls.append(kl_divergence(log_softmax(want), log_softmax(got)))
                 agree += int(np.argmax(got) == np.argmax(want))
             session.close()
-        rows.append(VerifyRow(m.llm_path.name, float(min(cos)) if cos else float("nan"), mx,
+        rows.append(VerifyRow(m.ref, float(min(cos)) if cos else float("nan"), mx,
                               float(np.mean(kls)), float(np.max(kls)), agree / len(want_logits), len(want_logits)))
     return rows
 

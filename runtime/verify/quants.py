@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import Turn
 from huatuo_local.runtime.verify.compare import VerifyRow, embedding_difference, kl_divergence, log_softmax
 
@@ -62,13 +63,51 @@ def _run(model: str | Path, prompts: list[Prompt], n_tokens: int, follow: list[_
     return out
 
 
+def shape_of(m) -> dict[str, object]:
+    """What must be equal for two models to be quants of one checkpoint: architecture, widths, depth, the
+    vocabulary, and the image embeddings' width."""
+    from huatuo_local.models.gguf_check import check_gguf
+
+    llm, mm = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")
+    f = llm.fields
+    return {"architecture": llm.arch, "embedding width": f.get(f"{llm.arch}.embedding_length"),
+            "layers": f.get(f"{llm.arch}.block_count"), "vocabulary": llm.tensors.get("token_embd.weight", (0, ()))[1],
+            "image embedding width": mm.fields.get("clip.vision.projection_dim")}
+
+
+def check_comparable(reference, models: list) -> list[str]:
+    """Refuse, in one line, a model that is not a quant of the reference's checkpoint (its logits could not
+    even be compared); return the notes to print (a reference that is not lossless)."""
+    from huatuo_local.models.store import LOSSLESS
+
+    want = shape_of(reference)
+    for m in models:
+        got = shape_of(m)
+        differ = [k for k in want if want[k] != got[k]]
+        if differ:
+            k = differ[0]
+            raise HuatuoError(f"{m.ref} is not a quant of {reference.ref}'s model ({k} {got[k]} vs {want[k]}); "
+                              "compare quants of one checkpoint")
+    if reference.quant.upper() not in LOSSLESS:
+        return [f"note: the reference {reference.ref} is {reference.quant or 'of unknown type'}, not lossless (F16, "
+                "BF16 or F32): the figures are differences from it, not what quantizing cost"]
+    return []
+
+
 def compare_quants(reference: str | Path, models: list[str | Path], prompts: list[Prompt], n_tokens: int = 32,
-                   threads: int | None = None) -> list[VerifyRow]:
+                   threads: int | None = None, on_note=None) -> list[VerifyRow]:
     """Per model: image-embedding cosine (min) and largest difference, KL mean/max and top-1 agreement
-    against `reference` over every answer position of every prompt."""
+    against `reference` over every answer position of every prompt. `on_note(text)` hears, before the work
+    starts, what the user should know (a reference that is not lossless)."""
+    from huatuo_local.models.store import resolve
+
+    ref, resolved = resolve(str(reference)), [resolve(str(m)) for m in models]
+    for note in check_comparable(ref, resolved):
+        if on_note is not None:
+            on_note(note)
     want = _run(reference, prompts, n_tokens, None, threads)
     rows = []
-    for model in models:
+    for model, m in zip(models, resolved):
         got = _run(model, prompts, n_tokens, want, threads)
         cos, mx, kls, agree = [], 0.0, [], 0
         for w, g in zip(want, got):
@@ -79,6 +118,6 @@ def compare_quants(reference: str | Path, models: list[str | Path], prompts: lis
             for p, q in zip(w.log_probs, g.log_probs):
                 kls.append(kl_divergence(p.astype(np.float64), q.astype(np.float64)))
                 agree += int(np.argmax(p) == np.argmax(q))
-        rows.append(VerifyRow(Path(str(model)).name, min(cos) if cos else float("nan"), mx,
+        rows.append(VerifyRow(m.ref, min(cos) if cos else float("nan"), mx,
                               float(np.mean(kls)), float(np.max(kls)), agree / max(len(kls), 1), len(kls)))
     return rows
