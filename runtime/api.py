@@ -46,13 +46,15 @@ class HuatuoChatbot:
         load: str | None = None,
         rpc: str | list[str] | None = None,
         tensor_split: list[float] | None = None,
+        rpc_key_file: str | Path | None = None,
     ):
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed).check()
         self.model, self.engine, cache = open_model(
             model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, kv_type=kv_type,
             mmproj_offload=mmproj_offload, seed=seed, allow_unverified_vision=allow_unverified_vision,
-            offline=offline, prefix_cache=prefix_cache, load=load, rpc=rpc, tensor_split=tensor_split)
+            offline=offline, prefix_cache=prefix_cache, load=load, rpc=rpc, tensor_split=tensor_split,
+            rpc_key_file=rpc_key_file)
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
         self.session = Session(self.engine, self.sampling, images, cache)
 

@@ -360,3 +360,79 @@ def hostile_json(folder: Path, image: str) -> dict[str, Path]:
     os.mkfifo(fifo)
     out["fifo"] = fifo
     return out
+
+
+# --- RPC workers that lie or stall (issue 36) -----------------------------------------------
+
+
+class HostileWorker:
+    """A stand-in for an RPC worker on 127.0.0.1 that speaks llama.cpp's framing (| cmd | size | data | →
+    | size | data |) and then misbehaves as `kind` says:
+
+    - "devices-4294967295", "devices-17": claims that many devices;
+    - "garbage": answers HELLO with an answer of the wrong length;
+    - "stall": answers the probe's questions honestly (one device, 8 GiB), then never answers again;
+    - "unasked": after HELLO, sends bytes nobody asked for (to llama.cpp, not to the probe);
+    - "lies-later": answers its first connection (the probe) honestly, then claims 4294967295 devices.
+    """
+
+    def __init__(self, kind: str):
+        import socket
+        import threading
+
+        self.kind = kind
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.port = self.server.getsockname()[1]
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        import socket
+        import time
+
+        first = self.connections == 1
+        def answer(data: bytes) -> None:
+            conn.sendall(struct.pack("<Q", len(data)) + data)
+
+        try:
+            with conn:
+                while True:
+                    head = conn.recv(9, socket.MSG_WAITALL)
+                    if len(head) < 9:
+                        return
+                    command, size = struct.unpack("<BQ", head)
+                    data = conn.recv(size, socket.MSG_WAITALL) if size else b""
+                    if command == 14:  # HELLO
+                        if self.kind == "garbage":
+                            answer(b"\x07" * 5)
+                        else:
+                            answer(bytes([7, 0, 0, 0]) + bytes(24))
+                            if self.kind == "unasked" and not first:  # llama.cpp's connections, not the probe's
+                                conn.sendall(b"\x01" * 64)
+                    elif command == 15:  # DEVICE_COUNT
+                        lying = self.kind.startswith("devices-") or (self.kind == "lies-later" and first is False)
+                        count = {"devices-17": 17}.get(self.kind, 2**32 - 1) if lying else 1
+                        answer(struct.pack("<I", count))
+                    elif command == 11:  # GET_DEVICE_MEMORY
+                        answer(struct.pack("<QQ", 8 << 30, 8 << 30))
+                    else:  # everything llama.cpp asks after the probe's questions: never answered
+                        time.sleep(3600)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.server.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -84,6 +85,8 @@ def fail(message: str, code: int = 1) -> None:
 RpcOption = Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
                                                     "layers (huatuo-local rpc-worker on each); this machine's share "
                                                     "and the vision encoder stay here, on its GPU when it has one.")]
+RpcKeyOption = Annotated[Path | None, typer.Option(help="With --rpc: the key the workers were started with "
+                                                      "(rpc-worker --key-file): TLS, and only they are reached.")]
 TensorSplitOption = Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
                                                              "then each worker (e.g. 1,1,1; default: by free "
                                                              "memory).")]
@@ -112,18 +115,20 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _interrupted()
+        interrupted()
     except SystemExit as exc:
         if exc.code == INTERRUPTED:
-            _interrupted()
+            interrupted()
         raise
 
 
-def _interrupted() -> None:
-    # Everything staged was removed while the interrupt unwound; native work still running in a worker thread
-    # (llama.cpp's quantizer, models/interrupt.py) cannot be stopped, so the process ends here (os._exit: no
-    # buffered stream is flushed for us, hence the flushes).
+def interrupted(message: str = "interrupted") -> None:
+    """End the process after Ctrl-C (or SIGTERM during a convert) with `message` and status 130.
+
+    Everything staged was removed while the interrupt unwound; native work still running in a worker thread
+    (llama.cpp's quantizer, models/interrupt.py) cannot be stopped, so the process ends here (os._exit: no
+    buffered stream is flushed for us, hence the flushes)."""
     sys.stdout.flush()
-    print("interrupted", file=sys.stderr, flush=True)
+    print(message, file=sys.stderr, flush=True)
     os._exit(INTERRUPTED)
 

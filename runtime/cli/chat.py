@@ -7,7 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import RpcOption, TensorSplitOption, _shares, app, check_settings, fail
+from huatuo_local.runtime.cli.app import (
+    RpcKeyOption,
+    RpcOption,
+    TensorSplitOption,
+    _shares,
+    app,
+    check_settings,
+    fail,
+)
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local chat scan.png -p \"What does this image show?\"\n\n"
@@ -45,6 +53,7 @@ def chat(
                                                   help="Do not keep encoded images on disk for the next run.")]
     = False,
     rpc: RpcOption = None,
+    rpc_key_file: RpcKeyOption = None,
     tensor_split: TensorSplitOption = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
@@ -74,7 +83,7 @@ def chat(
                             repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
                             allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
                             max_pixels=max_pixels, prefix_cache=not no_prefix_cache, rpc=rpc,
-                            tensor_split=_shares(tensor_split, rpc))
+                            tensor_split=_shares(tensor_split, rpc), rpc_key_file=rpc_key_file)
     finally:
         status.stop()
     if bot.engine.placement_note and not as_json:

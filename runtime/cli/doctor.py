@@ -90,7 +90,7 @@ def choices(ram_free: float, gpu_free: float | None) -> dict[str, dict]:
     return out
 
 
-def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Report:
+def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None, rpc_key_file=None) -> Report:
     import llama_cpp
     from huatuo_local.runtime.engine.probe import check_library
     from huatuo_local.runtime.llama.logs import quiet_logs
@@ -112,7 +112,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None) -> Re
     workers = None
     usable = fits  # what the recommendation is made from: this machine, or it with its RPC workers
     if rpc_endpoints:
-        found = [rpc.probe(ep) for ep in rpc_endpoints]
+        found = [rpc.probe(ep, rpc_key_file) for ep in rpc_endpoints]
         together = avail * GIB + sum(w.free for w in found)
         usable = fits_across(together)
         workers = [{"endpoint": w.endpoint, "free_gib": w.free / GIB, "total_gib": w.total / GIB} for w in found]
@@ -204,6 +204,7 @@ def doctor(
                                                               "model (no download).")] = False,
     rpc: Annotated[str | None, typer.Option(help="Also ask these RPC workers (HOST:PORT,...) for their memory and "
                                             "show which quants fit across them and this machine.")] = None,
+    rpc_key_file: Annotated[Path | None, typer.Option(help="With --rpc: the workers' key.")] = None,
 ) -> None:
     """Check the install: engine build, the LLaVA vision probe, GPU offload, RAM and what fits."""
     if selftest:
@@ -217,7 +218,7 @@ def doctor(
     from huatuo_local.runtime.llama.devices import no_device_note
     from huatuo_local.runtime.rpc.client import parse_endpoints
 
-    report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None)
+    report = gather(rpc_endpoints=parse_endpoints(rpc) if rpc else None, rpc_key_file=rpc_key_file)
     if as_json:
         typer.echo(json.dumps(asdict(report), indent=2))
     else:

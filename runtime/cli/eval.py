@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import RpcOption, TensorSplitOption, _shares, app, fail
+from huatuo_local.runtime.cli.app import RpcKeyOption, RpcOption, TensorSplitOption, _shares, app, fail, interrupted
 
 
 @app.command(name="eval", epilog=(
@@ -46,6 +46,7 @@ def eval_cmd(
                                                         "(default: all when a GPU is available; 0: the CPU "
                                                         "only, also with --rpc).")] = None,
     rpc: RpcOption = None,
+    rpc_key_file: RpcKeyOption = None,
     tensor_split: TensorSplitOption = None,
 ) -> None:
     """The model card's accuracy table for your model files, measured the way the release measures it."""
@@ -77,9 +78,8 @@ def eval_cmd(
         folder, md = evaluate.run(
             Path(args[0]), model, out, [d for d in datasets.split(",")] if datasets else None, limit, parallel,
             greedy, ray, threads, show_progress=sys.stderr.isatty(), workers=workers, rpc=rpc,
-            tensor_split=_shares(tensor_split, rpc), n_gpu_layers=n_gpu_layers)
+            tensor_split=_shares(tensor_split, rpc), n_gpu_layers=n_gpu_layers, rpc_key_file=rpc_key_file)
     except KeyboardInterrupt:
-        typer.echo("stopped: every answer so far is saved; run the same command again to continue", err=True)
-        raise typer.Exit(130) from None
+        interrupted("stopped: every answer so far is saved; run the same command again to continue")
     typer.echo(md, nl=False)
     typer.echo(f"(written to {folder}/results.md and results.json)", err=True)

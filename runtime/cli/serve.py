@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import RpcOption, TensorSplitOption, _shares, app, fail
+from huatuo_local.runtime.cli.app import RpcKeyOption, RpcOption, TensorSplitOption, _shares, app, fail
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local serve --model huatuo-vision-7b --parallel 4\n\n"
@@ -50,6 +50,7 @@ def serve(
                                                           help="Answer even if the vision probe fails.")] = False,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
     rpc: RpcOption = None,
+    rpc_key_file: RpcKeyOption = None,
     tensor_split: TensorSplitOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
@@ -73,7 +74,8 @@ def serve(
         threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
         log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
         max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
-        allow_unverified_vision=allow_unverified_vision, rpc=rpc, tensor_split=_shares(tensor_split, rpc))
+        allow_unverified_vision=allow_unverified_vision, rpc=rpc, tensor_split=_shares(tensor_split, rpc),
+        rpc_key_file=rpc_key_file)
     run_server(config, open_browser)
 
 def _api_keys(flag: str | None, key_file: Path | None) -> list[str]:

@@ -94,8 +94,9 @@ def preview(
 
 @app.command(name="rpc-worker", epilog=(
     "Examples:\n\n"
-    "  huatuo-local rpc-worker --port 50052                 (this machine only; tunnel it, see README)\n\n"
-    "  huatuo-local rpc-worker --host 10.0.0.2 --i-understand-rpc-is-unauthenticated   (a trusted network)"))
+    "  huatuo-local rpc-worker --init-key ~/.huatuo-rpc.key   (once; copy the file to each client, chmod 600)\n\n"
+    "  huatuo-local rpc-worker --host 0.0.0.0 --key-file ~/.huatuo-rpc.key   (TLS; only key holders reach it)\n\n"
+    "  huatuo-local rpc-worker --port 50052                 (no key: this machine only; tunnel it, see README)"))
 def rpc_worker(
     host: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one, printed).")] = 50052,
@@ -104,14 +105,25 @@ def rpc_worker(
     cache: Annotated[Path | None, typer.Option(help="Keep received weights in this folder (owner-only), so a "
                                                "restart does not receive them again.")] = None,
     acknowledged: Annotated[bool, typer.Option("--i-understand-rpc-is-unauthenticated",
-                                               help="Listen on a non-loopback --host although the protocol has "
-                                                    "no authentication or encryption.")] = False,
+                                               help="Without --key-file: listen on a non-loopback --host although "
+                                                    "the protocol has no authentication or encryption.")] = False,
+    key_file: Annotated[Path | None, typer.Option(help="Accept only clients holding this key (TLS; the client "
+                                                  "gives it as --rpc-key-file).")] = None,
+    init_key: Annotated[Path | None, typer.Option(metavar="FILE", help="Make a new key file (owner-only) and "
+                                                  "exit.")] = None,
 ) -> None:
     """Lend this machine's memory to a model on another one (llama.cpp's RPC server, from the same library)."""
     from huatuo_local.runtime.rpc.worker import serve_worker, worker_refusal
     from huatuo_local.runtime.system import physical_cores
 
-    refusal = worker_refusal(host, acknowledged)
+    if init_key is not None:
+        from huatuo_local.runtime.rpc.channel import make_key
+
+        path = make_key(init_key)
+        typer.echo(f"wrote {path} (owner-only): start workers with --key-file {path}; copy it to each client "
+                   "(scp, then chmod 600) and give it there as --rpc-key-file")
+        return
+    refusal = worker_refusal(host, acknowledged, keyed=key_file is not None)
     if refusal:
         fail(refusal)
-    serve_worker(host, port, threads or physical_cores(), device, cache)
+    serve_worker(host, port, threads or physical_cores(), device, cache, key_file)

@@ -52,8 +52,8 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
                threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
                seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
                prefix_cache: bool = True, load: str | None = None, n_seq: int = 1,
-               rpc: str | list[str] | None = None,
-               tensor_split: list[float] | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
+               rpc: str | list[str] | None = None, tensor_split: list[float] | None = None,
+               rpc_key_file: str | Path | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
     """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
     from huatuo_local.runtime.llama.devices import free_memory
 
@@ -72,6 +72,7 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
         load=load, n_seq=n_seq, rpc=tuple(_endpoints(rpc)),
         tensor_split=tuple(tensor_split) if tensor_split else None,
+        rpc_key_file=str(rpc_key_file) if rpc_key_file else None,
     )
     guard = forbid_network() if offline else None
     try:

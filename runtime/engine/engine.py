@@ -81,6 +81,7 @@ class EngineOptions:
     rpc: tuple[str, ...] = ()
     tensor_split: tuple[float, ...] | None = None
     rpc_output_local: bool = True  # the LM head's weights stay here: hidden states, not logits, cross the wire
+    rpc_key_file: str | None = None  # the workers' key (runtime/rpc/channel.py): TLS, only they are reached
     # Calibration (runtime/quantize): every position's output is computed (llama.cpp otherwise skips the
     # last layer's rows nobody reads), and `observe_matmuls(weight_name, input_rows)` sees each weight
     # matrix's input, as llama.cpp's imatrix tool does.
@@ -177,7 +178,7 @@ class Engine:
         if opts.rpc:
             # Kept on self: llama.cpp reads the split and the overrides while it loads.
             self._on_workers = place_on_workers(opts.rpc, opts.tensor_split, opts.rpc_output_local, llm_fields,
-                                                self.llm_path.stat().st_size, self._gpus)
+                                                self.llm_path.stat().st_size, self._gpus, opts.rpc_key_file)
             self._on_workers.apply(mparams)
             self.rpc_layers, self.workers = self._on_workers.layers, self._on_workers.workers
             self.placement_note = self._on_workers.note

@@ -96,7 +96,7 @@ def write_report(out: Path, rows: list[dict], chosen: list[Record], identity: di
 def run(data: Path, model: str | None, out: Path | None = None, datasets: list[str] | None = None,
         limit: int | None = None, parallel: int = 1, greedy: bool = False, ray: str | None = None,
         threads: int | None = None, show_progress: bool = True, workers: int | None = None,
-        rpc: str | None = None, tensor_split: list[float] | None = None,
+        rpc: str | None = None, tensor_split: list[float] | None = None, rpc_key_file: Path | None = None,
         n_gpu_layers: int | None = None) -> tuple[Path, str]:
     """Answer what the run in `out` still lacks, then write its report; returns (out, Markdown)."""
     from huatuo_local.models.evaluation import load_records
@@ -140,7 +140,7 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
             elif pending:
                 answer_locally(lambda: EvalWorker(str(resolved.manifest_path or resolved.llm_path), settings,
                                                   parallel, threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
-                                                  tensor_split=tensor_split),
+                                                  tensor_split=tensor_split, rpc_key_file=rpc_key_file),
                                pending, results, on_row)
     finally:
         results.close()

@@ -62,13 +62,14 @@ class EvalWorker:
 
     def __init__(self, model: str | Path | None, settings: EvalSettings, parallel: int = 1,
                  threads: int | None = None, n_ctx: int = EVAL_CTX, prefix_cache: bool = True,
-                 n_gpu_layers: int | None = None, rpc: str | None = None, tensor_split: list[float] | None = None):
+                 n_gpu_layers: int | None = None, rpc: str | None = None, tensor_split: list[float] | None = None,
+                 rpc_key_file=None):
         from huatuo_local.runtime.core.loading import open_model
 
         self.settings = settings
         self.model, self.engine, cache = open_model(model, n_ctx=n_ctx, threads=threads, n_seq=max(1, parallel),
                                                     prefix_cache=prefix_cache, n_gpu_layers=n_gpu_layers,
-                                                    rpc=rpc, tensor_split=tensor_split)
+                                                    rpc=rpc, tensor_split=tensor_split, rpc_key_file=rpc_key_file)
         # Enough waiting work that a slot never idles while the driver prepares the next image.
         self.scheduler = Scheduler(self.engine, cache)
         self.window = 2 * max(1, parallel)

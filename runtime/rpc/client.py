@@ -1,23 +1,25 @@
 """llama.cpp's RPC backend (ggml-rpc): other machines lend their memory to this one's model.
 
-Nothing here speaks the protocol: the worker is llama.cpp's own `ggml_backend_rpc_start_server`
-from the installed library (what its `rpc-server` tool runs), and the client side registers each
-worker with `ggml_backend_rpc_add_server`, after which llama.cpp places layers on it like on a GPU.
+The worker is llama.cpp's own `ggml_backend_rpc_start_server` from the installed library (what its
+`rpc-server` tool runs), and the client side registers each worker with `ggml_backend_rpc_add_server`,
+after which llama.cpp places layers on it like on a GPU; huatuo-local changes no byte of llama.cpp's
+stream.
 
 llama.cpp aborts the whole process when a worker cannot be reached or speaks another protocol
-version, so each worker is first asked for its memory from a short-lived child process: a problem
-becomes one line before anything is loaded. The protocol has no authentication or encryption;
-see `worker_refusal` and README ("Two machines").
+version, and trusts every answer, so each worker is first asked for its version, devices and memory in
+Python, with a deadline and bounds (runtime/rpc/wire.py): a problem becomes one line before anything
+is loaded. Then llama.cpp reaches each worker through a relay of this process that keeps those bounds
+and deadlines for every later exchange (runtime/rpc/relay.py), over TLS with a key when the worker has
+one (runtime/rpc/channel.py, README "Two machines").
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_CPU
@@ -75,56 +77,41 @@ class Worker:
     total: int
 
 
-_PROBE = """
-import ctypes, json, sys
-from huatuo_local.runtime.rpc.client import rpc_library
-lib = rpc_library()
-free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-lib.ggml_backend_rpc_get_device_memory(sys.argv[1].encode(), 0, ctypes.byref(free), ctypes.byref(total))
-print(json.dumps({"free": free.value, "total": total.value}))
-"""
+def probe(endpoint: str, key_file: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Worker:
+    """Ask a worker for its version, devices and memory, in Python with a deadline on every exchange and
+    bounds on every answer (runtime/rpc/wire.py): nothing llama.cpp would trust reaches it unchecked."""
+    from huatuo_local.runtime.rpc import channel, wire
 
-
-def probe(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> Worker:
-    """Ask a worker for its memory from a child process (llama.cpp aborts on an unreachable one)."""
     if not available():
         raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
+    context = channel.client_context(Path(key_file)) if key_file else None
+    sock = channel.connect(endpoint, context, timeout)
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, endpoint], capture_output=True, text=True,
-                              errors="replace", timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise HuatuoError(f"RPC worker {endpoint}: no answer within {timeout:.0f} s; is it busy serving another "
-                          "client (a worker serves one at a time) or behind a firewall?") from None
-    log = proc.stderr
-    if proc.returncode == 0:
-        try:
-            mem = json.loads(proc.stdout.strip().splitlines()[-1])
-            return Worker(endpoint, int(mem["free"]), int(mem["total"]))
-        except (ValueError, KeyError, IndexError):
-            pass
-    if "version mismatch" in log:
-        theirs = log.split("version mismatch:", 1)[1].split()[0]
-        raise HuatuoError(f"RPC worker {endpoint} speaks protocol {theirs}, this engine {PROTOCOL}; run the same "
-                          "huatuo-local version on both machines")
-    if "Failed to connect" in log or "handshake failed" in log:
-        raise HuatuoError(f"RPC worker {endpoint}: unreachable; start it there with `huatuo-local rpc-worker "
-                          f"--port {endpoint.rsplit(':', 1)[1]}` (or check the address and the tunnel)")
-    last = next((ln for ln in reversed(log.splitlines()) if ln.strip()), f"exit status {proc.returncode}")
-    raise HuatuoError(f"RPC worker {endpoint}: {last.strip()[:200]}")
+        sock.settimeout(timeout)
+        memory = wire.probe_memory(sock, endpoint)
+    finally:
+        sock.close()
+    return Worker(endpoint, memory.free, memory.total)
 
 
 _REGISTERED: dict[str, list[int]] = {}  # endpoint -> its llama.cpp devices, once per process
 
 
-def register(endpoints: list[str]) -> None:
-    """Make each worker a llama.cpp device (once per process); call `probe` first."""
+def register(endpoints: list[str], key_file: str | None = None) -> None:
+    """Make each worker a llama.cpp device (once per process), reached through a relay of this process
+    (runtime/rpc/relay.py): llama.cpp never talks to a worker directly. Call `probe` first."""
+    from huatuo_local.runtime.rpc import channel, relay
+
     lib, g = rpc_library(), ggml()
     if lib is None:
         raise HuatuoError("this engine was built without llama.cpp's RPC backend; run scripts/bootstrap.py again")
+    context = channel.client_context(Path(key_file)) if key_file else None
     for ep in endpoints:
         if ep in _REGISTERED:
             continue
-        reg = lib.ggml_backend_rpc_add_server(ep.encode())
+        local = relay.Relay(ep, context).local
+        relay.watch_interrupts()
+        reg = lib.ggml_backend_rpc_add_server(local.encode())
         if not reg:
             raise HuatuoError(f"RPC worker {ep}: llama.cpp could not add it")
         g.ggml_backend_register(reg)
@@ -173,9 +160,25 @@ def install_abort_message() -> None:
     callback_t = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 
     def on_abort(message: bytes | None) -> None:
+        from huatuo_local.runtime.rpc.relay import failure
+
         text = (message or b"").decode(errors="replace").strip().splitlines()
         why = text[0] if text else "llama.cpp aborted"
-        if "RPC" in why or "connect" in why:
+        cut = failure()  # a relay ended the connection: its reason is the real one
+        said = os.environ.get("HUATUO_LOCAL_FAILURE_FILE")  # serve --rpc's supervisor reports it on /health
+        if said:
+            try:
+                with open(said, "w", encoding="utf-8") as f:
+                    f.write(cut or why)
+            except OSError:
+                pass
+        if cut == "interrupted":
+            sys.stderr.write("interrupted\n")
+            sys.stderr.flush()
+            os._exit(130)
+        if cut:
+            sys.stderr.write(f"error: {cut}; restart the worker and ask again\n")
+        elif "RPC" in why or "connect" in why:
             sys.stderr.write(f"error: an RPC worker stopped answering ({why}); restart it and ask again\n")
         else:
             sys.stderr.write(f"error: llama.cpp stopped: {why}\n")
@@ -212,7 +215,8 @@ class WorkerPlacement:
 
 
 def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...] | None, output_local: bool,
-                     llm_fields: dict, model_bytes: int = 0, gpus: list[Gpu] | None = None) -> WorkerPlacement:
+                     llm_fields: dict, model_bytes: int = 0, gpus: list[Gpu] | None = None,
+                     key_file: str | None = None) -> WorkerPlacement:
     """Probe and register the workers, and split the layers over them and this machine (by tensor_split
     or free memory).
 
@@ -224,9 +228,9 @@ def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...]
     from huatuo_local.runtime.llama.devices import HEADROOM
 
     gpus = gpus or []  # this machine's GPUs that take its share (none: -ngl 0, or a CPU-only machine)
-    workers = [probe(ep) for ep in endpoints]  # one line for a worker that is down, before loading
-    register(list(endpoints))
-    install_abort_message()
+    workers = [probe(ep, key_file) for ep in endpoints]  # one line for a worker that is down, before loading
+    install_abort_message()  # before llama.cpp first talks to a worker (registering asks its devices)
+    register(list(endpoints), key_file)
     arch = llm_fields.get("general.architecture", "")
     n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
     proportions = list(tensor_split) if tensor_split else None

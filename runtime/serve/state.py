@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from fastapi import Request
 from huatuo_local.runtime.core.scheduler import Scheduler
 from huatuo_local.runtime.serve.openai import ApiError
 from huatuo_local.runtime.serve.request_images import ImageLoader, Limits
+from huatuo_local.runtime.serve.supervise import LAST_ERROR_ENV
 
 RETRY_AFTER_S = 2
 SHUTDOWN_GRACE_S = 8.0  # < uvicorn's timeout_graceful_shutdown (10 s, serve/server.py)
@@ -43,6 +45,7 @@ class ServeConfig:
     allow_unverified_vision: bool = False
     rpc: str | None = None
     tensor_split: list[float] | None = None
+    rpc_key_file: Path | None = None
 
 
 def tenant_of(key: str) -> str:
@@ -58,7 +61,9 @@ class ServerState:
         self.model_id = config.model or ""
         self.quant = ""
         self.names: set[str] = set()
-        self.error: str | None = None
+        # serve --rpc: why the last server ended (a worker stopped answering), until this one has loaded
+        self.error: str | None = (f"the last attempt failed: {os.environ[LAST_ERROR_ENV]}; loading again"
+                                  if os.environ.get(LAST_ERROR_ENV) else None)
         self.created = int(time.time())
         self.loader: ImageLoader | None = None
         self.shutting_down = False
@@ -72,7 +77,7 @@ class ServerState:
                 model, engine, cache = open_model(
                     c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads,
                     prefix_cache=c.prefix_cache, allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel,
-                    rpc=c.rpc, tensor_split=c.tensor_split)
+                    rpc=c.rpc, tensor_split=c.tensor_split, rpc_key_file=c.rpc_key_file)
                 break
             except Exception as exc:  # reported by /health and every request; the server stays up
                 self.error = str(exc)

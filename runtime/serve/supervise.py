@@ -13,8 +13,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 CHILD_ENV = "HUATUO_LOCAL_SERVE_CHILD"
+FAILURE_FILE_ENV = "HUATUO_LOCAL_FAILURE_FILE"  # where a dying child says why (rpc.client's abort handler)
+LAST_ERROR_ENV = "HUATUO_LOCAL_SERVE_LAST_ERROR"  # what the next child's /health reports while it loads
 WORKER_DIED = 3  # rpc.install_abort_message's exit status
 RESTART_DELAY_S = 1.0
 
@@ -48,22 +51,33 @@ def _pinned_port(args: list[str], host: str, port: int) -> list[str]:
 
 def supervise(args: list[str], host: str = "127.0.0.1", port: int = 8000) -> int:
     """Run `huatuo-local ARGS` as a child until it ends for another reason than a dead worker."""
+    import tempfile
+
     args = _pinned_port(args, host, port)
-    env = dict(os.environ, **{CHILD_ENV: "1"})
-    child: subprocess.Popen | None = None
+    said = Path(tempfile.mkdtemp(prefix="huatuo-serve-")) / "failure"  # a private folder (0700)
+    env = dict(os.environ, **{CHILD_ENV: "1", FAILURE_FILE_ENV: str(said)})
+    current: list[subprocess.Popen] = []
 
     def forward(signum, _frame) -> None:
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        if current and current[-1].poll() is None:
+            current[-1].send_signal(signum)
 
     # Ctrl-C reaches the child from the terminal too; SIGTERM (systemd, docker stop) is passed on.
     signal.signal(signal.SIGINT, lambda *_: None)
     signal.signal(signal.SIGTERM, forward)
-    while True:
-        child = subprocess.Popen([sys.executable, "-m", "huatuo_local", *args], env=env)
-        code = child.wait()
-        if code != WORKER_DIED:
-            return code
-        print("huatuo-local serve: an RPC worker stopped answering; starting the server again (answers in flight "
-              "were lost); it loads the model as soon as the workers answer", file=sys.stderr, flush=True)
-        time.sleep(RESTART_DELAY_S)
+    try:
+        while True:
+            current[:] = [subprocess.Popen([sys.executable, "-m", "huatuo_local", *args], env=env)]
+            code = current[0].wait()
+            if code != WORKER_DIED:
+                return code
+            try:  # the next server says on /health why the last one ended, until it has loaded again
+                env[LAST_ERROR_ENV] = said.read_text(encoding="utf-8").strip()[:500]
+            except OSError:
+                pass
+            print("huatuo-local serve: an RPC worker stopped answering; starting the server again (answers in "
+                  "flight were lost); it loads the model as soon as the workers answer", file=sys.stderr, flush=True)
+            time.sleep(RESTART_DELAY_S)
+    finally:
+        said.unlink(missing_ok=True)
+        said.parent.rmdir()
