@@ -24,7 +24,7 @@ def model(converted):
     return converted(SPEC, "F32", "f32")
 
 
-def chat(model, images, *extra, env=None, timeout=120):
+def chat(model, images, *extra, env=None, timeout=120):  # noqa: F811  (images: the fixture's value)
     return run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
                    "--max-tokens", "8", "--json", *images, "-p", QUESTION, *extra, env=env, timeout=timeout)
 
