@@ -83,8 +83,8 @@ def test_eval_bench_runs(tmp_path):
 def test_rpc_bench_runs(tmp_path):
     out = run_bench("rpc.py", "--depth", "2", "--quant", "Q8_0", "--rounds", "1", tmp_path=tmp_path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| all", "| half", "| a third"))]
-    assert len(rows) == 5 and all(r.count("|") == 8 for r in rows), out[-1500:]
-    assert "| all layers on 2 workers | 2 |" in out
+    assert len(rows) == 7 and all(r.count("|") == 9 for r in rows), out[-1500:]
+    assert "| all layers on 2 workers | 2 |" in out and "| all layers on 2 workers, with a key (TLS) | 2 |" in out
 
 
 def test_quants_bench_runs(tmp_path):
