@@ -42,7 +42,7 @@ def versions() -> str:
     import llama_cpp
     import numpy
 
-    from huatuo_local import __version__
+    from huatuo_local.version import __version__
 
     return (f"huatuo-local {__version__}, llama-cpp-python {llama_cpp.__version__} (with the LLaVA fix), "
             f"gguf {version('gguf')}, numpy {numpy.__version__}, "

@@ -21,7 +21,7 @@ from huatuo_local.models.manifest import MANIFEST_SUFFIX, Manifest, sha256_file
 from huatuo_local.models.prompt import CHAT_TEMPLATE
 from huatuo_local.models.store import LOSSLESS, is_valid_name, writing_into
 
-from huatuo_local import __version__
+from huatuo_local.version import __version__
 
 from . import hub
 from .checkpoint import TensorSource, open_tensors

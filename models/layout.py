@@ -108,6 +108,16 @@ def load_config(path: Path) -> dict[str, Any]:
     return read_json(path, "download config.json again", expect=dict)
 
 
+def _check_positive(path: Path, **values: float) -> None:
+    """Settings llama.cpp takes as they are: zero, negative or NaN gives NaN logits at the first token."""
+    import math
+
+    for name, value in values.items():
+        if not math.isfinite(value) or value <= 0:
+            raise CheckpointError(f"{path}: {name} is {value!r}; it must be a positive number (the config is "
+                                  "damaged)")
+
+
 def read_spec(checkpoint: Path) -> ModelSpec:
     """Parse and validate a checkpoint's config.json."""
     path = Path(checkpoint) / "config.json"
@@ -139,12 +149,7 @@ def read_spec(checkpoint: Path) -> ModelSpec:
         head_dim=_size(cfg, path, "head_dim", max(1, hidden // n_head)),
         tie_embeddings=_get(cfg, path, "tie_word_embeddings", False, bool),
     )
-    import math
-
-    for name, value in (("rope_theta", llm.rope_theta), ("rms_norm_eps", llm.rms_eps)):
-        if not math.isfinite(value) or value <= 0:  # NaN logits at the first token otherwise
-            raise CheckpointError(f"{path}: {name} is {value!r}; it must be a positive number (the config is "
-                                  "damaged)")
+    _check_positive(path, rope_theta=llm.rope_theta, rms_norm_eps=llm.rms_eps)
     if hidden % n_head or llm.n_head % llm.n_kv_head:
         raise CheckpointError(f"{path}: inconsistent attention heads ({hidden=}, {n_head=}, kv={llm.n_kv_head})")
 

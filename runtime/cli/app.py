@@ -47,7 +47,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from huatuo_local import __version__
+        from huatuo_local.version import __version__
 
         typer.echo(f"huatuo-local {__version__}")
         raise typer.Exit()

@@ -96,7 +96,7 @@ def gather(run_probe: bool = True, rpc_endpoints: list[str] | None = None, rpc_k
     from huatuo_local.runtime.llama.logs import quiet_logs
     from huatuo_local.runtime.system import memory_gib, physical_cores
 
-    from huatuo_local import __version__
+    from huatuo_local.version import __version__
 
     quiet_logs()
     system = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()

@@ -6,8 +6,7 @@ The package is one namespace over the repository's top-level folders:
 """
 
 from huatuo_local.native import bounded_openmp_spin, cpp_runtime_global
-
-__version__ = "0.1.0"
+from huatuo_local.version import __version__
 
 # Before anything can import llama_cpp (see huatuo_local/native.py: CUDA builds crashed at every model
 # load when numpy came first). Cheap: the C++ runtime is already mapped in any process using numpy.
