@@ -68,3 +68,28 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """The processes `pid` (default: this one) started, and theirs, from /proc (Linux; elsewhere none)."""
+    parent_of: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+            parent_of[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # after the (name): state, ppid
+        except (OSError, ValueError, IndexError):
+            continue
+    root = os.getpid() if pid is None else pid
+    found, frontier = [], [root]
+    while frontier:
+        children = [p for p, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found

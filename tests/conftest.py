@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import astuple
 from pathlib import Path
 
@@ -13,17 +14,110 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import TinySpec, make_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Every test run has a temporary folder of its own: TMPDIR for this process and every process it starts
+# (pytest's tmp_path folders are made inside it too), so that whatever a test, the product or a library
+# writes to "the temporary folder" is found, and checked, at the end of the run (see pytest_sessionfinish).
+_RUN_TMP = Path(tempfile.mkdtemp(prefix="ht-"))  # short: Ray's socket paths below it must fit in 107 bytes
+os.environ["TMPDIR"] = str(_RUN_TMP)
+tempfile.tempdir = str(_RUN_TMP)
 # Every test (and every CLI it starts) gets a private store, probe cache and prefix cache.
-_HOME = Path(tempfile.mkdtemp(prefix="huatuo-test-home-"))
+_HOME = _RUN_TMP / "home"
+_HOME.mkdir()
 os.environ["HUATUO_LOCAL_HOME"] = str(_HOME)
 CLI = [sys.executable, "-m", "huatuo_local"]
+# What the run itself keeps in its temporary folder; anything else left there at the end was leaked.
+_OWN = {"home", f"pytest-of-{__import__('getpass').getuser()}"}
+
+
+def _children() -> dict[int, str]:
+    """This process's living descendants, and their command lines."""
+    import psutil
+
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                out[child.pid] = " ".join(child.cmdline())[:160]
+        except psutil.Error:
+            continue
+    return out
+
+
+def _strays() -> dict[int, str]:
+    """Processes outside this one's tree started for this run (a daemon, Ray's node agents): their command
+    line or their environment names this run's folder."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            line = " ".join(proc.info["cmdline"] or [])
+            env = proc.environ()
+        except psutil.Error:
+            continue
+        if str(_RUN_TMP) in line or any(str(_RUN_TMP) in v for v in env.values()):
+            out[proc.info["pid"]] = line[:160]
+    return out
+
+
+def _listening() -> list[str]:
+    import psutil
+
+    try:
+        return [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+@pytest.fixture(autouse=True)
+def _ends_what_it_starts(request):
+    """Every process a test starts is ended (by PID) by the end of that test, and no socket of this
+    process is left listening: else the test fails, naming them, and they are ended here."""
+    import psutil
+
+    before, ports = set(_children()), set(_listening())
+    yield
+    leaked = {pid: line for pid, line in _children().items() if pid not in before}
+    deadline = time.time() + 5  # a process being stopped may need a moment to exit
+    while leaked and time.time() < deadline:
+        time.sleep(0.1)
+        leaked = {pid: line for pid, line in _children().items() if pid in leaked}
+    for pid in leaked:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    listening = sorted(set(_listening()) - ports)
+    assert not leaked and not listening, (f"{request.node.nodeid} left running: {leaked}; left listening: "
+                                          f"{listening}")
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """The private home goes with the run (stores, prefix caches and probes of every test)."""
+    """The run's folder goes with it; a process, or a file outside the tests' own folders, left behind fails
+    the run (a test that leaks them makes the machine, and the next run, worse)."""
     import shutil
 
-    shutil.rmtree(_HOME, ignore_errors=True)
+    problems = []
+    strays = {**_children(), **_strays()}
+    if strays:
+        problems.append(f"processes left running: {strays}")
+        import psutil
+
+        for pid in strays:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+    left = sorted(p.name for p in _RUN_TMP.iterdir() if p.name not in _OWN)
+    if left:
+        problems.append(f"files left in the temporary folder (not a test's tmp_path): {left}")
+    shutil.rmtree(_RUN_TMP, ignore_errors=True)
+    if problems:
+        print("\n" + "\n".join(f"LEAK: {p}" for p in problems), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

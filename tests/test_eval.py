@@ -211,7 +211,10 @@ def test_sampled_runs_are_seeded_per_question_and_compare(model, data, tmp_path,
 def test_ctrl_c_loses_nothing_and_a_rerun_continues(model, data, tmp_path, greedy_run):
     out = tmp_path / "resumed"
     cmd = [*CLI, "eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    tmp = tmp_path / "tmp"  # the run's temporary folder: empty at the end
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     results = out / "results.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -226,15 +229,14 @@ def test_ctrl_c_loses_nothing_and_a_rerun_continues(model, data, tmp_path, greed
     assert 2 <= len(done) < 8
     with open(results, "a") as f:  # a crash in the middle of a line
         f.write('{"number": 99, "outp')
-    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({len(done)} answered before)" in rerun.stderr
     rows = rows_of(out)
     assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]  # none lost, none twice
     full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
     assert {r["number"]: r["output"] for r in rows} == full
-    # The images travel in memory: a killed actor leaves no copy of them on disk.
-    assert not list(Path(tempfile.gettempdir()).glob("huatuo-eval-images-*"))
+    assert not list(tmp.iterdir())  # nothing of the run (images, probes, partial files) left in it
 
 
 def test_bad_input_is_one_line(model, tmp_path, data):
@@ -276,13 +278,18 @@ def test_ray_workers_give_the_single_process_answers_and_survive_a_killed_worker
     out = tmp_path / "ray"
     cmd = [*CLI, "eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy",
            "--ray", "local", "--workers", "2"]
-    env = dict(os.environ, RAY_DEDUP_LOGS="0")
+    tmp = Path(tempfile.mkdtemp(prefix="r"))  # the run's temporary folder (Ray's files too): empty at the end;
+    # short, for Ray's socket paths (tmp_path is too deep)
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", TMPDIR=str(tmp))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     killed = None
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and killed is None:
-        actors = [p for p in psutil.process_iter(["cmdline"])
-                  if any("_Replica" in part for part in (p.info["cmdline"] or []))]
+        try:  # the run's own actors only: never a process of anything else on this machine
+            family = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            break
+        actors = [p for p in family if any("_Replica" in part for part in (p.cmdline() or []))]
         if len(actors) == 2 and (out / "results.jsonl").is_file() and (out / "results.jsonl").read_text():
             actors[0].kill()
             killed = actors[0].pid
@@ -295,6 +302,10 @@ def test_ray_workers_give_the_single_process_answers_and_survive_a_killed_worker
     assert sorted(r["number"] for r in rows) == [0, 1, 2, 3, 6, 7, 8, 9]
     full = {r["number"]: r["output"] for r in rows_of(greedy_run[0])}
     assert {r["number"]: r["output"] for r in rows} == full
+    # The images travelled in memory, and the private cluster's files went with it: nothing left on disk.
+    left = sorted(p.name for p in tmp.iterdir())
+    tmp.rmdir() if not left else None
+    assert not left, left
 
 
 def test_a_progress_bar_with_rate_and_eta_on_a_terminal_only(model, data, tmp_path):
@@ -369,11 +380,16 @@ def test_ray_address_of_a_running_cluster(model, data, tmp_path, greedy_run):
     # Clusters started with `ray start` require a token; this one is the test's own (never ~/.ray's).
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **token)
-    start = subprocess.run([*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                            f"--temp-dir={ray_dir}"], capture_output=True, text=True, env=env, timeout=120)
+    # In a process group of its own: every process of this cluster (its daemons outlive `ray start`) is ended
+    # by that group's id, its own; `ray stop` would end every Ray process of the user, a developer's own
+    # cluster or another test run included.
+    starter = subprocess.Popen([*ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                                "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                                f"--temp-dir={ray_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    _, started = starter.communicate(timeout=120)
     try:
-        assert start.returncode == 0, start.stderr[-2000:]
+        assert starter.returncode == 0, started[-2000:]
         out = tmp_path / "joined"
         proc = run_cli("eval", str(data), "--model", str(model.manifest_path), "--out", str(out), "--greedy",
                        "--ray", f"127.0.0.1:{port}", env=token, timeout=600)
@@ -381,5 +397,21 @@ def test_ray_address_of_a_running_cluster(model, data, tmp_path, greedy_run):
         assert {r["number"]: r["output"] for r in rows_of(out)} == {
             r["number"]: r["output"] for r in rows_of(greedy_run[0])}
     finally:
-        subprocess.run([*ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_group(starter.pid)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def stop_group(pgid: int) -> None:
+    """End the processes of process group `pgid` (this test's cluster), waiting up to 15 s before SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)

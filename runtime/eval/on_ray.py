@@ -60,7 +60,9 @@ def _image_bytes(records: list[Record]) -> dict[str, bytes]:
     return out
 
 
-def _connect(address: str):
+def _connect(address: str, session: list[str]):
+    """Join `address` (or start a private cluster for "local", whose files go to a folder of its own, named in
+    `session` for removal when the run ends: Ray's default, /tmp/ray, would outlive the run)."""
     try:
         import ray
     except ImportError:
@@ -69,19 +71,27 @@ def _connect(address: str):
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             if address == "local":  # a private cluster on this machine, gone when the run ends
-                ray.init(**kwargs)
+                import tempfile
+
+                # Short: Ray's socket paths below it must fit in 107 bytes.
+                session.append(tempfile.mkdtemp(prefix="hr"))
+                ray.init(_temp_dir=session[0], **kwargs)
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise HuatuoError(f"--ray {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
                               "start one with `ray start --head` or use --ray local") from None
+        except OSError as exc:  # e.g. Ray's socket paths under a long TMPDIR exceed 107 bytes
+            raise HuatuoError(f"--ray {address}: cannot start Ray ({str(exc).splitlines()[0][:200]}); if the path "
+                              "is too long, set TMPDIR to a shorter folder") from None
     return ray
 
 
 def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: int, threads: int | None,
                     pending: list[Record], results: ResultsFile, on_row: Callable[[dict], None],
                     workers: int | None = None, batch: int | None = None) -> None:
-    ray = _connect(address)
+    session: list[str] = []
+    ray = _connect(address, session)
     from ray.exceptions import RayActorError, RayTaskError
 
     try:
@@ -137,4 +147,23 @@ def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: 
                     on_row(row)
             feed(actor)
     finally:
-        ray.shutdown()  # the actors are not detached: they end with the driver
+        _shut_down(ray, session)
+
+
+def _shut_down(ray, session: list[str]) -> None:
+    """End the actors (not detached: they end with the driver) and, for a private cluster, every process it
+    started: Ray's node agents outlive ray.shutdown() by a minute or more otherwise."""
+    import shutil
+    import signal
+
+    from huatuo_local.runtime.system import descendants
+
+    ours = descendants() if session else []
+    ray.shutdown()
+    for pid in ours:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:  # already gone
+            pass
+    if session:  # the private cluster's logs and sockets
+        shutil.rmtree(session[0], ignore_errors=True)
