@@ -36,9 +36,17 @@ def running(model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trust")
     allowed = tmp / "allowed"
     allowed.mkdir()
+    server_tmp = tmp / "server-tmp"  # the server's temporary folder: uploads must never land there (or anywhere)
+    server_tmp.mkdir()
     with server(str(model.manifest_path), tmp, "--parallel", "2", "--ctx", "4096", "--allow-files",
-                str(allowed)) as (url, proc, log):
+                str(allowed), env={"TMPDIR": str(server_tmp)}) as (url, proc, log):
         yield url, proc, log, allowed
+
+
+def _timed_health(url: str) -> float:
+    t0 = time.perf_counter()
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    return time.perf_counter() - t0
 
 
 def png_bytes(width: int, height: int, seed: int = 0) -> bytes:
@@ -142,7 +150,7 @@ def test_a_hostile_temperature_ends_no_other_answer(running):
 
 
 def test_tiny_files_that_cost_gigabytes_are_refused_before_decoding(running, tmp_path):
-    url, proc, _, _ = running
+    url, proc, log, _ = running
     before = rss_kib(proc.pid)
     strip = png_bytes(20000, 1)  # a few hundred bytes; padded to 20000x20000
     assert len(strip) < 70_000
@@ -174,8 +182,12 @@ def test_tiny_files_that_cost_gigabytes_are_refused_before_decoding(running, tmp
     t0 = time.time()
     r = post(url, seven)
     assert r.status_code == 400 and "at most 6 images" in r.json()["error"]["message"] and time.time() - t0 < 2
-    # Uploads never land on disk.
-    assert not list(Path("/tmp").glob("huatuo-image-*"))
+    # Uploads never land on disk: the server's temporary folder is empty, and its open files are the model's,
+    # libraries' and sockets'.
+    assert not list((Path(log).parent / "server-tmp").iterdir())
+    written = [f.path for f in __import__("psutil").Process(proc.pid).open_files()
+               if ("w" in f.mode or "+" in f.mode or "a" in f.mode) and f.path != str(log)]  # (its stderr: the log)
+    assert not written, written
 
 
 def test_formats_outside_the_documented_list_are_refused(running):
@@ -201,18 +213,20 @@ def test_decoding_stops_with_its_request(running):
     body = json.dumps({"messages": [{"role": "user", "content": [
         *({"type": "image_url", "image_url": {"url": heavy}} for _ in range(6)),
         {"type": "text", "text": "Hi"}]}], "max_tokens": 2}).encode()
-    cpu = lambda: sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split()[13:15])  # noqa: E731
-    t0 = cpu()
+    decoded = lambda: httpx.get(f"{url}/health", timeout=30).json()["images_decoded"]  # noqa: E731
+    before = decoded()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", content=body, timeout=1.0,
                    headers={"Content-Type": "application/json"})
-    time.sleep(6)
-    spent = (cpu() - t0) / os.sysconf("SC_CLK_TCK")
-    t1 = time.perf_counter()
-    Image.open(io.BytesIO(one)).convert("RGB").resize((336, 336))
-    single = time.perf_counter() - t1
-    print(f"left after 1 s: {spent:.1f} s of CPU for 6 images of {single:.2f} s each")
-    assert spent < 3.5 * single + 1.0, f"{spent:.1f} s of CPU after the client left (one image: {single:.2f} s)"
+    # Work, not time: the server counts the images it decoded. It may have started one more after the client
+    # left (the departure is seen between images); never all six.
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/health", timeout=30).json()["active"] and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    done = decoded() - before
+    print(f"left after 1 s: {done} of 6 images decoded")
+    assert 1 <= done <= 3, done
     assert httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok"
 
 
@@ -328,6 +342,7 @@ def test_a_huge_json_body_is_refused_without_stalling_the_server(running):
         headers={"Content-Type": "application/json"}).status_code)) for _ in range(3)]
     for t in senders:
         t.start()
+    idle = sorted(_timed_health(url) for _ in range(20))[10]  # /health's own time here, now
     worst, peak = 0.0, before
     while any(t.is_alive() for t in senders):
         t0 = time.perf_counter()
@@ -336,8 +351,11 @@ def test_a_huge_json_body_is_refused_without_stalling_the_server(running):
         peak = max(peak, rss_kib(proc.pid))
         time.sleep(0.02)
     assert results == [413, 413, 413]
-    print(f"60 MB JSON x3: /health worst {worst * 1000:.0f} ms, RSS +{(peak - before) / 1024:.0f} MiB")
-    assert worst < 0.2, f"/health took {worst:.2f} s"
+    print(f"60 MB JSON x3: /health worst {worst * 1000:.0f} ms (idle {idle * 1000:.1f} ms), "
+          f"RSS +{(peak - before) / 1024:.0f} MiB")
+    # Relative to /health's own time on this machine now: a loop blocked by a body's parsing would wait for
+    # all of it (seconds); a busy CPU slows both alike.
+    assert worst < max(0.5, 50 * idle), f"/health took {worst:.2f} s (idle: {idle * 1000:.1f} ms)"
     assert peak - before < 400 * 1024, f"+{(peak - before) / 1024:.0f} MiB"
 
 

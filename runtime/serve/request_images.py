@@ -70,6 +70,7 @@ class ImageLoader:
     def __init__(self, limits: Limits, vision, max_decodes: int = 1):
         self.limits, self.vision = limits, vision
         self._decodes = threading.BoundedSemaphore(max_decodes)
+        self.decoded = 0  # images decoded so far (/health says it: what a departed client cost is countable)
         # Each allowed folder as given and as resolved, once: a client's path is matched against
         # either, then opened from the resolved folder's descriptor without following links.
         self._roots = [(Path(os.path.abspath(p)), p.resolve()) for p in limits.allow_files]
@@ -112,6 +113,7 @@ class ImageLoader:
         with self._decodes:
             if cancelled is not None and cancelled():
                 raise ApiError(499, "the client went away", code="client_closed")
+            self.decoded += 1
             return self._prepare(data, options, where)
 
     def _from_data(self, url: str, where: str, name: str | None = None) -> ImageData:

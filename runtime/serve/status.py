@@ -20,7 +20,8 @@ async def health(request: Request):
     if ok:
         assert state.scheduler is not None
         return {"status": "ok", "model": state.model_id, "quant": state.quant, "auth": bool(state.tenants),
-                "active": state.scheduler.active(), "queued": state.scheduler.queued()}
+                "active": state.scheduler.active(), "queued": state.scheduler.queued(),
+                "images_decoded": state.loader.decoded if state.loader else 0}
     return JSONResponse({"status": status, "error": state.error}, status_code=503,
                         headers={"Retry-After": str(RETRY_AFTER_S)})
 
