@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, GGUFValueType, TokenType
 from gguf.quants import dequantize
@@ -169,8 +170,6 @@ def test_mmproj_metadata_matches_clip_cpp_expectations(converted):
 
 
 def test_qwen2_llm_metadata_and_vocab(tiny, converted):
-    from huatuo_local.models.prompt import CHAT_TEMPLATE
-
     info = tiny(TinySpec())
     r = GGUFReader(str(converted(TinySpec(), "F32", "f32").llm_path))
     tok = json.loads((info["ckpt"] / "tokenizer.json").read_text())
@@ -193,7 +192,18 @@ def test_qwen2_llm_metadata_and_vocab(tiny, converted):
     assert field(r, "tokenizer.ggml.eos_token_id") == eos
     assert field(r, "tokenizer.ggml.bos_token_id") == eos  # explicit, never llama.cpp's fallback 11
     assert field(r, "tokenizer.ggml.add_bos_token") is False
-    assert field(r, "tokenizer.chat_template") == CHAT_TEMPLATE
+    # The template llama.cpp's tools and servers render (`--jinja`) gives the release's prompt, written out here
+    # by hand from the release (docs/RELEASE.md): no system turn, the image markers first (libmtmd's marker,
+    # `<__media__>`, where the release writes `<image>`), ' \n' after answers.
+    import jinja2
+
+    template = jinja2.Environment(loader=jinja2.BaseLoader()).from_string(field(r, "tokenizer.chat_template"))
+    rendered = template.render(messages=[
+        {"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A chest CT."},
+        {"role": "user", "content": "And the lung?"}], add_generation_prompt=True)
+    assert rendered == ("<|user|>\n<__media__>\nWhat is it?\n<|assistant|>\nA chest CT. \n"
+                        "<|user|>\nAnd the lung?\n<|assistant|>\n")
 
 
 def test_llama_sentencepiece_vocab(tiny, converted):
@@ -233,9 +243,12 @@ def test_manifest_records_files_and_hashes(converted):
 
 
 def test_pytorch_bin_tower_is_read_without_torch_in_the_converter(tiny, tmp_path):
-    """The older `.bin` variant: the tower folder ships pytorch_model.bin only."""
+    """The older `.bin` variant: the tower folder ships pytorch_model.bin only. The test writes it with torch;
+    the converter reads it in a process where torch cannot be imported at all."""
+    import subprocess
+    import sys
+
     import torch
-    from huatuo_local.convert.pipeline import convert
 
     spec = TinySpec(arch="qwen2", tower="folder", seed=3)
     info = tiny(spec)
@@ -250,7 +263,12 @@ def test_pytorch_bin_tower_is_read_without_torch_in_the_converter(tiny, tmp_path
     state = {n: torch.from_numpy(r.load_f32().copy()) for n, r in st.tensors.items()}
     (tower / "model.safetensors").unlink()
     torch.save(state, tower / "pytorch_model.bin")
-    result = convert(ckpt, tmp_path / "out", quant="F32", mmproj_type="f32", name="bin")
-    got = read_tensors(result.mmproj_path)
+    code = ("import sys\nsys.modules['torch'] = None  # `import torch` raises ImportError from here on\n"
+            "from huatuo_local.convert.pipeline import convert\n"
+            f"convert({str(ckpt)!r}, {str(tmp_path / 'out')!r}, quant='F32', mmproj_type='f32', name='bin')\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = read_tensors(tmp_path / "out" / "mmproj-bin-f32.gguf")
     for name, want in expected_mmproj(info).items():
         np.testing.assert_array_equal(got[name][1], want, err_msg=name)

@@ -200,11 +200,14 @@ def test_a_worker_that_dies_mid_answer_is_a_clear_error_in_bounded_time(converte
     model = converted(TinySpec(arch="qwen2", seed=15, layers=4, tower="folder"), "F32", "f32")
     proc = subprocess.Popen([sys.executable, "-c", LONG_ANSWER, str(model.manifest_path), images[0],
                              workers.endpoints], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.read(1), proc.stderr.read()  # the answer has started
-    workers.procs[1].kill()
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - t0 < 30
+    try:
+        assert proc.stdout.read(1), proc.stderr.read()  # the answer has started
+        workers.procs[1].kill()
+        _, err = proc.communicate(timeout=60)
+    finally:  # a 50,000-token answer must not outlive a failed check
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 3 and f"error: RPC worker 127.0.0.1:{workers.ports[1]}: " in err, err[-2000:]
     assert "restart the worker and ask again" in err
     assert err.count("\n") == 1, err  # one line, no core dump, no traceback
@@ -221,7 +224,8 @@ def test_doctor_reports_rpc_and_the_workers_memory(workers):
     recommended = proc.stdout.split("recommended", 1)[1]
     for name, quants in across.items():
         if quants != "none":
-            assert f"{name}: {quants.split(', ')[-1]}" in recommended or f"{name}: Q" in recommended, recommended
+            best = quants.split(", ")[0]  # listed best first (doctor's quality order)
+            assert f"{name}: {best}" in recommended, (best, recommended)
             assert f"{name}: too large" not in recommended
 
 
