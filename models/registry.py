@@ -35,8 +35,10 @@ class KnownModel:
     shape: LlmShape
     # llama.cpp's own figures for this shape (tests/test_sizing.py checks them; bench/quants.py sizes
     # prints them): the LLM file of each quant (its quantizer's dry run), the F16 vision projector, and
-    # the compute buffers of a context at the default 8192 positions, for a CPU (batches of 256) and a
-    # GPU (batches of 512) run, the vision encoder's included.
+    # the compute buffers llama.cpp plans for a context at the default 8192 positions on its CPU backend
+    # with flash attention off, in batches of 256 (a CPU run: what it allocates) and of 512 (what a GPU
+    # run batches: planned on the CPU backend, so an allowance for the GPU's buffers, not a measurement of
+    # them; with flash attention on, as on a GPU, the attention's buffer is smaller, so it errs large).
     llm_bytes: dict[str, int] = field(default_factory=dict)
     mmproj_bytes: int = 0
     compute_bytes_cpu: int = 0

@@ -76,9 +76,10 @@ def planned_compute_bytes(path: Path, n_ctx: int, n_ubatch: int) -> int:
 
 
 def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 512,
-                      plan_only: bool = True) -> list[float]:
+                      plan_only: bool = True, flash_attn: bool = False) -> list[float]:
     """Load `path` on the CPU, make a context of `n_ctx`, and return the sizes (MiB) llama.cpp's log reports
-    in the lines `pattern` matches (its group 1). `plan_only`: llama.cpp's no-alloc load, nothing read."""
+    in the lines `pattern` matches (its group 1). `plan_only`: llama.cpp's no-alloc load, nothing read.
+    `flash_attn`: as on a GPU, where llama.cpp's default turns it on (no n_ctx x n_ubatch score matrix)."""
     import ctypes
     import re
 
@@ -105,7 +106,7 @@ def logged_buffer_mib(path: Path, pattern: bytes, n_ctx: int, n_ubatch: int = 51
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         assert model, f"{path}: llama.cpp did not load it"
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.flash_attn_type = n_ctx, 2048, n_ubatch, 0
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.flash_attn_type = n_ctx, 2048, n_ubatch, 1 if flash_attn else 0
         ctx = llama_cpp.llama_init_from_model(model, cp)
         assert ctx, f"{path}: llama.cpp did not make a context"
         llama_cpp.llama_free(ctx)

@@ -219,6 +219,35 @@ def test_default_placement_from_the_models_own_sizes(converted):
     assert layer > 0 and vision > 0
 
 
+def test_the_placements_sizes_are_what_llama_cpp_allocates(converted):
+    """The bytes the default placement counts, against llama.cpp's own log for the same model and context: the
+    weights (its model buffer), the KV cache (its KV buffer) and a compute allowance no smaller than the compute
+    buffer it plans for 512-position batches with flash attention (llama.cpp's choice on a GPU; planned on the
+    CPU backend here, the same graph); and the threshold is exact: everything goes to the GPU with that much
+    free, not with one byte less."""
+    from huatuo_local.models.gguf_check import check_gguf
+    from huatuo_local.runtime.llama.devices import HEADROOM, Gpu, gpu_needs, plan_offload
+    from real_shapes import logged_buffer_mib
+
+    m = converted(TinySpec(arch="qwen2", seed=8, tower="folder", layers=4), "F32", "f32")
+    llm, mmproj = check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj")
+    needs = gpu_needs(llm, mmproj, 4096)
+    mib = 1024**2
+    kv = logged_buffer_mib(m.llm_path, rb"KV buffer size\s*=\s*([0-9.]+) MiB", 4096, plan_only=False)
+    assert kv and abs(sum(kv) * mib - len(needs.layers) * needs.kv_layer) < 0.02 * mib, (kv, needs)
+    weights = logged_buffer_mib(m.llm_path, rb"model buffer size\s*=\s*([0-9.]+) MiB", 4096, plan_only=False)
+    assert weights and abs(sum(weights) * mib - (sum(needs.layers) + needs.other)) < 0.05 * mib + 0.01 * sum(
+        needs.layers), (weights, needs)
+    compute = logged_buffer_mib(m.llm_path, rb"compute buffer size\s*=\s*([0-9.]+) MiB", 4096, 512, flash_attn=True)
+    assert compute and needs.compute >= sum(compute) * mib, (compute, needs.compute)
+    at = HEADROOM + needs.full + needs.vision
+    assert plan_offload(llm, mmproj, [Gpu("CUDA0", "T", at, 2 * at)], 4096).n_gpu_layers == -1
+    below = plan_offload(llm, mmproj, [Gpu("CUDA0", "T", at - 1, 2 * at)], 4096)
+    # One byte short: the embeddings and output (llama.cpp's last "layer") stay on the CPU, the rest goes.
+    assert below.n_gpu_layers == below.layers_on_gpu == len(needs.layers) and below.vision_on_gpu, below
+    assert "the output layer on the CPU" in below.note
+
+
 def test_doctor_lists_the_gpus_llama_cpp_uses(tmp_path, converted):
     """doctor (JSON and text) on what this engine was built with: a CPU build (CI) has no GPU and says so; a
     GPU build lists each GPU with its memory and where an installed model goes, or says why it found none."""

@@ -238,13 +238,27 @@ def _sizes(llm: GGUFSummary) -> tuple[list[int], int]:
     return [layers[i] for i in sorted(layers)], other
 
 
-def plan_offload(llm: GGUFSummary, mmproj: GGUFSummary, gpus: list[Gpu], n_ctx_total: int, kv_type: str = "f16",
-                 ubatch: int = 512) -> Placement:
-    """Where the model goes by default on these GPUs (see the module); the note says it in one line."""
+@dataclass(frozen=True)
+class GpuNeeds:
+    """What a model holds on a GPU, from its own GGUF: each repeating layer's weights, the rest of the weights
+    (embeddings, output), one layer's KV cache, the compute buffer, and the vision encoder's weights and
+    compute. tests/test_native.py compares them with what llama.cpp allocates."""
+
+    layers: list[int]
+    other: int
+    kv_layer: int
+    compute: int
+    vision: int
+
+    @property
+    def full(self) -> int:
+        """Every layer, its KV cache, the rest of the weights and the compute buffer (the vision encoder apart)."""
+        return sum(self.layers) + len(self.layers) * self.kv_layer + self.other + self.compute
+
+
+def gpu_needs(llm: GGUFSummary, mmproj: GGUFSummary, n_ctx_total: int, kv_type: str = "f16",
+              ubatch: int = 512) -> GpuNeeds:
     layer_bytes, other = _sizes(llm)
-    n_layer = len(layer_bytes)
-    if not gpus:
-        return Placement(0, 0, n_layer, False, "no GPU: the model runs on the CPU")
     f = llm.fields
     arch = llm.arch
     n_embd = int(f.get(f"{arch}.embedding_length", 0) or 0)
@@ -253,12 +267,25 @@ def plan_offload(llm: GGUFSummary, mmproj: GGUFSummary, gpus: list[Gpu], n_ctx_t
     embd = llm.tensors.get("token_embd.weight")
     n_vocab = int(embd[1][-1]) if embd else 32000  # shape (n_embd, n_vocab)
     kv_layer = int(2 * n_ctx_total * (n_embd // max(1, n_head)) * n_kv * KV_BYTES.get(kv_type, 2.0))
-    # llama.cpp's compute buffer on the GPU: the logits of a micro-batch and a few activations of it.
-    compute = n_vocab * ubatch * 4 + 32 * ubatch * n_embd * 4
+    # llama.cpp's compute buffer on the GPU: the logits of a micro-batch, a few activations of it, and the
+    # attention mask over the context (f32 at most), which flash attention still builds (tests/test_native.py
+    # checks this allowance against the buffer llama.cpp plans).
+    compute = n_vocab * ubatch * 4 + 32 * ubatch * n_embd * 4 + n_ctx_total * ubatch * 4
     vision = sum(t[3] for t in mmproj.tensors.values()) + 256 * 1024**2  # weights + CLIP's compute buffer
+    return GpuNeeds(layer_bytes, other, kv_layer, compute, vision)
+
+
+def plan_offload(llm: GGUFSummary, mmproj: GGUFSummary, gpus: list[Gpu], n_ctx_total: int, kv_type: str = "f16",
+                 ubatch: int = 512) -> Placement:
+    """Where the model goes by default on these GPUs (see the module); the note says it in one line."""
+    needs = gpu_needs(llm, mmproj, n_ctx_total, kv_type, ubatch)
+    layer_bytes, kv_layer, compute, vision = needs.layers, needs.kv_layer, needs.compute, needs.vision
+    n_layer = len(layer_bytes)
+    if not gpus:
+        return Placement(0, 0, n_layer, False, "no GPU: the model runs on the CPU")
     free = sum(max(0, g.free - HEADROOM) for g in gpus)
     where = " + ".join(f"{g.description or g.name} ({g.free / GIB:.1f} GiB free)" for g in gpus)
-    full = sum(layer_bytes) + n_layer * kv_layer + other + compute
+    full = needs.full
     if full + vision <= free:
         return Placement(-1, n_layer, n_layer, True, f"GPU {where}: all {n_layer} layers and the vision encoder")
     budget = free - compute
@@ -271,6 +298,7 @@ def plan_offload(llm: GGUFSummary, mmproj: GGUFSummary, gpus: list[Gpu], n_ctx_t
         budget -= size + kv_layer
         fit += 1
     vision_text = "the vision encoder and " if vision_on_gpu else ""
-    note = (f"GPU {where}: {vision_text}{fit} of {n_layer} layers (the rest on the CPU: the whole model needs "
+    rest = "the output layer" if fit == n_layer else "the rest"  # -ngl n_layer keeps the output on the CPU
+    note = (f"GPU {where}: {vision_text}{fit} of {n_layer} layers ({rest} on the CPU: the whole model needs "
             f"{(full + vision) / GIB:.1f} GiB; set --n-gpu-layers to choose)")
     return Placement(fit, fit, n_layer, vision_on_gpu, note)
