@@ -154,7 +154,11 @@ def test_an_interrupted_pull_resumes_without_fetching_bytes_twice(tiny, tmp_path
         deadline = time.time() + 120
         while hub.sent[weights] < 12 * 1024 * 1024 and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)  # let the client write its first 10 MB chunk
+        # The client has written its first 10 MB chunk to disk (seen there, not guessed from a pause).
+        partial = tmp_path / "home" / "downloads" / REPO.replace("/", "--") / hub.repos[REPO].sha / f"{weights}.partial"
+        while not (partial.is_file() and partial.stat().st_size >= 10 * 1024 * 1024) and time.time() < deadline:
+            time.sleep(0.05)
+        assert partial.stat().st_size >= 10 * 1024 * 1024
         first.send_signal(signal.SIGKILL)
         first.wait(30)
         hub.release.set()

@@ -398,12 +398,16 @@ def test_load_16_clients_cancellations_memory_and_graceful_shutdown(model, image
         after = rss_kib(proc.pid)
         print(f"load test: RSS {before / 1024:.0f} -> {after / 1024:.0f} MiB")
         assert after - before < 64 * 1024, f"RSS grew {(after - before) / 1024:.0f} MiB"  # 29 MiB measured
-        # Graceful shutdown: a stream in flight ends, the process exits 0.
-        stream = ask(c, messages(0), stream=True, max_tokens=1500, extra_body={"min_tokens": 1500})  # ~2 s
+        # Graceful shutdown: a stream in flight ends, the process exits 0. Its length is a quarter of what this
+        # server decodes in the 8 s grace, measured here now (a fixed count was a coin toss on a busy machine).
+        timed = ask(c, messages(0), max_tokens=200, extra_body={"min_tokens": 200})
+        rate = timed.usage.completion_tokens / max(timed.model_extra["huatuo"]["generation_s"], 1e-3)
+        tokens = max(20, int(rate * 2))
+        stream = ask(c, messages(0), stream=True, max_tokens=tokens, extra_body={"min_tokens": tokens})
         next(iter(stream))
         proc.send_signal(signal.SIGTERM)
         text, reason = streamed_text(stream)  # raises if the stream is cut
-        assert reason == "length" and len(text) > 100
+        assert reason == "length" and text  # finished within the grace, not cut
         assert proc.wait(30) == 0
     text = log.read_text()
     assert "Traceback" not in text
