@@ -12,51 +12,58 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from huatuo_local.models import defaults
+from huatuo_local.runtime.core.config import LOAD_FIELDS, ModelConfig
 from huatuo_local.runtime.core.loading import open_model
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.session import Counters, Reply, Session
 from huatuo_local.runtime.images.dicom import parse_window
 from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, ImageInput, LoadOptions
 
+# The Python API's earlier names for load options (kept: scripts written against them still work).
+_RENAMED = {"n_ctx": "ctx", "n_seq": "parallel"}
+
 
 class HuatuoChatbot:
-    """A loaded model and one conversation. `inference` is single-turn, `chat` keeps history."""
+    """A loaded model and one conversation. `inference` is single-turn, `chat` keeps history.
+
+    The model and how it is loaded: a name (or folder, manifest, .gguf) and any of ModelConfig's options as
+    keywords (`HuatuoChatbot("huatuo-vision-7b", n_gpu_layers=0, ctx=4096)`), or a whole `ModelConfig`
+    (`HuatuoChatbot(config=...)`, what the command line builds). The rest are the conversation's: sampling
+    (the release's defaults), the image window and frame, the stop strings."""
 
     def __init__(
         self,
         model: str | Path | None = None,
         *,
-        n_gpu_layers: int | None = None,
-        n_ctx: int | None = None,
-        threads: int | None = None,
-        kv_type: str = "f16",
-        mmproj_offload: bool = True,
+        config: ModelConfig | None = None,
         temperature: float = defaults.TEMPERATURE,
         repetition_penalty: float = defaults.REPETITION_PENALTY,
         max_new_tokens: int = defaults.MAX_NEW_TOKENS,
         top_k: int = defaults.TOP_K,
         top_p: float = defaults.TOP_P,
         seed: int | None = None,
-        allow_unverified_vision: bool = False,
-        offline: bool = True,
+        stop: list[str] | None = None,
         window: str | None = None,
         frame: int | None = None,
         max_pixels: int | None = None,
-        prefix_cache: bool = True,
-        load: str | None = None,
-        rpc: str | list[str] | None = None,
-        tensor_split: list[float] | None = None,
-        rpc_key_file: str | Path | None = None,
+        **load: object,
     ):
+        unknown = sorted(set(load) - set(LOAD_FIELDS) - set(_RENAMED))
+        if unknown:
+            raise TypeError(f"HuatuoChatbot got unexpected options {unknown}; the load options are {LOAD_FIELDS}")
+        load = {_RENAMED.get(k, k): v for k, v in load.items()}
+        if isinstance(load.get("tensor_split"), list):
+            load["tensor_split"] = tuple(load["tensor_split"])
+        if isinstance(load.get("rpc"), (list, tuple)):
+            load["rpc"] = ",".join(load["rpc"])
+        config = (config or ModelConfig()).with_(**({"model": str(model)} if model is not None else {}), **load)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
-                                       max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed).check()
-        self.model, self.engine, cache = open_model(
-            model, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads, kv_type=kv_type,
-            mmproj_offload=mmproj_offload, seed=seed, allow_unverified_vision=allow_unverified_vision,
-            offline=offline, prefix_cache=prefix_cache, load=load, rpc=rpc, tensor_split=tensor_split,
-            rpc_key_file=rpc_key_file)
+                                       max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed,
+                                       stop=tuple(stop or ())).check()
+        loaded = open_model(config)
+        self.config, self.model, self.engine, self.load_note = config, loaded.model, loaded.engine, loaded.note
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
-        self.session = Session(self.engine, self.sampling, images, cache)
+        self.session = Session(self.engine, self.sampling, images, loaded.cache)
 
     # --- the release's interface ----------------------------------------------------
 

@@ -61,6 +61,20 @@ def browser():
         b.close()
 
 
+@pytest.fixture
+def new_page(browser):
+    """browser.new_page for one test: its pages (and their renderer processes) are closed when it ends."""
+    opened = []
+
+    def make(**kw):
+        opened.append(browser.new_context(**kw))
+        return opened[-1].new_page()
+
+    yield make
+    for context in opened:
+        context.close()
+
+
 @pytest.fixture(scope="module")
 def png(tmp_path_factory):
     path = tmp_path_factory.mktemp("web") / "chest.png"
@@ -87,7 +101,7 @@ def ask_on_page(page, question: str) -> None:
     page.press("#question", "Enter")
 
 
-def test_the_page_end_to_end(browser, converted, png, tmp_path):
+def test_the_page_end_to_end(new_page, converted, png, tmp_path):
     from pathlib import Path
 
     model = converted(SPEC, "F32", "f32")
@@ -96,7 +110,7 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
     # stop lands (a slow browser), and the follow-up after it (about 2700 positions before it) must still fit.
     with server(str(model.manifest_path), tmp_path, "--parallel", "2", "--ctx", "8192",
                 env={"HUATUO_LOCAL_API_KEY": KEY}) as (url, _, _):
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = new_page(viewport={"width": 1280, "height": 800})
         problems: list[str] = []
         page.on("pageerror", lambda e: problems.append(str(e)))
         # The page lives under a strict Content-Security-Policy: any violation is reported here.
@@ -256,7 +270,7 @@ def test_the_page_end_to_end(browser, converted, png, tmp_path):
         assert not problems, problems
 
 
-def test_frames_errors_and_open(browser, converted, tmp_path):
+def test_frames_errors_and_open(new_page, converted, tmp_path):
     """A multi-frame DICOM's frame control, the page's message for each server error, and `serve --open`."""
     from pathlib import Path
 
@@ -271,7 +285,7 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
         while not opened.exists() and time.time() < deadline:
             time.sleep(0.2)
         assert opened.read_text().strip() == url + "/"
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = new_page(viewport={"width": 1280, "height": 800})
         page.goto(url + "/")
         page.set_input_files("#file", str(mri))
         wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")
@@ -327,20 +341,22 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
         assert "generation failed" in page.inner_text("#error")
         page.unroute("**/v1/chat/completions")
     # --open where no browser can start: said in one line, not silent (issue 33).
+    # --ctx 40000: the busy answers below take long enough (30000 tokens) that "one answering, one waiting" lasts.
     with server(str(model.manifest_path), tmp_path, "--parallel", "1", "--max-queue", "1", "--max-body-mb", "1",
-                "--open", env={"BROWSER": str(tmp_path / "no-such-browser") + " %s"}) as (url, _, log):
+                "--ctx", "40000", "--open", env={"BROWSER": str(tmp_path / "no-such-browser") + " %s"}) as (
+            url, _, log):
         deadline = time.time() + 30
         while "no browser could be opened" not in log.read_text() and time.time() < deadline:
             time.sleep(0.2)
         assert f"no browser could be opened here; open {url}/ yourself" in log.read_text()
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page = new_page(viewport={"width": 1280, "height": 800})
         page.goto(url + "/")
         wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
         ask_on_page(page, "x " * 600_000)  # a 1.2 MB request: over --max-body-mb
         wait_state(page, "error")
         assert "Too large" in page.inner_text("#error") and "larger than 1 MB" in page.inner_text("#error")
-        long = {"messages": [{"role": "user", "content": "Write a long report."}], "max_tokens": 6000,
-                "min_tokens": 6000, "temperature": 0.8}
+        long = {"messages": [{"role": "user", "content": "Write a long report."}], "max_tokens": 30000,
+                "min_tokens": 30000, "temperature": 0.8}
         busy = [threading.Thread(target=lambda: httpx.post(f"{url}/v1/chat/completions", json=long, timeout=300))
                 for _ in range(2)]
         for t in busy:
@@ -358,7 +374,7 @@ def test_frames_errors_and_open(browser, converted, tmp_path):
     shutil.copytree(model.manifest_path.parent, broken)
     (broken / model.llm_path.name).write_bytes(b"GGUF")  # resolves, but cannot load
     with server(str(broken / model.manifest_path.name), tmp_path, wait=False) as (url, _, _):
-        page = browser.new_page()
+        page = new_page()
         for _ in range(100):
             try:
                 page.goto(url + "/")

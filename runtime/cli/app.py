@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -63,10 +62,10 @@ def _root(
 
 # The CLI's flag for each sampling setting (runtime/sampling.py's RANGES hold the limits).
 _FLAGS = {"temperature": "--temperature", "repetition_penalty": "--repeat-penalty", "max_new_tokens": "--max-tokens",
-          "top_k": "--top-k", "top_p": "--top-p", "min_new_tokens": "--min-tokens"}
+          "stop": "--stop"}
 
 
-def check_settings(**settings: float) -> None:
+def check_settings(**settings) -> None:
     """The same ranges the API enforces, named by their flags."""
     from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
 
@@ -79,30 +78,6 @@ def check_settings(**settings: float) -> None:
 def fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
-
-
-# --rpc and --tensor-split, the same on chat, serve and eval
-RpcOption = Annotated[str | None, typer.Option(help="llama.cpp RPC workers HOST:PORT[,HOST:PORT...] that hold some "
-                                                    "layers (huatuo-local rpc-worker on each); this machine's share "
-                                                    "and the vision encoder stay here, on its GPU when it has one.")]
-RpcKeyOption = Annotated[Path | None, typer.Option(help="With --rpc: the key the workers were started with "
-                                                      "(rpc-worker --key-file): TLS, and only they are reached.")]
-TensorSplitOption = Annotated[str | None, typer.Option(help="With --rpc: shares of the layers, this machine first, "
-                                                             "then each worker (e.g. 1,1,1; default: by free "
-                                                             "memory).")]
-
-
-def _shares(text: str | None, rpc: str | None) -> list[float] | None:
-    """--tensor-split's numbers (this machine first, then each --rpc worker)."""
-    if text is None:
-        return None
-    if not rpc:
-        fail("--tensor-split needs --rpc")
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        fail(f"--tensor-split {text}: give numbers separated by commas, this machine's share first (e.g. 1,1,1)")
-    return None
 
 
 INTERRUPTED = 130  # typer turns Ctrl-C (and SIGTERM during a convert) into this exit status

@@ -7,41 +7,28 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import (
-    RpcKeyOption,
-    RpcOption,
-    TensorSplitOption,
-    _shares,
-    app,
-    check_settings,
-    fail,
-)
+from huatuo_local.models import defaults
+from huatuo_local.runtime.cli.app import app, check_settings, fail
+from huatuo_local.runtime.cli.options import model_options
+from huatuo_local.runtime.core.config import ModelConfig
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local chat scan.png -p \"What does this image show?\"\n\n"
                    "  huatuo-local chat ct.png mri.png            (interactive)\n\n"
                    "  echo \"Describe the findings\" | huatuo-local chat scan.png --json")
+@model_options(leave_out=("parallel",))
 def chat(
+    config: ModelConfig,
     images: Annotated[list[Path] | None, typer.Argument(help="Images for the first question.")] = None,
     prompt: Annotated[str | None, typer.Option("-p", "--prompt", help="Ask one question and exit.")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or "
-                                                 ".gguf file (default: huatuo-vision-7b).")] = None,
-    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
-                                                        "(default: all when a GPU is available; 0: the CPU "
-                                                        "only, also with --rpc).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context length in tokens (default: 8192, room for the "
-                                                  "release's 6 images and a 512-token answer).")] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = 0.2,
-    repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")] = 1.2,
-    max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 is greedy and deterministic.")] = defaults.TEMPERATURE,
+    repeat_penalty: Annotated[float, typer.Option(help="Over generated tokens only, as the release.")]
+    = defaults.REPETITION_PENALTY,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens per answer.")] = defaults.MAX_NEW_TOKENS,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    kv_type: Annotated[str, typer.Option(help="KV cache type: f16, f32 or q8_0.")] = "f16",
+    stop: Annotated[list[str] | None, typer.Option(help="End the answer before this text (repeat for up to 4).")]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
-    no_mmproj_offload: Annotated[bool, typer.Option("--no-mmproj-offload",
-                                                    help="Keep the vision encoder on the CPU.")] = False,
-    allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
-                                                          help="Answer even if the vision probe fails.")] = False,
     window: Annotated[str | None, typer.Option(help="Grayscale window: lung, mediastinum, bone, brain, abdomen, "
                                                     "liver, or CENTER,WIDTH (default: the file's, else 0.5-99.5%).")]
     = None,
@@ -49,12 +36,6 @@ def chat(
     = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels (decompression-bomb "
                                                         "guard; default 178956970).")] = None,
-    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
-                                                  help="Do not keep encoded images on disk for the next run.")]
-    = False,
-    rpc: RpcOption = None,
-    rpc_key_file: RpcKeyOption = None,
-    tensor_split: TensorSplitOption = None,
 ) -> None:
     """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
     from huatuo_local.runtime.api import HuatuoChatbot
@@ -62,7 +43,8 @@ def chat(
     paths = [str(p) for p in images or []]
     if prompt is not None and not prompt.strip():
         fail("-p: the question is empty; ask something, or leave -p out for the interactive chat")
-    check_settings(temperature=temperature, repetition_penalty=repeat_penalty, max_new_tokens=max_tokens)
+    check_settings(temperature=temperature, repetition_penalty=repeat_penalty, max_new_tokens=max_tokens,
+                   stop=tuple(stop or ()))
     from huatuo_local.runtime.images.dicom import parse_window
     from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images
 
@@ -76,18 +58,15 @@ def chat(
     from huatuo_local.runtime.cli.progress import PromptStatus
 
     status = PromptStatus(enabled=None if not as_json else False)
-    status.show(f"loading {model or 'huatuo-vision-7b'}…")
+    status.show(f"loading {config.model or 'huatuo-vision-7b'}…")
     try:
-        bot = HuatuoChatbot(model, n_gpu_layers=n_gpu_layers, n_ctx=ctx, threads=threads, kv_type=kv_type,
-                            mmproj_offload=not no_mmproj_offload, temperature=temperature,
-                            repetition_penalty=repeat_penalty, max_new_tokens=max_tokens, seed=seed,
-                            allow_unverified_vision=allow_unverified_vision, window=window, frame=frame,
-                            max_pixels=max_pixels, prefix_cache=not no_prefix_cache, rpc=rpc,
-                            tensor_split=_shares(tensor_split, rpc), rpc_key_file=rpc_key_file)
+        bot = HuatuoChatbot(config=config, temperature=temperature, repetition_penalty=repeat_penalty,
+                            max_new_tokens=max_tokens, seed=seed, stop=stop, window=window, frame=frame,
+                            max_pixels=max_pixels)
     finally:
         status.stop()
-    if bot.engine.placement_note and not as_json:
-        typer.echo(bot.engine.placement_note, err=True)
+    if bot.load_note and not as_json:
+        typer.echo(bot.load_note, err=True)
     if prompt is None:
         from huatuo_local.runtime.cli import repl
 
@@ -100,6 +79,7 @@ def chat(
         typer.echo(json.dumps({
             "answer": reply.text, "model": bot.model.ref,
             "tokens": {"prompt": reply.prompt_positions, "generated": len(reply.tokens)},
+            "finish_reason": reply.finish_reason,
             "timings": asdict(reply.timings), "counters": asdict(reply.counters),
             "session_counters": asdict(bot.counters), "warning": reply.warning,
         }, ensure_ascii=False, indent=2))

@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import RpcKeyOption, RpcOption, TensorSplitOption, _shares, app, fail, interrupted
+from huatuo_local.runtime.cli.app import app, check_settings, fail, interrupted
+from huatuo_local.runtime.cli.options import model_options
+from huatuo_local.runtime.core.config import ModelConfig
+from huatuo_local.runtime.eval.worker import EVAL_CTX
 
 
 @app.command(name="eval", epilog=(
@@ -16,13 +19,13 @@ from huatuo_local.runtime.cli.app import RpcKeyOption, RpcOption, TensorSplitOpt
     "  huatuo-local eval data.json --model huatuo-vision-7b:q8_0 --datasets VQA-RAD,SLAKE --limit 50 --greedy\n\n"
     "  huatuo-local eval data.json --model /shared/models/huatuo-vision-7b --ray auto --parallel 4\n\n"
     "  huatuo-local eval compare eval-runs/huatuo-vision-7b-q8_0 eval-runs/huatuo-vision-7b-q4_k_m"))
+@model_options(defaults={"ctx": EVAL_CTX})
 def eval_cmd(
+    config: ModelConfig,
     args: Annotated[list[str], typer.Argument(
         metavar="DATA.json | compare RUN_A RUN_B",
         help="The release's evaluation file (medical_multimodel_evaluation_data.json, images beside it), or "
              "`compare` and two run folders.")],
-    model: Annotated[str | None, typer.Option("-m", "--model", help="Model name, folder, manifest or .gguf "
-                                              "file (default: huatuo-vision-7b).")] = None,
     datasets: Annotated[str | None, typer.Option(help="Comma-separated datasets or model-card columns "
                                                  "(VQA-RAD,SLAKE,PathVQA,PMC-VQA,OmniMedVQA,MMMU); "
                                                  "default: all.")] = None,
@@ -33,21 +36,13 @@ def eval_cmd(
                                              "eval-runs/MODEL-QUANT).")] = None,
     greedy: Annotated[bool, typer.Option(help="Greedy decoding (deterministic) instead of the release's "
                                          "sampling (temperature 0.2, repetition penalty 1.2, seed 42).")] = False,
-    parallel: Annotated[int, typer.Option(min=1, max=64, help="Questions answered at once (parallel "
-                                          "sequences of one model).")] = 1,
     ray: Annotated[str | None, typer.Option(help="Spread the questions over a Ray cluster: its ADDRESS, "
                                             "`auto`, or `local` (a private one on this machine); needs "
                                             "huatuo-local[distributed].")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Ray workers (model replicas; default: one per "
                                                 "machine).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads per model (default: the physical "
-                                                "cores).")] = None,
-    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
-                                                        "(default: all when a GPU is available; 0: the CPU "
-                                                        "only, also with --rpc).")] = None,
-    rpc: RpcOption = None,
-    rpc_key_file: RpcKeyOption = None,
-    tensor_split: TensorSplitOption = None,
+    stop: Annotated[list[str] | None, typer.Option(help="End each answer before this text (repeat for up to 4); "
+                                                   "recorded in the run's settings.")] = None,
 ) -> None:
     """The model card's accuracy table for your model files, measured the way the release measures it."""
     from huatuo_local.runtime.eval import run as evaluate
@@ -70,15 +65,15 @@ def eval_cmd(
         fail("give one evaluation file (or: huatuo-local eval compare RUN_A RUN_B)")
     if workers and not ray:
         fail("--workers needs --ray")
-    if n_gpu_layers is not None and ray:
+    if config.n_gpu_layers is not None and ray:
         fail("--n-gpu-layers applies to this machine's model; with --ray each worker places its own")
-    if rpc and ray:
+    if config.rpc and ray:
         fail("give --ray (a model per machine) or --rpc (one model across machines), not both")
+    check_settings(stop=tuple(stop or ()))
     try:
         folder, md = evaluate.run(
-            Path(args[0]), model, out, [d for d in datasets.split(",")] if datasets else None, limit, parallel,
-            greedy, ray, threads, show_progress=sys.stderr.isatty(), workers=workers, rpc=rpc,
-            tensor_split=_shares(tensor_split, rpc), n_gpu_layers=n_gpu_layers, rpc_key_file=rpc_key_file)
+            Path(args[0]), config, out, [d for d in datasets.split(",")] if datasets else None, limit, greedy, ray,
+            show_progress=sys.stderr.isatty(), workers=workers, stop=tuple(stop or ()))
     except KeyboardInterrupt:
         interrupted("stopped: every answer so far is saved; run the same command again to continue")
     typer.echo(md, nl=False)

@@ -7,31 +7,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from huatuo_local.runtime.cli.app import RpcKeyOption, RpcOption, TensorSplitOption, _shares, app, fail
+from huatuo_local.runtime.cli.app import app, fail
+from huatuo_local.runtime.cli.options import model_options
+from huatuo_local.runtime.core.config import ModelConfig
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local serve --model huatuo-vision-7b --parallel 4\n\n"
                    "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
                    "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n\n"
                    "  huatuo-local serve --host 0.0.0.0 --api-key-file ~/.huatuo-key   (reachable from the network)")
+@model_options(defaults={"parallel": 4})
 def serve(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model name, folder, manifest or .gguf file "
-                                                                    "(default: huatuo-vision-7b).")] = None,
+    config: ModelConfig,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable by others.")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    parallel: Annotated[int, typer.Option(help="Conversations answered at once (llama.cpp sequences).")] = 4,
     api_key: Annotated[str | None, typer.Option(help="Require Authorization: Bearer KEY. Other users of this "
                                                      "machine can read it in the process list: prefer "
                                                      "--api-key-file or HUATUO_LOCAL_API_KEY.")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="Read the API keys from a file, one per line; each key "
                                                           "is its own tenant (its clients never share cached "
                                                           "work with another key's).")] = None,
-    n_gpu_layers: Annotated[int | None, typer.Option("-ngl", "--n-gpu-layers", help="Layers to offload "
-                                                        "(default: all when a GPU is available; 0: the CPU "
-                                                        "only, also with --rpc).")] = None,
-    ctx: Annotated[int | None, typer.Option(help="Context per conversation in tokens (default 8192).")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the physical cores).")] = None,
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait for a free sequence; more get 503.")]
     = 64,
     allow_files: Annotated[list[Path] | None, typer.Option(help="A folder whose images may be sent as file:// "
@@ -40,18 +36,11 @@ def serve(
                                                                "(repeat the option; default: none).")] = None,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt text (off: no patient text in "
                                                                      "logs).")] = False,
-    no_prefix_cache: Annotated[bool, typer.Option("--no-prefix-cache",
-                                                  help="Do not keep encoded images on disk.")] = False,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body.")] = 64,
     max_image_mb: Annotated[int, typer.Option(help="Largest image in a request.")] = 32,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels, the square it is "
                                                         "padded to included (default 50000000).")] = None,
-    allow_unverified_vision: Annotated[bool, typer.Option("--allow-unverified-vision",
-                                                          help="Answer even if the vision probe fails.")] = False,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
-    rpc: RpcOption = None,
-    rpc_key_file: RpcKeyOption = None,
-    tensor_split: TensorSplitOption = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
     ask), on this machine only unless --host says otherwise."""
@@ -59,24 +48,20 @@ def serve(
     from huatuo_local.runtime.serve.state import ServeConfig
 
     keys = _api_keys(api_key, api_key_file)
-    if parallel < 1 or parallel > 64:
-        fail("--parallel must be between 1 and 64")
     from huatuo_local.models.store import resolve
 
-    resolve(model)  # a name that resolves to nothing fails now, in one line, not as a server that never works
-    if rpc:
+    resolve(config.model)  # a name that resolves to nothing fails now, in one line, not as a server that never works
+    if config.rpc:
         from huatuo_local.runtime.serve.supervise import is_child, supervise
 
         if not is_child():  # llama.cpp aborts the process when a worker dies: keep the server up around it
             raise typer.Exit(supervise(sys.argv[1:], host, port))
-    config = ServeConfig(
-        model=model, host=host, port=port, parallel=parallel, api_keys=keys, n_gpu_layers=n_gpu_layers, ctx=ctx,
-        threads=threads, max_queue=max_queue, allow_files=list(allow_files or []), cors_origins=list(cors_origin or []),
-        log_prompts=log_prompts, prefix_cache=not no_prefix_cache, max_body_bytes=max_body_mb * 1024 * 1024,
-        max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels,
-        allow_unverified_vision=allow_unverified_vision, rpc=rpc, tensor_split=_shares(tensor_split, rpc),
-        rpc_key_file=rpc_key_file)
-    run_server(config, open_browser)
+    server = ServeConfig(
+        model=config, host=host, port=port, api_keys=keys, max_queue=max_queue, allow_files=list(allow_files or []),
+        cors_origins=list(cors_origin or []), log_prompts=log_prompts, max_body_bytes=max_body_mb * 1024 * 1024,
+        max_image_bytes=max_image_mb * 1024 * 1024, max_pixels=max_pixels)
+    run_server(server, open_browser)
+
 
 def _api_keys(flag: str | None, key_file: Path | None) -> list[str]:
     """The server's API keys: --api-key-file (one per line), else --api-key, else HUATUO_LOCAL_API_KEY."""

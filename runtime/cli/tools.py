@@ -7,12 +7,19 @@ from typing import Annotated
 
 import typer
 from huatuo_local.runtime.cli.app import app, fail
+from huatuo_local.runtime.cli.options import model_options
+from huatuo_local.runtime.core.config import ModelConfig
 
 
 @app.command(epilog="Examples:\n\n  huatuo-local verify --original ./HuatuoGPT-Vision-7B models/ --images scan.png\n\n"
                    "  huatuo-local verify --reference huatuo-vision-7b:f16 huatuo-vision-7b:q4_k_m "
                    "huatuo-vision-7b:iq3_xxs   (what each quant costs; held-out medical images by default)")
+# verify sets its own context, KV type and sequences (an f32 cache, 4096 positions, one sequence) so that
+# its figures measure the model alone; the models are its arguments, and its workers are this machine.
+@model_options(leave_out=("model", "ctx", "kv_type", "parallel", "prefix_cache", "rpc", "rpc_key_file",
+                          "tensor_split"))
 def verify(
+    config: ModelConfig,
     models: Annotated[list[str], typer.Argument(metavar="MODEL", help="Converted models (names, folders, "
                                                                           "manifests or .gguf files).")],
     original: Annotated[Path | None, typer.Option(help="The original checkpoint folder: measure against the "
@@ -46,14 +53,15 @@ def verify(
 
         prompts = ([Prompt(list(images), prompt)] if images else
                    [Prompt([c.image] if c.image else [], c.question) for c in held_out()])
-        rows = compare_quants(reference, models, prompts, tokens, on_note=lambda note: typer.echo(note, err=True))
+        rows = compare_quants(reference, models, prompts, tokens, config,
+                              on_note=lambda note: typer.echo(note, err=True))
         typer.echo(format_table(rows))
         return
     from huatuo_local.runtime.verify.compare import verify as run_verify
 
     if not images:
         fail("--original needs --images: the images to ask about")
-    rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower)
+    rows = run_verify(original, models, [str(p) for p in images], prompt, tokens, vision_tower, config)
     typer.echo(format_table(rows))
 
 _LOSSLESS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}  # preview -o: the pixels exactly

@@ -6,9 +6,10 @@ the same whichever front-end loaded it.
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 from huatuo_local.models.store import ResolvedModel, resolve
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.core.offline import forbid_network
 from huatuo_local.runtime.core.prefix_cache import PrefixCache, file_checksum
 from huatuo_local.runtime.engine.build import engine_build_id
@@ -41,40 +42,45 @@ def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, st
         "rpc": ",".join(options.rpc),
     }
 
-def _endpoints(rpc: str | list[str] | None) -> list[str]:
-    if not rpc:
-        return []
+@dataclass
+class Loaded:
+    """A loaded model: what was resolved, the engine, its prefix cache, and the line said at load (where the
+    layers went, or why no GPU took them; '' when there is nothing to say)."""
+
+    model: ResolvedModel
+    engine: Engine
+    cache: PrefixCache | None
+    note: str = ""
+
+
+def engine_options(config: ModelConfig, n_gpu_layers: int, mmproj_offload: bool) -> EngineOptions:
+    """The engine's options for `config`, the placement settled."""
     from huatuo_local.runtime.rpc.client import parse_endpoints
 
-    return parse_endpoints(rpc if isinstance(rpc, str) else ",".join(rpc))
+    return EngineOptions(
+        n_ctx=config.ctx or 0, n_threads=config.threads, kv_type=config.kv_type, mmproj_offload=mmproj_offload,
+        n_gpu_layers=n_gpu_layers, allow_unverified_vision=config.allow_unverified_vision, load=config.load,
+        n_seq=max(1, config.parallel), rpc=tuple(parse_endpoints(config.rpc)) if config.rpc else (),
+        tensor_split=config.tensor_split, rpc_key_file=str(config.rpc_key_file) if config.rpc_key_file else None)
 
-def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = None, n_ctx: int | None = None,
-               threads: int | None = None, kv_type: str = "f16", mmproj_offload: bool = True,
-               seed: int | None = None, allow_unverified_vision: bool = False, offline: bool = True,
-               prefix_cache: bool = True, load: str | None = None, n_seq: int = 1,
-               rpc: str | list[str] | None = None, tensor_split: list[float] | None = None,
-               rpc_key_file: str | Path | None = None) -> tuple[ResolvedModel, Engine, PrefixCache | None]:
-    """Resolve and load a model the one way chat, HuatuoChatbot and serve all use."""
+
+def open_model(config: ModelConfig) -> Loaded:
+    """Resolve and load a model the one way chat, HuatuoChatbot, serve and eval all use."""
     from huatuo_local.runtime.llama.devices import free_memory
 
+    config.check()
     # A name with several quants installed means the best that fits this machine now (models/store.py).
-    resolved = resolve(model, free_memory())
+    resolved = resolve(config.model, free_memory())
     placement = None
-    if n_gpu_layers is None and not rpc:
-        placement = default_placement(resolved, n_ctx or 0, n_seq, kv_type)
+    n_gpu_layers, mmproj_offload = config.n_gpu_layers, config.mmproj_offload
+    if n_gpu_layers is None and not config.rpc:
+        placement = default_placement(resolved, config.ctx or 0, config.parallel, config.kv_type)
         n_gpu_layers = placement.n_gpu_layers
         mmproj_offload = mmproj_offload and placement.vision_on_gpu
     elif n_gpu_layers is None:
         n_gpu_layers = -1  # with RPC workers: this machine's share on its GPUs when it has any (-ngl 0: its CPU)
-    options = EngineOptions(
-        n_ctx=n_ctx or 0, n_threads=threads, kv_type=kv_type, mmproj_offload=mmproj_offload,
-        n_gpu_layers=n_gpu_layers or 0,
-        seed=seed if seed is not None else 0, allow_unverified_vision=allow_unverified_vision,
-        load=load, n_seq=n_seq, rpc=tuple(_endpoints(rpc)),
-        tensor_split=tuple(tensor_split) if tensor_split else None,
-        rpc_key_file=str(rpc_key_file) if rpc_key_file else None,
-    )
-    guard = forbid_network() if offline else None
+    options = engine_options(config, n_gpu_layers or 0, mmproj_offload)
+    guard = forbid_network() if config.offline else None
     try:
         engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
     except BaseException:
@@ -83,7 +89,7 @@ def open_model(model: str | Path | None = None, *, n_gpu_layers: int | None = No
         raise
     if guard is not None:  # offline for as long as this model is open
         engine.on_close.append(guard.release)
-    if placement is not None:  # said once at load: where the GPU work went (with --rpc the engine says it)
-        engine.placement_note = placement.note
-    cache = PrefixCache.default(cache_identity(resolved, engine.options)) if prefix_cache else None
-    return resolved, engine, cache
+    # Said once at load: where the GPU work went (with --rpc the engine placed the layers and says it).
+    note = placement.note if placement is not None else engine.placement_note
+    cache = PrefixCache.default(cache_identity(resolved, engine.options)) if config.prefix_cache else None
+    return Loaded(resolved, engine, cache, note)

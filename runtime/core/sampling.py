@@ -58,14 +58,19 @@ class SamplingParams:
     max_new_tokens: int = defaults.MAX_NEW_TOKENS
     min_new_tokens: int = defaults.MIN_NEW_TOKENS
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (runtime/core/stops.py)
 
     def check(self) -> SamplingParams:
         """Raise SettingError for the first setting outside RANGES (NaN included); return self."""
+        from huatuo_local.runtime.core.stops import MAX_STOP_CHARS, MAX_STOPS
+
         for name, (lo, hi, low_ok) in RANGES.items():
             value = getattr(self, name)
             if not (lo <= value <= hi) or (value == lo and not low_ok):
                 low = f"from {lo:g}" if low_ok else f"above {lo:g}"
                 raise SettingError(name, f"must be {low} to {hi:g} (got {value})")
+        if len(self.stop) > MAX_STOPS or any(not isinstance(x, str) or len(x) > MAX_STOP_CHARS for x in self.stop):
+            raise SettingError("stop", f"takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
         return self
 
 

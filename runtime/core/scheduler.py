@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.core.events import Done, Event, Failed, Piece, Progress
 from huatuo_local.runtime.core.items import ImageItem, Item
 from huatuo_local.runtime.core.prefix_cache import CacheEntryError, PrefixCache
 from huatuo_local.runtime.core.sampling import SamplingParams, next_token
+from huatuo_local.runtime.core.stops import StopFilter
 from huatuo_local.runtime.engine.engine import DecodeAborted, Engine, EngineError
 from huatuo_local.runtime.engine.probe import verify_vision
 
@@ -67,15 +69,6 @@ class Timings:
     queued_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class Progress:
-    """How far a job's prompt is: `stage` is "encoding image" or "reading"; positions done of total."""
-
-    stage: str
-    done: int
-    total: int
-
-
 @dataclass
 class Result:
     """What a finished job hands back with its last event."""
@@ -83,7 +76,7 @@ class Result:
     tokens: list[int]
     text: str
     prompt_positions: int
-    finish_reason: str  # "stop" (eos), "length", "cancelled", "prefilled"
+    finish_reason: str  # "stop" (eos or a stop string), "length", "cancelled", "prefilled"
     counters: Counters
     timings: Timings
     notices: list[str]
@@ -104,7 +97,7 @@ class Job:
     events: queue.Queue = field(default_factory=queue.Queue)
     # Instead of the queue: called from the scheduler's thread with each event (the server hands
     # events to its asyncio loop this way, without a thread per waiting client).
-    on_event: Callable[[tuple[str, object]], None] | None = None
+    on_event: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     # Who may reuse whose work: prefixes (in a slot or on disk) are shared only within one tenant, so
@@ -120,15 +113,15 @@ class Job:
         self.error = error
         self.cancelled.set()
 
-    def emit(self, kind: str, value: object) -> None:
-        """("piece", text) while generating, then ("done", Result) or ("error", exception)."""
+    def emit(self, event: Event) -> None:
+        """Progress and Piece events, then one Done or Failed (runtime/core/events.py)."""
         if self.on_event is not None:
             try:
-                self.on_event((kind, value))
+                self.on_event(event)
             except RuntimeError:  # the consumer's event loop is gone (server shutting down)
                 self.cancel()
         else:
-            self.events.put((kind, value))
+            self.events.put(event)
 
     def stream(self) -> Iterator[str]:
         """The answer's text as it is generated; `result` is set when the iterator ends.
@@ -138,19 +131,19 @@ class Job:
         finished = False
         try:
             while True:
-                kind, value = self.events.get()
-                if kind == "piece":
-                    yield value
-                elif kind == "progress":
+                event = self.events.get()
+                if isinstance(event, Piece):
+                    yield event.text
+                elif isinstance(event, Progress):
                     if self.on_progress is not None:
-                        self.on_progress(value)
-                elif kind == "done":
-                    self.result = value
+                        self.on_progress(event)
+                elif isinstance(event, Done):
+                    self.result = event.result
                     finished = True
                     return
                 else:
                     finished = True
-                    raise value
+                    raise event.error
         finally:
             if not finished:
                 self.cancel()
@@ -177,6 +170,7 @@ class _Slot:
     prompt_total: int = 0  # positions of the whole prompt
     encode_started: float = 0.0
     decoder: object = None
+    stops: StopFilter | None = None  # the job's stop strings, when it has any
     counters: Counters = field(default_factory=Counters)
     timings: Timings = field(default_factory=Timings)
     notices: list[str] = field(default_factory=list)
@@ -258,7 +252,7 @@ class Scheduler:
                 return
             self._closed = True
             for job in self._queue:
-                job.emit("error", ShuttingDown("the model is shutting down"))
+                job.emit(Failed(ShuttingDown("the model is shutting down")))
             self._queue.clear()
             for s in self.slots:
                 if s.job is not None:
@@ -274,7 +268,7 @@ class Scheduler:
         with self._lock:
             self._refusing = True
             for job in self._queue:
-                job.emit("error", ShuttingDown("the server is shutting down"))
+                job.emit(Failed(ShuttingDown("the server is shutting down")))
             self._queue.clear()
             self._lock.notify_all()
 
@@ -310,7 +304,7 @@ class Scheduler:
         while self._queue:
             job = self._queue.popleft()
             if job.cancelled.is_set():
-                job.emit("done", self._empty_result(job, "cancelled"))
+                job.emit(Done(self._empty_result(job, "cancelled")))
                 continue
             slot = self._choose_slot(job)
             if slot is None:
@@ -353,6 +347,7 @@ class Scheduler:
         slot.t_start = time.perf_counter()
         slot.timings.queued_s = slot.t_start - job.submitted
         slot.decoder = self.engine.text_decoder()
+        slot.stops = StopFilter(job.params.stop) if job.params.stop else None
         slot.embd, slot.embd_done = None, 0
         items = job.items
         common = self._reusable(slot, job)
@@ -602,9 +597,14 @@ class Scheduler:
             return
         s.generated.append(tok)
         piece = s.decoder.feed(tok)
+        if s.stops is not None:
+            piece = s.stops.feed(piece)
         if piece:
             s.pieces.append(piece)
-            job.emit("piece", piece)
+            job.emit(Piece(piece))
+        if s.stops is not None and s.stops.stopped:  # this token completed a stop string: nothing after it
+            self._finish(s, "stop")
+            return
         if len(s.generated) >= job.params.max_new_tokens:
             self._finish(s, "length")
             return
@@ -612,8 +612,8 @@ class Scheduler:
 
     def _progress(self, s: _Slot, stage: str, pos: int | None = None) -> None:
         if s.job is not None and s.job.on_progress is not None:
-            s.job.emit("progress", Progress(stage, (s.pos if pos is None else pos) - s.prompt_start,
-                                            s.prompt_total - s.prompt_start))
+            s.job.emit(Progress(stage, (s.pos if pos is None else pos) - s.prompt_start,
+                                s.prompt_total - s.prompt_start))
 
     # --- endings ----------------------------------------------------------------------
 
@@ -622,9 +622,11 @@ class Scheduler:
         if job is None:
             return
         tail = s.decoder.flush() if s.decoder is not None else ""
+        if s.stops is not None:  # what was held back as a possible stop string's start, and the tail
+            tail = s.stops.feed(tail) + s.stops.finish()
         if tail:
             s.pieces.append(tail)
-            job.emit("piece", tail)
+            job.emit(Piece(tail))
         if s.t_gen:
             s.timings.generation_s = time.perf_counter() - s.t_gen
         s.counters.tokens_generated = len(s.generated)
@@ -632,7 +634,7 @@ class Scheduler:
         result = Result(list(s.generated), "".join(s.pieces).strip(), prompt_positions, reason, s.counters,
                         s.timings, list(s.notices), logits)
         self._release(s)
-        job.emit("done", result)
+        job.emit(Done(result))
 
     def _aborted(self, slots: list[_Slot]) -> None:
         """A stopped decode left part of its batch in the KV cache: remove it, then end the cancelled jobs."""
@@ -653,7 +655,7 @@ class Scheduler:
         s.cached, s.pos = [], 0
         self._release(s, locked)
         if job is not None:
-            job.emit("error", exc if isinstance(exc, Exception) else EngineError(str(exc)))
+            job.emit(Failed(exc if isinstance(exc, Exception) else EngineError(str(exc))))
 
     def _release(self, s: _Slot, locked: bool = False) -> None:
         if s.embd is not None:

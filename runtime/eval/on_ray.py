@@ -20,6 +20,7 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.eval.results import ResultsFile, eprint
 from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
 
@@ -29,8 +30,8 @@ MAX_REPLACEMENTS = 8  # actors started to replace dead ones before the run gives
 class _Replica:
     """The actor's body: an EvalWorker answering one batch at a time."""
 
-    def __init__(self, model: str, settings: dict, parallel: int, threads: int | None):
-        self.worker = EvalWorker(model, EvalSettings(**settings), parallel, threads)
+    def __init__(self, config: ModelConfig, settings: dict):
+        self.worker = EvalWorker(config, EvalSettings(**settings))
 
     def answer(self, records: list[Record], images: dict[str, bytes]) -> list[dict]:
         import dataclasses
@@ -87,9 +88,9 @@ def _connect(address: str, session: list[str]):
     return ray
 
 
-def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: int, threads: int | None,
-                    pending: list[Record], results: ResultsFile, on_row: Callable[[dict], None],
-                    workers: int | None = None, batch: int | None = None) -> None:
+def answer_with_ray(address: str, config: ModelConfig, settings: EvalSettings, pending: list[Record],
+                    results: ResultsFile, on_row: Callable[[dict], None], workers: int | None = None,
+                    batch: int | None = None) -> None:
     session: list[str] = []
     ray = _connect(address, session)
     from ray.exceptions import RayActorError, RayTaskError
@@ -97,10 +98,10 @@ def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: 
     try:
         n = workers or max(1, len([nd for nd in ray.nodes() if nd.get("Alive")]))
         replica = ray.remote(num_cpus=0)(_Replica).options(scheduling_strategy="SPREAD")
-        size = batch or 2 * max(1, parallel)
+        size = batch or 2 * max(1, config.parallel)
         todo = sorted(pending, key=lambda r: (r.images, r.number))  # a batch shares images where it can
         batches = [todo[i:i + size] for i in range(0, len(todo), size)]
-        actors = [replica.remote(model, asdict(settings), parallel, threads) for _ in range(n)]
+        actors = [replica.remote(config, asdict(settings)) for _ in range(n)]
         eprint(f"eval: {n} Ray workers, {len(batches)} batches of up to {size} questions")
         inflight: dict = {}  # ref -> (actor, batch)
         replacements = 0
@@ -136,7 +137,7 @@ def answer_with_ray(address: str, model: str, settings: EvalSettings, parallel: 
                     if a is actor:
                         del inflight[r]
                         lost.append(bb)
-                fresh = replica.remote(model, asdict(settings), parallel, threads)
+                fresh = replica.remote(config, asdict(settings))
                 for bb in lost:
                     inflight[submit(fresh, bb)] = (fresh, bb)
                 continue

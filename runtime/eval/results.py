@@ -72,13 +72,14 @@ class ResultsFile:
 def run_identity(data: Path, model, settings: EvalSettings) -> dict:
     """What makes two runs comparable: the same questions, model files and generation settings."""
     manifest = model.manifest
-    return {
+    identity = {
         "data": str(Path(data).resolve()), "data_sha256": sha256_file(Path(data)),
         "model": model.ref, "quant": model.quant,
         "llm_sha256": manifest.llm_sha256 if manifest else "",
         "mmproj_sha256": manifest.mmproj_sha256 if manifest else "",
         "settings": asdict(settings),
     }
+    return json.loads(json.dumps(identity))  # as it is saved and read back (a tuple reads back as a list)
 
 def open_run(out: Path, identity: dict, extra: dict) -> ResultsFile:
     """Create or resume the run in `out`; a folder holding another run is refused."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record, card_column
 from huatuo_local.models.private import write_private
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.eval.results import RESULTS, ResultsFile, eprint, open_run, read_rows, run_identity
 from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
 
@@ -93,11 +94,9 @@ def write_report(out: Path, rows: list[dict], chosen: list[Record], identity: di
     return md
 
 
-def run(data: Path, model: str | None, out: Path | None = None, datasets: list[str] | None = None,
-        limit: int | None = None, parallel: int = 1, greedy: bool = False, ray: str | None = None,
-        threads: int | None = None, show_progress: bool = True, workers: int | None = None,
-        rpc: str | None = None, tensor_split: list[float] | None = None, rpc_key_file: Path | None = None,
-        n_gpu_layers: int | None = None) -> tuple[Path, str]:
+def run(data: Path, config: ModelConfig, out: Path | None = None, datasets: list[str] | None = None,
+        limit: int | None = None, greedy: bool = False, ray: str | None = None, show_progress: bool = True,
+        workers: int | None = None, stop: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Answer what the run in `out` still lacks, then write its report; returns (out, Markdown)."""
     from huatuo_local.models.evaluation import load_records
     from huatuo_local.models.store import resolve
@@ -109,8 +108,9 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
     chosen = select(records, datasets, limit)
     if not chosen:
         raise HuatuoError(f"{data}: no multiple-choice records to evaluate (dropped: {dropped})")
+    model = config.model
     resolved = resolve(model)
-    settings = EvalSettings.release(greedy)
+    settings = EvalSettings.release(greedy, stop)
     identity = run_identity(Path(data), resolved, settings)
     extra = {"engine": engine_build_id(), "dropped": dropped, "datasets": datasets or "all", "limit": limit}
     out = out or default_out(resolved.ref, greedy)
@@ -135,13 +135,11 @@ def run(data: Path, model: str | None, out: Path | None = None, datasets: list[s
             if pending and ray:
                 from huatuo_local.runtime.eval.on_ray import answer_with_ray
 
-                answer_with_ray(ray, ray_model(model, resolved), settings, parallel, threads, pending, results,
+                answer_with_ray(ray, config.with_(model=ray_model(model, resolved)), settings, pending, results,
                                 on_row, workers)
             elif pending:
-                answer_locally(lambda: EvalWorker(str(resolved.manifest_path or resolved.llm_path), settings,
-                                                  parallel, threads, n_gpu_layers=n_gpu_layers, rpc=rpc,
-                                                  tensor_split=tensor_split, rpc_key_file=rpc_key_file),
-                               pending, results, on_row)
+                here = config.with_(model=str(resolved.manifest_path or resolved.llm_path))
+                answer_locally(lambda: EvalWorker(here, settings), pending, results, on_row)
     finally:
         results.close()
         rows = read_rows(out / RESULTS)

@@ -12,13 +12,14 @@ import queue
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from huatuo_local.models import defaults
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record, build_query, card_column, is_correct, predicted_letter
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
+from huatuo_local.runtime.core.config import ModelConfig
+from huatuo_local.runtime.core.events import Failed, Piece, Progress
 from huatuo_local.runtime.core.items import conversation_items, image_item
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.scheduler import Job, Scheduler
@@ -36,15 +37,16 @@ class EvalSettings:
     top_k: int = defaults.TOP_K
     top_p: float = defaults.TOP_P
     seed: int = 42
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (none in the release's evaluation)
 
     @classmethod
-    def release(cls, greedy: bool = False) -> EvalSettings:
-        return cls(temperature=0.0) if greedy else cls()
+    def release(cls, greedy: bool = False, stop: tuple[str, ...] = ()) -> EvalSettings:
+        return cls(temperature=0.0, stop=stop) if greedy else cls(stop=stop)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, repetition_penalty=self.repetition_penalty,
                               max_new_tokens=self.max_new_tokens, top_k=self.top_k, top_p=self.top_p,
-                              seed=self.seed)
+                              seed=self.seed, stop=tuple(self.stop))
 
 def row_for(record: Record, output: str, generated: int = 0, finish: str = "stop",
             error: str | None = None) -> dict:
@@ -60,19 +62,15 @@ def row_for(record: Record, output: str, generated: int = 0, finish: str = "stop
 class EvalWorker:
     """A model, its scheduler and `parallel` sequences, answering records."""
 
-    def __init__(self, model: str | Path | None, settings: EvalSettings, parallel: int = 1,
-                 threads: int | None = None, n_ctx: int = EVAL_CTX, prefix_cache: bool = True,
-                 n_gpu_layers: int | None = None, rpc: str | None = None, tensor_split: list[float] | None = None,
-                 rpc_key_file=None):
+    def __init__(self, config: ModelConfig, settings: EvalSettings):
         from huatuo_local.runtime.core.loading import open_model
 
         self.settings = settings
-        self.model, self.engine, cache = open_model(model, n_ctx=n_ctx, threads=threads, n_seq=max(1, parallel),
-                                                    prefix_cache=prefix_cache, n_gpu_layers=n_gpu_layers,
-                                                    rpc=rpc, tensor_split=tensor_split, rpc_key_file=rpc_key_file)
+        loaded = open_model(config.with_(ctx=config.ctx or EVAL_CTX))
+        self.model, self.engine = loaded.model, loaded.engine
         # Enough waiting work that a slot never idles while the driver prepares the next image.
-        self.scheduler = Scheduler(self.engine, cache)
-        self.window = 2 * max(1, parallel)
+        self.scheduler = Scheduler(self.engine, loaded.cache)
+        self.window = 2 * max(1, config.parallel)
 
     def _job(self, record: Record, done: queue.Queue) -> Job | None:
         if len(record.images) > MAX_IMAGES:
@@ -116,15 +114,15 @@ class EvalWorker:
                 # Its image is read (the answer has started, or it failed): the others about it may
                 # start, first in line.
                 ready.extendleft(reversed(followers.pop(record.images, [])))
-                if event is not None and event[0] == "piece":
+                if isinstance(event, (Piece, Progress)):
                     continue
                 live.pop(record.number, None)
                 if error is not None:
                     yield row_for(record, "", error=error)
-                elif event[0] == "error":
-                    yield row_for(record, "", error=str(event[1]))
+                elif isinstance(event, Failed):
+                    yield row_for(record, "", error=str(event.error))
                 else:
-                    result = event[1]
+                    result = event.result
                     yield row_for(record, result.text, len(result.tokens), result.finish_reason)
         finally:
             for job in live.values():

@@ -48,7 +48,7 @@ async def chat_completions(request: Request):
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except ShuttingDown:
         raise state_shutting_down() from None
-    reply = Reply(job, StreamText(req.stop), state.model_id)
+    reply = Reply(job, StreamText(), state.model_id)
     if req.stream:
         # On SIGTERM, answers in flight get SHUTDOWN_GRACE_S to finish with their last chunk and
         # [DONE] (sse-starlette would otherwise cut every stream at once); uvicorn waits longer.

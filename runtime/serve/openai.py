@@ -52,7 +52,6 @@ class ChatRequest:
     seed: int | None
     stream: bool
     include_usage: bool
-    stop: list[str]
     model: str | None
 
 
@@ -69,7 +68,7 @@ def _number(body: dict, key: str, default, integer: bool = False):
     return value
 
 
-def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
+def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
     n = body.get("n", 1)
     if n != 1:
         raise _bad("only n=1 is supported", "n")
@@ -108,7 +107,8 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None, list[str]]:
         stops = list(stop)
     else:
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
-    return params, seed, [s for s in stops if s]
+    params.stop = tuple(s for s in stops if s)  # honoured by the scheduler (runtime/core/stops.py)
+    return params, seed
 
 
 def _text_and_parts(content, role: str, index: int) -> tuple[str, list[tuple[dict, str]]]:
@@ -145,7 +145,7 @@ def parse_chat(body: object, loader: ImageLoader, cancelled: Callable[[], bool] 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list", "messages")
-    params, seed, stop = sampling_from(body)
+    params, seed = sampling_from(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false", "stream")
@@ -183,4 +183,4 @@ def parse_chat(body: object, loader: ImageLoader, cancelled: Callable[[], bool] 
     images = [loader.load(part, where, cancelled) for _, parts, _ in turns for part, where in parts]
     model = body.get("model")
     return ChatRequest([Turn(text, len(parts), answer) for text, parts, answer in turns], images, params, seed,
-                       stream, bool(options.get("include_usage")), stop, model if isinstance(model, str) else None)
+                       stream, bool(options.get("include_usage")), model if isinstance(model, str) else None)

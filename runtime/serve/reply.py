@@ -9,6 +9,7 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import Response
+from huatuo_local.runtime.core.events import Done, Failed, Piece
 from huatuo_local.runtime.core.sampling import NonFiniteScores
 from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
 from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
@@ -17,41 +18,27 @@ from huatuo_local.runtime.serve.state import RETRY_AFTER_S
 
 
 class StreamText:
-    """The answer as the release returns it (stripped), cut at the first stop string, emitted safely.
+    """The answer as the release returns it: stripped. Leading whitespace is dropped and trailing whitespace
+    held back until the next piece shows whether more text follows. (Stop strings are the scheduler's:
+    runtime/core/stops.py.)"""
 
-    Whitespace at the end, and any ending that could start a stop string, is held back until
-    the next piece shows what it is.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.started, self.stopped = stops, "", False, False
+    def __init__(self):
+        self.buf, self.started = "", False
 
     def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
         self.buf += piece
         if not self.started:
             self.buf = self.buf.lstrip()
             if not self.buf:
                 return ""
             self.started = True
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf, self.stopped = self.buf[: min(hits)].rstrip(), "", True
-            return out
-        hold = len(self.buf) - len(self.buf.rstrip())
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        cut = len(self.buf) - hold
+        cut = len(self.buf.rstrip())
         out, self.buf = self.buf[:cut], self.buf[cut:]
         return out
 
     def finish(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf.rstrip()), ""
-        return out
+        self.buf = ""
+        return ""
 
 
 def _usage(result: Result) -> dict:
@@ -88,7 +75,7 @@ class Reply:
         self.created = int(time.time())
 
     def finish_reason(self, result: Result) -> str:
-        return "stop" if self.text.stopped or result.finish_reason == "stop" else "length"
+        return "stop" if result.finish_reason == "stop" else "length"
 
     async def whole(self, events: asyncio.Queue, request: Request):
         parts: list[str] = []
@@ -97,9 +84,9 @@ class Reply:
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
+                    event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
                 except asyncio.TimeoutError:
-                    kind, value = "", None
+                    event = None
                 if loop.time() - checked >= DISCONNECT_CHECK_S:
                     # Nothing cancels a plain handler when its client goes away: look, and stop the
                     # answer nobody will read (it holds a sequence others may be waiting for).
@@ -107,16 +94,13 @@ class Reply:
                     if await request.is_disconnected():
                         self.job.cancel()
                         return Response(status_code=499)
-                if kind == "piece":
-                    parts.append(self.text.feed(value))
-                    if self.text.stopped:
-                        self.job.cancel()
-                elif kind == "done":
-                    parts.append(self.text.finish())
-                    result: Result = value
+                if isinstance(event, Piece):
+                    parts.append(self.text.feed(event.text))
+                elif isinstance(event, Done):
+                    result: Result = event.result
                     break
-                elif kind == "error":
-                    raise generation_error(value)
+                elif isinstance(event, Failed):
+                    raise generation_error(event.error)
         except asyncio.CancelledError:  # the client went away, or the server stops: free the sequence
             self.job.cancel()
             raise
@@ -135,28 +119,23 @@ class Reply:
         try:
             yield self.chunk({"role": "assistant", "content": ""})
             while True:
-                kind, value = await events.get()
-                if kind == "piece":
-                    out = self.text.feed(value)
+                event = await events.get()
+                if isinstance(event, Piece):
+                    out = self.text.feed(event.text)
                     if out:
                         yield self.chunk({"content": out})
-                    if self.text.stopped:
-                        self.job.cancel()
-                elif kind == "done":
+                elif isinstance(event, Done):
                     done = True
-                    tail = self.text.finish()
-                    if tail:
-                        yield self.chunk({"content": tail})
-                    yield self.chunk({}, self.finish_reason(value))
+                    yield self.chunk({}, self.finish_reason(event.result))
                     if include_usage:
                         yield json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                          "model": self.model_id, "choices": [], "usage": _usage(value),
-                                          "huatuo": _extension(value)})
+                                          "model": self.model_id, "choices": [], "usage": _usage(event.result),
+                                          "huatuo": _extension(event.result)})
                     yield "[DONE]"
                     return
-                elif kind == "error":
+                elif isinstance(event, Failed):
                     done = True
-                    yield json.dumps(generation_error(value).body())
+                    yield json.dumps(generation_error(event.error).body())
                     yield "[DONE]"
                     return
         finally:

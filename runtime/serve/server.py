@@ -71,7 +71,7 @@ def serve(config: ServeConfig, open_browser: bool = False) -> None:
     shown = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     shown = f"[{shown}]" if ":" in shown else shown
     print(f"huatuo-local serve: http://{shown}:{port}/v1 (OpenAI API), page http://{shown}:{port}/ ; loading "
-          f"{config.model or 'the default model'}...", file=sys.stderr, flush=True)
+          f"{config.model.model or 'the default model'}...", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     def stopped(sig, frame):  # uvicorn re-raises the signal once its graceful shutdown is done

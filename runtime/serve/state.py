@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.core.scheduler import Scheduler
 from huatuo_local.runtime.serve.openai import ApiError
 from huatuo_local.runtime.serve.request_images import ImageLoader, Limits
@@ -26,26 +27,19 @@ RPC_RETRY_S = 3.0  # how often a server whose RPC worker is down tries to load a
 
 @dataclass
 class ServeConfig:
-    model: str | None = None
+    """The server's own settings; how the model is loaded is `model` (runtime/core/config.py), as everywhere."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(parallel=4))
     host: str = "127.0.0.1"
     port: int = 8000
-    parallel: int = 4
     api_keys: list[str] = field(default_factory=list)  # each its own tenant (see Job.tenant)
-    n_gpu_layers: int | None = None
-    ctx: int | None = None
-    threads: int | None = None
     max_queue: int = 64
     allow_files: list[Path] = field(default_factory=list)
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
-    prefix_cache: bool = True
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = 32 * 1024 * 1024
     max_pixels: int | None = None
-    allow_unverified_vision: bool = False
-    rpc: str | None = None
-    tensor_split: list[float] | None = None
-    rpc_key_file: Path | None = None
 
 
 def tenant_of(key: str) -> str:
@@ -58,7 +52,7 @@ class ServerState:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.scheduler: Scheduler | None = None
-        self.model_id = config.model or ""
+        self.model_id = config.model.model or ""
         self.quant = ""
         self.names: set[str] = set()
         # serve --rpc: why the last server ended (a worker stopped answering), until this one has loaded
@@ -74,27 +68,25 @@ class ServerState:
         c = self.config
         while True:
             try:
-                model, engine, cache = open_model(
-                    c.model, n_gpu_layers=c.n_gpu_layers, n_ctx=c.ctx, threads=c.threads,
-                    prefix_cache=c.prefix_cache, allow_unverified_vision=c.allow_unverified_vision, n_seq=c.parallel,
-                    rpc=c.rpc, tensor_split=c.tensor_split, rpc_key_file=c.rpc_key_file)
+                loaded = open_model(c.model)
                 break
             except Exception as exc:  # reported by /health and every request; the server stays up
                 self.error = str(exc)
                 print(f"error: {exc}", file=sys.stderr, flush=True)
-                if not (c.rpc and "RPC worker" in str(exc)):
+                if not (c.model.rpc and "RPC worker" in str(exc)):
                     return
                 time.sleep(RPC_RETRY_S)  # a worker that is down or restarting: try again until it answers
         self.error = None
+        model, engine = loaded.model, loaded.engine
         self.model_id = model.ref
         self.quant = model.quant or "?"
-        self.names = {model.ref, model.name, model.store_name or "", str(c.model or "")} - {""}
+        self.names = {model.ref, model.name, model.store_name or "", str(c.model.model or "")} - {""}
         limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
                         [p.expanduser().resolve() for p in c.allow_files])
         self.loader = ImageLoader(limits, engine.vision)
-        self.scheduler = Scheduler(engine, cache, max_queue=c.max_queue)
-        print(f"ready: {self.model_id} ({c.parallel} parallel, {engine.options.n_ctx} tokens of context each)"
-              + (f"; {engine.placement_note}" if engine.placement_note else ""), file=sys.stderr, flush=True)
+        self.scheduler = Scheduler(engine, loaded.cache, max_queue=c.max_queue)
+        print(f"ready: {self.model_id} ({c.model.parallel} parallel, {engine.options.n_ctx} tokens of context each)"
+              + (f"; {loaded.note}" if loaded.note else ""), file=sys.stderr, flush=True)
 
     def ready(self) -> Scheduler:
         if self.shutting_down:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from huatuo_local.models.prompt import IMAGE_TOKEN, Turn, render_prompt
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.verify.reference import OriginalModel
 
 
@@ -42,12 +43,17 @@ def embedding_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(cosine.min()), float(np.abs(a - b).max())
 
 
+def measuring(config: ModelConfig | None, model: str | Path) -> ModelConfig:
+    """How verify loads each model: the user's load options, with an f32 KV cache (the measurement's own
+    rounding out of the figures), 4096 positions, one sequence and no prefix cache."""
+    return (config or ModelConfig()).with_(model=str(model), ctx=4096, kv_type="f32", parallel=1, prefix_cache=False)
+
+
 def verify(original: str | Path, models: list[str | Path], images: list[str | Path], prompt: str,
-           n_tokens: int = 32, vision_tower: str | None = None) -> list[VerifyRow]:
+           n_tokens: int = 32, vision_tower: str | None = None, config: ModelConfig | None = None) -> list[VerifyRow]:
     """Image-embedding cosine, per-token KL and top-1 agreement of each GGUF model vs the original."""
-    from huatuo_local.models.store import resolve
+    from huatuo_local.runtime.core.loading import open_model
     from huatuo_local.runtime.core.session import Session
-    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
     from huatuo_local.runtime.images.loader import load_rgb, prepare
 
     ref = OriginalModel(original, vision_tower)
@@ -56,8 +62,9 @@ def verify(original: str | Path, models: list[str | Path], images: list[str | Pa
     ref_feats = [ref.image_features(p).numpy() for p in images]
     rows = []
     for model in models:
-        m = resolve(str(model))
-        with Engine(m.llm_path, m.mmproj_path, EngineOptions(n_ctx=4096, kv_type="f32"), eos_id=m.eos_id) as engine:
+        loaded = open_model(measuring(config, model))
+        m = loaded.model
+        with loaded.engine as engine:
             cos, mx = [], 0.0
             for path, theirs in zip(images, ref_feats):
                 ours = engine.image_embeddings(prepare(load_rgb(path), engine.vision)).astype(np.float64)

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import Turn
-from huatuo_local.runtime.verify.compare import VerifyRow, embedding_difference, kl_divergence, log_softmax
+from huatuo_local.runtime.core.config import ModelConfig
+from huatuo_local.runtime.verify.compare import VerifyRow, embedding_difference, kl_divergence, log_softmax, measuring
 
 
 @dataclass
@@ -33,16 +34,13 @@ class _Answer:
 
 
 def _run(model: str | Path, prompts: list[Prompt], n_tokens: int, follow: list[_Answer] | None,
-         threads: int | None) -> list[_Answer]:
+         config: ModelConfig | None) -> list[_Answer]:
     """Each prompt through `model`: its own greedy answer, or (with `follow`) the reference's tokens fed back."""
-    from huatuo_local.models.store import resolve
+    from huatuo_local.runtime.core.loading import open_model
     from huatuo_local.runtime.core.session import Session
-    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
 
-    m = resolve(str(model))
     out = []
-    with Engine(m.llm_path, m.mmproj_path, EngineOptions(n_ctx=4096, kv_type="f32", n_threads=threads),
-                eos_id=m.eos_id) as engine:
+    with open_model(measuring(config, model)).engine as engine:
         session = Session(engine)
         for k, prompt in enumerate(prompts):
             pictures = session.prepare_images(prompt.images)
@@ -95,7 +93,7 @@ def check_comparable(reference, models: list) -> list[str]:
 
 
 def compare_quants(reference: str | Path, models: list[str | Path], prompts: list[Prompt], n_tokens: int = 32,
-                   threads: int | None = None, on_note=None) -> list[VerifyRow]:
+                   config: ModelConfig | None = None, on_note=None) -> list[VerifyRow]:
     """Per model: image-embedding cosine (min) and largest difference, KL mean/max and top-1 agreement
     against `reference` over every answer position of every prompt. `on_note(text)` hears, before the work
     starts, what the user should know (a reference that is not lossless)."""
@@ -105,10 +103,10 @@ def compare_quants(reference: str | Path, models: list[str | Path], prompts: lis
     for note in check_comparable(ref, resolved):
         if on_note is not None:
             on_note(note)
-    want = _run(reference, prompts, n_tokens, None, threads)
+    want = _run(reference, prompts, n_tokens, None, config)
     rows = []
     for model, m in zip(models, resolved):
-        got = _run(model, prompts, n_tokens, want, threads)
+        got = _run(model, prompts, n_tokens, want, config)
         cos, mx, kls, agree = [], 0.0, [], 0
         for w, g in zip(want, got):
             for a, b in zip(w.images, g.images):
