@@ -30,10 +30,12 @@ CHILD = """
 import json, time
 from pathlib import Path
 from huatuo_local.models.evaluation import load_records
+from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
 records, _ = load_records(Path({data!r}))
 t0 = time.perf_counter()
-w = EvalWorker({manifest!r}, EvalSettings(temperature=0.0, max_new_tokens={tokens}), parallel={parallel})
+w = EvalWorker(ModelConfig(model={manifest!r}, parallel={parallel}),
+               EvalSettings(temperature=0.0, max_new_tokens={tokens}))
 load_s = time.perf_counter() - t0
 t0 = time.perf_counter()
 rows = list(w.answer(records))

@@ -258,6 +258,7 @@ def quality(args) -> None:
     from huatuo_local.convert.pipeline import convert
     from huatuo_local.convert.quantize import NEEDS_IMATRIX
     from huatuo_local.runtime.quantize.calibration import held_out
+    from huatuo_local.runtime.core.config import ModelConfig
     from huatuo_local.runtime.verify.quants import Prompt, compare_quants
 
     known = SHAPES[args.shape] if not args.tiny else _tiny()
@@ -303,7 +304,8 @@ def quality(args) -> None:
             variants.append((quant, kind or "none", _variant_manifest(f16_manifest, dst, quant)))
     peer = _peer_check(llm, matrices["image+text"], folder, args.threads)
     prompts = [Prompt([c.image] if c.image else [], c.question) for c in held_out()]
-    rows = compare_quants(f16_manifest, [v[2] for v in variants], prompts, args.tokens, args.threads)
+    rows = compare_quants(f16_manifest, [v[2] for v in variants], prompts, args.tokens,
+                          ModelConfig(threads=args.threads))
     quality_lines = ["| quant | matrix | KL mean | KL max | top-1 agreement | positions |", "|---|---|---|---|---|---|"]
     for (quant, kind, _), row in zip(variants, rows):
         quality_lines.append(f"| {quant} | {kind} | {row.kl_mean:.4f} | {row.kl_max:.4f} | "

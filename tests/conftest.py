@@ -63,11 +63,16 @@ def _strays() -> dict[int, str]:
 
 
 def _listening() -> list[str]:
+    """This process's listening sockets, less the relays of RPC workers it registered: those last as long as
+    the process (runtime/rpc/client.py registered_relays)."""
     import psutil
 
+    lasting: set[str] = set()
+    if "huatuo_local.runtime.rpc.client" in sys.modules:
+        lasting = set(sys.modules["huatuo_local.runtime.rpc.client"].registered_relays())
     try:
         return [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("tcp")
-                if c.status == psutil.CONN_LISTEN]
+                if c.status == psutil.CONN_LISTEN and f"{c.laddr.ip}:{c.laddr.port}" not in lasting]
     except psutil.Error:
         return []
 

@@ -203,6 +203,7 @@ def test_the_relay_carries_this_process_s_connections_only():
     from huatuo_local.runtime.rpc.relay import Relay
 
     worker = hostile.HostileWorker("stall")
+    relay = None
     try:
         relay = Relay(worker.endpoint, None)
         host, port = relay.local.split(":")
@@ -224,4 +225,6 @@ def test_the_relay_carries_this_process_s_connections_only():
             time.sleep(0.05)
         mine.close()
     finally:
+        if relay is not None:
+            relay.close()
         worker.close()

@@ -20,9 +20,9 @@ def test_verify_orders_the_quants(tiny, converted, tmp_path):
     proc = run_cli("verify", *map(str, models), "--original", str(info["ckpt"]), "--images", str(img),
                    "--tokens", "24")
     assert proc.returncode == 0, proc.stderr
-    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| tiny-")]
-    assert [r.split("|")[1].strip() for r in rows] == ["tiny-F32.gguf", "tiny-F16.gguf", "tiny-Q8_0.gguf",
-                                                      "tiny-Q4_K_M.gguf"]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| tiny")]
+    # NAME:QUANT, as the store names them (the manifests name the model "tiny")
+    assert [r.split("|")[1].strip() for r in rows] == ["tiny:f32", "tiny:f16", "tiny:q8_0", "tiny:q4_k_m"]
     cells = [[c.strip() for c in r.split("|")[2:-1]] for r in rows]
     cosine = [float(c[0]) for c in cells]
     kl_mean = [float(c[2]) for c in cells]

@@ -83,7 +83,7 @@ class ModelConfig:
                 raise HuatuoError(f"{name} {value}: choose {', '.join(flag.choices[:-1])} or {flag.choices[-1]}")
             if isinstance(value, int) and ((flag.low is not None and value < flag.low)
                                            or (flag.high is not None and value > flag.high)):
-                raise HuatuoError(f"{name} {value}: give {flag.low:g} to {flag.high:g}")
+                raise HuatuoError(f"{name} {value}: give {_number(flag.low)} to {_number(flag.high)}")
         if self.tensor_split is not None and not self.rpc:
             raise HuatuoError("--tensor-split needs --rpc")
         if self.rpc_key_file is not None and not self.rpc:
@@ -109,3 +109,8 @@ def parse_shares(text: str) -> tuple[float, ...]:
 
 
 LOAD_FIELDS = tuple(f.name for f in fields(ModelConfig))
+
+
+def _number(x: float) -> str:
+    """A bound as the user types it: 1048576, not 1.04858e+06."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

@@ -77,7 +77,9 @@ def run_identity(data: Path, model, settings: EvalSettings) -> dict:
         "model": model.ref, "quant": model.quant,
         "llm_sha256": manifest.llm_sha256 if manifest else "",
         "mmproj_sha256": manifest.mmproj_sha256 if manifest else "",
-        "settings": asdict(settings),
+        # No stop strings (the release's evaluation has none) is left out, so runs saved before stop strings
+        # existed still resume and compare.
+        "settings": {k: v for k, v in asdict(settings).items() if not (k == "stop" and not v)},
     }
     return json.loads(json.dumps(identity))  # as it is saved and read back (a tuple reads back as a list)
 

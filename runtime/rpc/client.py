@@ -95,6 +95,13 @@ def probe(endpoint: str, key_file: str | None = None, timeout: float = PROBE_TIM
 
 
 _REGISTERED: dict[str, list[int]] = {}  # endpoint -> its llama.cpp devices, once per process
+_RELAY_AT: dict[str, str] = {}  # endpoint -> where its relay listens in this process
+
+
+def registered_relays() -> list[str]:
+    """Where this process's relays listen, one per registered worker. They last as long as the process:
+    llama.cpp's device registry cannot forget a worker, and reconnects to it when a model needs it again."""
+    return sorted(_RELAY_AT.values())
 
 
 def register(endpoints: list[str], key_file: str | None = None) -> None:
@@ -109,12 +116,14 @@ def register(endpoints: list[str], key_file: str | None = None) -> None:
     for ep in endpoints:
         if ep in _REGISTERED:
             continue
-        local = relay.Relay(ep, context).local
+        carrier = relay.Relay(ep, context)
         relay.watch_interrupts()
-        reg = lib.ggml_backend_rpc_add_server(local.encode())
+        reg = lib.ggml_backend_rpc_add_server(carrier.local.encode())
         if not reg:
+            carrier.close()
             raise HuatuoError(f"RPC worker {ep}: llama.cpp could not add it")
         g.ggml_backend_register(reg)
+        _RELAY_AT[ep] = carrier.local
         _REGISTERED[ep] = [g.ggml_backend_reg_dev_get(reg, i) for i in range(g.ggml_backend_reg_dev_count(reg))]
 
 

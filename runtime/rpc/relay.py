@@ -96,6 +96,16 @@ class Relay:
         threading.Thread(target=link.down, daemon=True).start()
         link.up()
 
+    def close(self) -> None:
+        """Stop listening (a relay whose worker llama.cpp did not take)."""
+        if self in _RELAYS:
+            _RELAYS.remove(self)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+
     def waiting_since(self) -> float | None:
         with self._lock:
             times = [link.due_since for link in self._waiting if link.due_since is not None]
@@ -216,7 +226,8 @@ class _Link:
         except _Cut as exc:
             self.cut(f"RPC worker {who}: {exc}")
         except OSError:
-            self.cut(None if self.closed else f"RPC worker {who}: the connection failed")
+            self.cut(None if self.closed else f"RPC worker {who}: the connection was lost (the worker stopped or the "
+                                                 "network failed)")
 
     def _answer(self, n: int) -> bytes:
         """Up to `n` bytes of the awaited answer (exactly `n` for headers), each within the timeout."""
