@@ -257,8 +257,8 @@ def quality(args) -> None:
     from gguf import GGUFReader
     from huatuo_local.convert.pipeline import convert
     from huatuo_local.convert.quantize import NEEDS_IMATRIX
-    from huatuo_local.runtime.quantize.calibration import held_out
     from huatuo_local.runtime.core.config import ModelConfig
+    from huatuo_local.runtime.quantize.calibration import held_out
     from huatuo_local.runtime.verify.quants import Prompt, compare_quants
 
     known = SHAPES[args.shape] if not args.tiny else _tiny()

@@ -115,9 +115,10 @@ def test_stop_strings_end_the_answer_alike_in_chat_the_api_and_the_server(conver
     """The answer ends before the first stop string; nothing after it is generated or counted."""
     import numpy as np
     import openai
-    from huatuo_local import HuatuoChatbot
     from PIL import Image
     from test_serve import client, data_uri, server, user
+
+    from huatuo_local import HuatuoChatbot
 
     model = converted(SPEC, "F32", "f32")
     image = tmp_path / "scan.png"
