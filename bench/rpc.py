@@ -33,7 +33,8 @@ eng = Engine({llm!r}, {mmproj!r}, EngineOptions(n_ctx=2048, rpc=rpc, tensor_spli
                                                  rpc_output_local={local!r}, rpc_key_file={key!r}))
 load = time.perf_counter() - t0
 pic = prepare(load_rgb({image!r}), eng.vision)
-pre, question = eng.tokenize("<|user|>\\n"), eng.tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
+tokenize = eng.tokenizer.tokenize
+pre, question = tokenize("<|user|>\\n"), tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
 n = eng.image_tokens
 
 

@@ -102,7 +102,7 @@ bot.sampling.min_new_tokens = {n_gen}  # random weights: decode a fixed number o
 # re-tokenizes differently and the next turn re-evaluates it. A trained model's answers
 # re-tokenize as generated: every answer is steered through a real answer's tokens (same work).
 def steer():
-    forced = iter(bot.engine.tokenize({ANSWER!r}))
+    forced = iter(bot.engine.tokenizer.tokenize({ANSWER!r}))
     def steered(logits):
         logits.fill(-1e9)
         logits[next(forced, 0)] = 1e4  # stays on top through the repetition penalty

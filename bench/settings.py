@@ -62,7 +62,8 @@ t0 = time.perf_counter()
 eng = E.Engine({llm!r}, {mmproj!r}, opts)
 load_s = time.perf_counter() - t0
 pic = prepare(load_rgb({image!r}), eng.vision)
-prefix, question = eng.tokenize("<|user|>\\n"), eng.tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
+tokenize = eng.tokenizer.tokenize
+prefix, question = tokenize("<|user|>\\n"), tokenize("\\nWhat does the picture show?\\n<|assistant|>\\n")
 out = dict(load_s=load_s, encode_s=1e9, image_prefill_s=1e9, question_s=1e9, text_prefill_s=1e9, decode_s=1e9)
 n = eng.image_tokens
 ub = opts.ubatch
@@ -138,7 +139,7 @@ out = dict(load_s=time.perf_counter() - t0)
 r1 = resource.getrusage(resource.RUSAGE_SELF)
 out.update(user_s=r1.ru_utime - r0.ru_utime, sys_s=r1.ru_stime - r0.ru_stime)
 out["anon_loaded"], out["file_loaded"] = mem()
-toks = eng.tokenize("The chest radiograph shows " * 8)
+toks = eng.tokenizer.tokenize("The chest radiograph shows " * 8)
 t0 = time.perf_counter()
 eng.decode_tokens([(0, t, i, i == len(toks) - 1) for i, t in enumerate(toks)])
 eng.logits_at(len(toks) - 1)

@@ -12,8 +12,9 @@ from functools import partial
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 from huatuo_local.models.errors import CheckpointError, HuatuoError
+from huatuo_local.models.gguf_keys import write_vision_header
 from huatuo_local.models.imatrix import ImportanceMatrix, read_imatrix
 from huatuo_local.models.interrupt import run_interruptibly, terminate_as_interrupt
 from huatuo_local.models.layout import ModelSpec, read_spec
@@ -168,23 +169,10 @@ def mmproj_metadata(spec: ModelSpec, tower: Tower, name: str, target: QT) -> Cal
         w.add_type("mmproj")
         w.add_name(name)
         w.add_file_type(FILE_TYPES[target])
-        w.add_bool("clip.has_vision_encoder", True)
-        w.add_string("clip.projector_type", "mlp")
-        w.add_uint32("clip.vision.image_size", v.image_size)
-        w.add_uint32("clip.vision.patch_size", v.patch_size)
-        w.add_uint32("clip.vision.embedding_length", v.hidden_size)
-        w.add_uint32("clip.vision.feed_forward_length", v.ffn_size)
-        w.add_uint32("clip.vision.projection_dim", spec.llm.hidden_size)
-        w.add_uint32("clip.vision.attention.head_count", v.n_head)
-        w.add_float32("clip.vision.attention.layer_norm_epsilon", v.layer_norm_eps)
-        # Only the blocks up to the selected hidden state; without feature_layer clip.cpp
-        # would stop one block earlier still.
-        w.add_uint32("clip.vision.block_count", keep)
-        w.add_key_value("clip.vision.feature_layer", [keep], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
-        w.add_array("clip.vision.image_mean", [float(x) for x in v.image_mean])
-        w.add_array("clip.vision.image_std", [float(x) for x in v.image_std])
-        if v.activation == "gelu":
-            w.add_bool("clip.use_gelu", True)
+        write_vision_header(w, image_size=v.image_size, patch_size=v.patch_size, width=v.hidden_size,
+                            ffn=v.ffn_size, projection_dim=spec.llm.hidden_size, heads=v.n_head,
+                            norm_eps=v.layer_norm_eps, blocks=keep, mean=v.image_mean, std=v.image_std,
+                            gelu=v.activation == "gelu")
 
     return add
 

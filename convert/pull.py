@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
 from huatuo_local.models.interrupt import terminate_as_interrupt
@@ -85,7 +86,7 @@ def _pull_gguf(repo_id: str, listing, quant: str, name: str, folder: Path, progr
         _copy_into(mm_src, mm, progress, "store: projector")
     llm_sha = _copy_into(llm_src, llm, progress, "store: model")
     remove_snapshot(repo_id, listing.sha)  # copied into the store now
-    eos = info.fields.get("tokenizer.ggml.eos_token_id")
+    eos = info.fields.get(keys.EOS_ID)
     n_embd = info.fields.get(f"{info.arch}.embedding_length")
     if not isinstance(eos, int) or not isinstance(n_embd, int):
         raise HuatuoError(f"{repo_id}: {llm_file} lacks its eos token or embedding length; not a usable model")

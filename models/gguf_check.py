@@ -20,6 +20,7 @@ from pathlib import Path
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
+from . import gguf_keys as keys
 from .errors import HuatuoError
 
 SUPPORTED_LLM_ARCHS = ("qwen2", "llama")
@@ -145,9 +146,9 @@ def check_gguf(path: str | Path, expect: str | None = None) -> GGUFSummary:
 
 def _architecture(path: Path, fields: dict, expect: str | None) -> str:
     """The file's architecture, refused unless it is what the caller expects."""
-    arch = fields.get("general.architecture")
+    arch = fields.get(keys.ARCHITECTURE)
     if expect == "imatrix":  # llama.cpp's importance matrix: no architecture, but its own type
-        if fields.get("general.type") != "imatrix":
+        if fields.get(keys.FILE_KIND) != "imatrix":
             raise GGUFError(f"{path}: not an importance matrix (general.type is not imatrix)")
         return "imatrix"
     if not isinstance(arch, str):
@@ -179,7 +180,7 @@ def _walk(path: Path, data: memoryview, size: int, expect: str | None) -> GGUFSu
             raise w.fail(f"duplicate key {key!r}")
         fields[key] = w.value(w.take("<I"))
     arch = _architecture(path, fields, expect)
-    alignment = fields.get("general.alignment", 32)
+    alignment = fields.get(keys.ALIGNMENT, 32)
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
         raise w.fail(f"alignment {alignment!r}")
     infos = []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import gguf_keys as keys
 from .errors import HuatuoError
 from .gguf_check import check_gguf
 from .private import FILE_MODE
@@ -29,9 +30,9 @@ SUFFIX = ".imatrix.gguf"
 MAX_DATASETS = 64
 MAX_DATASET_CHARS = 512
 MAX_COUNT = 1e15
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
+KEY_DATASETS = keys.IMATRIX_DATASETS
+KEY_CHUNK_COUNT = keys.IMATRIX_CHUNK_COUNT
+KEY_CHUNK_SIZE = keys.IMATRIX_CHUNK_SIZE
 
 
 @dataclass
@@ -73,7 +74,7 @@ def write_imatrix(path: Path, matrix: ImportanceMatrix) -> None:
     tmp.unlink(missing_ok=True)
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), FILE_MODE))
     writer = GGUFWriter(tmp, "imatrix")
-    writer.add_string("general.type", "imatrix")
+    writer.add_string(keys.FILE_KIND, "imatrix")
     writer.add_array(KEY_DATASETS, list(matrix.datasets) or ["huatuo-local"])
     writer.add_uint32(KEY_CHUNK_COUNT, matrix.chunk_count)
     writer.add_uint32(KEY_CHUNK_SIZE, matrix.chunk_size)

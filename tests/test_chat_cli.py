@@ -608,7 +608,7 @@ def test_control_characters_in_an_answer_are_shown_not_executed(model, tmp_path,
 
     raw = "Left\rRight \x1b[2J done"
     with HuatuoChatbot(model.manifest_path, temperature=0, max_new_tokens=40, prefix_cache=False) as bot:
-        forced = iter(bot.engine.tokenize(raw))
+        forced = iter(bot.engine.tokenizer.tokenize(raw))
 
         def steer(logits):
             logits.fill(-1e9)

@@ -1,7 +1,7 @@
 """Medical images: DICOM windowing, colour, frames, 16-bit, orientation, and hostile files.
 
 Expected pixels are computed here with numpy from pydicom's raw pixel array and the header,
-independently of runtime/dicom.py.
+independently of runtime/images/dicom.py.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
 
     eng = Engine(llm, mmproj, EngineOptions(n_ctx=512, load=load))
     seen, rss = mapped_rss()
-    toks = eng.tokenize("The chest radiograph shows")
+    toks = eng.tokenizer.tokenize("The chest radiograph shows")
     pos, out = 0, []
     for _ in range(6):
         eng.decode_tokens([(0, t, pos + i, i == len(toks) - 1) for i, t in enumerate(toks)])

@@ -49,40 +49,40 @@ def test_real_vocabulary_medical_text_line_by_line(qwen):
     engine, hf = qwen
     lines = TEXT.splitlines()
     assert len(TEXT.encode()) >= 10_000
-    mismatches = [ln for ln in lines if engine.tokenize(ln) != hf_ids(hf, ln)]
+    mismatches = [ln for ln in lines if engine.tokenizer.tokenize(ln) != hf_ids(hf, ln)]
     assert not mismatches, mismatches[:3]
 
 
 def test_real_vocabulary_whole_text_and_prompt_format(qwen):
     engine, hf = qwen
-    assert engine.tokenize(TEXT) == hf_ids(hf, TEXT)
+    assert engine.tokenizer.tokenize(TEXT) == hf_ids(hf, TEXT)
     prompt = render_prompt([Turn("What does the CT show?", 1, "A liver lesion."), Turn("胸片有异常吗？", 0)])
     for chunk in prompt.split("<image>"):
-        assert engine.tokenize(chunk) == hf_ids(hf, chunk)
+        assert engine.tokenizer.tokenize(chunk) == hf_ids(hf, chunk)
 
 
 @pytest.mark.parametrize("text", EDGE_CASES, ids=range(len(EDGE_CASES)))
 def test_real_vocabulary_edge_cases(text, qwen):
     engine, hf = qwen
-    ids = engine.tokenize(text)
+    ids = engine.tokenizer.tokenize(text)
     assert ids == hf_ids(hf, text)
-    assert engine.detokenize(ids) == hf.decode(ids, skip_special_tokens=True)
+    assert engine.tokenizer.detokenize(ids) == hf.decode(ids, skip_special_tokens=True)
 
 
 def test_eos_is_the_checkpoint_eos_and_plain_s_tags_stay_text(qwen):
     engine, hf = qwen
     assert engine.eos_id == 151643
-    ids = engine.tokenize("</s>")
+    ids = engine.tokenizer.tokenize("</s>")
     assert ids == hf_ids(hf, "</s>") and len(ids) > 1
-    assert engine.tokenize("<|im_end|>") == [151645]
+    assert engine.tokenizer.tokenize("<|im_end|>") == [151645]
 
 
 def test_long_tokens_detokenize_whole(qwen):
     """A 33-space token is longer than llama-cpp-python's 32-byte piece buffer."""
     engine, hf = qwen
     for n in (31, 33, 64, 80):
-        ids = engine.tokenize(" " * n + "x")
-        assert engine.detokenize(ids) == " " * n + "x"
+        ids = engine.tokenizer.tokenize(" " * n + "x")
+        assert engine.tokenizer.detokenize(ids) == " " * n + "x"
 
 
 def test_prompt_segments_are_the_releases_split_and_keep_placeholder_text_as_text():

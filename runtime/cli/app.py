@@ -60,7 +60,7 @@ def _root(
     """Run HuatuoGPT-Vision locally and offline through llama.cpp."""
 
 
-# The CLI's flag for each sampling setting (runtime/sampling.py's RANGES hold the limits).
+# The CLI's flag for each sampling setting (core/sampling.py's RANGES hold the limits).
 _FLAGS = {"temperature": "--temperature", "repetition_penalty": "--repeat-penalty", "max_new_tokens": "--max-tokens",
           "stop": "--stop"}
 

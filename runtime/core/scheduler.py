@@ -10,7 +10,7 @@ The scheduler owns the engine's N sequences ("slots") and one thread that loops:
 3. decode one chunk of a ready image's embeddings for one slot;
 4. one llama_decode batching the next token of every generating slot with a chunk of some
    slot's prompt text;
-5. sample each slot's next token from its own logits (runtime/sampling.py, the release's
+5. sample each slot's next token from its own logits (core/sampling.py, the release's
    semantics), and hand the text to the job's consumer.
 
 A slot's `cached` list always says exactly what its sequence holds, position by position
@@ -346,7 +346,7 @@ class Scheduler:
         slot.counters, slot.timings, slot.notices = Counters(), Timings(), []
         slot.t_start = time.perf_counter()
         slot.timings.queued_s = slot.t_start - job.submitted
-        slot.decoder = self.engine.text_decoder()
+        slot.decoder = self.engine.tokenizer.text_decoder()
         slot.stops = StopFilter(job.params.stop) if job.params.stop else None
         slot.embd, slot.embd_done = None, 0
         items = job.items

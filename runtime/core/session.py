@@ -72,7 +72,7 @@ class Session:
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
         """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
-        return conversation_items(self.engine.tokenize, turns, images)
+        return conversation_items(self.engine.tokenizer.tokenize, turns, images)
 
     @property
     def positions(self) -> int:
@@ -150,7 +150,7 @@ class Session:
         new_images = self.prepare_images(list(image_paths))
         if not new_images:
             return 0
-        items = prompt_items(self.engine.tokenize, segments_before_question(self.turns, len(new_images)),
+        items = prompt_items(self.engine.tokenizer.tokenize, segments_before_question(self.turns, len(new_images)),
                              [*self.images, *new_images])
         last_image = max(i for i, it in enumerate(items) if isinstance(it, ImageItem))
         job = self._submit(items[: last_image + 1], self.sampling, prefill_only=True)
@@ -178,7 +178,7 @@ class Session:
         """
         if not self.turns:
             return 0
-        items = prompt_items(self.engine.tokenize, segments_before_question(self.turns), self.images)
+        items = prompt_items(self.engine.tokenizer.tokenize, segments_before_question(self.turns), self.images)
         # The last token may merge with the question's first characters (SentencePiece has no
         # pre-tokenizer boundary there): leave it to the next turn.
         items = items[:-1]

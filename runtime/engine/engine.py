@@ -1,28 +1,26 @@
-"""Everything that touches llama.cpp: load the GGUF pair, tokenize, evaluate, encode images.
+"""Everything that touches llama.cpp for one loaded model: load the GGUF pair, evaluate, encode images.
 
-Tokenization follows the release's Hugging Face tokenizer rather than llama.cpp's
-defaults (docs/RELEASE.md, 'llama.cpp facts'): text is NFC-normalized, the checkpoint's
-added special tokens are matched exactly as HF does and nothing else is parsed as
-special, no BOS is added, and pieces are detokenized with buffers sized to fit.
+Its tokenizer (engine/tokenizer.py, the release's Hugging Face rules over llama.cpp's vocabulary) is
+`Engine.tokenizer`. How the options are decided is core/loading.py's; the engine takes them as given
+and changes nothing it is handed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
 import threading
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
 from huatuo_local.models.sizing import DEFAULT_CTX
 from huatuo_local.runtime.engine.loading import LOAD_MODES, MappedPages
-from huatuo_local.runtime.engine.text import TextDecoder
+from huatuo_local.runtime.engine.tokenizer import Tokenizer
 from huatuo_local.runtime.images.loader import VisionInput
 from huatuo_local.runtime.llama import constants as C
 from huatuo_local.runtime.llama.bindings import llama
@@ -106,7 +104,8 @@ class Engine:
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
                  eos_id: int | None = None):
-        self.options = opts = options or EngineOptions()
+        # The engine's own copy: what it fills in (the default context, the micro-batch) is not the caller's.
+        self.options = opts = replace(options) if options is not None else EngineOptions()
         self.placement_note = ""  # where the model went on the GPU, or why no GPU took it (core.loading sets it)
         self.on_close: list = []  # called once when the model closes (core.loading: the offline guard's release)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
@@ -116,10 +115,10 @@ class Engine:
             # need 3968) plus a conversation's history; 4096 overflowed within them. Like the
             # release's `generate`, this does not stop at the model's training context.
             opts.n_ctx = DEFAULT_CTX
-        self.vision = VisionInput(int(vision["clip.vision.image_size"]),
-                                  tuple(float(x) for x in vision["clip.vision.image_mean"]))  # type: ignore[arg-type]
+        self.vision = VisionInput(int(vision[keys.IMAGE_SIZE]),
+                                  tuple(float(x) for x in vision[keys.IMAGE_MEAN]))  # type: ignore[arg-type]
         # A LLaVA-1.5 image always takes (size / patch)^2 positions: 576 for CLIP ViT-L/14-336.
-        self.image_tokens = (int(vision["clip.vision.image_size"]) // int(vision["clip.vision.patch_size"])) ** 2
+        self.image_tokens = (int(vision[keys.IMAGE_SIZE]) // int(vision[keys.PATCH_SIZE])) ** 2
         quiet_logs()
         LAST_ERRORS.clear()
         self.n_seq = max(1, opts.n_seq)
@@ -135,18 +134,14 @@ class Engine:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        proj_dim = int(vision.get("clip.vision.projection_dim", self.n_embd))
+        proj_dim = int(vision.get(keys.PROJECTION_DIM, self.n_embd))
         if proj_dim != self.n_embd:
             raise EngineError(
                 f"{self.mmproj_path}: this vision projector makes {proj_dim}-wide embeddings but the language "
                 f"model expects {self.n_embd}; use the mmproj converted with this model"
             )
         self.eos_id = int(eos_id if eos_id is not None else llama_cpp.llama_vocab_eos(self.vocab))
-        self._specials, self._byte_tokens = self._scan_vocab()
-        self._special_re = (
-            re.compile("|".join(re.escape(t) for t in sorted(self._specials, key=len, reverse=True)))
-            if self._specials else None
-        )
+        self.tokenizer = Tokenizer(self.vocab)
         self.mtmd_ctx = self._load_vision(opts)
         self.marker = mtmd_lib().mtmd_default_marker().decode()
         self.vision_warning: str | None = None  # set by engine.probe when the vision check fails but is allowed
@@ -165,7 +160,7 @@ class Engine:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
         llm_fields = check_gguf(self.llm_path, "llm").fields
         vision = check_gguf(self.mmproj_path, "mmproj").fields
-        for key in ("clip.vision.image_size", "clip.vision.image_mean", "clip.vision.patch_size"):
+        for key in (keys.IMAGE_SIZE, keys.IMAGE_MEAN, keys.PATCH_SIZE):
             if key not in vision:
                 raise EngineError(f"{self.mmproj_path}: vision projector without {key}; convert the model again")
         return llm_fields, vision
@@ -265,76 +260,7 @@ class Engine:
             raise EngineError(f"{self.mmproj_path}: libmtmd could not load the vision projector")
         return ctx
 
-    # --- tokens -----------------------------------------------------------------------
-
-    def _scan_vocab(self) -> tuple[dict[str, int], frozenset[int]]:
-        """Added tokens HF matches verbatim in text (control tokens), and byte-fallback tokens."""
-        llama_cpp = llama()
-        specials: dict[str, int] = {}
-        byte_tokens = set()
-        for tid in range(self.n_vocab):
-            attr = llama_cpp.llama_vocab_get_attr(self.vocab, tid)
-            if attr & C.LLAMA_TOKEN_ATTR_BYTE:
-                byte_tokens.add(tid)
-            # LLAMA_TOKEN_ATTR_CONTROL; llama.cpp also flags `</s>`-like texts it puts on its own
-            # end-of-generation list, which are plain text to the release's tokenizer.
-            if attr & C.LLAMA_TOKEN_ATTR_CONTROL:
-                piece = self.token_bytes(tid, special=True).decode("utf-8", "replace")
-                if piece and piece.startswith("<") and piece.endswith(">") and piece != "</s>":
-                    specials[piece] = tid
-        return specials, frozenset(byte_tokens)
-
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids as the release's tokenizer gives them (add_special_tokens=False)."""
-        text = unicodedata.normalize("NFC", text)
-        if not text:
-            return []
-        ids: list[int] = []
-        pos = 0
-        if self._special_re is not None:
-            for m in self._special_re.finditer(text):
-                ids += self._tokenize_plain(text[pos:m.start()])
-                ids.append(self._specials[m.group(0)])
-                pos = m.end()
-        ids += self._tokenize_plain(text[pos:])
-        return ids
-
-    def _tokenize_plain(self, text: str) -> list[int]:
-        if not text:
-            return []
-        llama_cpp = llama()
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
-        if n < 0:
-            cap = -n
-            buf = (llama_cpp.llama_token * cap)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
-        return list(buf[:n])
-
-    def token_bytes(self, token: int, special: bool = False) -> bytes:
-        """One token's bytes; the buffer grows to the piece's size (llama-cpp-python uses 32)."""
-        llama_cpp = llama()
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
-            if n >= 0:
-                return buf.raw[:n]
-            size = -n
-
-    def detokenize(self, tokens: list[int]) -> str:
-        """Decode with special tokens skipped, as the release's `skip_special_tokens=True`."""
-        decoder = self.text_decoder()
-        return "".join(decoder.feed(t) for t in tokens) + decoder.flush()
-
-    def text_decoder(self) -> TextDecoder:
-        return TextDecoder(self.token_bytes, self._byte_tokens)
-
-    # --- evaluation -------------------------------------------------------------------
-
-    # --- evaluation (sequence-aware primitives; runtime/scheduler.py decides what runs when) ----
+    # --- evaluation (sequence-aware primitives; core/scheduler.py decides what runs when) ----
 
     def decode_tokens(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (seq, token, position, wants logits) entries; logits by batch index."""

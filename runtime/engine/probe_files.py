@@ -24,21 +24,15 @@ from huatuo_local.runtime.engine.clip_reference import (
 # Long: one file written key by key, in the file's own order; split up, the layout would be harder to read.
 def write_probe_pair(folder: Path) -> tuple[Path, Path]:
     """A 1-layer LLM with a byte vocabulary and the probe's mmproj, both F32."""
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFWriter
+    from huatuo_local.models.gguf_keys import write_vision_header
 
     w = weights()
     mm = folder / "probe-mmproj.gguf"
     writer = GGUFWriter(mm, "clip")
-    writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "mlp")
-    for key, val in (("image_size", IMAGE_SIZE), ("patch_size", PATCH), ("embedding_length", V_HIDDEN),
-                     ("feed_forward_length", V_FFN), ("projection_dim", LLM_HIDDEN),
-                     ("attention.head_count", V_HEADS), ("block_count", V_LAYERS)):
-        writer.add_uint32(f"clip.vision.{key}", val)
-    writer.add_float32("clip.vision.attention.layer_norm_epsilon", EPS)
-    writer.add_key_value("clip.vision.feature_layer", [V_LAYERS], GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
-    writer.add_array("clip.vision.image_mean", list(MEAN))
-    writer.add_array("clip.vision.image_std", list(STD))
+    write_vision_header(writer, image_size=IMAGE_SIZE, patch_size=PATCH, width=V_HIDDEN, ffn=V_FFN,
+                        projection_dim=LLM_HIDDEN, heads=V_HEADS, norm_eps=EPS, blocks=V_LAYERS, mean=MEAN,
+                        std=STD, gelu=False)  # CLIP's quick GELU, as the release's tower
     for name, arr in w.items():
         writer.add_tensor(name, arr)
     writer.write_header_to_file()

@@ -81,7 +81,7 @@ class EvalWorker:
         except HuatuoError as exc:  # the release skips an unreadable image; here it is recorded as wrong
             done.put((record, None, str(exc)))
             return None
-        items = conversation_items(self.engine.tokenize, [Turn(build_query(record), len(images))], images)
+        items = conversation_items(self.engine.tokenizer.tokenize, [Turn(build_query(record), len(images))], images)
         params = self.settings.sampling()
         rng = np.random.default_rng([self.settings.seed, record.number])
         job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None)))

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import GGUFSummary
 from huatuo_local.models.registry import GIB
@@ -261,9 +262,9 @@ def gpu_needs(llm: GGUFSummary, mmproj: GGUFSummary, n_ctx_total: int, kv_type: 
     layer_bytes, other = _sizes(llm)
     f = llm.fields
     arch = llm.arch
-    n_embd = int(f.get(f"{arch}.embedding_length", 0) or 0)
-    n_head = int(f.get(f"{arch}.attention.head_count", 1) or 1)
-    n_kv = int(f.get(f"{arch}.attention.head_count_kv", n_head) or n_head)
+    n_embd = int(f.get(keys.llm_key(keys.EMBEDDING_LENGTH, arch), 0) or 0)
+    n_head = int(f.get(keys.llm_key(keys.HEAD_COUNT, arch), 1) or 1)
+    n_kv = int(f.get(keys.llm_key(keys.HEAD_COUNT_KV, arch), n_head) or n_head)
     embd = llm.tensors.get("token_embd.weight")
     n_vocab = int(embd[1][-1]) if embd else 32000  # shape (n_embd, n_vocab)
     kv_layer = int(2 * n_ctx_total * (n_embd // max(1, n_head)) * n_kv * KV_BYTES.get(kv_type, 2.0))

@@ -36,7 +36,7 @@ def conversation_items(engine: Engine, conversation: Conversation) -> list:
     if conversation.image is not None:
         images = [image_item(prepare(load_rgb(conversation.image, LoadOptions()), engine.vision))]
     segments = render_segments([Turn(conversation.question, len(images), conversation.answer or None)])
-    return prompt_items(engine.tokenize, segments, images)
+    return prompt_items(engine.tokenizer.tokenize, segments, images)
 
 
 def evaluate(engine: Engine, items: list, answer_tokens: int = 0) -> None:

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.llama.constants import GGML_BACKEND_DEVICE_TYPE_CPU
 from huatuo_local.runtime.llama.devices import Gpu, ggml, loaded_library, local_gpus
@@ -240,8 +241,8 @@ def place_on_workers(endpoints: tuple[str, ...], tensor_split: tuple[float, ...]
     workers = [probe(ep, key_file) for ep in endpoints]  # one line for a worker that is down, before loading
     install_abort_message()  # before llama.cpp first talks to a worker (registering asks its devices)
     register(list(endpoints), key_file)
-    arch = llm_fields.get("general.architecture", "")
-    n_layer = int(llm_fields.get(f"{arch}.block_count", 0))
+    arch = llm_fields.get(keys.ARCHITECTURE, "")
+    n_layer = int(llm_fields.get(keys.llm_key(keys.BLOCK_COUNT, arch), 0))
     proportions = list(tensor_split) if tensor_split else None
     worker_devs = [list(_REGISTERED[ep]) for ep in endpoints]
     local_devs = [g.handle for g in gpus]

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from huatuo_local.runtime.serve import chat, page, preview, status
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.state import ServeConfig, ServerState
 from starlette.exceptions import HTTPException
 

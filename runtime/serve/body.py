@@ -13,7 +13,7 @@ import re
 import threading
 
 from fastapi import Request
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 from starlette.concurrency import run_in_threadpool
 
 DISCONNECT_CHECK_S = 1.0  # how often a non-streaming request checks that its client is still there

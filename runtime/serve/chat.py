@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from huatuo_local.runtime.core.items import conversation_items
 from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, ShuttingDown
 from huatuo_local.runtime.serve.body import Disconnect, read_json
-from huatuo_local.runtime.serve.openai import ApiError, ChatRequest, parse_chat
+from huatuo_local.runtime.serve.errors import ApiError
+from huatuo_local.runtime.serve.openai import ChatRequest, parse_chat
 from huatuo_local.runtime.serve.reply import Reply, StreamText, state_shutting_down
 from huatuo_local.runtime.serve.state import RETRY_AFTER_S, SHUTDOWN_GRACE_S, state_of
 from sse_starlette.sse import EventSourceResponse
@@ -32,7 +33,7 @@ async def chat_completions(request: Request):
     assert state.loader is not None
     watch = Disconnect(request)
     req: ChatRequest = await watch.run(parse_chat, body, state.loader, watch.gone.is_set)
-    items = await run_in_threadpool(conversation_items, scheduler.engine.tokenize, req.turns, req.images)
+    items = await run_in_threadpool(conversation_items, scheduler.engine.tokenizer.tokenize, req.turns, req.images)
     if state.config.log_prompts:
         log.info("prompt: %s", json.dumps([t.text for t in req.turns], ensure_ascii=False))
     loop = asyncio.get_running_loop()

@@ -27,22 +27,10 @@ from huatuo_local.models import defaults
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
 from huatuo_local.runtime.core.items import ImageItem
 from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
+from huatuo_local.runtime.serve.errors import bad_request
 
-if TYPE_CHECKING:  # the loader uses this module's errors; the type is only named here
+if TYPE_CHECKING:
     from huatuo_local.runtime.serve.request_images import ImageLoader
-
-class ApiError(Exception):
-    """An error for the client, in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
 
 @dataclass
 class ChatRequest:
@@ -55,8 +43,6 @@ class ChatRequest:
     model: str | None
 
 
-def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
 
 
 def _number(body: dict, key: str, default, integer: bool = False):
@@ -64,14 +50,14 @@ def _number(body: dict, key: str, default, integer: bool = False):
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise _bad(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
+        raise bad_request(f"'{key}' must be {'an integer' if integer else 'a number'}", key)
     return value
 
 
 def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
     n = body.get("n", 1)
     if n != 1:
-        raise _bad("only n=1 is supported", "n")
+        raise bad_request("only n=1 is supported", "n")
     # The newer name wins when it holds a value; a null one (clients send it) leaves max_tokens in force.
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     # vLLM's extension min_tokens: at least this many new tokens (eos is masked until then); benchmarks
@@ -89,13 +75,13 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
     try:
         params.check()
     except SettingError as exc:
-        raise _bad(f"'{fields[exc.setting]}' {exc.detail}", fields[exc.setting]) from None
+        raise bad_request(f"'{fields[exc.setting]}' {exc.detail}", fields[exc.setting]) from None
     if params.min_new_tokens > params.max_new_tokens:
-        raise _bad(f"'min_tokens' must not exceed '{key}'", "min_tokens")
+        raise bad_request(f"'min_tokens' must not exceed '{key}'", "min_tokens")
     params.min_new_tokens = max(defaults.MIN_NEW_TOKENS, params.min_new_tokens)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(1 << 63) <= seed < 1 << 64):
-        raise _bad("'seed' must be a 64-bit integer", "seed")
+        raise bad_request("'seed' must be a 64-bit integer", "seed")
     if seed is not None:
         seed %= 1 << 64  # OpenAI's seeds are signed; numpy's generators take non-negative ones
     stop = body.get("stop")
@@ -106,7 +92,7 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
     elif isinstance(stop, list) and all(isinstance(s, str) and len(s) <= 256 for s in stop) and len(stop) <= 4:
         stops = list(stop)
     else:
-        raise _bad("'stop' must be a string or a list of at most 4 strings", "stop")
+        raise bad_request("'stop' must be a string or a list of at most 4 strings", "stop")
     params.stop = tuple(s for s in stops if s)  # honoured by the scheduler (runtime/core/stops.py)
     return params, seed
 
@@ -119,21 +105,21 @@ def _text_and_parts(content, role: str, index: int) -> tuple[str, list[tuple[dic
     if content is None and role == "assistant":
         return "", []
     if not isinstance(content, list):
-        raise _bad("content must be a string or a list of parts", where)
+        raise bad_request("content must be a string or a list of parts", where)
     texts, parts = [], []
     for j, part in enumerate(content):
         if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise _bad("each content part needs a 'type'", f"{where}[{j}]")
+            raise bad_request("each content part needs a 'type'", f"{where}[{j}]")
         if part["type"] == "text":
             if not isinstance(part.get("text"), str):
-                raise _bad("a text part needs 'text'", f"{where}[{j}]")
+                raise bad_request("a text part needs 'text'", f"{where}[{j}]")
             texts.append(part["text"])
         elif part["type"] == "image_url":
             if role != "user":
-                raise _bad("only user messages can hold images", f"{where}[{j}]")
+                raise bad_request("only user messages can hold images", f"{where}[{j}]")
             parts.append((part, f"{where}[{j}]"))
         else:
-            raise _bad(f"content part type {part['type'][:40]!r} is not supported (text, image_url)",
+            raise bad_request(f"content part type {part['type'][:40]!r} is not supported (text, image_url)",
                        f"{where}[{j}]")
     return "\n".join(texts), parts
 
@@ -141,45 +127,45 @@ def _text_and_parts(content, role: str, index: int) -> tuple[str, list[tuple[dic
 def parse_chat(body: object, loader: ImageLoader, cancelled: Callable[[], bool] | None = None) -> ChatRequest:
     """The request checked in full (structure, sampling, image count) before any image is decoded."""
     if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
+        raise bad_request("the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list", "messages")
+        raise bad_request("'messages' must be a non-empty list", "messages")
     params, seed = sampling_from(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad("'stream' must be true or false", "stream")
+        raise bad_request("'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise _bad("'stream_options' must be an object", "stream_options")
+        raise bad_request("'stream_options' must be an object", "stream_options")
     # (text, image parts, answer) per turn; system messages go before the next user message's text.
     turns: list[tuple[str, list[tuple[dict, str]], str | None]] = []
     system: list[str] = []
     pending: tuple[str, list[tuple[dict, str]]] | None = None
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
-            raise _bad("each message needs a role: system, user or assistant", f"messages[{i}]")
+            raise bad_request("each message needs a role: system, user or assistant", f"messages[{i}]")
         role = message["role"]
         text, parts = _text_and_parts(message.get("content"), role, i)
         if role in ("system", "developer"):
             system.append(text)
         elif role == "user":
             if pending is not None:
-                raise _bad("two user messages in a row; alternate user and assistant", f"messages[{i}]")
+                raise bad_request("two user messages in a row; alternate user and assistant", f"messages[{i}]")
             if system:
                 text = "\n\n".join([*system, text])
                 system = []
             pending = (text, parts)
         else:
             if pending is None:
-                raise _bad("an assistant message must follow a user message", f"messages[{i}]")
+                raise bad_request("an assistant message must follow a user message", f"messages[{i}]")
             turns.append((*pending, text))
             pending = None
     if pending is None:
-        raise _bad("the last message must be from the user", "messages")
+        raise bad_request("the last message must be from the user", "messages")
     turns.append((*pending, None))
     if sum(len(parts) for _, parts, _ in turns) > MAX_IMAGES:
-        raise _bad(f"at most {MAX_IMAGES} images per conversation (the release's limit)", "messages")
+        raise bad_request(f"at most {MAX_IMAGES} images per conversation (the release's limit)", "messages")
     images = [loader.load(part, where, cancelled) for _, parts, _ in turns for part, where in parts]
     model = body.get("model")
     return ChatRequest([Turn(text, len(parts), answer) for text, parts, answer in turns], images, params, seed,

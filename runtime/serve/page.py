@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 
 router = APIRouter()
 WEB = Path(__file__).parent / "web"

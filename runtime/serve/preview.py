@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from huatuo_local.runtime.serve.body import Disconnect, read_json
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.state import state_of
 
 router = APIRouter()

@@ -13,7 +13,7 @@ from huatuo_local.runtime.core.events import Done, Failed, Piece
 from huatuo_local.runtime.core.sampling import NonFiniteScores
 from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
 from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.state import RETRY_AFTER_S
 
 

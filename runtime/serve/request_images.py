@@ -18,7 +18,7 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.core.items import ImageItem, image_item
 from huatuo_local.runtime.images.dicom import WINDOW_INFO, Window, parse_window
 from huatuo_local.runtime.images.loader import ImageData, LoadOptions, frame_count, load_rgb, prepare
-from huatuo_local.runtime.serve.openai import ApiError, _bad
+from huatuo_local.runtime.serve.errors import ApiError, bad_request
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
 # A server decodes what any client sends: 50 megapixels (the padded square included) holds every
@@ -84,21 +84,21 @@ class ImageLoader:
         if isinstance(spec, str):
             spec = {"url": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("url"), str):
-            raise _bad("an image_url part needs {'url': ...}", where)
+            raise bad_request("an image_url part needs {'url': ...}", where)
         url = spec["url"]
         window = spec.get("window")
         if window is not None and not isinstance(window, str):
-            raise _bad("'window' must be a string: a preset (lung, bone, ...) or \"CENTER,WIDTH\"", where)
+            raise bad_request("'window' must be a string: a preset (lung, bone, ...) or \"CENTER,WIDTH\"", where)
         try:
             window = parse_window(window)
         except HuatuoError as exc:
-            raise _bad(_for_client(str(exc)), where) from None
+            raise bad_request(_for_client(str(exc)), where) from None
         frame = spec.get("frame")
         if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < 1 << 31):
-            raise _bad("'frame' must be a non-negative integer", where)
+            raise bad_request("'frame' must be a non-negative integer", where)
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
-            raise _bad("'name' must be a string: the file's name, used in error messages", where)
+            raise bad_request("'name' must be a string: the file's name, used in error messages", where)
         options = LoadOptions(window, frame, self.limits.max_pixels)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
@@ -106,10 +106,10 @@ class ImageLoader:
         elif scheme == "file":
             data = self._from_file(url, where)
         elif scheme in ("http", "https"):
-            raise _bad("the server never fetches URLs (images stay on this machine); send the image as a data: "
+            raise bad_request("the server never fetches URLs (images stay on this machine); send the image as a data: "
                        "URI, e.g. data:image/png;base64,...", where, "url_not_allowed")
         else:
-            raise _bad(f"unsupported image URL scheme {scheme[:20] or '(none)'!r}; use a data: URI", where)
+            raise bad_request(f"unsupported image URL scheme {scheme[:20] or '(none)'!r}; use a data: URI", where)
         with self._decodes:
             if cancelled is not None and cancelled():
                 raise ApiError(499, "the client went away", code="client_closed")
@@ -119,30 +119,30 @@ class ImageLoader:
     def _from_data(self, url: str, where: str, name: str | None = None) -> ImageData:
         head, sep, payload = url.partition(",")
         if not sep or not head.lower().endswith(";base64"):
-            raise _bad("image data URIs must be base64: data:MIME;base64,...", where)
+            raise bad_request("image data URIs must be base64: data:MIME;base64,...", where)
         if len(payload) * 3 // 4 > self.limits.max_image_bytes:
             raise ApiError(413, f"image larger than {self.limits.max_image_bytes // (1024 * 1024)} MB",
                            param=where, code="image_too_large")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise _bad("the image's base64 data is invalid", where) from None
+            raise bad_request("the image's base64 data is invalid", where) from None
         mime = head[5:-7].lower()
         return ImageData(data, _client_name(name) or "the uploaded image", dicom=mime in _DICOM_MIMES)
 
     def _from_file(self, url: str, where: str) -> ImageData:
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
-            raise _bad("file:// URLs name a file on this machine: file:///path", where)
+            raise bad_request("file:// URLs name a file on this machine: file:///path", where)
         try:
             text = unquote(parsed.path, errors="strict")
         except UnicodeDecodeError:
-            raise _bad("file:// URLs must be UTF-8 paths", where) from None
+            raise bad_request("file:// URLs must be UTF-8 paths", where) from None
         if "\x00" in text or not text.startswith("/"):
-            raise _bad("file:// URLs need an absolute path without NUL characters", where)
+            raise bad_request("file:// URLs need an absolute path without NUL characters", where)
         parts = PurePosixPath(text).parts
         if any(p in (".", "..") for p in parts):
-            raise _bad("file:// paths may not contain '.' or '..'", where)
+            raise bad_request("file:// paths may not contain '.' or '..'", where)
         for given, resolved in self._roots:
             for root in dict.fromkeys((given, resolved)):
                 if parts[: len(root.parts)] == root.parts and len(parts) > len(root.parts):
@@ -161,7 +161,7 @@ class ImageLoader:
             fds.append(os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
             info = os.fstat(fds[-1])
             if not stat.S_ISREG(info.st_mode):
-                raise _bad("file:// images must be regular files", where)
+                raise bad_request("file:// images must be regular files", where)
             if info.st_size > self.limits.max_image_bytes:
                 raise ApiError(413, "image file too large", param=where, code="image_too_large")
             with os.fdopen(os.dup(fds[-1]), "rb") as f:
@@ -171,10 +171,10 @@ class ImageLoader:
             return data
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                raise _bad("file:// paths may not go through symbolic links", where) from None
+                raise bad_request("file:// paths may not go through symbolic links", where) from None
             if exc.errno == errno.ENOENT:
-                raise _bad("no such file inside the allowed folders", where) from None
-            raise _bad(f"cannot read that file ({exc.strerror})", where) from None
+                raise bad_request("no such file inside the allowed folders", where) from None
+            raise bad_request(f"cannot read that file ({exc.strerror})", where) from None
         finally:
             for fd in fds:
                 os.close(fd)

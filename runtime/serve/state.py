@@ -16,7 +16,7 @@ from pathlib import Path
 from fastapi import Request
 from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.core.scheduler import Scheduler
-from huatuo_local.runtime.serve.openai import ApiError
+from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.request_images import ImageLoader, Limits
 from huatuo_local.runtime.serve.supervise import LAST_ERROR_ENV
 

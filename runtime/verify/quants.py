@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import Turn
 from huatuo_local.runtime.core.config import ModelConfig
@@ -70,7 +71,7 @@ def shape_of(m) -> dict[str, object]:
     f = llm.fields
     return {"architecture": llm.arch, "embedding width": f.get(f"{llm.arch}.embedding_length"),
             "layers": f.get(f"{llm.arch}.block_count"), "vocabulary": llm.tensors.get("token_embd.weight", (0, ()))[1],
-            "image embedding width": mm.fields.get("clip.vision.projection_dim")}
+            "image embedding width": mm.fields.get(keys.PROJECTION_DIM)}
 
 
 def check_comparable(reference, models: list) -> list[str]:
