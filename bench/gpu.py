@@ -60,7 +60,7 @@ n = len(r.tokens) - 1
 outside = r.timings.generation_s / n - sum(durations[-n:]) / n
 print(json.dumps({{"ttft_s": r.timings.first_token_s, "cold_ttft_s": cold, "outside_decode_ms": outside * 1e3,
                   "decode_tok_s": n / r.timings.generation_s, "positions": r.prompt_positions,
-                  "reused": r.counters.tokens_reused, "placement": bot.engine.placement_note,
+                  "reused": r.counters.tokens_reused, "placement": bot.engine.placement.note,
                   "on_gpu": bot.engine.on_gpu}}))
 """
 

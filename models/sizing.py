@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import gguf_keys as keys
 from .registry import GIB, KnownModel
 
 DEFAULT_CTX = 8192  # positions per conversation unless --ctx says otherwise
@@ -109,6 +110,16 @@ class FreeMemory:
     gpu: int | None = None
 
 
+def machine_choice(model: KnownModel, free: FreeMemory) -> QuantChoice:
+    """`model`'s best quant for this free memory: in the GPUs' when one fits there, else in RAM (pull, doctor)."""
+    choice = best_quant(model, int(free.ram))
+    if free.gpu:
+        on_gpu = best_quant(model, int(free.gpu), gpu=True)
+        if on_gpu.quant is not None:
+            choice = on_gpu
+    return choice
+
+
 def files_need(llm_path: Path, mmproj_path: Path, gpu: bool = False, n_ctx: int = DEFAULT_CTX) -> Need:
     """What a converted pair of an unknown model holds: its files, its KV cache from the GGUF header, and the
     known models' allowances for compute buffers (the 7B's: a larger model's are larger, which the headroom
@@ -119,12 +130,13 @@ def files_need(llm_path: Path, mmproj_path: Path, gpu: bool = False, n_ctx: int 
     info = check_gguf(llm_path, "llm")
     f = info.fields
 
-    def number(key: str) -> int:
-        value = f.get(f"{info.arch}.{key}")
+    def number(template: str) -> int:
+        value = f.get(keys.llm_key(template, info.arch))
         return value if isinstance(value, int) and value > 0 else 0
 
-    n_layer, n_embd, n_head = number("block_count"), number("embedding_length"), number("attention.head_count")
-    n_head_kv = number("attention.head_count_kv") or n_head
+    n_layer, n_embd = number(keys.BLOCK_COUNT), number(keys.EMBEDDING_LENGTH)
+    n_head = number(keys.HEAD_COUNT)
+    n_head_kv = number(keys.HEAD_COUNT_KV) or n_head
     kv = int(2 * n_layer * n_head_kv * (n_embd // max(n_head, 1)) * KV_BYTES["f16"]) * n_ctx
     weights = llm_path.stat().st_size + mmproj_path.stat().st_size
     seven = next(iter(KNOWN_MODELS.values()))

@@ -25,8 +25,11 @@ _HOME = _RUN_TMP / "home"
 _HOME.mkdir()
 os.environ["HUATUO_LOCAL_HOME"] = str(_HOME)
 CLI = [sys.executable, "-m", "huatuo_local"]
+# Importing transformers' model classes (the PyTorch reference) makes torch's compile cache folder, empty, in
+# the temporary folder: the run names it rather than find it as a leak.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_RUN_TMP / "torch-cache")
 # What the run itself keeps in its temporary folder; anything else left there at the end was leaked.
-_OWN = {"home", f"pytest-of-{__import__('getpass').getuser()}"}
+_OWN = {"home", "torch-cache", f"pytest-of-{__import__('getpass').getuser()}"}
 
 
 def _children() -> dict[int, str]:

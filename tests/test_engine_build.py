@@ -202,7 +202,7 @@ def test_images_are_refused_when_the_probe_fails(converted, monkeypatch, tmp_pat
         session = Session(engine)
         reply = session.ask("What is it?", [image])
         assert reply.counters.images_encoded == 1 and "unverified" in (reply.warning or "")
-        assert engine.vision_warning and "unverified" in engine.vision_warning
+        assert session.scheduler.vision_warning and "unverified" in session.scheduler.vision_warning
         session.close()
 
 

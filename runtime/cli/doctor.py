@@ -59,29 +59,14 @@ def fits_across(free_bytes: float, gpu: bool = False) -> dict[str, dict[str, boo
     return out
 
 
-def machine_choice(model, ram_free: float | None = None, gpu_free: float | None = None):
-    """`model`'s best quant on this machine: in the GPUs' free memory when one fits there, else in RAM."""
-    from huatuo_local.models.sizing import best_quant
-
-    if ram_free is None:
-        from huatuo_local.runtime.llama.devices import free_memory
-
-        free = free_memory()
-        ram_free, gpu_free = free.ram, free.gpu
-    choice = best_quant(model, int(ram_free))
-    if gpu_free:
-        on_gpu = best_quant(model, int(gpu_free), gpu=True)
-        if on_gpu.quant is not None:
-            choice = on_gpu
-    return choice
-
-
 def choices(ram_free: float, gpu_free: float | None) -> dict[str, dict]:
     """Each known model's best quant here: in the GPUs' free memory when one fits there, else in RAM;
     what it needs, its measured cost against F16, what else fits, and what a smaller context would allow."""
+    from huatuo_local.models.sizing import FreeMemory, machine_choice
+
     out = {}
     for m in KNOWN_MODELS.values():
-        choice = machine_choice(m, ram_free, gpu_free)
+        choice = machine_choice(m, FreeMemory(int(ram_free), int(gpu_free) if gpu_free else None))
         out[m.name] = {"quant": choice.quant, "where": choice.where, "summary": choice.describe(),
                        "need_gib": choice.need().total / GIB, "free_gib": choice.budget / GIB,
                        "also_fits": choice.fits[1:],
@@ -144,16 +129,13 @@ def placements(gpus) -> dict[str, str]:
     """Where each installed model goes by default on these GPUs (nothing to say without one)."""
     if not gpus:
         return {}
-    from huatuo_local.models.gguf_check import check_gguf
     from huatuo_local.models.store import list_models
-    from huatuo_local.runtime.engine.engine import DEFAULT_CTX
-    from huatuo_local.runtime.llama.devices import plan_offload
+    from huatuo_local.runtime.engine.placement import plan_placement
 
     out = {}
     for m in list_models():
-        try:
-            out[m.ref] = plan_offload(check_gguf(m.llm_path, "llm"), check_gguf(m.mmproj_path, "mmproj"), gpus,
-                                      DEFAULT_CTX).note
+        try:  # the plan a load with the default options makes (engine/placement.py)
+            out[m.ref] = plan_placement(m.llm_path, m.mmproj_path, n_gpu_layers=None, gpus=gpus).note
         except Exception as exc:  # a damaged model is reported, the report goes on
             out[m.ref] = f"unreadable ({exc})"
     return out

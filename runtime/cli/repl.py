@@ -201,8 +201,8 @@ def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill)
     pending: list[ImageInput] = list(images)
     seen = Transcript()
     print(f"huatuo-local chat with {bot.model.ref}. /help for commands, Ctrl-D to leave.", file=out)
-    if bot.engine.vision_warning:
-        print(bot.engine.vision_warning, file=sys.stderr)
+    if bot.session.scheduler.vision_warning:
+        print(bot.session.scheduler.vision_warning, file=sys.stderr)
     if pending:
         prefill.start(list(pending))  # the images come first in the turn: read them while the question is typed
     while True:
@@ -301,7 +301,7 @@ def _ask(bot: HuatuoChatbot, line: str, pending: list[ImageInput], seen: Transcr
         status.stop()
     seen.add([image_name(p) for p in pending], stopped)
     out.write("\n")
-    warning = bot.engine.vision_warning
+    warning = bot.session.scheduler.vision_warning
     if warning:
         print(warning, file=sys.stderr)
     out.flush()

@@ -124,8 +124,8 @@ def pull(
 def _quant_for(model: str, memory: float | None) -> str | None:
     """A known model's best quant for this machine (or `memory` GiB), said on stderr with what else fits."""
     from huatuo_local.models.registry import GIB, KNOWN_MODELS
-    from huatuo_local.models.sizing import best_quant
-    from huatuo_local.runtime.cli.doctor import machine_choice
+    from huatuo_local.models.sizing import best_quant, machine_choice
+    from huatuo_local.runtime.llama.devices import free_memory
 
     known = KNOWN_MODELS.get(model)
     if known is None:
@@ -134,7 +134,7 @@ def _quant_for(model: str, memory: float | None) -> str | None:
         return None  # the default quant of a repository or folder
     if memory is not None and not 0 < memory < 1e6:
         fail(f"--memory {memory}: give the free memory in GiB, e.g. --memory 16")
-    choice = best_quant(known, int(memory * GIB)) if memory is not None else machine_choice(known)
+    choice = best_quant(known, int(memory * GIB)) if memory is not None else machine_choice(known, free_memory())
     if choice.quant is None:
         hint = (f"; with --ctx {choice.stretch[1]} --kv-type q8_0 {choice.stretch[0]} would fit: add --quant "
                 f"{choice.stretch[0]}" if choice.stretch else "; free memory, or choose one with --quant")

@@ -14,21 +14,8 @@ from huatuo_local.runtime.core.offline import forbid_network
 from huatuo_local.runtime.core.prefix_cache import PrefixCache, file_checksum
 from huatuo_local.runtime.engine.build import engine_build_id
 from huatuo_local.runtime.engine.engine import DEFAULT_CTX, Engine, EngineOptions
-from huatuo_local.runtime.llama.devices import Placement
+from huatuo_local.runtime.engine.placement import plan_placement
 
-
-def default_placement(model: ResolvedModel, n_ctx: int, n_seq: int, kv_type: str) -> Placement:
-    """Where the model goes when --n-gpu-layers is not given: everything on this machine's GPUs when it
-    fits, else as much as fits (runtime/llama/devices.py). Not llama_supports_gpu_offload(): it also says yes
-    for a CPU build with the RPC backend."""
-    from huatuo_local.models.gguf_check import check_gguf
-    from huatuo_local.runtime.llama.devices import idle_backends, local_gpus, no_device_note, plan_offload
-
-    gpus = local_gpus()
-    if not gpus:  # on a GPU build that found no GPU, the note says so rather than silently using the CPU
-        return Placement(0, 0, 0, False, no_device_note(idle_backends()))
-    return plan_offload(check_gguf(model.llm_path, "llm"), check_gguf(model.mmproj_path, "mmproj"), gpus,
-                        (n_ctx or DEFAULT_CTX) * max(1, n_seq), kv_type)
 
 def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
     """Everything that changes what a saved KV state means (see core/prefix_cache.py)."""
@@ -53,14 +40,18 @@ class Loaded:
     note: str = ""
 
 
-def engine_options(config: ModelConfig, n_gpu_layers: int, mmproj_offload: bool) -> EngineOptions:
-    """The engine's options for `config`, the placement settled."""
+def rpc_endpoints(config: ModelConfig) -> tuple[str, ...]:
     from huatuo_local.runtime.rpc.client import parse_endpoints
 
+    return tuple(parse_endpoints(config.rpc)) if config.rpc else ()
+
+
+def engine_options(config: ModelConfig, n_gpu_layers: int, mmproj_offload: bool) -> EngineOptions:
+    """The engine's options for `config`, the placement settled."""
     return EngineOptions(
         n_ctx=config.ctx or 0, n_threads=config.threads, kv_type=config.kv_type, mmproj_offload=mmproj_offload,
         n_gpu_layers=n_gpu_layers, allow_unverified_vision=config.allow_unverified_vision, load=config.load,
-        n_seq=max(1, config.parallel), rpc=tuple(parse_endpoints(config.rpc)) if config.rpc else (),
+        n_seq=max(1, config.parallel), rpc=rpc_endpoints(config),
         tensor_split=config.tensor_split, rpc_key_file=str(config.rpc_key_file) if config.rpc_key_file else None)
 
 
@@ -71,25 +62,21 @@ def open_model(config: ModelConfig) -> Loaded:
     config.check()
     # A name with several quants installed means the best that fits this machine now (models/store.py).
     resolved = resolve(config.model, free_memory())
-    placement = None
-    n_gpu_layers, mmproj_offload = config.n_gpu_layers, config.mmproj_offload
-    if n_gpu_layers is None and not config.rpc:
-        placement = default_placement(resolved, config.ctx or 0, config.parallel, config.kv_type)
-        n_gpu_layers = placement.n_gpu_layers
-        mmproj_offload = mmproj_offload and placement.vision_on_gpu
-    elif n_gpu_layers is None:
-        n_gpu_layers = -1  # with RPC workers: this machine's share on its GPUs when it has any (-ngl 0: its CPU)
-    options = engine_options(config, n_gpu_layers or 0, mmproj_offload)
+    # Where the work goes, decided once (engine/placement.py): the engine applies it, the note says it.
+    plan = plan_placement(resolved.llm_path, resolved.mmproj_path, n_gpu_layers=config.n_gpu_layers,
+                          mmproj_offload=config.mmproj_offload,
+                          n_ctx_total=(config.ctx or DEFAULT_CTX) * max(1, config.parallel), kv_type=config.kv_type,
+                          rpc=rpc_endpoints(config), tensor_split=config.tensor_split,
+                          rpc_key_file=str(config.rpc_key_file) if config.rpc_key_file else None)
+    options = engine_options(config, plan.n_gpu_layers, plan.vision_on_gpu)
     guard = forbid_network() if config.offline else None
     try:
-        engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id)
+        engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id, placement=plan)
     except BaseException:
         if guard is not None:
             guard.release()
         raise
     if guard is not None:  # offline for as long as this model is open
         engine.on_close.append(guard.release)
-    # Said once at load: where the GPU work went (with --rpc the engine placed the layers and says it).
-    note = placement.note if placement is not None else engine.placement_note
     cache = PrefixCache.default(cache_identity(resolved, engine.options)) if config.prefix_cache else None
-    return Loaded(resolved, engine, cache, note)
+    return Loaded(resolved, engine, cache, plan.note)

@@ -36,7 +36,7 @@ from huatuo_local.runtime.core.prefix_cache import CacheEntryError, PrefixCache
 from huatuo_local.runtime.core.sampling import SamplingParams, next_token
 from huatuo_local.runtime.core.stops import StopFilter
 from huatuo_local.runtime.engine.engine import DecodeAborted, Engine, EngineError
-from huatuo_local.runtime.engine.probe import verify_vision
+from huatuo_local.runtime.engine.probe import vision_warning
 
 
 class QueueFull(HuatuoError):
@@ -188,6 +188,8 @@ class Scheduler:
         self.max_queue = max_queue  # 0: unbounded (chat, eval); serve sets it
         self.chunk = chunk or engine.options.ubatch  # prompt positions per step
         self.slots = [_Slot(seq) for seq in range(engine.n_seq)]
+        self.vision_warning: str | None = None  # set once the vision probe is asked (check_vision)
+        self._vision_checked = False
         self._queue: deque[Job] = deque()
         self._lock = threading.Condition()
         # With `abortable`, a decode whose jobs were all cancelled stops between operations instead of
@@ -400,7 +402,7 @@ class Scheduler:
                 continue
             # The entry holds an encoded image: a build that fails the vision probe must not be
             # let through just because the work was done earlier.
-            verify_vision(self.engine)
+            self.check_vision()
             try:
                 entry = cache.read(path, key, prefix)
                 if any(w != self.engine.image_tokens for w in entry.image_widths):
@@ -489,8 +491,15 @@ class Scheduler:
 
     def _encode(self, picture) -> np.ndarray:
         """One image's embeddings (on the encoder thread), from a library the vision probe has passed."""
-        verify_vision(self.engine)
+        self.check_vision()
         return self.engine.encode_image(picture)
+
+    def check_vision(self) -> None:
+        """Images only from a library the vision probe has passed (engine/probe.py), asked once for this
+        model; with --allow-unverified-vision, `vision_warning` is shown beside every answer instead."""
+        if not self._vision_checked:
+            self.vision_warning = vision_warning(self.engine.options.allow_unverified_vision)
+            self._vision_checked = True
 
     def _save_prefix(self, s: _Slot) -> None:
         cache = self.prefix_cache

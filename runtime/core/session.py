@@ -122,7 +122,7 @@ class Session:
         if result is None:
             return
         self._account(result)
-        notes = [w for w in (self.engine.vision_warning, *result.notices) if w]
+        notes = [w for w in (self.scheduler.vision_warning, *result.notices) if w]
         self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, result.timings,
                                 "\n".join(notes) or None, result.finish_reason)
 

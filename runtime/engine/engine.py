@@ -20,15 +20,14 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
 from huatuo_local.models.sizing import DEFAULT_CTX
 from huatuo_local.runtime.engine.loading import LOAD_MODES, MappedPages
+from huatuo_local.runtime.engine.placement import Plan, plan_placement
 from huatuo_local.runtime.engine.tokenizer import Tokenizer
 from huatuo_local.runtime.images.loader import VisionInput
 from huatuo_local.runtime.llama import constants as C
 from huatuo_local.runtime.llama.bindings import llama
 from huatuo_local.runtime.llama.bindings import mtmd as mtmd_lib
-from huatuo_local.runtime.llama.devices import local_gpus
 from huatuo_local.runtime.llama.logs import LAST_ERRORS, quiet_logs
 from huatuo_local.runtime.rpc import client as rpc
-from huatuo_local.runtime.rpc.client import place_on_workers
 from huatuo_local.runtime.system import physical_cores
 from PIL import Image
 
@@ -103,13 +102,14 @@ class Engine:
     """
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
-                 eos_id: int | None = None):
+                 eos_id: int | None = None, placement: Plan | None = None):
+        """`placement`: where the work goes (engine/placement.py), as core/loading.py planned it; without
+        one, the options' own n_gpu_layers and rpc settings are planned here."""
         # The engine's own copy: what it fills in (the default context, the micro-batch) is not the caller's.
         self.options = opts = replace(options) if options is not None else EngineOptions()
-        self.placement_note = ""  # where the model went on the GPU, or why no GPU took it (core.loading sets it)
         self.on_close: list = []  # called once when the model closes (core.loading: the offline guard's release)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
-        llm_fields, vision = self._check_files(opts)
+        vision = self._check_files(opts)
         if not opts.n_ctx:
             # Room for the release's own limits (6 images of 576 positions and a 512-token answer
             # need 3968) plus a conversation's history; 4096 overflowed within them. Like the
@@ -122,13 +122,21 @@ class Engine:
         quiet_logs()
         LAST_ERRORS.clear()
         self.n_seq = max(1, opts.n_seq)
+        if placement is None:
+            placement = plan_placement(self.llm_path, self.mmproj_path, n_gpu_layers=opts.n_gpu_layers,
+                                       mmproj_offload=opts.mmproj_offload, rpc=opts.rpc,
+                                       tensor_split=opts.tensor_split, rpc_output_local=opts.rpc_output_local,
+                                       rpc_key_file=opts.rpc_key_file)
+        self.placement = placement
         # Layers on this machine's GPUs (with --rpc: this machine's share; the workers may have GPUs of their
         # own). -ngl 0 keeps everything here on the CPU, with or without workers.
-        self._gpus = local_gpus() if opts.n_gpu_layers != 0 else []
-        self.on_gpu = bool(self._gpus)
+        self._gpus = list(placement.gpus)
+        self.on_gpu = placement.on_gpu
+        self.rpc_layers = placement.workers.layers if placement.workers else 0
+        self.workers = placement.workers.workers if placement.workers else []
         if opts.n_ubatch is None:  # 256 on the CPU, where it runs as fast and needs less; 512 on a GPU
             opts.n_ubatch = 512 if self.on_gpu else 256
-        self.model = self._load_model(opts, llm_fields)
+        self.model = self._load_model(opts)
         self.ctx = self._create_context(opts)
         llama_cpp = llama()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -144,40 +152,33 @@ class Engine:
         self.tokenizer = Tokenizer(self.vocab)
         self.mtmd_ctx = self._load_vision(opts)
         self.marker = mtmd_lib().mtmd_default_marker().decode()
-        self.vision_warning: str | None = None  # set by engine.probe when the vision check fails but is allowed
-        self.vision_checked = False
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(opts.ubatch, self.n_embd, 1)
 
     # --- loading ------------------------------------------------------------------------
 
-    def _check_files(self, opts: EngineOptions) -> tuple[dict, dict]:
+    def _check_files(self, opts: EngineOptions) -> dict:
         """Both files exist and pass the bounded header walk before llama.cpp's parser sees a byte."""
         for p in (self.llm_path, self.mmproj_path):
             if not p.is_file():
                 raise EngineError(f"{p}: no such model file")
         if opts.kv_type not in KV_TYPES:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
-        llm_fields = check_gguf(self.llm_path, "llm").fields
+        check_gguf(self.llm_path, "llm")
         vision = check_gguf(self.mmproj_path, "mmproj").fields
         for key in (keys.IMAGE_SIZE, keys.IMAGE_MEAN, keys.PATCH_SIZE):
             if key not in vision:
                 raise EngineError(f"{self.mmproj_path}: vision projector without {key}; convert the model again")
-        return llm_fields, vision
+        return vision
 
-    def _load_model(self, opts: EngineOptions, llm_fields: dict):
+    def _load_model(self, opts: EngineOptions):
         llama_cpp = llama()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = opts.n_gpu_layers
-        self.rpc_layers = 0
-        if opts.rpc:
-            # Kept on self: llama.cpp reads the split and the overrides while it loads.
-            self._on_workers = place_on_workers(opts.rpc, opts.tensor_split, opts.rpc_output_local, llm_fields,
-                                                self.llm_path.stat().st_size, self._gpus, opts.rpc_key_file)
-            self._on_workers.apply(mparams)
-            self.rpc_layers, self.workers = self._on_workers.layers, self._on_workers.workers
-            self.placement_note = self._on_workers.note
-            devs = self._on_workers.devices
+        mparams.n_gpu_layers = self.placement.n_gpu_layers
+        on_workers = self.placement.workers  # held by self.placement: llama.cpp reads the split while it loads
+        if on_workers is not None:
+            on_workers.apply(mparams)
+            devs = on_workers.devices
             self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         elif self._gpus:
             self._devices = rpc.device_list()  # None unless RPC workers were registered in this process
@@ -238,7 +239,7 @@ class Engine:
     def _load_vision(self, opts: EngineOptions):
         m = mtmd_lib()
         params = m.mtmd_context_params_default()
-        params.use_gpu = bool(opts.mmproj_offload and self.on_gpu)
+        params.use_gpu = self.placement.vision_on_gpu
         # One GPU job at a time when the vision encoder and the LLM share a GPU: the scheduler encodes images
         # on its own thread while it decodes, and ggml does not promise that two threads may drive one device
         # at once (llama.cpp's own server never does). Seen: a Vulkan build on Debian 12's Mesa 22.3 software
@@ -326,7 +327,7 @@ class Engine:
 
     def encode_image(self, image: Image.Image) -> np.ndarray:
         """The projector's output for one prepared image, (image_tokens, n_embd). Callers run
-        `engine.probe.verify_vision` first: this library must be known to encode LLaVA images right."""
+        `engine.probe.vision_warning` first: this library must be known to encode LLaVA images right."""
         embd = self.image_embeddings(image)
         if len(embd) != self.image_tokens:
             raise EngineError(f"libmtmd gave {len(embd)} positions for an image, expected {self.image_tokens}")

@@ -5,7 +5,7 @@ tiny LLM it needs to load), one image is encoded through libmtmd, and the result
 small numpy implementation of the same tower (clip_reference.py), which also computes what the known
 upstream bug (ggml-org/llama.cpp#25814: class token appended after the patches) would give, so a
 failing library is named precisely. Takes milliseconds; the verdict is cached per library file.
-`verify_vision` is what the layers above call before they encode an image.
+`vision_warning` is what the layers above call before they encode an image.
 """
 
 from __future__ import annotations
@@ -114,18 +114,15 @@ def check_library(use_cache: bool = True) -> ProbeResult:
     return result
 
 
-def verify_vision(engine: Engine) -> None:
-    """Refuse to encode images with a libmtmd that fails the probe (checked once per engine).
-
-    With `allow_unverified_vision`, answer anyway and leave a warning in `engine.vision_warning`.
-    """
-    if engine.vision_checked:
-        return
+def vision_warning(allow_unverified: bool) -> str | None:
+    """Refuse to encode images with a libmtmd that fails the probe: an EngineError naming the fix. With
+    `allow_unverified`, the warning to show beside each answer instead. None when the library passes.
+    The verdict is cached on disk by the library's identity (check_library); callers ask once per model."""
     result = check_library()
-    if not result.ok:
-        message = (f"{result.library}: this llama.cpp build encodes LLaVA images wrongly ({result.verdict}: "
-                   f"{result.detail or 'see huatuo-local doctor'}); {FIX_HINT}")
-        if not engine.options.allow_unverified_vision:
-            raise EngineError(message + ", or pass --allow-unverified-vision to answer anyway")
-        engine.vision_warning = "warning: image encoding is unverified; " + message
-    engine.vision_checked = True
+    if result.ok:
+        return None
+    message = (f"{result.library}: this llama.cpp build encodes LLaVA images wrongly ({result.verdict}: "
+               f"{result.detail or 'see huatuo-local doctor'}); {FIX_HINT}")
+    if not allow_unverified:
+        raise EngineError(message + ", or pass --allow-unverified-vision to answer anyway")
+    return "warning: image encoding is unverified; " + message

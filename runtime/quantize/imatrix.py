@@ -20,7 +20,7 @@ from huatuo_local.models.interrupt import cancelled
 from huatuo_local.models.prompt import Turn, render_segments
 from huatuo_local.runtime.core.items import ImageItem, image_item, prompt_items
 from huatuo_local.runtime.engine.engine import Engine, EngineOptions
-from huatuo_local.runtime.engine.probe import verify_vision
+from huatuo_local.runtime.engine.probe import vision_warning
 from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
 from huatuo_local.runtime.quantize import calibration as calib
 from huatuo_local.runtime.quantize.calibration import Conversation
@@ -46,7 +46,7 @@ def evaluate(engine: Engine, items: list, answer_tokens: int = 0) -> None:
     pos, i, last = 0, 0, 0
     while i < len(items):
         if isinstance(items[i], ImageItem):
-            verify_vision(engine)
+            vision_warning(engine.options.allow_unverified_vision)  # refuses a library that fails the probe
             embd = engine.encode_image(items[i].picture)
             for start in range(0, len(embd), engine.options.ubatch):
                 chunk = embd[start:start + engine.options.ubatch]
