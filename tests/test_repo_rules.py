@@ -45,7 +45,8 @@ def stale_paths(files: list[Path]) -> list[str]:
 
 
 def test_every_path_a_doc_or_comment_names_exists():
-    assert stale_paths(tracked()) == []
+    here = Path(__file__).resolve()  # its own examples below name missing paths on purpose
+    assert stale_paths([f for f in tracked() if f != here]) == []
 
 
 def test_the_path_check_can_fail(tmp_path):
