@@ -60,7 +60,7 @@ bench-rpc *ARGS:
 bench-sampling:
     {{python}} bench/sampling.py
 
-# (REHEARSE=1 runs every step on a machine without a GPU)
-# On a CUDA machine: build the engine for CUDA, test on the GPU, measure beside llama.cpp's tools
-gpu-check:
-    bash scripts/gpu_check.sh
+# On a CUDA machine: build the engine for CUDA, measure beside llama.cpp's tools, test on the GPU
+# (three phases; see the README's GPU section; REHEARSE=1 runs them on a machine without a GPU)
+gpu-check *ARGS:
+    bash scripts/gpu_check.sh {{ARGS}}

@@ -6,12 +6,14 @@ import datetime as _dt
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "BENCHMARKS.md"
+# HUATUO_BENCH_FILE: append the sections elsewhere (scripts/gpu_check.py collects a lent machine's there).
+BENCHMARKS = Path(os.environ.get("HUATUO_BENCH_FILE") or ROOT / "BENCHMARKS.md")
 
 
 def machine() -> str:
@@ -33,7 +35,27 @@ def machine() -> str:
         mem = f"{kb / 1024**2:.1f} GiB RAM"
     except (OSError, IndexError, ValueError):
         pass
-    return f"{cpu} ({flags}), {os.cpu_count()} cores, {mem}, {platform.system()} {platform.release()}"
+    gpus = ""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30).stdout
+            gpus = "; GPU " + ", ".join(line.strip() for line in out.splitlines() if line.strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return f"{cpu} ({flags}), {os.cpu_count()} cores, {mem}, {platform.system()} {platform.release()}{gpus}"
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    """A script's measured figures as JSON (`--json FILE`), with the machine and the date, for a run whose
+    BENCHMARKS.md stays on another machine (scripts/gpu_check.py)."""
+    if path is None:
+        return
+    import json
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    Path(path).write_text(json.dumps({"machine": machine(), "date": stamp, "command": invocation(), **data},
+                                     indent=2, default=str))
 
 
 def versions() -> str:

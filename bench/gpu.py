@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 import llama_tools  # noqa: E402
-from common import append, invocation, run_measured  # noqa: E402
+from common import append, invocation, run_measured, write_json  # noqa: E402
 
 from runtime import (  # noqa: E402
     QUESTION,
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a fast step: the per-token overhead shows)")
     ap.add_argument("--prepare", choices=["checkpoint", "model"],
                     help="only write the random checkpoint (needs no engine) or also convert it (needs the engine's "
@@ -115,6 +116,12 @@ def main() -> None:
              f"| prompt read (llama-bench pp600) | – | {rates['pp_tok_s']:.0f} tok/s | – |")
     print(table)
     print("placement:", ours["placement"])
+    write_json(args.json, {"depth": args.depth, "quant": args.quant, "tokens": args.tokens, "ours": ours,
+                           "llama_bench": {"pp_tok_s": rates["pp_tok_s"], "tg_tok_s": rates["tg_tok_s"],
+                                           "tg_at_depth_tok_s": tg},
+                           "llama_mtmd_cli": {"encode_s": encode, "ttft_s": cpp_ttft},
+                           "ratios": {"decode": ours["decode_tok_s"] / tg, "ttft": ours["ttft_s"] / cpp_ttft},
+                           "goals": {"decode": ">= 0.97", "ttft": "<= 1.1"}})
     if not args.no_append:
         append(f"GPU: {args.depth} layers, {args.quant}", invocation(), table,
                f"Random weights, 7B shapes; the model placed by huatuo-local's default: {ours['placement']}. "

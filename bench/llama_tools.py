@@ -34,13 +34,20 @@ def run_tool(bin_dir: Path, *args: str, timeout: float = 3600) -> subprocess.Com
 
 
 def tools_dir() -> Path:
-    """The bin folder of the installed engine's build (recorded by setup in the environment), else the
-    cached build for the current CMAKE_ARGS."""
-    try:
-        return Path(json.loads((Path(sys.prefix) / engine_build.ENGINE_MARKER).read_text())["tools"])
-    except (OSError, ValueError, KeyError):
-        args = engine_build.engine_cmake_args(os.environ.get("CMAKE_ARGS"))
-        return engine_build.engine_dir(engine_build.build_key(args)) / "bin"
+    """The bin folder of the build of the engine this Python imports: recorded in the installed package
+    (llama_cpp/huatuo-engine.json, wherever pip put it), else by setup in the virtual environment, else the
+    cached build for the current CMAKE_ARGS (engines built before the package carried the record)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    places = [Path(p) / engine_build.ENGINE_MARKER for p in (spec.submodule_search_locations or [])] if spec else []
+    for marker in [*places, Path(sys.prefix) / engine_build.ENGINE_MARKER]:
+        try:
+            return Path(json.loads(marker.read_text())["tools"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    args = engine_build.engine_cmake_args(os.environ.get("CMAKE_ARGS"))
+    return engine_build.engine_dir(engine_build.build_key(args)) / "bin"
 
 
 def bin_folder() -> Path:

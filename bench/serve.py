@@ -28,7 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from common import ROOT, append, free_port, invocation  # noqa: E402
+from common import ROOT, append, free_port, invocation, write_json  # noqa: E402
 
 QUESTION = "Case {:03d}: what does the picture show? Describe the findings in detail."
 
@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--ngl", type=int, default=0, help="layers on the GPU for both servers (99: all)")
     ap.add_argument("--no-llama-server", action="store_true")
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the figures to this file")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     args = ap.parse_args()
     manifest, image, out = prepare_model(args)
@@ -237,6 +238,13 @@ def report(results: dict, args, names: list[str]) -> None:
                  if len(names) > 1 else "")
         rows.append(f"| {c} | " + " | ".join(cells) + ratio + " |")
     top, low = max(args.clients), min(args.clients)  # `--clients 16` alone: 16 against itself
+    write_json(args.json, {"depth": args.depth, "quant": args.quant, "tokens": args.tokens, "ngl": args.ngl,
+                           "clients": args.clients,
+                           "results": {name: {str(k): v for (n, k), v in results.items() if n == name}
+                                       for name in names},
+                           "ratios": ({str(c): results[(names[0], c)]["agg_tok_s"] / results[(names[1], c)]["agg_tok_s"]
+                                       for c in args.clients} if len(names) > 1 else {}),
+                           "goals": {"16": ">= 0.9 (llama-server -np 16)"}})
     lines = ["\n".join(rows), ""]
     for n in names:
         one, many, img = results[(n, low)], results[(n, top)], results[(n, "image")]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -102,10 +103,27 @@ def nvidia_gpu() -> str | None:
     return nvcc if nvcc and NVIDIA_DRIVER.is_file() else None
 
 
+def cuda_architectures() -> str | None:
+    """The compute capabilities of this machine's NVIDIA GPUs as CMake wants them ("90" for an H100/H200), from
+    nvidia-smi; None when it cannot say. Pinned rather than left to CMake's `native` detection, which fails
+    quietly in some containers and then compiles for every architecture (several times the build time)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    caps = sorted({c.strip().replace(".", "") for c in out.splitlines() if c.strip().replace(".", "").isdigit()})
+    return ";".join(caps) or None
+
+
 def engine_cmake_args(user: str | None, cpu_only: bool = False) -> str:
     """The build flags: the user's CMAKE_ARGS when set (CUDA, Metal ...), else CUDA when this machine
     has an NVIDIA GPU and its toolkit (a GPU user who runs the plain setup gets the GPU), plus
-    llama.cpp's RPC backend (huatuo-local rpc-worker, --rpc)."""
+    llama.cpp's RPC backend (huatuo-local rpc-worker, --rpc). A CUDA build is pinned to the architectures of
+    the GPUs present when the flags do not name them."""
     args = (user or "").strip()
     if user is None and not cpu_only:
         nvcc = nvidia_gpu()
@@ -113,9 +131,25 @@ def engine_cmake_args(user: str | None, cpu_only: bool = False) -> str:
             args = f"-DGGML_CUDA=on -DCMAKE_CUDA_COMPILER={nvcc}"
             print(f"engine: an NVIDIA GPU and {nvcc} found: building for CUDA (--cpu-only, or CMAKE_ARGS='', "
                   "builds for the CPU)", flush=True)
+    upper = args.upper()
+    if "GGML_CUDA=ON" in upper and "CMAKE_CUDA_ARCHITECTURES" not in upper:
+        arch = cuda_architectures()
+        if arch:
+            args += f" -DCMAKE_CUDA_ARCHITECTURES={arch}"
     if "GGML_RPC" not in args.upper():
         args = (args + " -DGGML_RPC=ON").strip()
     return args
+
+
+def cuda_library_dirs(cmake_args: str) -> list[str]:
+    """Where the CUDA toolkit's runtime libraries (libcudart, libcublas) are, for a CUDA build: put in the
+    libraries' and tools' RPATH so that they load where the loader cache does not list the toolkit."""
+    if "GGML_CUDA=ON" not in cmake_args.upper():
+        return []
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    root = Path(nvcc).resolve().parent.parent
+    return [str(d) for d in (root / "lib64", root / "targets" / "x86_64-linux" / "lib", root / "lib")
+            if d.is_dir()]
 
 
 def engine_dir(key: str) -> Path:
@@ -170,34 +204,44 @@ def cached(key: str) -> Engine | None:
     return None
 
 
-def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = None) -> Engine:
+def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = None,
+                 build_dir: Path | None = None) -> Engine:
     """The engine for `key`: from the cache, or built from the pinned source distribution
-    (or `source`, an unpacked one, for a machine without network)."""
+    (or `source`, an unpacked one, for a machine without network). With `build_dir` the source copy and the
+    CMake tree are kept there, so a build that was cut (a time limit, Ctrl-C) resumes where it stopped."""
     found = cached(key)
     if found:
         print(f"engine: cached wheel {found.wheel}")
         return found
     out = engine_dir(key)
-    with tempfile.TemporaryDirectory(prefix="huatuo-engine-") as tmp:
-        src = Path(tmp) / "src"
-        if source is None:
-            with tarfile.open(fetch_sdist(python)) as tar:
-                tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
-            (Path(tmp) / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}").rename(src)
+    with contextlib.ExitStack() as stack:
+        if build_dir is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="huatuo-engine-")))
         else:
-            shutil.copytree(source, src, symlinks=True)
+            tmp = build_dir / key  # another key (other flags) is another tree
+            tmp.mkdir(parents=True, exist_ok=True)
+        src = tmp / "src"
+        if not (src / "PKG-INFO").is_file():  # kept from a cut build: the same source, its mtimes intact
+            shutil.rmtree(src, ignore_errors=True)
+            if source is None:
+                with tarfile.open(fetch_sdist(python)) as tar:
+                    tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+                (tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}").rename(src)
+            else:
+                shutil.copytree(source, src, symlinks=True)
         version = source_version(src)
         if version != LLAMA_CPP_PYTHON_VERSION:  # the cache key would name another build than this one
             raise BuildError(f"{source or 'the source distribution'} is llama-cpp-python {version}; this "
                              f"huatuo-local pins {LLAMA_CPP_PYTHON_VERSION}")
         outcome = apply_fix(src / "vendor" / "llama.cpp")
         print(f"engine: LLaVA class-token fix {outcome}")
-        build = Path(tmp) / "build"
+        build = tmp / "build"
         cmake(src / "vendor" / "llama.cpp", build, cmake_args)
         staging = out.with_name(out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        wheel = write_wheel(src, build / "bin", staging)
+        marker = {"key": key, "tools": str(out / "bin"), "cmake_args": cmake_args}
+        wheel = write_wheel(src, build / "bin", staging, marker)
         shutil.copytree(build / "bin", staging / "bin", symlinks=True)
         (staging / "build.json").write_text(json.dumps(
             {"version": LLAMA_CPP_PYTHON_VERSION, "fix": FIX_ID, "fix_outcome": outcome, "layout": LAYOUT,
@@ -207,22 +251,45 @@ def build_engine(python: Path, cmake_args: str, key: str, source: Path | None = 
     return Engine(out / wheel.name, out / "bin")
 
 
+def build_tool(name: str) -> str:
+    """cmake or ninja: on PATH, else from the Python package of that name (pip's cmake and ninja wheels, all a
+    machine without network may have)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        module = __import__(name)
+        folder = Path(getattr(module, "CMAKE_BIN_DIR", None) or module.BIN_DIR)
+        if (folder / name).is_file():
+            return str(folder / name)
+    except (ImportError, AttributeError, TypeError):
+        pass
+    return name if name == "cmake" else ""
+
+
 def cmake(llama_cpp: Path, build: Path, cmake_args: str) -> None:
     """One standalone build of the libraries and the tools."""
     jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
     print(f"engine: building llama.cpp and its tools (about 6 minutes on 2 cores, once per machine; {jobs} jobs)",
           flush=True)
-    run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+    # Ninja where it is installed: it starts compiling sooner and keeps every core busy (make's recursion
+    # does not); a tree configured before keeps its generator.
+    ninja_bin = build_tool("ninja")
+    ninja = (["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja_bin}"]
+             if ninja_bin and not (build / "CMakeCache.txt").is_file() else [])
+    cmake_bin = build_tool("cmake")
+    rpath = ["$ORIGIN" if sys.platform != "darwin" else "@loader_path", *cuda_library_dirs(cmake_args)]
+    run([cmake_bin, "-S", llama_cpp, "-B", build, *ninja, "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
          "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
          # The default downloads prebuilt web-UI assets; without them the server builds offline.
          "-DLLAMA_USE_PREBUILT_UI=OFF",
          # Libraries and tools find each other beside themselves, wherever the files are copied.
          "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
-         "-DCMAKE_INSTALL_RPATH=" + ("@loader_path" if sys.platform == "darwin" else "$ORIGIN"),
+         "-DCMAKE_INSTALL_RPATH=" + ";".join(rpath),
          # No C++ runtime symbol exported from a backend library (issue 20's crash; see the file).
          f"-DCMAKE_PROJECT_INCLUDE={EXPORTS_CMAKE}",
          *cmake_args.split()])
-    run(["cmake", "--build", build, "-j", jobs, "--target", *LIBRARIES, *TOOLS])
+    run([cmake_bin, "--build", build, "-j", jobs, "--target", *LIBRARIES, *TOOLS])
 
 
 def _soname_files(bin_dir: Path) -> dict[str, Path]:
@@ -247,8 +314,10 @@ def _record_line(arcname: str, data: bytes) -> str:
     return f"{arcname},sha256={digest},{len(data)}"
 
 
-def write_wheel(src: Path, bin_dir: Path, out_dir: Path) -> Path:
-    """llama-cpp-python's `llama_cpp` package from `src` plus the built libraries, as a wheel."""
+def write_wheel(src: Path, bin_dir: Path, out_dir: Path, marker: dict | None = None) -> Path:
+    """llama-cpp-python's `llama_cpp` package from `src` plus the built libraries, as a wheel; `marker`
+    (which build, where its tools are) goes in as llama_cpp/huatuo-engine.json, so whatever installs the wheel
+    (a venv, pip --target) can find the tools of the build it holds."""
     tag = "py3-none-" + sysconfig.get_platform().replace("-", "_").replace(".", "_")
     dist = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
     wheel = out_dir / f"{dist}-{tag}.whl"
@@ -258,6 +327,8 @@ def write_wheel(src: Path, bin_dir: Path, out_dir: Path) -> Path:
             entries.append((path.relative_to(src).as_posix(), path.read_bytes()))
     for name, real in _soname_files(bin_dir).items():
         entries.append((f"llama_cpp/lib/{name}", real.read_bytes()))
+    if marker is not None:
+        entries.append((f"llama_cpp/{ENGINE_MARKER}", json.dumps(marker, indent=2).encode()))
     info = f"{dist}.dist-info"
     entries.append((f"{info}/METADATA", (src / "PKG-INFO").read_bytes()))
     entries.append((f"{info}/WHEEL", (f"Wheel-Version: 1.0\nGenerator: huatuo-local engine_build ({LAYOUT})\n"
@@ -299,6 +370,8 @@ def main() -> int:
     ap.add_argument("--install", action="store_true", help="pip-install the wheel for this Python")
     ap.add_argument("--target", type=Path, help="with --install: into this folder (pip install --target)")
     ap.add_argument("--cpu-only", action="store_true", help="build for the CPU even where a GPU is found")
+    ap.add_argument("--build-dir", type=Path, help="keep the source copy and the CMake tree here: a build that was "
+                    "cut resumes where it stopped (scripts/gpu_check.py uses it)")
     args = ap.parse_args()
     if args.source is not None and not (args.source / "vendor" / "llama.cpp").is_dir():
         print(f"error: {args.source} is not an unpacked llama-cpp-python source distribution (no "
@@ -308,7 +381,7 @@ def main() -> int:
     key = build_key(cmake_args)
     in_venv = args.target is None and sys.prefix != sys.base_prefix
     try:
-        engine = build_engine(Path(sys.executable), cmake_args, key, args.source)
+        engine = build_engine(Path(sys.executable), cmake_args, key, args.source, args.build_dir)
         if args.install:
             install(Path(sys.executable), engine, key, cmake_args, args.target, Path(sys.prefix) if in_venv else None)
     except (BuildError, subprocess.CalledProcessError) as exc:

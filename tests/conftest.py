@@ -25,6 +25,9 @@ _HOME = _RUN_TMP / "home"
 _HOME.mkdir()
 os.environ["HUATUO_LOCAL_HOME"] = str(_HOME)
 CLI = [sys.executable, "-m", "huatuo_local"]
+# HUATUO_LOCAL_TEST_GPU=1 (scripts/gpu_check.py's test phase): the tests' own engines go on the GPU too. Commands
+# the tests run put the model on the GPU anyway (the default placement) unless a test keeps it on the CPU.
+ON_GPU = os.environ.get("HUATUO_LOCAL_TEST_GPU") == "1"
 # Importing transformers' model classes (the PyTorch reference) makes torch's compile cache folder, empty, in
 # the temporary folder: the run names it rather than find it as a leak.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(_RUN_TMP / "torch-cache")
@@ -44,6 +47,24 @@ def _children() -> dict[int, str]:
         except psutil.Error:
             continue
     return out
+
+
+def engine_options(**given):
+    """EngineOptions for a test's in-process engine: every layer on the GPU under HUATUO_LOCAL_TEST_GPU=1, else as
+    given (the CPU by default)."""
+    from huatuo_local.runtime.engine.engine import EngineOptions
+
+    if ON_GPU:
+        given.setdefault("n_gpu_layers", -1)
+    return EngineOptions(**given)
+
+
+def pytest_configure(config):
+    if ON_GPU:  # a GPU run that found no GPU must not pass as one
+        from huatuo_local.runtime.llama.devices import local_gpus
+
+        if not local_gpus():
+            pytest.exit("HUATUO_LOCAL_TEST_GPU=1 but llama.cpp finds no GPU (see huatuo-local doctor)", returncode=3)
 
 
 def _strays() -> dict[int, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import engine_options
 from PIL import Image
 from tiny_models import TinySpec
 
@@ -56,9 +57,9 @@ def setup(tiny, converted, tmp_path_factory):
 def open_session(result, greedy=True):
     from huatuo_local.runtime.core.sampling import SamplingParams
     from huatuo_local.runtime.core.session import Session
-    from huatuo_local.runtime.engine.engine import Engine, EngineOptions
+    from huatuo_local.runtime.engine.engine import Engine
 
-    engine = Engine(result.llm_path, result.mmproj_path, EngineOptions(n_ctx=4096, kv_type="f32"),
+    engine = Engine(result.llm_path, result.mmproj_path, engine_options(n_ctx=4096, kv_type="f32"),
                     eos_id=result.manifest.eos_id)
     return Session(engine, SamplingParams(temperature=0, repetition_penalty=1.2, max_new_tokens=32))
 

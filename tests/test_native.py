@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
@@ -27,9 +29,14 @@ GIB = 1024**3
 
 
 def vendored_header(name: str) -> str:
-    """A header of the llama.cpp that the engine was built from (the source distribution setup cached)."""
+    """A header of the llama.cpp that the engine was built from: the source distribution setup cached, or the
+    unpacked one named by HUATUO_LOCAL_ENGINE_SOURCE (scripts/gpu_check.py on a machine without network)."""
+    unpacked = os.environ.get("HUATUO_LOCAL_ENGINE_SOURCE")
+    if unpacked:
+        return (Path(unpacked) / "vendor" / "llama.cpp" / name).read_text()
     sdist = engine_build.sdist_path()
-    assert sdist.is_file(), f"{sdist}: run scripts/bootstrap.py (it caches the engine's source)"
+    assert sdist.is_file(), (f"{sdist}: run scripts/bootstrap.py (it caches the engine's source), or name an "
+                             "unpacked one in HUATUO_LOCAL_ENGINE_SOURCE")
     with tarfile.open(sdist) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("/vendor/llama.cpp/" + name))
         return tar.extractfile(member).read().decode()

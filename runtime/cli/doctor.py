@@ -39,12 +39,18 @@ class Report:
 
 
 def engine_build() -> dict:
-    """What scripts/bootstrap.py recorded about the installed engine wheel."""
-    marker = Path(sys.prefix) / "huatuo-engine.json"
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return {}
+    """Which engine build is installed: recorded in the package itself (llama_cpp/huatuo-engine.json, wherever
+    pip put it), else by scripts/bootstrap.py in the virtual environment."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    places = [Path(p) / "huatuo-engine.json" for p in (spec.submodule_search_locations or [])] if spec else []
+    for marker in [*places, Path(sys.prefix) / "huatuo-engine.json"]:
+        try:
+            return json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def fits_across(free_bytes: float, gpu: bool = False) -> dict[str, dict[str, bool]]:
