@@ -2,7 +2,8 @@
 """The GPU check, in three phases that each fit one call on a lent CUDA machine (at most 600 s a call, 15
 minutes in all, no network, only $OUT and the output's last 12,000 characters coming back).
 
-    python3 scripts/gpu_check.py --phase build   --dir /tmp/gc --deadline 540 [--wheels .gpu/whl] [--source-tar .gpu/llama-src.tar.gz]
+    python3 scripts/gpu_check.py --phase build   --dir /tmp/gc --deadline 540 \
+        [--wheels .gpu/whl --source-tar .gpu/llama-src.tar.gz]
     python3 scripts/gpu_check.py --phase measure --dir /tmp/gc --deadline 540
     python3 scripts/gpu_check.py --phase test    --dir /tmp/gc --deadline 540
     REHEARSE=1 python3 scripts/gpu_check.py --phase build --dir /tmp/gc-rehearsal   # this CPU machine, tiny shapes
