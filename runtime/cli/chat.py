@@ -15,7 +15,8 @@ from huatuo_local.runtime.core.config import ModelConfig
 
 @app.command(epilog="Examples:\n\n  huatuo-local chat scan.png -p \"What does this image show?\"\n\n"
                    "  huatuo-local chat ct.png mri.png            (interactive)\n\n"
-                   "  echo \"Describe the findings\" | huatuo-local chat scan.png --json")
+                   "  echo \"Describe the findings\" | huatuo-local chat scan.png --json\n\n"
+                   "  huatuo-local chat scan.png -p \"Report\" --json-schema finding.schema.json   (a JSON answer)")
 @model_options(leave_out=("parallel",))
 def chat(
     config: ModelConfig,
@@ -29,6 +30,8 @@ def chat(
     stop: Annotated[list[str] | None, typer.Option(help="End the answer before this text (repeat for up to 4).")]
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (one-shot).")] = False,
+    json_schema: Annotated[Path | None, typer.Option(help="Every answer a JSON document valid against this JSON "
+                                                         "Schema file, enforced while sampling.")] = None,
     window: Annotated[str | None, typer.Option(help="Grayscale window: lung, mediastinum, bone, brain, abdomen, "
                                                     "liver, or CENTER,WIDTH (default: the file's, else 0.5-99.5%).")]
     = None,
@@ -45,6 +48,7 @@ def chat(
         fail("-p: the question is empty; ask something, or leave -p out for the interactive chat")
     check_settings(temperature=temperature, repetition_penalty=repeat_penalty, max_new_tokens=max_tokens,
                    stop=tuple(stop or ()))
+    schema = _schema(json_schema) if json_schema is not None else None
     from huatuo_local.runtime.images.dicom import parse_window
     from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images
 
@@ -61,8 +65,8 @@ def chat(
     status.show(f"loading {config.model or 'huatuo-vision-7b'}…")
     try:
         bot = HuatuoChatbot(config=config, temperature=temperature, repetition_penalty=repeat_penalty,
-                            max_new_tokens=max_tokens, seed=seed, stop=stop, window=window, frame=frame,
-                            max_pixels=max_pixels)
+                            max_new_tokens=max_tokens, seed=seed, stop=stop, schema=schema, window=window,
+                            frame=frame, max_pixels=max_pixels)
     finally:
         status.stop()
     if bot.load_note and not as_json:
@@ -85,6 +89,21 @@ def chat(
         }, ensure_ascii=False, indent=2))
         return
     _print_answer(bot, prompt, paths, status)
+
+
+def _schema(path: Path) -> dict:
+    """--json-schema FILE, read and compiled before the model loads: a schema that cannot be enforced is one
+    line naming the file and the construct."""
+    from huatuo_local.models.errors import HuatuoError
+    from huatuo_local.models.jsonfile import read_json
+    from huatuo_local.runtime.core.structured import Grammar, SchemaError
+
+    schema = read_json(path, "give a JSON Schema file", expect=dict, max_bytes=1 << 20, error=HuatuoError)
+    try:
+        Grammar.json_schema(schema)
+    except SchemaError as exc:
+        fail(f"--json-schema {path}: {exc}")
+    return schema
 
 
 def _print_answer(bot, prompt: str, paths: list[str], status) -> None:

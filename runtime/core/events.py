@@ -22,9 +22,12 @@ class Progress:
 
 @dataclass(frozen=True)
 class Piece:
-    """A piece of the answer's text, as soon as it is known (stop strings already cut)."""
+    """A piece of the answer's text, as soon as it is known (stop strings already cut), and, when the job
+    asked for them, the log-probabilities of the tokens whose text this piece completes
+    (runtime/core/sampling.py TokenLogprob)."""
 
     text: str
+    logprobs: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,9 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.core.events import Done, Event, Failed, Piece, Progress
 from huatuo_local.runtime.core.items import ImageItem, Item
 from huatuo_local.runtime.core.prefix_cache import CacheEntryError, PrefixCache
-from huatuo_local.runtime.core.sampling import SamplingParams, next_token
+from huatuo_local.runtime.core.sampling import SamplingParams, TokenLogprob, log_softmax_at, next_token, top_tokens
 from huatuo_local.runtime.core.stops import StopFilter
+from huatuo_local.runtime.core.structured import Constraint, ll_tokenizer
 from huatuo_local.runtime.engine.engine import DecodeAborted, Engine, EngineError
 from huatuo_local.runtime.engine.probe import vision_warning
 
@@ -76,11 +77,13 @@ class Result:
     tokens: list[int]
     text: str
     prompt_positions: int
-    finish_reason: str  # "stop" (eos or a stop string), "length", "cancelled", "prefilled"
+    finish_reason: str  # "stop" (eos, a stop string or a complete document), "length", "cancelled", "prefilled"
     counters: Counters
     timings: Timings
     notices: list[str]
     logits: np.ndarray | None = None  # prefill-only jobs: the last position's logits
+    logprobs: list[TokenLogprob] | None = None  # with params.logprobs: one per answer token
+    first_scores: list[float] | None = None  # with params.score_tokens: their raw scores at the first token
 
 
 @dataclass(eq=False)
@@ -171,6 +174,10 @@ class _Slot:
     encode_started: float = 0.0
     decoder: object = None
     stops: StopFilter | None = None  # the job's stop strings, when it has any
+    constraint: Constraint | None = None  # the job's grammar state, when it has a schema
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # every answer token's, with params.logprobs
+    logprobs_sent: int = 0  # how many of them went out with a Piece
+    first_scores: list[float] | None = None
     counters: Counters = field(default_factory=Counters)
     timings: Timings = field(default_factory=Timings)
     notices: list[str] = field(default_factory=list)
@@ -226,6 +233,8 @@ class Scheduler:
         if need > self.n_ctx:
             raise ContextFull(f"the conversation needs {need} positions but the context holds {self.n_ctx}; "
                               "raise --ctx or start a new conversation")
+        if job.params.grammar is not None:  # built once per model, here rather than in the loop every slot shares
+            ll_tokenizer(self.engine.tokenizer, self.engine.eos_id)
         with self._lock:
             if self._closed or self._refusing:
                 raise ShuttingDown("the model is shutting down")
@@ -350,6 +359,7 @@ class Scheduler:
         slot.timings.queued_s = slot.t_start - job.submitted
         slot.decoder = self.engine.tokenizer.text_decoder()
         slot.stops = StopFilter(job.params.stop) if job.params.stop else None
+        slot.constraint, slot.logprobs, slot.logprobs_sent, slot.first_scores = None, [], 0, None
         slot.embd, slot.embd_done = None, 0
         items = job.items
         common = self._reusable(slot, job)
@@ -600,17 +610,33 @@ class Scheduler:
         if not s.generated and s.last_token is None:
             s.t_gen = time.perf_counter()
             s.timings.first_token_s = s.t_gen - s.t_start
-        tok = next_token(logits, s.generated, job.params, job.rng or np.random.default_rng(), self.engine.eos_id)
+        params = job.params
+        if params.score_tokens and not s.generated:
+            s.first_scores = [float(logits[t]) for t in params.score_tokens]
+        raw = logits.copy() if params.logprobs is not None else None  # the model's own distribution
+        if params.grammar is not None:
+            if s.constraint is None:
+                s.constraint = Constraint(params.grammar, self.engine.tokenizer, self.engine.eos_id)
+            if s.constraint.complete:  # the document is whole: nothing may follow it
+                self._finish(s, "stop")
+                return
+            s.constraint.mask(logits)
+        tok = next_token(logits, s.generated, params, job.rng or np.random.default_rng(), self.engine.eos_id)
         if tok == self.engine.eos_id:
             self._finish(s, "stop")
             return
+        if s.constraint is not None and not s.constraint.accept(tok):  # only the end was left (min_tokens)
+            self._finish(s, "stop")
+            return
         s.generated.append(tok)
+        if raw is not None:
+            s.logprobs.append(self._logprob(raw, tok, params.logprobs or 0))
         piece = s.decoder.feed(tok)
         if s.stops is not None:
             piece = s.stops.feed(piece)
         if piece:
             s.pieces.append(piece)
-            job.emit(Piece(piece))
+            job.emit(Piece(piece, self._unsent_logprobs(s)))
         if s.stops is not None and s.stops.stopped:  # this token completed a stop string: nothing after it
             self._finish(s, "stop")
             return
@@ -618,6 +644,26 @@ class Scheduler:
             self._finish(s, "length")
             return
         s.last_token = tok
+
+    def _logprob(self, raw: np.ndarray, token: int, n: int) -> TokenLogprob:
+        """`token`'s log-probability in `raw` (the model's scores) and the n most likely tokens there."""
+        tok = self.engine.tokenizer
+        best = top_tokens(raw, n)
+        values = log_softmax_at(raw, np.concatenate([[token], best]).astype(np.int64))
+
+        def shown(t: int) -> tuple[str, tuple[int, ...]]:
+            data = tok.token_bytes(int(t), special=True)
+            return data.decode("utf-8", "replace"), tuple(data)
+
+        text, data = shown(token)
+        return TokenLogprob(int(token), text, data, float(values[0]),
+                            tuple((*shown(t), float(v)) for t, v in zip(best, values[1:])))
+
+    def _unsent_logprobs(self, s: _Slot) -> tuple:
+        """The answer tokens' log-probabilities not yet sent with a piece."""
+        out = tuple(s.logprobs[s.logprobs_sent:])
+        s.logprobs_sent = len(s.logprobs)
+        return out
 
     def _progress(self, s: _Slot, stage: str, pos: int | None = None) -> None:
         if s.job is not None and s.job.on_progress is not None:
@@ -633,15 +679,17 @@ class Scheduler:
         tail = s.decoder.flush() if s.decoder is not None else ""
         if s.stops is not None:  # what was held back as a possible stop string's start, and the tail
             tail = s.stops.feed(tail) + s.stops.finish()
-        if tail:
+        unsent = self._unsent_logprobs(s)
+        if tail or unsent:
             s.pieces.append(tail)
-            job.emit(Piece(tail))
+            job.emit(Piece(tail, unsent))
         if s.t_gen:
             s.timings.generation_s = time.perf_counter() - s.t_gen
         s.counters.tokens_generated = len(s.generated)
         prompt_positions = self.positions(job.items)
         result = Result(list(s.generated), "".join(s.pieces).strip(), prompt_positions, reason, s.counters,
-                        s.timings, list(s.notices), logits)
+                        s.timings, list(s.notices), logits,
+                        list(s.logprobs) if job.params.logprobs is not None else None, s.first_scores)
         self._release(s)
         job.emit(Done(result))
 

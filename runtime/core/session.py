@@ -34,6 +34,7 @@ class Reply:
     timings: Timings
     warning: str | None = None
     finish_reason: str = "stop"
+    logprobs: list | None = None  # with SamplingParams.logprobs: each answer token's (core/sampling.py)
 
 
 class Session:
@@ -124,7 +125,7 @@ class Session:
         self._account(result)
         notes = [w for w in (self.scheduler.vision_warning, *result.notices) if w]
         self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, result.timings,
-                                "\n".join(notes) or None, result.finish_reason)
+                                "\n".join(notes) or None, result.finish_reason, result.logprobs)
 
     def ask(self, text: str, image_paths: list[ImageInput] | None = None,
             params: SamplingParams | None = None) -> Reply:

@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from huatuo_local.runtime.core.items import conversation_items
 from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, ShuttingDown
+from huatuo_local.runtime.core.structured import ll_tokenizer
 from huatuo_local.runtime.serve.body import Disconnect, read_json
 from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.openai import ChatRequest, parse_chat
@@ -33,7 +34,13 @@ async def chat_completions(request: Request):
     assert state.loader is not None
     watch = Disconnect(request)
     req: ChatRequest = await watch.run(parse_chat, body, state.loader, watch.gone.is_set)
-    items = await run_in_threadpool(conversation_items, scheduler.engine.tokenizer.tokenize, req.turns, req.images)
+    engine = scheduler.engine
+    if any(t >= engine.n_vocab for t, _ in req.params.logit_bias):
+        raise ApiError(400, f"'logit_bias' names a token id the model does not have (it has {engine.n_vocab})",
+                       param="logit_bias")
+    if req.params.grammar is not None:  # the schema engine's view of the vocabulary, built once, off the loop
+        await run_in_threadpool(ll_tokenizer, engine.tokenizer, engine.eos_id)
+    items = await run_in_threadpool(conversation_items, engine.tokenizer.tokenize, req.turns, req.images)
     if state.config.log_prompts:
         log.info("prompt: %s", json.dumps([t.text for t in req.turns], ensure_ascii=False))
     loop = asyncio.get_running_loop()

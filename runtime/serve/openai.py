@@ -27,7 +27,9 @@ from huatuo_local.models import defaults
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
 from huatuo_local.runtime.core.items import ImageItem
 from huatuo_local.runtime.core.sampling import SamplingParams, SettingError
+from huatuo_local.runtime.core.structured import Grammar, SchemaError
 from huatuo_local.runtime.serve.errors import bad_request
+from huatuo_local.runtime.serve.fields import unsupported
 
 if TYPE_CHECKING:
     from huatuo_local.runtime.serve.request_images import ImageLoader
@@ -55,15 +57,17 @@ def _number(body: dict, key: str, default, integer: bool = False):
 
 
 def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
-    n = body.get("n", 1)
-    if n != 1:
-        raise bad_request("only n=1 is supported", "n")
+    refused = unsupported(body)
+    if refused is not None:
+        raise bad_request(refused[1], refused[0])
     # The newer name wins when it holds a value; a null one (clients send it) leaves max_tokens in force.
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     # vLLM's extension min_tokens: at least this many new tokens (eos is masked until then); benchmarks
     # use it to make every answer the same length.
     fields = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-              "repetition_penalty": "repetition_penalty", "max_new_tokens": key, "min_new_tokens": "min_tokens"}
+              "repetition_penalty": "repetition_penalty", "max_new_tokens": key, "min_new_tokens": "min_tokens",
+              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+              "logit_bias": "logit_bias", "top_logprobs": "top_logprobs"}
     params = SamplingParams(
         temperature=float(_number(body, "temperature", defaults.TEMPERATURE)),
         top_p=float(_number(body, "top_p", defaults.TOP_P)),
@@ -71,6 +75,11 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
         repetition_penalty=float(_number(body, "repetition_penalty", defaults.REPETITION_PENALTY)),
         max_new_tokens=int(_number(body, key, defaults.MAX_NEW_TOKENS, integer=True)),
         min_new_tokens=int(_number(body, "min_tokens", defaults.MIN_NEW_TOKENS, integer=True)),
+        presence_penalty=float(_number(body, "presence_penalty", 0.0)),
+        frequency_penalty=float(_number(body, "frequency_penalty", 0.0)),
+        logit_bias=_logit_bias(body.get("logit_bias")),
+        logprobs=_logprobs(body),
+        grammar=grammar_from(body.get("response_format")),
     )
     try:
         params.check()
@@ -95,6 +104,52 @@ def sampling_from(body: dict) -> tuple[SamplingParams, int | None]:
         raise bad_request("'stop' must be a string or a list of at most 4 strings", "stop")
     params.stop = tuple(s for s in stops if s)  # honoured by the scheduler (runtime/core/stops.py)
     return params, seed
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request("'logit_bias' must map token ids to biases from -100 to 100", "logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise bad_request("'logit_bias' must map token ids (as strings of digits) to numbers", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def _logprobs(body: dict) -> int | None:
+    """OpenAI's `logprobs` (true/false) and `top_logprobs` (0-20, only with logprobs) as one setting."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad_request("'logprobs' must be true or false", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise bad_request("'top_logprobs' must be an integer from 0 to 20", "top_logprobs")
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def grammar_from(value) -> Grammar | None:
+    """OpenAI's `response_format` as a constraint: None for text."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                          "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                          "response_format")
+    try:
+        if value["type"] == "text":
+            return None
+        if value["type"] == "json_object":
+            return Grammar.json_object()
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise bad_request("'response_format.json_schema' needs a 'schema' object", "response_format")
+        return Grammar.json_schema(spec["schema"])
+    except SchemaError as exc:
+        raise bad_request(f"response_format: {exc}", "response_format", code="invalid_schema") from None
 
 
 def _text_and_parts(content, role: str, index: int) -> tuple[str, list[tuple[dict, str]]]:

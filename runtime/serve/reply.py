@@ -41,6 +41,13 @@ class StreamText:
         return ""
 
 
+def logprobs_json(entries) -> dict:
+    """OpenAI's `logprobs` of a choice: one entry per answer token (runtime/core/sampling.py TokenLogprob)."""
+    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.bytes),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, b, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
 def _usage(result: Result) -> dict:
     return {"prompt_tokens": result.prompt_positions, "completion_tokens": len(result.tokens),
             "total_tokens": result.prompt_positions + len(result.tokens)}
@@ -104,15 +111,18 @@ class Reply:
         except asyncio.CancelledError:  # the client went away, or the server stops: free the sequence
             self.job.cancel()
             raise
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                  "finish_reason": self.finish_reason(result),
+                  "logprobs": logprobs_json(result.logprobs) if result.logprobs is not None else None}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "finish_reason": self.finish_reason(result)}],
-                "usage": _usage(result), "huatuo": _extension(result)}
+                "choices": [choice], "usage": _usage(result), "huatuo": _extension(result)}
 
-    def chunk(self, delta: dict, reason: str | None = None) -> str:
+    def chunk(self, delta: dict, reason: str | None = None, logprobs: tuple = ()) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        if logprobs:
+            choice["logprobs"] = logprobs_json(logprobs)
         return json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]},
-                          ensure_ascii=False)
+                           "model": self.model_id, "choices": [choice]}, ensure_ascii=False)
 
     async def chunks(self, events: asyncio.Queue, include_usage: bool):
         done = False
@@ -122,8 +132,8 @@ class Reply:
                 event = await events.get()
                 if isinstance(event, Piece):
                     out = self.text.feed(event.text)
-                    if out:
-                        yield self.chunk({"content": out})
+                    if out or event.logprobs:
+                        yield self.chunk({"content": out}, logprobs=event.logprobs)
                 elif isinstance(event, Done):
                     done = True
                     yield self.chunk({}, self.finish_reason(event.result))
