@@ -189,8 +189,9 @@ def test_logprobs_are_the_models_own_distribution(served, converted, scan):
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True, top_logprobs=21)
 
-    from huatuo_local import HuatuoChatbot
     from huatuo_local.runtime.core.sampling import SamplingParams
+
+    from huatuo_local import HuatuoChatbot
 
     with HuatuoChatbot(model.manifest_path, temperature=0, prefix_cache=False) as bot:
         session = bot.session
