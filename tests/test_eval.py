@@ -415,3 +415,54 @@ def stop_group(pgid: int) -> None:
             except ProcessLookupError:
                 return
             time.sleep(0.2)
+
+
+# --- option probabilities and calibration (issue 35) ------------------------------------------
+
+
+def test_each_question_has_its_option_probabilities_as_the_model_gives_them(model, data, greedy_run, tmp_path):
+    """Each row's option probabilities are the softmax, over the option letters' tokens, of the logits
+    llama.cpp gives at the answer's first position (worked out here from a prefill of the same prompt); the
+    run reports their accuracy and ECE beside the release's score, draws reliability.png, and `eval compare`
+    shows both."""
+    from huatuo_local import HuatuoChatbot
+    from huatuo_local.models.evaluation import build_query, load_records
+    from huatuo_local.models.prompt import Turn
+
+    out, proc = greedy_run
+    records = {r.number: r for r in load_records(data)[0]}
+    rows = {r["number"]: r for r in rows_of(out)}
+    asked = [r for r in rows.values() if not r.get("error")]
+    assert asked and all(set(r["option_probs"]) == set("ABCDEFGHIJK"[: len(records[r["number"]].options)])
+                         and abs(sum(r["option_probs"].values()) - 1) < 1e-4 for r in asked)
+    with HuatuoChatbot(model.manifest_path, temperature=0, prefix_cache=False) as bot:
+        for n in (0, 2):
+            r = records[n]
+            s = bot.session
+            images = s.prepare_images(list(r.images))
+            logits = s.evaluate(s.items_for([Turn(build_query(r), len(images))], images)).astype(np.float64)
+            ids = [bot.engine.tokenizer.tokenize(letter)[0] for letter in "ABCDEFGHIJK"[: len(r.options)]]
+            scores = logits[ids] - logits[ids].max()
+            want = np.exp(scores) / np.exp(scores).sum()
+            got = [rows[n]["option_probs"][letter] for letter in "ABCDEFGHIJK"[: len(r.options)]]
+            assert np.allclose(got, want, atol=1e-4), (got, want)
+    summary = json.loads((out / "results.json").read_text())["summary"]["options"]
+    picks = [(max(r["option_probs"].values()), max(r["option_probs"], key=r["option_probs"].get) == r["right"])
+             for r in asked if r["right"] is not None]
+    assert summary["questions"] == len(picks) and summary["correct"] == sum(ok for _, ok in picks)
+    assert "| the most likely letter |" in (out / "results.md").read_text()
+    png = out / "reliability.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_mode & 0o077 == 0
+    assert Image.open(png).size == (560, 480)
+    compared = run_cli("eval", "compare", str(out), str(out))
+    assert compared.returncode == 0 and "| by the option letters' probabilities |" in compared.stdout
+
+
+def test_expected_calibration_error_by_hand():
+    from huatuo_local.runtime.eval.calibration import expected_calibration_error, option_probabilities
+
+    # Two bins used: 0.95 (2 questions, 1 right: |0.5 - 0.95|) and 0.55 (2 questions, 2 right: |1 - 0.55|).
+    pairs = [(0.95, True), (0.95, False), (0.55, True), (0.55, True)]
+    assert expected_calibration_error(pairs) == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
+    assert expected_calibration_error([(0.8, True)] * 4 + [(0.8, False)]) == pytest.approx(0.0)
+    assert option_probabilities([0.0, float("-inf"), np.log(3)]) == pytest.approx([0.25, 0.0, 0.75])

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from huatuo_local.models.evaluation import CARD_ORDER, MODEL_CARD
+from huatuo_local.runtime.eval import calibration
 
 Z95 = 1.959963984540054
 
@@ -77,6 +78,8 @@ def summarize(rows: list[dict], selected: int, model_name: str) -> dict:
                     for c in sorted(columns, key=_column_order)},
         "datasets": {k: f.as_dict() for k, f in _tally(asked, "dataset").items()},
         "subsets": {k: f.as_dict() for k, f in _tally(asked, "group").items()},
+        # The option letters' probabilities at the answer's first token (runtime/eval/calibration.py).
+        "options": calibration.summary(asked),
     }
     return summary
 
@@ -101,6 +104,16 @@ def markdown(summary: dict, title: str) -> str:
         lines += ["", f"| {name} | questions | correct | accuracy % (95 % CI) |", "|---|---|---|---|"]
         for k, d in summary[key].items():
             lines.append(f"| {k} | {d['total']} | {d['correct']} | {_pct(d)} |")
+    options = summary.get("options")
+    if options:
+        lines += ["", "| by the option letters' probabilities | questions | accuracy % | mean confidence % | ECE % |",
+                  "|---|---|---|---|---|",
+                  f"| the most likely letter | {options['questions']} | {options['accuracy']:.1f} | "
+                  f"{options['mean_confidence']:.1f} | {options['ece']:.1f} |", "",
+                  "The table above scores the answer's text as the release does (its letter, sampled). This one "
+                  "takes the model's most likely option letter at the answer's first token and its probability "
+                  "(a softmax over the option letters alone); the expected calibration error (ECE, 10 bins) says "
+                  "how far that probability is from how often it is right. reliability.png draws it."]
     lines += ["", f"Outputs with no letter the release's pattern finds: {summary['no_letter']} "
               f"(counted wrong; the release's fallback for them crashes). Questions that could not be asked "
               f"(an unreadable image, too long for the context; each named in results.jsonl): {summary['errors']} "
@@ -147,7 +160,9 @@ def compare(rows_a: list[dict], rows_b: list[dict]) -> dict:
                      "difference": round(100 * (cb - ca) / total, 2) if total else 0.0,
                      "only_a": only_a, "only_b": only_b, "p_value": mcnemar_p(only_a, only_b)}
     return {"shared": len(shared), "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a)),
-            "columns": out}
+            "columns": out,
+            "options": {"a": calibration.summary([a[n] for n in shared]),
+                        "b": calibration.summary([b[n] for n in shared])}}
 
 
 def compare_markdown(result: dict, name_a: str, name_b: str) -> str:
@@ -157,6 +172,12 @@ def compare_markdown(result: dict, name_a: str, name_b: str) -> str:
         sig = " *" if d["p_value"] < 0.05 else ""
         lines.append(f"| {col} | {d['questions']} | {d['a']:.1f} | {d['b']:.1f} | {d['difference']:+.1f} | "
                      f"{d['only_a']} / {d['only_b']} | {d['p_value']:.3g}{sig} |")
+    opt = result.get("options") or {}
+    if opt.get("a") and opt.get("b"):
+        lines += ["", "| by the option letters' probabilities | questions | accuracy % | ECE % |", "|---|---|---|---|"]
+        for name, key in ((f"A: {name_a}", "a"), (f"B: {name_b}", "b")):
+            o = opt[key]
+            lines.append(f"| {name} | {o['questions']} | {o['accuracy']:.1f} | {o['ece']:.1f} |")
     lines.append("")
     lines.append(f"Paired on the {result['shared']} questions both runs answered (exact McNemar test on the "
                  "questions one run got right and the other wrong; * p < 0.05)."

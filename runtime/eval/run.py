@@ -91,6 +91,10 @@ def write_report(out: Path, rows: list[dict], chosen: list[Record], identity: di
     write_private(out / "results.json", json.dumps({"summary": summary, "identity": identity, **extra}, indent=2,
                                                    ensure_ascii=False))
     write_private(out / "results.md", md)
+    if summary.get("options"):
+        from huatuo_local.runtime.eval.calibration import write_diagram
+
+        write_diagram(out / "reliability.png", summary["options"], f"{identity['model']}: reliability")
     return md
 
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from huatuo_local.models import defaults
 from huatuo_local.models.errors import HuatuoError
-from huatuo_local.models.evaluation import Record, build_query, card_column, is_correct, predicted_letter
+from huatuo_local.models.evaluation import LETTERS, Record, build_query, card_column, is_correct, predicted_letter
 from huatuo_local.models.prompt import MAX_IMAGES, Turn
 from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.core.events import Failed, Piece, Progress
 from huatuo_local.runtime.core.items import conversation_items, image_item
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.scheduler import Job, Scheduler
+from huatuo_local.runtime.eval.calibration import option_probabilities
 from huatuo_local.runtime.images.loader import LoadOptions, load_rgb, prepare
 
 EVAL_CTX = 4096  # the release's 6 images of 576 positions, a question and 256 new tokens fit
@@ -49,12 +50,17 @@ class EvalSettings:
                               seed=self.seed, stop=tuple(self.stop))
 
 def row_for(record: Record, output: str, generated: int = 0, finish: str = "stop",
-            error: str | None = None) -> dict:
-    """One line of results.jsonl: the answer and how the release's scorer reads it."""
+            error: str | None = None, option_scores: list[float] | None = None) -> dict:
+    """One line of results.jsonl: the answer and how the release's scorer reads it; with `option_scores`
+    (the option letters' raw scores at the answer's first token), each option's probability
+    (runtime/eval/calibration.py)."""
     row = {"number": record.number, "dataset": record.dataset, "group": record.group,
            "column": card_column(record.dataset), "output": output, "predicted": predicted_letter(output),
            "right": record.right_letter, "correct": is_correct(record, output), "generated_tokens": generated,
            "finish_reason": finish}
+    if option_scores is not None:
+        probs = option_probabilities(option_scores)
+        row["option_probs"] = {LETTERS[i]: round(p, 6) for i, p in enumerate(probs)}
     if error:
         row["error"] = error
     return row
@@ -83,6 +89,9 @@ class EvalWorker:
             return None
         items = conversation_items(self.engine.tokenizer.tokenize, [Turn(build_query(record), len(images))], images)
         params = self.settings.sampling()
+        letters = self._letter_tokens(len(record.options))
+        if letters is not None:  # read at the answer's first token; the answer itself is unchanged
+            params.score_tokens = letters
         rng = np.random.default_rng([self.settings.seed, record.number])
         job = Job(items, params, rng, on_event=lambda ev, r=record: done.put((r, ev, None)))
         try:
@@ -90,6 +99,11 @@ class EvalWorker:
         except HuatuoError as exc:  # e.g. more positions than the context holds: that question only
             done.put((record, None, str(exc)))
             return None
+
+    def _letter_tokens(self, n: int) -> tuple[int, ...] | None:
+        """The option letters' tokens (A, B, ...), when each is one token of this vocabulary."""
+        ids = [self.engine.tokenizer.tokenize(letter) for letter in LETTERS[:n]]
+        return tuple(i[0] for i in ids) if all(len(i) == 1 for i in ids) else None
 
     def answer(self, records: Iterable[Record]) -> Iterator[dict]:
         """Rows as answers finish (not in input order). Closing the iterator cancels what is in flight.
@@ -123,7 +137,8 @@ class EvalWorker:
                     yield row_for(record, "", error=str(event.error))
                 else:
                     result = event.result
-                    yield row_for(record, result.text, len(result.tokens), result.finish_reason)
+                    yield row_for(record, result.text, len(result.tokens), result.finish_reason,
+                                  option_scores=result.first_scores)
         finally:
             for job in live.values():
                 if job is not None:
