@@ -425,9 +425,10 @@ def test_each_question_has_its_option_probabilities_as_the_model_gives_them(mode
     llama.cpp gives at the answer's first position (worked out here from a prefill of the same prompt); the
     run reports their accuracy and ECE beside the release's score, draws reliability.png, and `eval compare`
     shows both."""
-    from huatuo_local import HuatuoChatbot
     from huatuo_local.models.evaluation import build_query, load_records
     from huatuo_local.models.prompt import Turn
+
+    from huatuo_local import HuatuoChatbot
 
     out, proc = greedy_run
     records = {r.number: r for r in load_records(data)[0]}
