@@ -116,3 +116,11 @@ def test_sampling_bench_runs():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith(("| next_token", "| top-50"))]
     assert len(rows) == 4 and all(float(r.split("|")[2]) > 0 for r in rows), proc.stdout
+
+
+def test_structured_bench_runs(tmp_path):
+    """bench/structured.py on tiny shapes: both servers, without and with the schema, and the mask alone."""
+    out = run_bench("structured.py", "--tokens", "24", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| huatuo-local", "| llama-server"))]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows), out
+    assert "ms per token" in out

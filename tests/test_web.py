@@ -383,3 +383,35 @@ def test_frames_errors_and_open(new_page, converted, tmp_path):
                 time.sleep(0.2)
         wait_js(page, "document.querySelector('#error').textContent.includes('could not be loaded')")
         assert model.llm_path.name in page.inner_text("#error")
+
+
+def test_a_json_schema_in_the_settings_shapes_the_answer(new_page, converted, png, tmp_path):
+    """Issue 35: the page's JSON Schema setting is sent as response_format; the answer on the page parses and
+    validates (the model is random: its free text is no JSON); a schema that is no JSON, or one the server
+    cannot enforce, is said in one sentence, and the question stays to send again."""
+    import jsonschema
+
+    model = converted(SPEC, "F32", "f32")
+    schema = {"type": "object", "properties": {"finding": {"type": "string", "maxLength": 30},
+                                               "side": {"enum": ["left", "right"]}},
+              "required": ["finding", "side"], "additionalProperties": False}
+    with server(str(model.manifest_path), tmp_path) as (url, _, _):
+        page = new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url + "/")
+        wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
+        page.click("#ask summary")
+        page.fill("#temperature", "0.9")
+        page.fill("#schema", "{not json")
+        ask_on_page(page, "Report the finding.")
+        wait_js(page, "document.querySelector('#error').textContent.includes('not valid JSON')")
+        assert page.input_value("#question") == "Report the finding."
+        page.fill("#schema", json.dumps({"type": "string", "pattern": "(?<=a)b"}))
+        page.press("#question", "Enter")
+        wait_js(page, "document.querySelector('#error').textContent.includes('cannot be enforced')")
+        page.fill("#schema", json.dumps(schema))
+        drop_file(page, png, "image/png")
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")
+        ask_on_page(page, "Report the finding.")
+        wait_state(page, "done")
+        answer = page.locator("#turns .answer").last.inner_text()
+        jsonschema.validate(json.loads(answer), schema)

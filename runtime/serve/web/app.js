@@ -43,6 +43,7 @@ function explain(status, body) {
   if (err.code === "model_not_loaded") return "The model could not be loaded: " + text;
   if (status === 413) return "Too large: " + text;
   if (err.code === "invalid_image") return "This image cannot be read: " + text;
+  if (err.code === "invalid_schema") return "The JSON Schema in Settings cannot be enforced: " + text;
   return text;
 }
 
@@ -303,6 +304,17 @@ async function ask(question) {
     model: state.model, messages: [...state.history, message], stream: true, stream_options: { include_usage: true },
     temperature: Number($("#temperature").value), max_tokens: Math.max(1, Number($("#max-tokens").value)),
   };
+  const schemaText = $("#schema").value.trim();
+  if (schemaText) {  // the server enforces it while sampling; a schema it cannot enforce comes back as a 400
+    let schema;
+    try { schema = JSON.parse(schemaText); } catch (e) {
+      showError(`The JSON Schema in Settings is not valid JSON (${e.message}); fix it or empty the field.`);
+      $("#question").value = question;  // nothing was asked: the question stays to send again
+      $("#chat").dataset.state = "error";
+      return;
+    }
+    body.response_format = { type: "json_schema", json_schema: { name: "answer", schema } };
+  }
   state.controller = new AbortController();
   setBusy(true);
   const started = performance.now();
