@@ -24,8 +24,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from common import append, invocation, run_measured  # noqa: E402
-from runtime import converted_pair, tiny_shapes  # noqa: E402
 from serve import Server  # noqa: E402
+
+from runtime import converted_pair, tiny_shapes  # noqa: E402
 
 # A report whose text field is long enough that neither side finishes before --tokens.
 SCHEMA = {"type": "object", "properties": {
