@@ -95,7 +95,8 @@ def main() -> None:
     if args.tiny:
         tiny_shapes()
     out = converted_pair(args.workdir, args.depth, args.quant)
-    manifest, llm, mmproj = out / f"m-{args.quant}.manifest.json", out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
+    manifest = out / f"m-{args.quant}.manifest.json"
+    llm, mmproj = out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
     mask = run_measured(MASK.format(llm=str(llm), mmproj=str(mmproj), schema=json.dumps(SCHEMA), tokens=args.tokens))
     print("mask", json.dumps(mask), flush=True)
     home = Path(tempfile.mkdtemp(prefix="bench-structured-home-"))
