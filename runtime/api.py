@@ -20,6 +20,7 @@ from huatuo_local.runtime.core.session import Counters, Reply, Session
 from huatuo_local.runtime.core.structured import Grammar
 from huatuo_local.runtime.images.dicom import parse_window
 from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, ImageInput, LoadOptions
+from huatuo_local.runtime.images.study import parse_montage
 
 
 def grammar_for(schema: dict | type | None) -> Grammar | None:
@@ -58,7 +59,12 @@ class HuatuoChatbot:
     keywords (`HuatuoChatbot("huatuo-vision-7b", n_gpu_layers=0, ctx=4096)`), or a whole `ModelConfig`
     (`HuatuoChatbot(config=...)`, what the command line builds). The rest are the conversation's: sampling
     (the release's defaults), the image window and frame, the stop strings, and `schema`: every answer a JSON
-    document valid against it (a JSON Schema as a dict, or a pydantic model class), enforced while sampling."""
+    document valid against it (a JSON Schema as a dict, or a pydantic model class), enforced while sampling.
+
+    An image may be a DICOM study (a folder, zip or DICOMDIR): `series` (number or UID), `slices` ("auto",
+    "auto:4", "40:80:10", "12,30") and `montage` ("3x3") choose what the model sees of it. Every answer's
+    `last_reply.record` says which model, settings and pictures produced it. Research software, not a medical
+    device: answers may be wrong."""
 
     def __init__(
         self,
@@ -76,6 +82,9 @@ class HuatuoChatbot:
         window: str | None = None,
         frame: int | None = None,
         max_pixels: int | None = None,
+        series: str | int | None = None,
+        slices: str | None = None,
+        montage: str | None = None,
         **load: object,
     ):
         unknown = sorted(set(load) - set(LOAD_FIELDS) - set(_RENAMED))
@@ -92,8 +101,9 @@ class HuatuoChatbot:
                                        stop=tuple(stop or ()), grammar=grammar_for(schema)).check()
         loaded = open_model(config)
         self.config, self.model, self.engine, self.load_note = config, loaded.model, loaded.engine, loaded.note
-        images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)
-        self.session = Session(self.engine, self.sampling, images, loaded.cache)
+        images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS,
+                             None if series is None else str(series), slices, parse_montage(montage))
+        self.session = Session(self.engine, self.sampling, images, loaded.cache, provenance=loaded.provenance)
 
     # --- the release's interface ----------------------------------------------------
 

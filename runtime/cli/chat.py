@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from huatuo_local.models import defaults
+from huatuo_local.models.notice import NOTICE
 from huatuo_local.runtime.cli.app import app, check_settings, fail
 from huatuo_local.runtime.cli.options import model_options
 from huatuo_local.runtime.core.config import ModelConfig
@@ -16,7 +17,9 @@ from huatuo_local.runtime.core.config import ModelConfig
 @app.command(epilog="Examples:\n\n  huatuo-local chat scan.png -p \"What does this image show?\"\n\n"
                    "  huatuo-local chat ct.png mri.png            (interactive)\n\n"
                    "  echo \"Describe the findings\" | huatuo-local chat scan.png --json\n\n"
-                   "  huatuo-local chat scan.png -p \"Report\" --json-schema finding.schema.json   (a JSON answer)")
+                   "  huatuo-local chat scan.png -p \"Report\" --json-schema finding.schema.json   (a JSON answer)\n\n"
+                   "  huatuo-local chat study/ --series 2 --slices auto --montage 3x3 -p \"Any nodules?\"   (a DICOM "
+                   "study: folder, .zip or DICOMDIR)\n\n" + NOTICE)
 @model_options(leave_out=("parallel",))
 def chat(
     config: ModelConfig,
@@ -39,8 +42,15 @@ def chat(
     = None,
     max_pixels: Annotated[int | None, typer.Option(help="Largest image accepted, in pixels (decompression-bomb "
                                                         "guard; default 178956970).")] = None,
+    series: Annotated[str | None, typer.Option(help="A study's series: its number or SeriesInstanceUID (a study of "
+                                                    "several series lists them).")] = None,
+    slices: Annotated[str | None, typer.Option(help="A study's slices: auto (evenly spaced: one, or one per montage "
+                                                    "cell), auto:N, a range 40:80:10, or indices 12,30,45.")] = None,
+    montage: Annotated[str | None, typer.Option(help="Tile a study's chosen slices into one image of ROWSxCOLUMNS, "
+                                                     "each labelled with its slice and position, e.g. 3x3.")] = None,
 ) -> None:
-    """Ask HuatuoGPT-Vision about medical images, one-shot or interactively; nothing leaves this machine."""
+    """Ask HuatuoGPT-Vision about medical images or DICOM studies, one-shot or interactively; nothing leaves
+    this machine. Research software, not a medical device: answers may be wrong."""
     from huatuo_local.runtime.api import HuatuoChatbot
 
     paths = [str(p) for p in images or []]
@@ -50,10 +60,15 @@ def chat(
                    stop=tuple(stop or ()))
     schema = _schema(json_schema) if json_schema is not None else None
     from huatuo_local.runtime.images.dicom import parse_window
-    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images
+    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images, expand_inputs
+    from huatuo_local.runtime.images.study import parse_montage
 
-    # Every input is checked before the model loads (seconds and gigabytes): a typo fails at once.
-    for note in check_images(paths, LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS)):
+    # Every input is checked before the model loads (seconds and gigabytes): a typo fails at once. A study
+    # becomes its chosen pictures here, once.
+    options = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS, series, slices,
+                          parse_montage(montage))
+    inputs = expand_inputs(paths, options)
+    for note in check_images(inputs, options):
         typer.echo(note, err=True)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
@@ -66,7 +81,7 @@ def chat(
     try:
         bot = HuatuoChatbot(config=config, temperature=temperature, repetition_penalty=repeat_penalty,
                             max_new_tokens=max_tokens, seed=seed, stop=stop, schema=schema, window=window,
-                            frame=frame, max_pixels=max_pixels)
+                            frame=frame, max_pixels=max_pixels, series=series, slices=slices, montage=montage)
     finally:
         status.stop()
     if bot.load_note and not as_json:
@@ -74,21 +89,21 @@ def chat(
     if prompt is None:
         from huatuo_local.runtime.cli import repl
 
-        raise typer.Exit(repl.run(bot, paths))
+        raise typer.Exit(repl.run(bot, inputs))
     if as_json:
         import json
         from dataclasses import asdict
 
-        reply = bot.session.ask(prompt, paths)
+        reply = bot.session.ask(prompt, inputs)
         typer.echo(json.dumps({
             "answer": reply.text, "model": bot.model.ref,
             "tokens": {"prompt": reply.prompt_positions, "generated": len(reply.tokens)},
             "finish_reason": reply.finish_reason,
             "timings": asdict(reply.timings), "counters": asdict(reply.counters),
-            "session_counters": asdict(bot.counters), "warning": reply.warning,
+            "session_counters": asdict(bot.counters), "warning": reply.warning, "record": reply.record,
         }, ensure_ascii=False, indent=2))
         return
-    _print_answer(bot, prompt, paths, status)
+    _print_answer(bot, prompt, inputs, status)
 
 
 def _schema(path: Path) -> dict:
@@ -106,7 +121,7 @@ def _schema(path: Path) -> dict:
     return schema
 
 
-def _print_answer(bot, prompt: str, paths: list[str], status) -> None:
+def _print_answer(bot, prompt: str, paths: list, status) -> None:
     """Stream the answer to stdout as it comes; warnings to stderr."""
     from huatuo_local.runtime.cli.terminal import shown
 

@@ -11,18 +11,29 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
+from huatuo_local.models.notice import NOTICE
 from huatuo_local.models.private import write_private
 from huatuo_local.models.prompt import MAX_IMAGES
 from huatuo_local.runtime.api import HuatuoChatbot
 from huatuo_local.runtime.cli.progress import PromptStatus
 from huatuo_local.runtime.cli.terminal import shown
 from huatuo_local.runtime.images.dicom import parse_window
-from huatuo_local.runtime.images.loader import ImageInput, ImageSpec, LoadOptions, check_images, image_name
+from huatuo_local.runtime.images.loader import (
+    ImageInput,
+    ImageSpec,
+    LoadOptions,
+    check_images,
+    expand_inputs,
+    image_name,
+)
+from huatuo_local.runtime.images.study import parse_montage
 
 HELP = """Commands:
-  /image PATH [--window W] [--frame N]
+  /image PATH [--window W] [--frame N] [--series N] [--slices S] [--montage RxC]
                 add an image to your next question (up to 6 per conversation; quotes are fine);
-                --window (lung, bone, ... or C,W) and --frame apply to this image only
+                --window (lung, bone, ... or C,W) and --frame apply to this image only;
+                PATH may be a DICOM study (folder, .zip, DICOMDIR): --series, --slices
+                (auto, auto:4, 40:80:10, 12,30) and --montage 3x3 choose what the model sees
   /images       list the images waiting for your next question
   /drop [N]     remove waiting image N (default: the last one added)
   /clear        forget the conversation and its images
@@ -38,14 +49,17 @@ class Transcript:
 
     images: list[list[str]] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)
+    records: list[dict | None] = field(default_factory=list)  # each answer's record (core/record.py)
 
-    def add(self, images: list[str], stopped: bool) -> None:
+    def add(self, images: list[str], stopped: bool, record: dict | None = None) -> None:
         self.images.append(list(images))
         self.stopped.append(stopped)
+        self.records.append(record)
 
     def clear(self) -> None:
         self.images.clear()
         self.stopped.clear()
+        self.records.clear()
 
 
 def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> str:
@@ -56,15 +70,18 @@ def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> st
         names = [Path(n).name for n in seen.images[i]] if i < len(seen.images) else []
         names += [f"image {k + 1}" for k in range(len(names), t.n_images)]  # always a list, one name per image
         turns.append({"user": t.text, "images": names, "assistant": t.answer,
-                      "stopped": i < len(seen.stopped) and seen.stopped[i]})
+                      "stopped": i < len(seen.stopped) and seen.stopped[i],
+                      "record": seen.records[i] if i < len(seen.records) else None})
     if path.suffix.lower() == ".json":
-        text = json.dumps({"model": bot.model.ref, "turns": turns}, indent=2, ensure_ascii=False)
+        text = json.dumps({"model": bot.model.ref, "notice": NOTICE, "turns": turns}, indent=2, ensure_ascii=False)
     elif path.suffix.lower() in (".md", ".markdown"):
-        parts = [f"# huatuo-local transcript ({bot.model.ref})\n"]
+        parts = [f"# huatuo-local transcript ({bot.model.ref})\n", f"_{NOTICE}_\n"]
         for t in turns:
             shown = ", ".join(t["images"])
             parts.append(f"**User**{' (' + shown + ')' if shown else ''}: {t['user']}\n")
             parts.append(f"**Assistant**{' (stopped)' if t['stopped'] else ''}: {t['assistant']}\n")
+            if t["record"]:
+                parts.append(_record_line(t["record"]) + "\n")
         text = "\n".join(parts)
     else:
         raise HuatuoError(f"{path}: use a .md or .json file name")
@@ -76,6 +93,23 @@ def _save(bot: HuatuoChatbot, target: str, seen: Transcript | None = None) -> st
     return str(path)
 
 
+def _record_line(record: dict) -> str:
+    """A turn's record in a Markdown transcript: one line a reader can check an answer against."""
+    sampling = record.get("sampling", {})
+    pictures = "; ".join(f"{_picture_name(i)} sha256 {i.get('picture_sha256', '')[:16]}"
+                         for i in record.get("images", []))
+    llm = (record.get("llm_sha256") or "")[:16]
+    return (f"<sub>{record.get('model')} (LLM sha256 {llm}…), engine {record.get('engine', {}).get('llama_cpp_python')}"
+            f", temperature {sampling.get('temperature')}, seed {record.get('seed')}, {record.get('date')}"
+            f"{'; pictures: ' + pictures if pictures else ''}</sub>")
+
+
+def _picture_name(image: dict) -> str:
+    if image.get("study"):
+        return f"{Path(image['study']).name} series {image.get('series_number')} slices {image.get('slices')}"
+    return Path(str(image.get("file") or image.get("given") or "image")).name
+
+
 def image_argument(arg: str) -> str:
     """`/save`'s argument as a path: quotes and backslash-escaped spaces (what drag-and-drop gives) undone."""
     try:
@@ -85,35 +119,43 @@ def image_argument(arg: str) -> str:
     return " ".join(words)
 
 
+_IMAGE_FLAGS = {"--window": "lung", "--frame": "3", "--series": "2", "--slices": "auto:4", "--montage": "3x3"}
+
+
 def image_command(arg: str, defaults: LoadOptions) -> ImageSpec:
-    """`/image PATH [--window W] [--frame N]`: the path (quoted, or with escaped spaces, as drag-and-drop
-    gives it) and this image's own window and frame over the conversation's."""
+    """`/image PATH [--window W] [--frame N] [--series N] [--slices S] [--montage RxC]`: the path (quoted, or
+    with escaped spaces, as drag-and-drop gives it) and this image's own options over the conversation's."""
     try:
         words = shlex.split(arg)
     except ValueError:  # an unbalanced quote: take the text as it is
         words = [arg.strip("'\"")]
-    path, window, frame = [], defaults.window, defaults.frame
+    path, options = [], defaults
     i = 0
     while i < len(words):
         word = words[i]
-        if word in ("--window", "--frame"):
+        if word in _IMAGE_FLAGS:
             if i + 1 >= len(words):
-                raise HuatuoError(f"/image: {word} needs a value, e.g. /image scan.dcm {word} "
-                                  + ("lung" if word == "--window" else "3"))
+                raise HuatuoError(f"/image: {word} needs a value, e.g. /image scan.dcm {word} {_IMAGE_FLAGS[word]}")
             value = words[i + 1]
             if word == "--window":
-                window = parse_window(value)
-            else:
+                options = replace(options, window=parse_window(value))
+            elif word == "--frame":
                 if not value.isdigit():
                     raise HuatuoError(f"/image: --frame {value}: give a frame number, 0 or more")
-                frame = int(value)
+                options = replace(options, frame=int(value))
+            elif word == "--series":
+                options = replace(options, series=value)
+            elif word == "--slices":
+                options = replace(options, slices=value)
+            else:
+                options = replace(options, montage=parse_montage(value))
             i += 2
             continue
         path.append(word)
         i += 1
     if not path:
-        raise HuatuoError("usage: /image PATH [--window W] [--frame N]")
-    return ImageSpec(str(Path(" ".join(path)).expanduser()), replace(defaults, window=window, frame=frame))
+        raise HuatuoError("usage: /image PATH [--window W] [--frame N] [--series N] [--slices S] [--montage RxC]")
+    return ImageSpec(str(Path(" ".join(path)).expanduser()), options)
 
 
 class _NextTurnPrefill:
@@ -185,7 +227,7 @@ def read_question(out) -> str:
     return "\n".join(lines)
 
 
-def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
+def run(bot: HuatuoChatbot, images: list[ImageInput], out=sys.stdout) -> int:
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -197,10 +239,11 @@ def run(bot: HuatuoChatbot, images: list[str], out=sys.stdout) -> int:
         prefill.settle()
 
 
-def _loop(bot: HuatuoChatbot, images: list[str], out, prefill: _NextTurnPrefill) -> int:
+def _loop(bot: HuatuoChatbot, images: list[ImageInput], out, prefill: _NextTurnPrefill) -> int:
     pending: list[ImageInput] = list(images)
     seen = Transcript()
     print(f"huatuo-local chat with {bot.model.ref}. /help for commands, Ctrl-D to leave.", file=out)
+    print(NOTICE, file=out)
     if bot.session.scheduler.vision_warning:
         print(bot.session.scheduler.vision_warning, file=sys.stderr)
     if pending:
@@ -251,13 +294,16 @@ def _command(bot: HuatuoChatbot, cmd: str, arg: str, pending: list[ImageInput], 
         if not arg:
             raise HuatuoError("usage: /image PATH [--window W] [--frame N]")
         spec = image_command(arg, bot.session.image_options)
-        if len(bot.session.images) + len(pending) >= MAX_IMAGES:
-            raise HuatuoError(f"this conversation has {MAX_IMAGES} images already (the release's limit); /drop one "
-                              "waiting image, or /clear to start over")
-        for note in check_images([spec.source], spec.options):  # read now: a bad file fails here
+        pictures = expand_inputs([spec])  # a study: its chosen slices, each a picture (or one montage)
+        if len(bot.session.images) + len(pending) + len(pictures) > MAX_IMAGES:
+            raise HuatuoError(f"a conversation holds at most {MAX_IMAGES} images (the release's limit); "
+                              f"{len(bot.session.images) + len(pending)} are taken and this adds {len(pictures)}: "
+                              "/drop one waiting image, /clear to start over, or tile a study with --montage")
+        for note in check_images(pictures, spec.options):  # read now: a bad file fails here
             print(note, file=sys.stderr)
-        pending.append(spec)
-        print(f"(image added: {spec.name}; it goes with your next question)", file=out)
+        pending.extend(pictures)
+        for picture in pictures:
+            print(f"(image added: {image_name(picture)}; it goes with your next question)", file=out)
         prefill.start(list(pending))
     elif cmd == "/images":
         print("\n".join(f"  {i}. {image_name(p)}" for i, p in enumerate(pending, 1)) or "(no images waiting)",
@@ -299,7 +345,8 @@ def _ask(bot: HuatuoChatbot, line: str, pending: list[ImageInput], seen: Transcr
         return False
     finally:
         status.stop()
-    seen.add([image_name(p) for p in pending], stopped)
+    reply = getattr(bot.session, "last_reply", None)
+    seen.add([image_name(p) for p in pending], stopped, reply.record if reply is not None and not stopped else None)
     out.write("\n")
     warning = bot.session.scheduler.vision_warning
     if warning:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from huatuo_local.models.notice import NOTICE
 from huatuo_local.runtime.cli.app import app, fail
 from huatuo_local.runtime.cli.options import model_options
 from huatuo_local.runtime.core.config import ModelConfig
@@ -15,7 +16,8 @@ from huatuo_local.runtime.core.config import ModelConfig
 @app.command(epilog="Examples:\n\n  huatuo-local serve --model huatuo-vision-7b --parallel 4\n\n"
                    "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
                    "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'\n\n"
-                   "  huatuo-local serve --host 0.0.0.0 --api-key-file ~/.huatuo-key   (reachable from the network)")
+                   "  huatuo-local serve --host 0.0.0.0 --api-key-file ~/.huatuo-key   (reachable from the network)\n\n"
+                   + NOTICE)
 @model_options(defaults={"parallel": 4})
 def serve(
     config: ModelConfig,
@@ -43,7 +45,8 @@ def serve(
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
 ) -> None:
     """Serve the model over an OpenAI-compatible API and a page at / (drop a scan, see what the model sees,
-    ask), on this machine only unless --host says otherwise."""
+    ask), on this machine only unless --host says otherwise. Research software, not a medical device: answers
+    may be wrong."""
     from huatuo_local.runtime.serve.server import serve as run_server
     from huatuo_local.runtime.serve.state import ServeConfig
 

@@ -16,13 +16,15 @@ class ImageItem:
 
     digest: str
     picture: Image.Image = field(compare=False, hash=False, repr=False)
+    source: dict | None = field(default=None, compare=False, hash=False, repr=False)  # for records (record.py)
 
 
 Item = int | ImageItem
 
 
-def image_item(picture: Image.Image) -> ImageItem:
-    return ImageItem(hashlib.sha256(picture.tobytes()).hexdigest(), picture)
+def image_item(picture: Image.Image, source: dict | None = None) -> ImageItem:
+    """`picture` (already at the tower's size) as a prompt item; `source` says where it came from."""
+    return ImageItem(hashlib.sha256(picture.tobytes()).hexdigest(), picture, source)
 
 
 def prompt_items(tokenize, segments: list[str], images: list[ImageItem]) -> list[Item]:

@@ -12,6 +12,7 @@ from huatuo_local.models.store import ResolvedModel, resolve
 from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.core.offline import forbid_network
 from huatuo_local.runtime.core.prefix_cache import PrefixCache, file_checksum
+from huatuo_local.runtime.core.record import provenance
 from huatuo_local.runtime.engine.build import engine_build_id
 from huatuo_local.runtime.engine.engine import DEFAULT_CTX, Engine, EngineOptions
 from huatuo_local.runtime.engine.placement import plan_placement
@@ -29,6 +30,7 @@ def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, st
         "rpc": ",".join(options.rpc),
     }
 
+
 @dataclass
 class Loaded:
     """A loaded model: what was resolved, the engine, its prefix cache, and the line said at load (where the
@@ -38,6 +40,7 @@ class Loaded:
     engine: Engine
     cache: PrefixCache | None
     note: str = ""
+    provenance: dict | None = None  # the model side of every answer's record (core/record.py)
 
 
 def rpc_endpoints(config: ModelConfig) -> tuple[str, ...]:
@@ -78,5 +81,9 @@ def open_model(config: ModelConfig) -> Loaded:
         raise
     if guard is not None:  # offline for as long as this model is open
         engine.on_close.append(guard.release)
-    cache = PrefixCache.default(cache_identity(resolved, engine.options)) if config.prefix_cache else None
-    return Loaded(resolved, engine, cache, plan.note)
+    identity = cache_identity(resolved, engine.options)
+    cache = PrefixCache.default(identity) if config.prefix_cache else None
+    prov = provenance(resolved, identity, {"n_ctx": engine.options.n_ctx, "kv_type": engine.options.kv_type,
+                                           "n_gpu_layers": engine.options.n_gpu_layers,
+                                           "rpc_workers": len(engine.options.rpc)})
+    return Loaded(resolved, engine, cache, plan.note, prov)

@@ -9,6 +9,7 @@ evaluates the beginning every follow-up shares while the user is still typing it
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,10 +18,18 @@ from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.prompt import MAX_IMAGES, Turn, segments_before_question
 from huatuo_local.runtime.core.items import ImageItem, Item, conversation_items, image_item, prompt_items
 from huatuo_local.runtime.core.prefix_cache import PrefixCache
+from huatuo_local.runtime.core.record import answer_record
 from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.scheduler import Counters, Job, Scheduler, Timings
 from huatuo_local.runtime.engine.engine import Engine
-from huatuo_local.runtime.images.loader import ImageInput, LoadOptions, load_input, prepare
+from huatuo_local.runtime.images.loader import (
+    ImageInput,
+    LoadOptions,
+    expand_inputs,
+    image_source,
+    load_input,
+    prepare,
+)
 
 __all__ = ["Session", "Reply", "Counters", "Timings", "ImageItem", "Item", "image_item"]
 
@@ -35,12 +44,13 @@ class Reply:
     warning: str | None = None
     finish_reason: str = "stop"
     logprobs: list | None = None  # with SamplingParams.logprobs: each answer token's (core/sampling.py)
+    record: dict | None = None  # what produced this answer (core/record.py)
 
 
 class Session:
     def __init__(self, engine: Engine | Scheduler, sampling: SamplingParams | None = None,
                  image_options: LoadOptions | None = None, prefix_cache: PrefixCache | None = None,
-                 slot: int | None = 0):
+                 slot: int | None = 0, provenance: dict | None = None):
         if isinstance(engine, Scheduler):
             self.scheduler, self._owns_scheduler = engine, False
         else:
@@ -55,7 +65,10 @@ class Session:
         self.counters = Counters()
         self.logit_hook = None  # called with each step's logits; may return replacements
         self._background: Job | None = None
-        self._rng = np.random.default_rng(self.sampling.seed)
+        self.provenance = provenance  # the model side of each answer's record (record.provenance)
+        # Without a seed one is drawn, and recorded: a sampled conversation can be replayed exactly.
+        self.seed = self.sampling.seed if self.sampling.seed is not None else secrets.randbits(63)
+        self._rng = np.random.default_rng(self.seed)
 
     # --- conversation state --------------------------------------------------------
 
@@ -64,12 +77,17 @@ class Session:
         self.images.clear()
 
     def prepare_images(self, images: list[ImageInput]) -> list[ImageItem]:
-        """The pictures the model sees for `images`: paths, PIL images, numpy arrays (images/loader.py)."""
+        """The pictures the model sees for `images`: paths, studies, PIL images, numpy arrays (images/loader.py)."""
+        images = expand_inputs(images, self.image_options)
         if len(self.images) + len(images) > MAX_IMAGES:
             raise HuatuoError(
                 f"at most {MAX_IMAGES} images per conversation (the release's limit); start a new conversation "
-                "(clear_history() in Python, /clear in the chat)")
-        return [image_item(prepare(load_input(p, self.image_options), self.engine.vision)) for p in images]
+                "(clear_history() in Python, /clear in the chat), or tile a study's slices with --montage")
+        items = []
+        for p in images:
+            picture = load_input(p, self.image_options)
+            items.append(image_item(prepare(picture, self.engine.vision), image_source(p, picture)))
+        return items
 
     def items_for(self, turns: list[Turn], images: list[ImageItem]) -> list[Item]:
         """The release's input: the rendered prompt, tokenized chunk by chunk around each image."""
@@ -113,9 +131,10 @@ class Session:
             raise
         finally:
             if not failed:  # finished, or stopped by the user (Ctrl-C): the answer so far is kept
-                self._record(Turn(text, len(new_images)), new_images, job, pieces)
+                self._record(Turn(text, len(new_images)), new_images, job, pieces, params)
 
-    def _record(self, turn: Turn, new_images: list[ImageItem], job: Job, pieces: list[str]) -> None:
+    def _record(self, turn: Turn, new_images: list[ImageItem], job: Job, pieces: list[str],
+                params: SamplingParams) -> None:
         result = getattr(job, "result", None)
         answer = result.text if result is not None else "".join(pieces).strip()
         self.turns.append(Turn(turn.text, turn.n_images, answer))
@@ -124,8 +143,10 @@ class Session:
             return
         self._account(result)
         notes = [w for w in (self.scheduler.vision_warning, *result.notices) if w]
+        record = answer_record(self.provenance, params, self.seed,
+                               len(self.turns), self.images)
         self.last_reply = Reply(answer, result.tokens, result.prompt_positions, result.counters, result.timings,
-                                "\n".join(notes) or None, result.finish_reason, result.logprobs)
+                                "\n".join(notes) or None, result.finish_reason, result.logprobs, record)
 
     def ask(self, text: str, image_paths: list[ImageInput] | None = None,
             params: SamplingParams | None = None) -> Reply:

@@ -193,8 +193,6 @@ def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
 
     # pydicom logs each decoder that failed, with its traceback; we say why in one line instead.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
     ds = _open_dataset(source, path)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(f"{path}: DICOM file without pixel data (a report, plan or structure set?)")
@@ -217,6 +215,14 @@ def _read_dicom(source, path: str, window, frame, max_pixels) -> Image.Image:
         raise ImageError(f"{path}: corrupt or truncated pixel data ({detail})") from None
     if pixels.ndim == (4 if samples > 1 else 3):  # a decoder that ignored the index
         pixels = pixels[index]
+    img = _picture(ds, pi, samples, pixels, window)
+    if n_frames > 1:
+        img.info["huatuo_frame"] = index  # loader.FRAME_INFO: which frame an answer saw
+    return img
+
+
+def _picture(ds, pi: str, samples: int, pixels, window) -> Image.Image:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(pixels, ds)

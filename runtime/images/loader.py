@@ -17,6 +17,7 @@ from typing import BinaryIO
 import numpy as np
 from huatuo_local.models.prompt import MAX_IMAGES
 from huatuo_local.runtime.images.dicom import (
+    WINDOW_INFO,
     ImageError,
     frame_index,
     high_bit_depth_to_rgb,
@@ -24,6 +25,7 @@ from huatuo_local.runtime.images.dicom import (
     looks_like_dicom,
     read_dicom,
 )
+from huatuo_local.runtime.images.study import SOURCE_INFO, StudyPicture, expand, is_study, render, window_record
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default, set explicitly
@@ -31,6 +33,7 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own default, set explicitly
 # each one more parser exposed to hostile files for nothing a clinician uses.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 WINDOW_IGNORED = "huatuo_window_ignored"  # set in a picture's .info when a window did not apply to it
+FRAME_INFO = "huatuo_frame"  # the frame a multi-frame file's picture shows
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class LoadOptions:
     window: tuple[float, float] | None = None  # (center, width), see dicom.parse_window
     frame: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # A study (folder, zip, DICOMDIR): which series, which slices, tiled how (images/study.py).
+    series: str | None = None
+    slices: str | None = None
+    montage: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,14 +82,29 @@ class ImageSpec:
         return _label(self.source)
 
 
-# What the Python API takes as an image: a path, one in memory, a PIL image or a numpy array (as the
-# release's users pass), or a path with its own window and frame.
-ImageInput = Source | ImageSpec | Image.Image | np.ndarray
+# What the Python API takes as an image: a path (of an image, or of a study: a folder, zip or DICOMDIR), one
+# in memory, a PIL image or a numpy array (as the release's users pass), a path with its own window and frame,
+# or one picture of a study already chosen (`expand_inputs`).
+ImageInput = Source | ImageSpec | Image.Image | np.ndarray | StudyPicture
+
+
+def expand_inputs(images: list[ImageInput], options: LoadOptions | None = None) -> list[ImageInput]:
+    """Each study among `images` replaced by the pictures its series and slices give (images/study.py);
+    headers only, no pixel decoded. Everything else is returned as it is."""
+    opts = options or LoadOptions()
+    out: list[ImageInput] = []
+    for image in images:
+        source, o = (image.source, image.options) if isinstance(image, ImageSpec) else (image, opts)
+        if is_study(source):
+            out.extend(expand(source, o.series, o.slices, o.montage, o.window, o.max_pixels))
+        else:
+            out.append(image)
+    return out
 
 
 def image_name(image: ImageInput) -> str:
     """How messages and transcripts name an image."""
-    if isinstance(image, ImageSpec):
+    if isinstance(image, (ImageSpec, StudyPicture)):
         return image.name
     if isinstance(image, Image.Image):
         return "a PIL image"
@@ -94,6 +116,8 @@ def image_name(image: ImageInput) -> str:
 def load_input(image: ImageInput, options: LoadOptions | None = None) -> Image.Image:
     """The RGB picture of anything the Python API takes as an image (see ImageInput)."""
     opts = options or LoadOptions()
+    if isinstance(image, StudyPicture):
+        return render(image)
     if isinstance(image, ImageSpec):
         return load_rgb(image.source, image.options)
     if isinstance(image, np.ndarray):
@@ -106,6 +130,17 @@ def load_input(image: ImageInput, options: LoadOptions | None = None) -> Image.I
     if isinstance(image, (str, Path, ImageData)):
         return load_rgb(image, opts)
     raise ImageError(f"an image of type {type(image).__name__}: give a file path, a PIL image or a numpy array")
+
+
+def image_source(image: ImageInput, picture: Image.Image) -> dict:
+    """Where a picture came from, for an answer's record: the file (or study, series and slices), the frame and
+    the window. No patient field is ever part of it (studies: images/study.py's source_record)."""
+    if SOURCE_INFO in picture.info:
+        return dict(picture.info[SOURCE_INFO])
+    if isinstance(image, (Image.Image, np.ndarray)):
+        return {"file": None, "given": image_name(image)}
+    return {"file": image_name(image), "frame": picture.info.get(FRAME_INFO),
+            "window": window_record(picture.info.get(WINDOW_INFO))}
 
 
 def _from_array(array: np.ndarray, opts: LoadOptions) -> Image.Image:
@@ -135,7 +170,7 @@ def _open(source: Source) -> BinaryIO:
     path = Path(source)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
-    if path.is_dir():
+    if path.is_dir():  # studies are expanded before anything is loaded (expand_inputs)
         raise ImageError(f"{path}: is a folder, not an image")
     if not path.is_file():  # a FIFO or device: opening it would block or read forever
         raise ImageError(f"{path}: not a regular file, not an image")
@@ -191,12 +226,19 @@ def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
             with Image.open(f, formats=FORMATS) as img:
                 check_pixels(label, *img.size, opts.max_pixels)
                 # The middle frame by default, as for DICOM: of a stack, the middle is where the anatomy is.
-                img.seek(frame_index(label, int(getattr(img, "n_frames", 1) or 1), opts.frame))
+                frames = int(getattr(img, "n_frames", 1) or 1)
+                index = frame_index(label, frames, opts.frame)
+                img.seek(index)
                 img = ImageOps.exif_transpose(img) or img
                 check_pixels(label, *img.size, opts.max_pixels)
                 if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    return high_bit_depth_to_rgb(img, opts.window)
+                    rgb = high_bit_depth_to_rgb(img, opts.window)
+                    if frames > 1:
+                        rgb.info[FRAME_INFO] = index
+                    return rgb
                 rgb = img.convert("RGB")
+                if frames > 1:
+                    rgb.info[FRAME_INFO] = index
                 if opts.window is not None:  # the caller says so (window_ignored): the picture is as it is
                     rgb.info[WINDOW_IGNORED] = True
                 return rgb
@@ -217,19 +259,21 @@ def _load_pillow(f: BinaryIO, label: str, opts: LoadOptions) -> Image.Image:
         raise ImageError(f"{label}: unreadable or truncated image ({detail})") from None
 
 
-def check_images(paths: list[str | Path], options: LoadOptions) -> list[str]:
+def check_images(paths: list[ImageInput], options: LoadOptions) -> list[str]:
     """Read every image once before anything is loaded; returns warnings (a window that did not apply).
+    Studies are expanded first (`expand_inputs`); give the expanded list to what follows.
 
     A typo, a folder or a text file named .png fails here in one line instead of after the model's
     load (seconds and gigabytes) or, in the interactive chat, at the first question.
     """
+    paths = expand_inputs(paths, options)
     if len(paths) > MAX_IMAGES:
         raise ImageError(f"{len(paths)} images: the release takes at most {MAX_IMAGES} per question")
     notes = []
     for p in paths:
-        if load_rgb(p, options).info.get(WINDOW_IGNORED):
-            notes.append(f"warning: {p}: --window applies to DICOM and 16-bit grayscale images; this 8-bit image "
-                         "is shown as it is")
+        if load_input(p, options).info.get(WINDOW_IGNORED):
+            notes.append(f"warning: {image_name(p)}: --window applies to DICOM and 16-bit grayscale images; this "
+                         "8-bit image is shown as it is")
     return notes
 
 

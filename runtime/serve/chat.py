@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 
 import numpy as np
 from fastapi import APIRouter, Request
 from huatuo_local.runtime.core.items import conversation_items
+from huatuo_local.runtime.core.record import answer_record
 from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, ShuttingDown
 from huatuo_local.runtime.core.structured import ll_tokenizer
 from huatuo_local.runtime.serve.body import Disconnect, read_json
@@ -45,7 +47,10 @@ async def chat_completions(request: Request):
         log.info("prompt: %s", json.dumps([t.text for t in req.turns], ensure_ascii=False))
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    job = Job(items, req.params, np.random.default_rng(req.seed), tenant=who,
+    # Without a seed one is drawn and recorded, so a sampled answer can be asked for again exactly.
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
+    record = answer_record(state.provenance, req.params, seed, len(req.turns), req.images)
+    job = Job(items, req.params, np.random.default_rng(seed), tenant=who,
               on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
     try:
         scheduler.submit(job)
@@ -56,7 +61,7 @@ async def chat_completions(request: Request):
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except ShuttingDown:
         raise state_shutting_down() from None
-    reply = Reply(job, StreamText(), state.model_id)
+    reply = Reply(job, StreamText(), state.model_id, record)
     if req.stream:
         # On SIGTERM, answers in flight get SHUTDOWN_GRACE_S to finish with their last chunk and
         # [DONE] (sse-starlette would otherwise cut every stream at once); uvicorn waits longer.

@@ -10,6 +10,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import Response
 from huatuo_local.runtime.core.events import Done, Failed, Piece
+from huatuo_local.runtime.core.record import fingerprint
 from huatuo_local.runtime.core.sampling import NonFiniteScores
 from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
 from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
@@ -76,8 +77,10 @@ def generation_error(exc: BaseException) -> ApiError:
 class Reply:
     """One job's events turned into OpenAI's answer: a whole `chat.completion` or its stream of chunks."""
 
-    def __init__(self, job: Job, text: StreamText, model_id: str):
-        self.job, self.text, self.model_id = job, text, model_id
+    def __init__(self, job: Job, text: StreamText, model_id: str, record: dict | None = None):
+        self.job, self.text, self.model_id, self.record = job, text, model_id, record
+        # OpenAI's system_fingerprint: which model files and engine build answered (core/record.py).
+        self.fingerprint = fingerprint(record) if record else None
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -115,14 +118,18 @@ class Reply:
                   "finish_reason": self.finish_reason(result),
                   "logprobs": logprobs_json(result.logprobs) if result.logprobs is not None else None}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
-                "choices": [choice], "usage": _usage(result), "huatuo": _extension(result)}
+                "system_fingerprint": self.fingerprint, "choices": [choice], "usage": _usage(result),
+                "huatuo": _extension(result), "huatuo_record": self.record}
 
     def chunk(self, delta: dict, reason: str | None = None, logprobs: tuple = ()) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": reason}
         if logprobs:
             choice["logprobs"] = logprobs_json(logprobs)
-        return json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": self.model_id, "choices": [choice]}, ensure_ascii=False)
+        out = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_id,
+               "system_fingerprint": self.fingerprint, "choices": [choice]}
+        if reason is not None:  # the answer's record travels with its last chunk
+            out["huatuo_record"] = self.record
+        return json.dumps(out, ensure_ascii=False)
 
     async def chunks(self, events: asyncio.Queue, include_usage: bool):
         done = False
@@ -139,7 +146,8 @@ class Reply:
                     yield self.chunk({}, self.finish_reason(event.result))
                     if include_usage:
                         yield json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                          "model": self.model_id, "choices": [], "usage": _usage(event.result),
+                                          "model": self.model_id, "system_fingerprint": self.fingerprint,
+                                          "choices": [], "usage": _usage(event.result),
                                           "huatuo": _extension(event.result)})
                     yield "[DONE]"
                     return

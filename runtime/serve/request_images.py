@@ -17,7 +17,14 @@ from urllib.parse import unquote, urlparse
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.core.items import ImageItem, image_item
 from huatuo_local.runtime.images.dicom import WINDOW_INFO, Window, parse_window
-from huatuo_local.runtime.images.loader import ImageData, LoadOptions, frame_count, load_rgb, prepare
+from huatuo_local.runtime.images.loader import (
+    ImageData,
+    LoadOptions,
+    frame_count,
+    image_source,
+    load_rgb,
+    prepare,
+)
 from huatuo_local.runtime.serve.errors import ApiError, bad_request
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
@@ -186,7 +193,7 @@ class ImageLoader:
     def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
         try:
             picture = load_rgb(data, options)
-            return Preview(image_item(prepare(picture, self.vision)), frame_count(data),
+            return Preview(image_item(prepare(picture, self.vision), image_source(data, picture)), frame_count(data),
                            picture.info.get(WINDOW_INFO))
         except HuatuoError as exc:
             message = _for_client(str(exc))

@@ -53,6 +53,7 @@ class ServerState:
         self.config = config
         self.scheduler: Scheduler | None = None
         self.model_id = config.model.model or ""
+        self.provenance: dict | None = None
         self.quant = ""
         self.names: set[str] = set()
         # serve --rpc: why the last server ended (a worker stopped answering), until this one has loaded
@@ -79,6 +80,7 @@ class ServerState:
         self.error = None
         model, engine = loaded.model, loaded.engine
         self.model_id = model.ref
+        self.provenance = loaded.provenance  # the model side of every answer's record (core/record.py)
         self.quant = model.quant or "?"
         self.names = {model.ref, model.name, model.store_name or "", str(c.model.model or "")} - {""}
         limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
