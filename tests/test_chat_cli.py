@@ -202,7 +202,7 @@ def test_the_repl_checks_images_as_they_are_added(model, images, tmp_path):
     child.expect(">>> ")
     for command, answer in [
         (f"/image {notes}", "not an image in a supported format"),
-        (f"/image {tmp_path}", "is a folder, not an image"),
+        (f"/image {tmp_path}", "no DICOM images in this folder"),
         (f'/image "{spaced}"', "image added"),
         (f"/image {str(spaced).replace(' ', chr(92) + ' ')}", "image added"),  # my\ scan.png
         ("/images", "2. " + str(spaced)),

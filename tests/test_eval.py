@@ -169,7 +169,10 @@ def test_eval_answers_every_question_like_chat_and_counts_right(model, data, gre
         one = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
                       "--max-tokens", "256", "--json", *map(str, r.images), "-p", build_query(r))
         assert one.returncode == 0, one.stderr
-        assert next(x for x in rows if x["number"] == n)["output"] == json.loads(one.stdout)["answer"]
+        row = next(x for x in rows if x["number"] == n)
+        assert row["output"] == json.loads(one.stdout)["answer"]
+        # The run's record: each question's pictures are the ones chat's record names, to the pixel.
+        assert row["picture_sha256"] == [i["picture_sha256"] for i in json.loads(one.stdout)["record"]["images"]]
     # The table against a hand count from the answers, with the release's pattern written out here.
     pattern = re.compile(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([abcdefghijklmnABCDEFGHIJKLMN])(\W|$)", re.S)
     hand: dict[str, list[int]] = {}
@@ -185,8 +188,10 @@ def test_eval_answers_every_question_like_chat_and_counts_right(model, data, gre
         assert f"| {col} | {len(marks)} | {100 * sum(marks) / len(marks):.1f} (" in proc.stdout
     assert summary["no_letter"] == sum(1 for row in rows if not pattern.search(row["output"]))
     assert "VQA-RAD" in proc.stdout and "63.7" in proc.stdout  # the model card's figure beside ours
-    identity = json.loads((out / "results.json").read_text())["identity"]
+    saved = json.loads((out / "results.json").read_text())
+    identity = saved["identity"]
     assert identity["llm_sha256"] == model.manifest.llm_sha256 and identity["settings"]["temperature"] == 0.0
+    assert saved["software"]["llama_cpp_python"] and "not a medical device" in saved["notice"]
     assert (out / "results.jsonl").stat().st_mode & 0o077 == 0  # owner-only: answers about medical images
 
 

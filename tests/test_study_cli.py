@@ -138,3 +138,45 @@ def test_no_patient_identifier_in_anything_the_product_writes(model, tmp_path):
             hits = [str(p) for p, b in zip([*written, *["output"] * len(outputs)], blobs) if variant.encode() in b]
             assert not hits, f"{variant!r} written to {hits}"
     assert os.path.exists(tmp_path / "out" / "chat.json")
+
+
+def test_the_api_takes_a_zipped_study_and_answers_as_chat_with_its_record(model, study, tmp_path):
+    """A zipped study sent through the official client (data: URI, and file:// under --allow-files): the same
+    greedy answer as `chat` on the same study and montage, the record in `huatuo_record`, and
+    `system_fingerprint` set; nothing of the patient in the answer or the server's log."""
+    import zipfile
+
+    from test_serve import KEY, ask, client, data_uri, server, user
+
+    folder = tmp_path / "phi"
+    write_series(folder, 8, phi=True, seed=31)
+    archive = tmp_path / "allowed" / "study.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"DICOM/{f.name}")
+    want = chat_json(model, str(archive), "--montage", "2x2", "--window", "lung", "-p", "Describe.")
+    with server(str(model.manifest_path), tmp_path, "--api-key", KEY, "--allow-files",
+                str(archive.parent)) as (url, _, log):
+        c = client(url)
+        for uri in (data_uri(archive, "application/zip"), archive.as_uri()):
+            got = ask(c, [user("Describe.", uri, montage="2x2", window="lung")], max_tokens=8)
+            assert got.choices[0].message.content == want["answer"]
+            assert got.system_fingerprint and got.system_fingerprint.startswith("fp_")
+            record = got.model_extra["huatuo_record"]
+            assert record["images"][0]["picture_sha256"] == want["record"]["images"][0]["picture_sha256"]
+            assert record["images"][0]["montage"] == "2x2" and record["llm_sha256"] == want["record"]["llm_sha256"]
+        # Streaming: the record comes with the last chunk.
+        chunks = list(ask(c, [user("Describe.", archive.as_uri(), montage="2x2", window="lung")], stream=True,
+                          max_tokens=8))
+        last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
+        assert last.model_extra["huatuo_record"]["images"][0]["montage"] == "2x2"
+        # Several slices without a montage are not one picture: a 400 saying what to do.
+        import openai
+
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(c, [user("Describe.", archive.as_uri(), slices="auto:3")])
+        assert "montage" in err.value.body["message"] and "--" not in err.value.body["message"]
+        log_text = log.read_text()
+    for value in PHI.values():
+        assert value not in log_text and value not in json.dumps(want)

@@ -252,6 +252,12 @@ def test_the_page_end_to_end(new_page, converted, png, tmp_path):
         assert text.startswith("# huatuo-local conversation (tiny:f32)")
         assert q1 in text and want1 in text and q2 in text and want2 in text and "(stopped)" in text
         assert "images: chest.png, CT_small.dcm" in text
+        # Each finished answer's record travels with it: the model files, the seed, each picture's digest.
+        records = [json.loads(block.split("```", 1)[0]) for block in text.split("```json\n")[1:]]
+        assert len(records) >= 2 and all(r["model"] == "tiny:f32" and r["llm_sha256"] for r in records)
+        assert [len(r["images"]) for r in records[:1]] == [2] and all(
+            len(i["picture_sha256"]) == 64 for i in records[0]["images"])
+        assert "not a medical device" in text and "not a medical device" in page.inner_text("#notice")
 
         # Keyboard order and labels; readable at 1280x800 and narrow.
         for sel in ("#question", "#temperature", "#max-tokens", "#file"):

@@ -19,9 +19,8 @@ from huatuo_local.runtime.core.sampling import SamplingParams
 RECORD_VERSION = 1
 
 
-def provenance(model: ResolvedModel, identity: dict[str, str], engine_options: dict) -> dict:
-    """The model side of every record, fixed when the model is loaded: names, checksums, engine build and how
-    the engine was set up (`identity` is loading.cache_identity's)."""
+def software_versions() -> dict:
+    """huatuo-local's and llama-cpp-python's versions, as installed."""
     import importlib.metadata
 
     def version(name: str) -> str:
@@ -30,12 +29,17 @@ def provenance(model: ResolvedModel, identity: dict[str, str], engine_options: d
         except importlib.metadata.PackageNotFoundError:
             return "?"
 
+    return {"huatuo_local": version("huatuo-local"), "llama_cpp_python": version("llama-cpp-python")}
+
+
+def provenance(model: ResolvedModel, identity: dict[str, str], engine_options: dict) -> dict:
+    """The model side of every record, fixed when the model is loaded: names, checksums, engine build and how
+    the engine was set up (`identity` is loading.cache_identity's)."""
     return {
         "model": model.ref, "quant": model.quant or None, "llm_file": model.llm_path.name,
         "mmproj_file": model.mmproj_path.name, "llm_sha256": identity.get("llm_sha256"),
         "mmproj_sha256": identity.get("mmproj_sha256"),
-        "engine": {"huatuo_local": version("huatuo-local"), "llama_cpp_python": version("llama-cpp-python"),
-                   "build_sha256": identity.get("engine")},
+        "engine": {**software_versions(), "build_sha256": identity.get("engine")},
         "engine_options": engine_options,
     }
 

@@ -102,8 +102,12 @@ def run(data: Path, config: ModelConfig, out: Path | None = None, datasets: list
         limit: int | None = None, greedy: bool = False, ray: str | None = None, show_progress: bool = True,
         workers: int | None = None, stop: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Answer what the run in `out` still lacks, then write its report; returns (out, Markdown)."""
+    from datetime import datetime, timezone
+
     from huatuo_local.models.evaluation import load_records
+    from huatuo_local.models.notice import NOTICE
     from huatuo_local.models.store import resolve
+    from huatuo_local.runtime.core.record import software_versions
     from huatuo_local.runtime.engine.build import engine_build_id
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -116,7 +120,9 @@ def run(data: Path, config: ModelConfig, out: Path | None = None, datasets: list
     resolved = resolve(model)
     settings = EvalSettings.release(greedy, stop)
     identity = run_identity(Path(data), resolved, settings)
-    extra = {"engine": engine_build_id(), "dropped": dropped, "datasets": datasets or "all", "limit": limit}
+    extra = {"engine": engine_build_id(), "dropped": dropped, "datasets": datasets or "all", "limit": limit,
+             "software": software_versions(), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "notice": NOTICE}
     out = out or default_out(resolved.ref, greedy)
     results = open_run(out, identity, extra)
     pending = [r for r in chosen if r.number not in results.numbers]

@@ -77,6 +77,7 @@ class EvalWorker:
         # Enough waiting work that a slot never idles while the driver prepares the next image.
         self.scheduler = Scheduler(self.engine, loaded.cache)
         self.window = 2 * max(1, config.parallel)
+        self.pictures: dict[int, list[str]] = {}  # each question's pictures' digests, for its row's record
 
     def _job(self, record: Record, done: queue.Queue) -> Job | None:
         if len(record.images) > MAX_IMAGES:
@@ -87,6 +88,7 @@ class EvalWorker:
         except HuatuoError as exc:  # the release skips an unreadable image; here it is recorded as wrong
             done.put((record, None, str(exc)))
             return None
+        self.pictures[record.number] = [i.digest for i in images]
         items = conversation_items(self.engine.tokenizer.tokenize, [Turn(build_query(record), len(images))], images)
         params = self.settings.sampling()
         letters = self._letter_tokens(len(record.options))
@@ -137,8 +139,11 @@ class EvalWorker:
                     yield row_for(record, "", error=str(event.error))
                 else:
                     result = event.result
-                    yield row_for(record, result.text, len(result.tokens), result.finish_reason,
+                    row = row_for(record, result.text, len(result.tokens), result.finish_reason,
                                   option_scores=result.first_scores)
+                    # The exact pictures the model read (core/record.py): the run's record, question by question.
+                    row["picture_sha256"] = self.pictures.pop(record.number, [])
+                    yield row
         finally:
             for job in live.values():
                 if job is not None:

@@ -81,6 +81,7 @@ class Study:
     kind: str  # "folder", "zip" or "DICOMDIR"
     series: tuple[Series, ...]
     skipped: int = 0  # files that are not DICOM images (reports, DICOMDIR, text) or not readable
+    data: bytes | None = field(default=None, repr=False, compare=False)  # a zip held in memory (an upload)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class StudyPicture:
                f"slice(s) {chosen}{tiles}"
 
 
+def is_zip(data: bytes) -> bool:
+    """A zip archive by its magic (a local file header, or the end record of an empty one)."""
+    return data[:4] in (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def is_study(source: object) -> bool:
     """A folder, a .zip or a DICOMDIR: something `read_study` opens (any other path is one image)."""
     if not isinstance(source, (str, Path)):
@@ -114,11 +120,14 @@ def is_study(source: object) -> bool:
 # --- 1. headers -------------------------------------------------------------------------------
 
 
-def read_study(source: str | Path, max_files: int = MAX_STUDY_FILES) -> Study:
-    """Every DICOM image's header in a folder, zip or DICOMDIR, grouped into series and ordered."""
+def read_study(source: str | Path, max_files: int = MAX_STUDY_FILES, data: bytes | None = None) -> Study:
+    """Every DICOM image's header in a folder, zip or DICOMDIR, grouped into series and ordered; `data`: a zip's
+    bytes already in memory (`source` then only names it)."""
     path = Path(source)
     label = str(source)
-    if path.is_dir():
+    if data is not None:
+        kind, headers, skipped = "zip", *_zip_headers(io.BytesIO(data), label, max_files)
+    elif path.is_dir():
         kind, headers, skipped = "folder", *_folder_headers(path, label, max_files)
     elif path.suffix.lower() == ".zip":
         kind, headers, skipped = "zip", *_zip_headers(path, label, max_files)
@@ -127,7 +136,7 @@ def read_study(source: str | Path, max_files: int = MAX_STUDY_FILES) -> Study:
     if not headers:
         raise ImageError(f"{label}: no DICOM images in this {kind}"
                          + (f" ({skipped} file(s) that are not DICOM images)" if skipped else ""))
-    return Study(label, kind, _group(headers), skipped)
+    return Study(label, kind, _group(headers), skipped, data)
 
 
 def _folder_files(root: Path, label: str, max_files: int) -> list[str]:
@@ -162,7 +171,7 @@ def _folder_headers(root: Path, label: str, max_files: int):
     return headers, skipped
 
 
-def _zip_members(path: Path, label: str, max_files: int) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+def _zip_members(path, label: str, max_files: int) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -174,7 +183,7 @@ def _zip_members(path: Path, label: str, max_files: int) -> tuple[zipfile.ZipFil
     return zf, members
 
 
-def _zip_headers(path: Path, label: str, max_files: int):
+def _zip_headers(path, label: str, max_files: int):
     zf, members = _zip_members(path, label, max_files)
     headers, skipped = [], 0
     with zf:
@@ -426,9 +435,9 @@ def parse_montage(text: str | None) -> tuple[int, int] | None:
 
 def expand(source: str | Path, series: str | None = None, slices: str | None = None,
            montage: tuple[int, int] | None = None, window: tuple[float, float] | None = None,
-           max_pixels: int = 178_956_970) -> list[StudyPicture]:
-    """The pictures a study gives: one per chosen slice, or one montage of them all."""
-    study = read_study(source)
+           max_pixels: int = 178_956_970, data: bytes | None = None) -> list[StudyPicture]:
+    """The pictures a study gives: one per chosen slice, or one montage of them all (`data`: a zip in memory)."""
+    study = read_study(source, data=data)
     chosen_series = choose_series(study, series)
     label = f"{study.source} (series {chosen_series.number if chosen_series.number is not None else '?'})"
     chosen = choose_slices(chosen_series, slices, montage, label)
@@ -443,7 +452,7 @@ def expand(source: str | Path, series: str | None = None, slices: str | None = N
 def _slice_bytes(study: Study, ref: SliceRef):
     """An open binary file of one slice: from the folder, or the zip member read in memory."""
     if study.kind == "zip":
-        with zipfile.ZipFile(study.source) as zf:
+        with zipfile.ZipFile(io.BytesIO(study.data) if study.data is not None else study.source) as zf:
             info = zf.getinfo(ref.name)
             if info.file_size > MAX_SLICE_BYTES:
                 raise ImageError(f"{study.source}: {ref.name} is larger than {MAX_SLICE_BYTES >> 20} MiB")

@@ -11,7 +11,8 @@ No HTTP here (serve/app.py and the routes have that): a request body in, a `Chat
 - Images: `data:` URIs (PNG, JPEG, TIFF, BMP, GIF, WebP, DICOM); `file://` paths only inside
   the folders given with `--allow-files`; http(s) URLs are refused (the server never fetches).
   Extension fields beside `url`: `window` (`lung`, ... or `C,W`) and `frame` (multi-frame
-  files), as `chat --window/--frame`.
+  files), as `chat --window/--frame`; a zipped DICOM study (`data:application/zip`, or a .zip by file://) with
+  `series`, `slices` and `montage`, as chat's flags, giving one picture per part.
 - Sampling: `temperature`, `top_p`, `max_tokens` / `max_completion_tokens`, `seed`, `stop`,
   and `repetition_penalty` / `top_k` / `min_tokens` (as vLLM) as extensions; absent ones take the release's defaults
   (temperature 0.2, repetition penalty 1.2, top-k 50, top-p 1, 512 new tokens).

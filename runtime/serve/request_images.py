@@ -25,6 +25,7 @@ from huatuo_local.runtime.images.loader import (
     load_rgb,
     prepare,
 )
+from huatuo_local.runtime.images.study import expand, is_zip, parse_montage, render
 from huatuo_local.runtime.serve.errors import ApiError, bad_request
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
@@ -48,7 +49,8 @@ class Limits:
 
 
 # Loader messages speak to CLI users; a client is told the request field or the server's option instead.
-_FIELD_NAMES = (("--max-pixels", "the server's --max-pixels"), ("--frame", "'frame'"), ("--window", "'window'"))
+_FIELD_NAMES = (("--max-pixels", "the server's --max-pixels"), ("--frame", "'frame'"), ("--window", "'window'"),
+                ("--series", "'series'"), ("--slices", "'slices'"), ("--montage", "'montage'"))
 
 
 def _client_name(name: str | None) -> str:
@@ -58,6 +60,22 @@ def _client_name(name: str | None) -> str:
         return ""
     shown = "".join(c for c in name if c.isprintable())[:120].strip()
     return shown
+
+
+def _study_fields(spec: dict, where: str) -> tuple[str | None, str | None, tuple[int, int] | None]:
+    """A zipped study's extension fields beside `url`: `series`, `slices`, `montage` (as chat's flags)."""
+    series, slices, montage = spec.get("series"), spec.get("slices"), spec.get("montage")
+    if series is not None and (isinstance(series, bool) or not isinstance(series, (str, int))):
+        raise bad_request("'series' must be a series number or a SeriesInstanceUID", where)
+    for name, value in (("slices", slices), ("montage", montage)):
+        if value is not None and (not isinstance(value, str) or len(value) > 200):
+            raise bad_request(f"'{name}' must be a string such as " + ('"auto:4"' if name == "slices" else '"3x3"'),
+                              where)
+    try:
+        tiles = parse_montage(montage)
+    except HuatuoError as exc:
+        raise bad_request(_for_client(str(exc)), where) from None
+    return (None if series is None else str(series)), slices, tiles
 
 
 def _for_client(message: str) -> str:
@@ -106,7 +124,8 @@ class ImageLoader:
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise bad_request("'name' must be a string: the file's name, used in error messages", where)
-        options = LoadOptions(window, frame, self.limits.max_pixels)
+        study = _study_fields(spec, where)
+        options = LoadOptions(window, frame, self.limits.max_pixels, *study)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             data = self._from_data(url, where, name)
@@ -186,12 +205,25 @@ class ImageLoader:
             for fd in fds:
                 os.close(fd)
 
+    def _study(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
+        pictures = expand(data.name, options.series, options.slices, options.montage, options.window,
+                          options.max_pixels, data=data.data)
+        if len(pictures) != 1:
+            raise bad_request(f"this study gives {len(pictures)} pictures; an image part is one picture: choose one "
+                              "slice with 'slices', tile them with 'montage' (e.g. \"3x3\"), or send one part per "
+                              "slice", where)
+        picture = render(pictures[0])
+        return Preview(image_item(prepare(picture, self.vision), image_source(pictures[0], picture)), 1,
+                       picture.info.get(WINDOW_INFO))
+
     def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> Preview:
         """What the model will see for one image part, how many frames the file has, and the window used."""
         return self._load({"image_url": spec}, "image", cancelled)
 
     def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
         try:
+            if is_zip(data.data):  # a DICOM study, zipped: read in memory, one picture per image part
+                return self._study(data, options, where)
             picture = load_rgb(data, options)
             return Preview(image_item(prepare(picture, self.vision), image_source(data, picture)), frame_count(data),
                            picture.info.get(WINDOW_INFO))

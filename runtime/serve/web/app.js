@@ -346,6 +346,7 @@ async function ask(question) {
         const event = JSON.parse(data);
         if (event.error) throw new Error(event.error.message);
         if (event.usage) usage = event.usage;
+        if (event.huatuo_record) turn.record = event.huatuo_record;  // what produced the answer (the export keeps it)
         for (const choice of event.choices || []) {
           const piece = (choice.delta && choice.delta.content) || "";
           if (piece) {
@@ -408,11 +409,15 @@ $("#new").addEventListener("click", () => {
 });
 
 $("#export").addEventListener("click", () => {
-  const lines = [`# huatuo-local conversation (${state.model})`, ""];
+  const lines = [`# huatuo-local conversation (${state.model})`, "", `_${$("#notice").textContent}_`, ""];
   for (const t of state.turns) {
     const names = t.images.map((i) => i.name).join(", ");
     lines.push(`**You**${names ? " (images: " + names + ")" : ""}: ${t.question}`, "");
     lines.push(`**Assistant**: ${t.answer}${t.note}`, "");
+    if (t.record) {  // the answer's record: model files, engine, settings, seed, each picture's digest
+      lines.push("<details><summary>record</summary>", "", "```json", JSON.stringify(t.record, null, 2), "```", "",
+        "</details>", "");
+    }
   }
   const blob = new Blob([lines.join("\n")], { type: "text/markdown;charset=utf-8" });
   const link = document.createElement("a");
