@@ -421,3 +421,48 @@ def test_a_json_schema_in_the_settings_shapes_the_answer(new_page, converted, pn
         wait_state(page, "done")
         answer = page.locator("#turns .answer").last.inner_text()
         jsonschema.validate(json.loads(answer), schema)
+
+
+def test_a_zipped_study_on_the_page(new_page, converted, tmp_path):
+    """Issue 34: a zipped DICOM study dropped on the page: its montage is the picture the model sees (the same
+    pixels as `chat` on the zip), the answer is chat's, a study of two series asks which one on the card and
+    takes the choice, and the export carries each answer's record."""
+    import zipfile
+
+    from dicom_series import write_series
+
+    model = converted(SPEC, "F32", "f32")
+    one, two = tmp_path / "one.zip", tmp_path / "two.zip"
+    write_series(tmp_path / "s1", 9, seed=41)
+    write_series(tmp_path / "s2", 5, series_number=4, seed=42)
+    write_series(tmp_path / "s2", 6, series_number=9, seed=43)
+    for archive, folder in ((one, tmp_path / "s1"), (two, tmp_path / "s2")):
+        with zipfile.ZipFile(archive, "w") as zf:
+            for f in sorted(folder.iterdir()):
+                zf.write(f, f.name)
+    proc = run_cli("chat", "--model", str(model.manifest_path), "--temperature", "0", "--no-prefix-cache",
+                   "--max-tokens", "16", "--json", str(one), "--montage", "3x3", "-p", "Describe the study.")
+    assert proc.returncode == 0, proc.stderr
+    want = json.loads(proc.stdout)
+    with server(str(model.manifest_path), tmp_path) as (url, _, _):
+        page = new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url + "/")
+        wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
+        page.set_input_files("#file", str(one))
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")
+        assert page.locator("#pending .study").is_visible() and page.input_value("#pending .montage") == "3x3"
+        seen = page.locator("#pending img").get_attribute("src")
+        assert hashlib.sha256(pixels_of(seen).tobytes()).hexdigest() == want["record"]["images"][0]["picture_sha256"]
+        page.click("#ask summary")  # the settings: greedy, 16 tokens, as the chat above
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "16")
+        ask_on_page(page, "Describe the study.")
+        wait_state(page, "done")
+        assert page.locator("#turns .answer").last.inner_text() == want["answer"]
+        # Two series: the card stays and says how to choose; choosing one shows its picture.
+        page.set_input_files("#file", str(two))
+        wait_js(page, "document.querySelector('#error').textContent.includes(\"'series'\")")
+        assert "--series" not in page.inner_text("#error")
+        page.locator("#pending .series").fill("9")
+        page.locator("#pending .series").dispatch_event("change")
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")

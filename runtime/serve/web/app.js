@@ -105,6 +105,10 @@ function isDicom(file) {
   return /\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom";
 }
 
+function isZip(file) {  // a zipped DICOM study: its series, slices and montage are chosen on the card
+  return /\.zip$/i.test(file.name) || file.type === "application/zip" || file.type === "application/x-zip-compressed";
+}
+
 function readAsDataUri(file, mime) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();
@@ -121,6 +125,11 @@ function imageSpec(img) {
     else if (img.window) spec.window = img.window;
   }
   if (img.frames > 1) spec.frame = img.frame;  // multi-frame DICOM, TIFF and GIF alike
+  if (img.study) {  // one picture per part: one slice, or a montage of evenly spaced slices
+    if (img.montage) spec.montage = img.montage;
+    if (img.series) spec.series = img.series;
+    if (img.slices) spec.slices = img.slices;
+  }
   return spec;
 }
 
@@ -133,9 +142,11 @@ async function addFiles(files) {
       showError(`At most ${MAX_IMAGES} images per conversation (the model's limit); start a new conversation.`);
       break;
     }
-    const dicom = isDicom(file);
-    const mime = dicom ? "application/dicom" : (file.type || "application/octet-stream");
-    const img = { name: file.name, dicom, uri: await readAsDataUri(file, mime), window: "", center: 40, width: 400,
+    const study = isZip(file);
+    const dicom = study || isDicom(file);
+    const mime = study ? "application/zip" : dicom ? "application/dicom" : (file.type || "application/octet-stream");
+    const img = { name: file.name, dicom, study, montage: "3x3", series: "", slices: "",
+                  uri: await readAsDataUri(file, mime), window: "", center: 40, width: 400,
                   frame: 0, frames: 1, seen: "", card: null, firstPreview: true };
     state.pending.push(img);
     renderCard(img);
@@ -166,6 +177,14 @@ function renderCard(img) {
     });
   }
   frame.addEventListener("change", () => { img.frame = Number(frame.value); preview(img); });
+  const studyBox = card.querySelector(".study");
+  studyBox.hidden = !img.study;
+  const montage = card.querySelector(".montage"), series = card.querySelector(".series"),
+        slices = card.querySelector(".slices");
+  label(montage, "Montage"); label(series, "Series"); label(slices, "Slices");
+  montage.addEventListener("change", () => { img.montage = montage.value; preview(img); });
+  series.addEventListener("change", () => { img.series = series.value.trim(); preview(img); });
+  slices.addEventListener("change", () => { img.slices = slices.value.trim(); preview(img); });
   card.querySelector(".remove").setAttribute("aria-label", "Remove " + img.name);
   card.querySelector(".remove").addEventListener("click", () => {
     state.pending = state.pending.filter((p) => p !== img);
@@ -196,7 +215,8 @@ async function preview(img) {
     img.shown = true;
   } catch (e) {
     if (ticket !== img.ticket) return;
-    if (!img.shown && (e.code === "invalid_image" || e.code === "image_too_large")) {
+    if (!img.shown && !img.study && (e.code === "invalid_image" || e.code === "image_too_large")) {
+      // (A study stays: its error may be a choice to make, e.g. which series.)
       // A file the model could never read (a text file named .png): it does not stay as a broken card.
       state.pending = state.pending.filter((p) => p !== img);
       img.card.remove();
