@@ -217,7 +217,7 @@ def test_the_repl_checks_images_as_they_are_added(model, images, tmp_path):
         child.sendline(f"/image {path}")
         child.expect(">>> ")
     child.sendline(f"/image {images[6]}")
-    child.expect_exact("has 6 images already")
+    child.expect_exact("holds at most 6 images")
     child.expect(">>> ")
     child.sendline("What do they show?")
     child.expect(">>> ")

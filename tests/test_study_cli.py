@@ -171,6 +171,16 @@ def test_the_api_takes_a_zipped_study_and_answers_as_chat_with_its_record(model,
                           max_tokens=8))
         last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
         assert last.model_extra["huatuo_record"]["images"][0]["montage"] == "2x2"
+        # A study folder by file://: read through descriptors (a link inside is skipped, never followed).
+        inside = archive.parent / "folder"
+        inside.mkdir()
+        for f in sorted(folder.iterdir()):
+            (inside / f.name).write_bytes(f.read_bytes())
+        (inside / "escape.dcm").symlink_to(tmp_path / "outside.dcm")
+        (tmp_path / "outside.dcm").write_bytes((folder / sorted(p.name for p in folder.iterdir())[0]).read_bytes())
+        got = ask(c, [user("Describe.", inside.as_uri(), montage="2x2", window="lung")], max_tokens=8)
+        assert got.choices[0].message.content == want["answer"]
+        assert got.model_extra["huatuo_record"]["images"][0]["series_slices"] == 8, "the link was not followed"
         # Several slices without a montage are not one picture: a 400 saying what to do.
         import openai
 

@@ -459,6 +459,19 @@ def test_a_zipped_study_on_the_page(new_page, converted, tmp_path):
         ask_on_page(page, "Describe the study.")
         wait_state(page, "done")
         assert page.locator("#turns .answer").last.inner_text() == want["answer"]
+        # One slice at a time: the scrubber walks the series, each position chat's picture of that slice.
+        proc = run_cli("chat", "--model", str(model.manifest_path), "--no-prefix-cache", "--max-tokens", "1",
+                       "--json", str(one), "--slices", "6", "-p", "q")
+        slice6 = json.loads(proc.stdout)["record"]["images"][0]["picture_sha256"]
+        page.set_input_files("#file", str(one))
+        card = page.locator("#pending .card").last
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")
+        card.locator(".montage").select_option("")
+        wait_js(page, "!document.querySelector('#pending .card:last-child .scrub-control').hidden")
+        card.locator(".scrub").evaluate("el => { el.value = '6'; el.dispatchEvent(new Event('input')); }")
+        wait_js(page, f"document.querySelector('#pending .card:last-child img').dataset.digest === '{slice6}'")
+        assert "slice 6" in card.locator("figcaption").inner_text()
+        card.locator(".remove").click()
         # Two series: the card stays and says how to choose; choosing one shows its picture.
         page.set_input_files("#file", str(two))
         wait_js(page, "document.querySelector('#error').textContent.includes(\"'series'\")")

@@ -81,7 +81,8 @@ class Study:
     kind: str  # "folder", "zip" or "DICOMDIR"
     series: tuple[Series, ...]
     skipped: int = 0  # files that are not DICOM images (reports, DICOMDIR, text) or not readable
-    data: bytes | None = field(default=None, repr=False, compare=False)  # a zip held in memory (an upload)
+    # A zip held in memory (an upload), or a folder's files read into memory (the server's file:// folders).
+    data: bytes | dict[str, bytes] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,17 @@ def is_study(source: object) -> bool:
 # --- 1. headers -------------------------------------------------------------------------------
 
 
-def read_study(source: str | Path, max_files: int = MAX_STUDY_FILES, data: bytes | None = None) -> Study:
+def read_study(source: str | Path, max_files: int = MAX_STUDY_FILES,
+               data: bytes | dict[str, bytes] | None = None) -> Study:
     """Every DICOM image's header in a folder, zip or DICOMDIR, grouped into series and ordered; `data`: a zip's
-    bytes already in memory (`source` then only names it)."""
+    bytes, or a folder's files by relative name, already in memory (`source` then only names it)."""
     path = Path(source)
     label = str(source)
-    if data is not None:
+    if isinstance(data, dict):
+        if len(data) > max_files:
+            raise ImageError(f"{label}: more than {max_files} files; point at one series' folder")
+        kind, headers, skipped = "folder", *_memory_headers(data)
+    elif data is not None:
         kind, headers, skipped = "zip", *_zip_headers(io.BytesIO(data), label, max_files)
     elif path.is_dir():
         kind, headers, skipped = "folder", *_folder_headers(path, label, max_files)
@@ -164,6 +170,17 @@ def _folder_headers(root: Path, label: str, max_files: int):
                 header = _header(f, rel)
         except OSError:
             header = None
+        if header is None:
+            skipped += 1
+        else:
+            headers.append(header)
+    return headers, skipped
+
+
+def _memory_headers(files: dict[str, bytes]):
+    headers, skipped = [], 0
+    for name in sorted(files):
+        header = _header(io.BytesIO(files[name]), name)
         if header is None:
             skipped += 1
         else:
@@ -435,7 +452,7 @@ def parse_montage(text: str | None) -> tuple[int, int] | None:
 
 def expand(source: str | Path, series: str | None = None, slices: str | None = None,
            montage: tuple[int, int] | None = None, window: tuple[float, float] | None = None,
-           max_pixels: int = 178_956_970, data: bytes | None = None) -> list[StudyPicture]:
+           max_pixels: int = 178_956_970, data: bytes | dict[str, bytes] | None = None) -> list[StudyPicture]:
     """The pictures a study gives: one per chosen slice, or one montage of them all (`data`: a zip in memory)."""
     study = read_study(source, data=data)
     chosen_series = choose_series(study, series)
@@ -451,6 +468,8 @@ def expand(source: str | Path, series: str | None = None, slices: str | None = N
 
 def _slice_bytes(study: Study, ref: SliceRef):
     """An open binary file of one slice: from the folder, or the zip member read in memory."""
+    if isinstance(study.data, dict):
+        return io.BytesIO(study.data[ref.name])
     if study.kind == "zip":
         with zipfile.ZipFile(io.BytesIO(study.data) if study.data is not None else study.source) as zf:
             info = zf.getinfo(ref.name)

@@ -32,4 +32,6 @@ async def preview(request: Request):
     item.picture.save(buf, format="PNG")
     return {"png": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "frames": shown.frames,
             "width": item.picture.size[0], "height": item.picture.size[1], "digest": item.digest,
-            "window": asdict(shown.window) if shown.window else None}
+            "window": asdict(shown.window) if shown.window else None,
+            # A study's picture: its series, the slices chosen and how many the series has (the page's scrubber).
+            "study": item.source if item.source and item.source.get("study") else None}

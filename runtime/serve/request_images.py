@@ -25,7 +25,7 @@ from huatuo_local.runtime.images.loader import (
     load_rgb,
     prepare,
 )
-from huatuo_local.runtime.images.study import expand, is_zip, parse_montage, render
+from huatuo_local.runtime.images.study import MAX_STUDY_FILES, expand, is_zip, parse_montage, render
 from huatuo_local.runtime.serve.errors import ApiError, bad_request
 
 _DICOM_MIMES = ("application/dicom", "image/dicom")
@@ -39,6 +39,14 @@ class Preview:
     item: ImageItem
     frames: int
     window: Window | None  # the grayscale window used (DICOM and 16-bit images), None for 8-bit pictures
+
+
+@dataclass(frozen=True)
+class StudyFolder:
+    """A folder sent as file:// (a DICOM study): its files, read into memory through descriptors."""
+
+    data: dict[str, bytes]
+    name: str
 
 
 @dataclass
@@ -128,7 +136,7 @@ class ImageLoader:
         options = LoadOptions(window, frame, self.limits.max_pixels, *study)
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
-            data = self._from_data(url, where, name)
+            data: ImageData | StudyFolder = self._from_data(url, where, name)
         elif scheme == "file":
             data = self._from_file(url, where)
         elif scheme in ("http", "https"):
@@ -171,23 +179,30 @@ class ImageLoader:
             raise bad_request("file:// paths may not contain '.' or '..'", where)
         for given, resolved in self._roots:
             for root in dict.fromkeys((given, resolved)):
-                if parts[: len(root.parts)] == root.parts and len(parts) > len(root.parts):
-                    return ImageData(self._read_below(resolved, parts[len(root.parts):], where), text)
+                if parts[: len(root.parts)] == root.parts and len(parts) >= len(root.parts):
+                    found = self._read_below(resolved, parts[len(root.parts):], where)
+                    if isinstance(found, dict):  # a folder: a DICOM study, its files read into memory
+                        return StudyFolder(found, text)
+                    return ImageData(found, text)
         raise ApiError(403 if self._roots else 400,
                        "file:// images are only read inside the folders the server was started with "
                        "(--allow-files DIR)", param=where, code="file_not_allowed")
 
-    def _read_below(self, root: Path, names: tuple[str, ...], where: str) -> bytes:
+    def _read_below(self, root: Path, names: tuple[str, ...], where: str) -> bytes | dict[str, bytes]:
         """Read root/names... opened once, each step from its folder's descriptor without following a link,
-        so a folder swapped for a link while we read cannot lead outside the allowed folder."""
+        so a folder swapped for a link while we read cannot lead outside the allowed folder. A folder (a DICOM
+        study) gives its files, read the same way."""
         fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
         try:
             for name in names[:-1]:
                 fds.append(os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
-            fds.append(os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
+            if names:
+                fds.append(os.open(names[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1]))
             info = os.fstat(fds[-1])
+            if stat.S_ISDIR(info.st_mode):
+                return self._read_folder(fds[-1], where)
             if not stat.S_ISREG(info.st_mode):
-                raise bad_request("file:// images must be regular files", where)
+                raise bad_request("file:// images must be regular files or folders", where)
             if info.st_size > self.limits.max_image_bytes:
                 raise ApiError(413, "image file too large", param=where, code="image_too_large")
             with os.fdopen(os.dup(fds[-1]), "rb") as f:
@@ -205,7 +220,7 @@ class ImageLoader:
             for fd in fds:
                 os.close(fd)
 
-    def _study(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
+    def _study(self, data: ImageData | StudyFolder, options: LoadOptions, where: str) -> Preview:
         pictures = expand(data.name, options.series, options.slices, options.montage, options.window,
                           options.max_pixels, data=data.data)
         if len(pictures) != 1:
@@ -216,13 +231,43 @@ class ImageLoader:
         return Preview(image_item(prepare(picture, self.vision), image_source(pictures[0], picture)), 1,
                        picture.info.get(WINDOW_INFO))
 
+    def _read_folder(self, fd: int, where: str) -> dict[str, bytes]:
+        """Every regular file below the folder open as `fd`, walked through descriptors without following links
+        (a link is skipped), at most MAX_STUDY_FILES files and 16x the image size limit in all."""
+        files: dict[str, bytes] = {}
+        total, budget = 0, 16 * self.limits.max_image_bytes
+        for top, dirs, names, dir_fd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
+            dirs.sort()
+            for name in sorted(names):
+                if name.startswith("."):
+                    continue
+                try:
+                    f = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+                except OSError:  # a link, or gone: not part of the study
+                    continue
+                try:
+                    info = os.fstat(f)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    total += info.st_size
+                    if total > budget or len(files) >= MAX_STUDY_FILES:
+                        raise ApiError(413, f"the study folder holds more than {budget >> 20} MB or "
+                                       f"{MAX_STUDY_FILES} files; point at one series' folder", param=where,
+                                       code="image_too_large")
+                    with os.fdopen(os.dup(f), "rb") as fh:
+                        files[os.path.normpath(os.path.join(top, name))] = fh.read(info.st_size)
+                finally:
+                    os.close(f)
+        return files
+
     def preview(self, spec: dict, cancelled: Callable[[], bool] | None = None) -> Preview:
         """What the model will see for one image part, how many frames the file has, and the window used."""
         return self._load({"image_url": spec}, "image", cancelled)
 
-    def _prepare(self, data: ImageData, options: LoadOptions, where: str) -> Preview:
+    def _prepare(self, data: ImageData | StudyFolder, options: LoadOptions, where: str) -> Preview:
         try:
-            if is_zip(data.data):  # a DICOM study, zipped: read in memory, one picture per image part
+            # A DICOM study (zipped, or a folder read into memory): one picture per image part.
+            if isinstance(data, StudyFolder) or is_zip(data.data):
                 return self._study(data, options, where)
             picture = load_rgb(data, options)
             return Preview(image_item(prepare(picture, self.vision), image_source(data, picture)), frame_count(data),

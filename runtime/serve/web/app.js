@@ -182,7 +182,19 @@ function renderCard(img) {
   const montage = card.querySelector(".montage"), series = card.querySelector(".series"),
         slices = card.querySelector(".slices");
   label(montage, "Montage"); label(series, "Series"); label(slices, "Slices");
-  montage.addEventListener("change", () => { img.montage = montage.value; preview(img); });
+  const scrub = card.querySelector(".scrub");
+  label(scrub, "Slice");
+  montage.addEventListener("change", () => {
+    img.montage = montage.value;
+    img.slices = ""; slices.value = "";  // a new layout starts from its evenly spaced choice
+    preview(img);
+  });
+  // One slice at a time: the scrubber walks the series, each position the exact picture the model would see.
+  scrub.addEventListener("input", () => {
+    img.slices = scrub.value; slices.value = scrub.value;
+    card.querySelector(".scrub-value").textContent = scrub.value;
+    preview(img);
+  });
   series.addEventListener("change", () => { img.series = series.value.trim(); preview(img); });
   slices.addEventListener("change", () => { img.slices = slices.value.trim(); preview(img); });
   card.querySelector(".remove").setAttribute("aria-label", "Remove " + img.name);
@@ -191,6 +203,20 @@ function renderCard(img) {
     card.remove();
   });
   $("#pending").appendChild(card);
+}
+
+function showStudy(img, study) {
+  // The scrubber spans the series when one slice is shown (no montage); its place is the slice shown.
+  const control = img.card.querySelector(".scrub-control"), scrub = img.card.querySelector(".scrub");
+  control.hidden = Boolean(img.montage);
+  scrub.max = String(Math.max(0, study.series_slices - 1));
+  if (study.slices.length === 1) {
+    scrub.value = String(study.slices[0]);
+    img.card.querySelector(".scrub-value").textContent = `${study.slices[0]} of ${study.series_slices}` +
+      (study.positions_mm ? ` (${study.positions_mm[0]} mm)` : "");
+  }
+  img.card.querySelector("figcaption").textContent = `${img.name}: series ${study.series_number ?? "?"}, ` +
+    (study.montage ? `montage ${study.montage} of slices ${study.slices.join(", ")}` : `slice ${study.slices[0]}`);
 }
 
 async function preview(img) {
@@ -207,6 +233,7 @@ async function preview(img) {
     frame.disabled = data.frames <= 1;
     img.card.querySelector(".frame-control").hidden = data.frames <= 1;
     showWindow(img, data.window);
+    if (data.study) showStudy(img, data.study);
     if (img.firstPreview && data.frames > 1) {  // the loader's default: the middle frame
       img.frame = Math.floor(data.frames / 2); frame.value = String(img.frame); img.firstPreview = false;
     }
