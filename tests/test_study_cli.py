@@ -105,7 +105,7 @@ def test_the_repl_adds_a_study_and_saves_each_answer_with_its_record(model, stud
 
 def test_no_patient_identifier_in_anything_the_product_writes(model, tmp_path):
     """A study whose files carry a patient's name, ID, birth date, address and accession number: answers,
-    records, transcripts, caches, logs and every file the product writes hold none of them."""
+    records, transcripts, caches, eval runs, logs and every file the product writes hold none of them."""
     folder = tmp_path / "Study"
     write_series(folder, 6, phi=True, seed=21)
     home = tmp_path / "home"
@@ -130,6 +130,17 @@ def test_no_patient_identifier_in_anything_the_product_writes(model, tmp_path):
     child.expect(">>> ")
     outputs.append(child.before or "")
     leave(child)
+    # An evaluation whose images are the patient's slices: its run folder holds nothing of the patient either.
+    dataset = tmp_path / "evaldata" / "data.json"
+    dataset.parent.mkdir()
+    slices = sorted(folder.iterdir())
+    dataset.write_text(json.dumps([{"question": "Which organ?", "options": ["lung", "liver"], "answer": "lung",
+                                    "image": [str(slices[k])], "dataset": "VQA-RAD"} for k in range(2)]))
+    proc = run_cli("eval", str(dataset), "--model", str(model.manifest_path), "--out", str(tmp_path / "out" / "eval"),
+                   env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    outputs += [proc.stdout, proc.stderr]
+    assert (tmp_path / "out" / "eval" / "results.jsonl").is_file()
     written = [p for p in [*home.rglob("*"), *(tmp_path / "out").rglob("*")] if p.is_file()]
     assert any(home in p.parents for p in written), "the runs wrote their caches (the prefix cache was on)"
     blobs = [p.read_bytes() for p in written] + [o.encode() for o in outputs]
