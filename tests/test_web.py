@@ -459,6 +459,13 @@ def test_a_zipped_study_on_the_page(new_page, converted, tmp_path):
         ask_on_page(page, "Describe the study.")
         wait_state(page, "done")
         assert page.locator("#turns .answer").last.inner_text() == want["answer"]
+        # A folder chosen on the page: zipped in the browser, the same picture as the zip's.
+        page.set_input_files("#folder", str(tmp_path / "s1"))
+        wait_js(page, "document.querySelectorAll('#pending img[data-digest]').length === 1")
+        folder_card = page.locator("#pending .card").last
+        assert folder_card.locator("img").get_attribute("data-digest") == want["record"]["images"][0]["picture_sha256"]
+        assert folder_card.locator("figcaption").inner_text().startswith("s1.zip")
+        folder_card.locator(".remove").click()
         # One slice at a time: the scrubber walks the series, each position chat's picture of that slice.
         proc = run_cli("chat", "--model", str(model.manifest_path), "--no-prefix-cache", "--max-tokens", "1",
                        "--json", str(one), "--slices", "6", "-p", "q")

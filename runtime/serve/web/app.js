@@ -101,6 +101,68 @@ async function loadStatus() {
 
 // --- images -------------------------------------------------------------------------------
 
+// A study folder travels as one zip (stored, not compressed: DICOM pixels rarely shrink and the server reads
+// it in memory), the same as a zip the user drops; the server groups, orders and chooses its slices.
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  return t;
+})();
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (let i = 0; i < bytes.length; i++) c = CRC_TABLE[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+async function folderAsZip(name, entries) {  // entries: [[relative path, File], ...]
+  const parts = [], central = [];
+  let offset = 0;
+  const enc = new TextEncoder();
+  for (const [path, file] of entries) {
+    if (path.split("/").some((p) => p.startsWith("."))) continue;  // hidden files, as the CLI skips them
+    const data = new Uint8Array(await file.arrayBuffer()), nameBytes = enc.encode(path);
+    const crc = crc32(data);
+    const local = new DataView(new ArrayBuffer(30));
+    local.setUint32(0, 0x04034b50, true); local.setUint16(4, 20, true); local.setUint16(6, 0x0800, true);
+    local.setUint32(14, crc, true); local.setUint32(18, data.length, true); local.setUint32(22, data.length, true);
+    local.setUint16(26, nameBytes.length, true);
+    const dir = new DataView(new ArrayBuffer(46));
+    dir.setUint32(0, 0x02014b50, true); dir.setUint16(4, 20, true); dir.setUint16(6, 20, true);
+    dir.setUint16(8, 0x0800, true); dir.setUint32(16, crc, true); dir.setUint32(20, data.length, true);
+    dir.setUint32(24, data.length, true); dir.setUint16(28, nameBytes.length, true); dir.setUint32(42, offset, true);
+    parts.push(local, nameBytes, data);
+    central.push(dir, nameBytes);
+    offset += 30 + nameBytes.length + data.length;
+  }
+  const size = central.reduce((n, b) => n + b.byteLength, 0);
+  const end = new DataView(new ArrayBuffer(22));
+  end.setUint32(0, 0x06054b50, true); end.setUint16(8, central.length / 2, true);
+  end.setUint16(10, central.length / 2, true); end.setUint32(12, size, true); end.setUint32(16, offset, true);
+  return new File([...parts, ...central, end], name + ".zip", { type: "application/zip" });
+}
+
+function readTree(entry, prefix = "") {  // a dropped folder's files, with their paths inside it
+  return new Promise((resolve, reject) => {
+    if (entry.isFile) { entry.file((f) => resolve([[prefix + entry.name, f]]), reject); return; }
+    const reader = entry.createReader(), all = [];
+    const next = () => reader.readEntries(async (batch) => {
+      if (!batch.length) {
+        const nested = await Promise.all(all.map((e) => readTree(e, prefix + entry.name + "/")));
+        resolve(nested.flat());
+        return;
+      }
+      all.push(...batch);
+      next();
+    }, reject);
+    next();
+  });
+}
+
 function isDicom(file) {
   return /\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom";
 }
@@ -281,10 +343,24 @@ function refreshPreviews() { for (const img of state.pending) preview(img); }
 const drop = $("#drop");
 drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (ev) => {
+drop.addEventListener("drop", async (ev) => {
   ev.preventDefault();
   drop.classList.remove("over");
-  addFiles([...ev.dataTransfer.files]);
+  const entries = [...ev.dataTransfer.items].map((i) => i.webkitGetAsEntry && i.webkitGetAsEntry());
+  const files = [...ev.dataTransfer.files];
+  const out = [];
+  for (let k = 0; k < files.length; k++) {  // a dropped folder is a study: zipped here, read by the server
+    if (entries[k] && entries[k].isDirectory) out.push(await folderAsZip(entries[k].name, await readTree(entries[k])));
+    else out.push(files[k]);
+  }
+  addFiles(out);
+});
+$("#folder").addEventListener("change", async (ev) => {
+  const files = [...ev.target.files];
+  ev.target.value = "";
+  if (!files.length) return;
+  const top = (files[0].webkitRelativePath || files[0].name).split("/")[0];
+  addFiles([await folderAsZip(top, files.map((f) => [f.webkitRelativePath || f.name, f]))]);
 });
 drop.addEventListener("keydown", (ev) => { if (ev.key === "Enter" || ev.key === " ") $("#file").click(); });
 $("#file").addEventListener("change", (ev) => { addFiles([...ev.target.files]); ev.target.value = ""; });
