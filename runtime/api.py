@@ -19,7 +19,13 @@ from huatuo_local.runtime.core.sampling import SamplingParams
 from huatuo_local.runtime.core.session import Counters, Reply, Session
 from huatuo_local.runtime.core.structured import Grammar
 from huatuo_local.runtime.images.dicom import parse_window
-from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, ImageInput, LoadOptions
+from huatuo_local.runtime.images.loader import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    LoadOptions,
+    expand_inputs,
+    load_input,
+)
 from huatuo_local.runtime.images.study import parse_montage
 
 
@@ -85,6 +91,7 @@ class HuatuoChatbot:
         series: str | int | None = None,
         slices: str | None = None,
         montage: str | None = None,
+        prefetch_images: list[ImageInput] | None = None,
         **load: object,
     ):
         unknown = sorted(set(load) - set(LOAD_FIELDS) - set(_RENAMED))
@@ -99,10 +106,12 @@ class HuatuoChatbot:
         self.sampling = SamplingParams(temperature=temperature, repetition_penalty=repetition_penalty,
                                        max_new_tokens=max_new_tokens, top_k=top_k, top_p=top_p, seed=seed,
                                        stop=tuple(stop or ()), grammar=grammar_for(schema)).check()
-        loaded = open_model(config)
-        self.config, self.model, self.engine, self.load_note = config, loaded.model, loaded.engine, loaded.note
         images = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS,
                              None if series is None else str(series), slices, parse_montage(montage))
+        # The first question's images, if given, are encoded while the LLM loads (the answer is the same).
+        pictures = tuple(load_input(p, images) for p in expand_inputs(list(prefetch_images or []), images))
+        loaded = open_model(config, prefetch=pictures)
+        self.config, self.model, self.engine, self.load_note = config, loaded.model, loaded.engine, loaded.note
         self.session = Session(self.engine, self.sampling, images, loaded.cache, provenance=loaded.provenance)
 
     # --- the release's interface ----------------------------------------------------

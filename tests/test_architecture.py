@@ -19,7 +19,7 @@ PACKAGES = {"src/huatuo_local": "huatuo_local", "models": "huatuo_local.models",
 RANKS = [
     ({"huatuo_local.native", "huatuo_local.version", "huatuo_local.runtime"}, 0),
     ({"huatuo_local.models"}, 0),
-    ({"huatuo_local.runtime.system"}, 0),
+    ({"huatuo_local.runtime.system", "huatuo_local.runtime.trace"}, 0),
     ({"huatuo_local.convert"}, 1),
     ({"huatuo_local.runtime.llama", "huatuo_local.runtime.images"}, 1),
     ({"huatuo_local.runtime.rpc"}, 2),

@@ -672,3 +672,22 @@ def test_closing_the_model_gives_the_network_back():
     assert len(lines) == 3, proc.stdout + proc.stderr
     assert lines[0].startswith("blocked: name lookup of 'huggingface.co' refused") and "bot.close()" in lines[0]
     assert lines[1].startswith("blocked:") and lines[2] == "allowed"
+
+
+def test_images_encoded_while_the_model_loads_give_the_same_answer(model, images):
+    """Issue 38: the first question's images are encoded on a thread while the LLM loads (chat passes them):
+    the encoding is used, not redone, and the greedy answer is the one without it, token for token."""
+    from huatuo_local import HuatuoChatbot
+
+    question = "Compare the two images."
+    answers, hits = [], []
+    for prefetch in (None, images[:2]):
+        with HuatuoChatbot(str(model.manifest_path), temperature=0, max_new_tokens=24, prefix_cache=False,
+                           prefetch_images=prefetch) as bot:
+            answers.append((bot.inference(question, images[:2])[0], bot.last_reply.tokens))
+            hits.append(bot.engine.prefetch_hits)
+    assert answers[0] == answers[1] and hits == [0, 2]
+    # The command line does it too: its answer is the Python API's.
+    one = chat(model, *images[:2], "--max-tokens", "24", "--json", "-p", question)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["answer"] == answers[0][0]

@@ -52,7 +52,9 @@ def chat(
     """Ask HuatuoGPT-Vision about medical images or DICOM studies, one-shot or interactively; nothing leaves
     this machine. Research software, not a medical device: answers may be wrong."""
     from huatuo_local.runtime.api import HuatuoChatbot
+    from huatuo_local.runtime.trace import mark
 
+    mark("imports")
     paths = [str(p) for p in images or []]
     if prompt is not None and not prompt.strip():
         fail("-p: the question is empty; ask something, or leave -p out for the interactive chat")
@@ -60,7 +62,7 @@ def chat(
                    stop=tuple(stop or ()))
     schema = _schema(json_schema) if json_schema is not None else None
     from huatuo_local.runtime.images.dicom import parse_window
-    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, check_images, expand_inputs
+    from huatuo_local.runtime.images.loader import DEFAULT_MAX_PIXELS, LoadOptions, expand_inputs, load_checked
     from huatuo_local.runtime.images.study import parse_montage
 
     # Every input is checked before the model loads (seconds and gigabytes): a typo fails at once. A study
@@ -68,8 +70,10 @@ def chat(
     options = LoadOptions(parse_window(window), frame, max_pixels or DEFAULT_MAX_PIXELS, series, slices,
                           parse_montage(montage))
     inputs = expand_inputs(paths, options)
-    for note in check_images(inputs, options):
+    pictures, notes = load_checked(inputs, options)
+    for note in notes:
         typer.echo(note, err=True)
+    mark("images checked")
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -81,9 +85,11 @@ def chat(
     try:
         bot = HuatuoChatbot(config=config, temperature=temperature, repetition_penalty=repeat_penalty,
                             max_new_tokens=max_tokens, seed=seed, stop=stop, schema=schema, window=window,
-                            frame=frame, max_pixels=max_pixels, series=series, slices=slices, montage=montage)
+                            frame=frame, max_pixels=max_pixels, series=series, slices=slices, montage=montage,
+                            prefetch_images=pictures)  # encoded while the LLM loads
     finally:
         status.stop()
+    mark("model loaded")
     if bot.load_note and not as_json:
         typer.echo(bot.load_note, err=True)
     if prompt is None:
@@ -104,6 +110,7 @@ def chat(
         }, ensure_ascii=False, indent=2))
         return
     _print_answer(bot, prompt, inputs, status)
+    mark("answer")
 
 
 def _schema(path: Path) -> dict:

@@ -16,6 +16,7 @@ from huatuo_local.runtime.core.record import provenance
 from huatuo_local.runtime.engine.build import engine_build_id
 from huatuo_local.runtime.engine.engine import DEFAULT_CTX, Engine, EngineOptions
 from huatuo_local.runtime.engine.placement import plan_placement
+from huatuo_local.runtime.trace import mark
 
 
 def cache_identity(model: ResolvedModel, options: EngineOptions) -> dict[str, str]:
@@ -58,13 +59,15 @@ def engine_options(config: ModelConfig, n_gpu_layers: int, mmproj_offload: bool)
         tensor_split=config.tensor_split, rpc_key_file=str(config.rpc_key_file) if config.rpc_key_file else None)
 
 
-def open_model(config: ModelConfig) -> Loaded:
-    """Resolve and load a model the one way chat, HuatuoChatbot, serve and eval all use."""
+def open_model(config: ModelConfig, prefetch: tuple = ()) -> Loaded:
+    """Resolve and load a model the one way chat, HuatuoChatbot, serve and eval all use; `prefetch`: pictures
+    the first question brings, encoded while the LLM loads (engine/engine.py)."""
     from huatuo_local.runtime.llama.devices import free_memory
 
     config.check()
     # A name with several quants installed means the best that fits this machine now (models/store.py).
     resolved = resolve(config.model, free_memory())
+    mark("model resolved")
     # Where the work goes, decided once (engine/placement.py): the engine applies it, the note says it.
     plan = plan_placement(resolved.llm_path, resolved.mmproj_path, n_gpu_layers=config.n_gpu_layers,
                           mmproj_offload=config.mmproj_offload,
@@ -72,9 +75,11 @@ def open_model(config: ModelConfig) -> Loaded:
                           rpc=rpc_endpoints(config), tensor_split=config.tensor_split,
                           rpc_key_file=str(config.rpc_key_file) if config.rpc_key_file else None)
     options = engine_options(config, plan.n_gpu_layers, plan.vision_on_gpu)
+    mark("placement planned")
     guard = forbid_network() if config.offline else None
     try:
-        engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id, placement=plan)
+        engine = Engine(resolved.llm_path, resolved.mmproj_path, options, eos_id=resolved.eos_id, placement=plan,
+                        prefetch=prefetch)
     except BaseException:
         if guard is not None:
             guard.release()
@@ -82,6 +87,7 @@ def open_model(config: ModelConfig) -> Loaded:
     if guard is not None:  # offline for as long as this model is open
         engine.on_close.append(guard.release)
     identity = cache_identity(resolved, engine.options)
+    mark("model identity")
     cache = PrefixCache.default(identity) if config.prefix_cache else None
     prov = provenance(resolved, identity, {"n_ctx": engine.options.n_ctx, "kv_type": engine.options.kv_type,
                                            "n_gpu_layers": engine.options.n_gpu_layers,

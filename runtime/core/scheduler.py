@@ -38,6 +38,7 @@ from huatuo_local.runtime.core.stops import StopFilter
 from huatuo_local.runtime.core.structured import Constraint, ll_tokenizer
 from huatuo_local.runtime.engine.engine import DecodeAborted, Engine, EngineError
 from huatuo_local.runtime.engine.probe import vision_warning
+from huatuo_local.runtime.trace import mark
 
 
 class QueueFull(HuatuoError):
@@ -502,7 +503,10 @@ class Scheduler:
     def _encode(self, picture) -> np.ndarray:
         """One image's embeddings (on the encoder thread), from a library the vision probe has passed."""
         self.check_vision()
-        return self.engine.encode_image(picture)
+        mark("vision probe")
+        embeddings = self.engine.encode_image(picture)
+        mark("image encoded")
+        return embeddings
 
     def check_vision(self) -> None:
         """Images only from a library the vision probe has passed (engine/probe.py), asked once for this

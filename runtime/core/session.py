@@ -30,6 +30,7 @@ from huatuo_local.runtime.images.loader import (
     load_input,
     prepare,
 )
+from huatuo_local.runtime.trace import mark
 
 __all__ = ["Session", "Reply", "Counters", "Timings", "ImageItem", "Item", "image_item"]
 
@@ -117,6 +118,7 @@ class Session:
         `on_progress(Progress)` is called, in this thread, while the prompt is read."""
         params = params or self.sampling
         new_images = self.prepare_images(list(image_paths or []))
+        mark("images prepared")
         turn = Turn(text, len(new_images))
         items = self.items_for([*self.turns, turn], [*self.images, *new_images])
         job = self._submit(items, params, on_progress=on_progress)
@@ -124,6 +126,8 @@ class Session:
         failed = False
         try:
             for piece in job.stream():
+                if not pieces:
+                    mark("first token")
                 pieces.append(piece)
                 yield piece
         except Exception:

@@ -7,8 +7,10 @@ and changes nothing it is handed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,13 +24,14 @@ from huatuo_local.models.sizing import DEFAULT_CTX
 from huatuo_local.runtime.engine.loading import LOAD_MODES, MappedPages
 from huatuo_local.runtime.engine.placement import Plan, plan_placement
 from huatuo_local.runtime.engine.tokenizer import Tokenizer
-from huatuo_local.runtime.images.loader import VisionInput
+from huatuo_local.runtime.images.loader import VisionInput, prepare
 from huatuo_local.runtime.llama import constants as C
 from huatuo_local.runtime.llama.bindings import llama
 from huatuo_local.runtime.llama.bindings import mtmd as mtmd_lib
 from huatuo_local.runtime.llama.logs import LAST_ERRORS, quiet_logs
 from huatuo_local.runtime.rpc import client as rpc
 from huatuo_local.runtime.system import physical_cores
+from huatuo_local.runtime.trace import mark
 from PIL import Image
 
 KV_TYPES = {"f32": C.GGML_TYPE_F32, "f16": C.GGML_TYPE_F16, "q8_0": C.GGML_TYPE_Q8_0}
@@ -102,14 +105,16 @@ class Engine:
     """
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, options: EngineOptions | None = None,
-                 eos_id: int | None = None, placement: Plan | None = None):
+                 eos_id: int | None = None, placement: Plan | None = None, prefetch: tuple = ()):
         """`placement`: where the work goes (engine/placement.py), as core/loading.py planned it; without
-        one, the options' own n_gpu_layers and rpc settings are planned here."""
+        one, the options' own n_gpu_layers and rpc settings are planned here. `prefetch`: pictures (RGB, as
+        loaded) the first question will bring, encoded while the LLM loads (see `_vision_beside_llm`)."""
         # The engine's own copy: what it fills in (the default context, the micro-batch) is not the caller's.
         self.options = opts = replace(options) if options is not None else EngineOptions()
         self.on_close: list = []  # called once when the model closes (core.loading: the offline guard's release)
         self.llm_path, self.mmproj_path = Path(llm_path), Path(mmproj_path)
         vision = self._check_files(opts)
+        mark("files checked")
         if not opts.n_ctx:
             # Room for the release's own limits (6 images of 576 positions and a 512-token answer
             # need 3968) plus a conversation's history; 4096 overflowed within them. Like the
@@ -136,8 +141,32 @@ class Engine:
         self.workers = placement.workers.workers if placement.workers else []
         if opts.n_ubatch is None:  # 256 on the CPU, where it runs as fast and needs less; 512 on a GPU
             opts.n_ubatch = 512 if self.on_gpu else 256
-        self.model = self._load_model(opts)
-        self.ctx = self._create_context(opts)
+        self._prefetched: dict[str, np.ndarray] = {}
+        self.prefetch_hits = 0  # images whose encoding was done while the LLM loaded
+        self._vision_header = vision
+        self.marker = mtmd_lib().mtmd_default_marker().decode()
+        self._vocab_model = None
+        # On the CPU the projector loads, and the first question's images are encoded, on a thread of their own
+        # while the LLM loads: libmtmd needs only the text model's vocabulary and sizes, which a vocabulary-only
+        # load of the same file gives in a fraction of a second. A GPU is not driven from two threads at once.
+        beside = None
+        if not self.placement.vision_on_gpu:
+            beside = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="huatuo-vision-load")
+            vision_job = beside.submit(self._vision_beside_llm, opts, [prepare(p, self.vision) for p in prefetch])
+        try:
+            self.model = self._load_model(opts)
+            mark("LLM loaded")
+            self.ctx = self._create_context(opts)
+            mark("context created")
+        except BaseException:
+            if beside is not None:  # what the other thread made is freed with the rest (close)
+                try:
+                    self.mtmd_ctx = vision_job.result()
+                except BaseException:
+                    pass
+                beside.shutdown()
+            self.close()
+            raise
         llama_cpp = llama()
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -150,8 +179,17 @@ class Engine:
             )
         self.eos_id = int(eos_id if eos_id is not None else llama_cpp.llama_vocab_eos(self.vocab))
         self.tokenizer = Tokenizer(self.vocab)
-        self.mtmd_ctx = self._load_vision(opts)
-        self.marker = mtmd_lib().mtmd_default_marker().decode()
+        if beside is not None:
+            try:
+                self.mtmd_ctx = vision_job.result()
+            except BaseException:
+                self.close()
+                raise
+            finally:
+                beside.shutdown()
+        else:
+            self.mtmd_ctx = self._load_vision(opts, self.model)
+        mark("projector loaded")
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(opts.ubatch, self.n_embd, 1)
 
@@ -236,7 +274,27 @@ class Engine:
                               f"({why})")
         return ctx
 
-    def _load_vision(self, opts: EngineOptions):
+    def _vision_beside_llm(self, opts: EngineOptions, pictures: list) -> object:
+        """The projector, loaded against a vocabulary-only load of the LLM's file, and `pictures` (prepared)
+        encoded with it, by digest: what `encode_image` then returns without encoding again."""
+        llama_cpp = llama()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        params.devices = ctypes.cast((ctypes.c_void_p * 1)(None), ctypes.c_void_p)  # nothing to place
+        self._vocab_model = llama_cpp.llama_model_load_from_file(str(self.llm_path).encode(), params)
+        if not self._vocab_model:
+            raise EngineError(f"{self.llm_path}: llama.cpp could not read its vocabulary")
+        ctx = self._load_vision(opts, self._vocab_model)
+        # The embeddings' width from the projector's header (a vocabulary-only model knows no sizes); the engine
+        # checks it against the LLM's once that has loaded, before any of them is used.
+        width = int(self._vision_header.get(keys.PROJECTION_DIM, 0) or 0)
+        for picture in pictures if width > 0 else []:
+            digest = hashlib.sha256(picture.tobytes()).hexdigest()
+            self._prefetched[digest] = self._embeddings(ctx, picture, width)
+        mark("first images encoded beside the LLM's load")
+        return ctx
+
+    def _load_vision(self, opts: EngineOptions, text_model):
         m = mtmd_lib()
         params = m.mtmd_context_params_default()
         params.use_gpu = self.placement.vision_on_gpu
@@ -256,7 +314,7 @@ class Engine:
         params.n_threads = opts.threads
         params.print_timings = False
         params.warmup = False
-        ctx = m.mtmd_init_from_file(str(self.mmproj_path).encode(), self.model, params)
+        ctx = m.mtmd_init_from_file(str(self.mmproj_path).encode(), text_model, params)
         if not ctx:
             raise EngineError(f"{self.mmproj_path}: libmtmd could not load the vision projector")
         return ctx
@@ -328,12 +386,17 @@ class Engine:
     def encode_image(self, image: Image.Image) -> np.ndarray:
         """The projector's output for one prepared image, (image_tokens, n_embd). Callers run
         `engine.probe.vision_warning` first: this library must be known to encode LLaVA images right."""
-        embd = self.image_embeddings(image)
-        if len(embd) != self.image_tokens:
-            raise EngineError(f"libmtmd gave {len(embd)} positions for an image, expected {self.image_tokens}")
+        embd = self._prefetched.pop(hashlib.sha256(image.tobytes()).hexdigest(), None) if self._prefetched else None
+        if embd is None:
+            embd = self.image_embeddings(image)
+        else:
+            self.prefetch_hits += 1
+        if embd.shape != (self.image_tokens, self.n_embd):
+            raise EngineError(f"libmtmd gave embeddings of shape {embd.shape} for an image, expected "
+                              f"({self.image_tokens}, {self.n_embd})")
         return embd
 
-    def _image_chunks(self, image: Image.Image):
+    def _image_chunks(self, image: Image.Image, ctx=None):
         """libmtmd chunks for one prepared image (already padded and resized)."""
         mtmd = mtmd_lib()
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
@@ -347,7 +410,7 @@ class Engine:
         text.add_special = False
         text.parse_special = False
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        rc = mtmd.mtmd_tokenize(self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1)
+        rc = mtmd.mtmd_tokenize(ctx or self.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1)
         mtmd.mtmd_bitmap_free(bitmap)
         if rc != 0:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -356,8 +419,11 @@ class Engine:
 
     def image_embeddings(self, image: Image.Image) -> np.ndarray:
         """The projector's output for one prepared image, (n_tokens, n_embd)."""
+        return self._embeddings(self.mtmd_ctx, image, self.n_embd)
+
+    def _embeddings(self, ctx, image: Image.Image, n_embd: int) -> np.ndarray:
         mtmd = mtmd_lib()
-        chunks = self._image_chunks(image)
+        chunks = self._image_chunks(image, ctx)
         try:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -365,10 +431,10 @@ class Engine:
                     continue
                 n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 with self._device_lock:  # see _load_vision
-                    if mtmd.mtmd_encode_chunk(self.mtmd_ctx, chunk) != 0:
+                    if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
                         raise EngineError("libmtmd failed to encode the image")
-                    ptr = mtmd.mtmd_get_output_embd(self.mtmd_ctx)
-                    return np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+                    ptr = mtmd.mtmd_get_output_embd(ctx)
+                    return np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).reshape(n, n_embd).copy()
             raise EngineError("libmtmd produced no image chunk")
         finally:
             mtmd.mtmd_input_chunks_free(chunks)
@@ -430,6 +496,9 @@ class Engine:
         if getattr(self, "model", None):
             llama().llama_model_free(self.model)
             self.model = None
+        if getattr(self, "_vocab_model", None):  # the projector's view of the vocabulary (_vision_beside_llm)
+            llama().llama_model_free(self._vocab_model)
+            self._vocab_model = None
 
     def __enter__(self) -> Engine:
         return self

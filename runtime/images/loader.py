@@ -266,15 +266,23 @@ def check_images(paths: list[ImageInput], options: LoadOptions) -> list[str]:
     A typo, a folder or a text file named .png fails here in one line instead of after the model's
     load (seconds and gigabytes) or, in the interactive chat, at the first question.
     """
+    return load_checked(paths, options)[1]
+
+
+def load_checked(paths: list[ImageInput], options: LoadOptions) -> tuple[list[Image.Image], list[str]]:
+    """`check_images`, keeping the pictures it read (`chat` hands them to the engine to encode while the model
+    loads)."""
     paths = expand_inputs(paths, options)
     if len(paths) > MAX_IMAGES:
         raise ImageError(f"{len(paths)} images: the release takes at most {MAX_IMAGES} per question")
-    notes = []
+    pictures, notes = [], []
     for p in paths:
-        if load_input(p, options).info.get(WINDOW_IGNORED):
+        picture = load_input(p, options)
+        pictures.append(picture)
+        if picture.info.get(WINDOW_IGNORED):
             notes.append(f"warning: {image_name(p)}: --window applies to DICOM and 16-bit grayscale images; this "
                          "8-bit image is shown as it is")
-    return notes
+    return pictures, notes
 
 
 def frame_count(source: Source) -> int:
