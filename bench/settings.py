@@ -153,8 +153,8 @@ print(json.dumps(out))
 LOAD_MODES = ["read", "mmap", "mmap-release"]
 
 
-def wall_and_peak(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """A command's wall time and peak RSS in GiB, quiet.
+def wall_and_peak(cmd: list[str], env: dict | None = None, keep_log: bool = False):
+    """A command's wall time and peak RSS in GiB, quiet (with `keep_log`: and its standard error).
 
     The peak is the child's own VmHWM, polled from /proc while it runs: ru_maxrss from wait4 would
     start from this (forking) process's peak, which a conversion run in this process makes large.
@@ -182,7 +182,30 @@ def wall_and_peak(cmd: list[str], env: dict | None = None) -> tuple[float, float
     err = log.read().decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {err[-800:]}")
-    return wall, hwm / 1024**2
+    return (wall, hwm / 1024**2, err) if keep_log else (wall, hwm / 1024**2)
+
+
+def our_phases(log: str) -> dict[str, float]:
+    """`trace PHASE SECONDS` lines (HUATUO_LOCAL_TRACE=1, runtime/trace.py): when each phase ended."""
+    import re
+
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^trace (.+) ([0-9.]+)$", log, re.M)}
+
+
+def their_phases(log: str) -> dict[str, float]:
+    """llama-mtmd-cli's own timings from its log: model load, image encode and decode, prompt, generation."""
+    import re
+
+    out = {}
+    for key, pattern in (("load", r"llama_perf_context_print:\s+load time =\s+([0-9.]+) ms"),
+                         ("image encode", r"image slice encoded in ([0-9.]+) ms"),
+                         ("image decode", r"image decoded \(batch \d+/\d+\) in ([0-9.]+) ms"),
+                         ("prompt eval", r"prompt eval time =\s+([0-9.]+) ms"),
+                         ("eval", r"llama_perf_context_print:\s+eval time =\s+([0-9.]+) ms")):
+        found = re.findall(pattern, log)
+        if found:
+            out[key] = sum(float(x) for x in found) / 1000
+    return out
 
 
 def bench_load(args, out: Path, image: Path) -> None:
@@ -193,7 +216,7 @@ def bench_load(args, out: Path, image: Path) -> None:
 
     llm, mmproj = out / f"m-{args.quant}.gguf", out / "mmproj-m-f16.gguf"
     best: dict[str, dict] = {}
-    for _ in range(args.rounds):
+    for _ in range(0 if args.only_e2e else args.rounds):
         for mode in LOAD_MODES:
             r = run_measured(LOAD_CHILD.format(llm=str(llm), mmproj=str(mmproj), load=mode))
             print(mode, json.dumps(r), flush=True)
@@ -203,7 +226,7 @@ def bench_load(args, out: Path, image: Path) -> None:
     gib = 1024**3
     rows = ["| load mode | load | CPU user / kernel | peak anonymous | peak file-backed | peak total (VmHWM) | "
             "after first decode (anon + file) | first decode (64 tokens) |", "|---|---|---|---|---|---|---|---|"]
-    for mode in LOAD_MODES:
+    for mode in LOAD_MODES if best else []:
         r = best[mode]
         rows.append(f"| {mode}{' (default)' if mode == 'mmap-release' else ''} | {r['load_s']:.2f} s | "
                     f"{r['user_s']:.1f} / {r['sys_s']:.1f} s | {r['peak_anon'] / gib:.2f} GiB | "
@@ -217,21 +240,43 @@ def bench_load(args, out: Path, image: Path) -> None:
                 "--model", str(out / f"m-{args.quant}.manifest.json"), "--max-tokens", "16", "--temperature", "0",
                 "--no-prefix-cache"]
     e2e: dict[str, list] = {"huatuo-local chat": [], "llama-mtmd-cli": []}
+    from statistics import median
+
     from huatuo_local.runtime.system import physical_cores
 
-    for _ in range(args.rounds):
-        e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home")}))
+    # Alternating pairs, as many as --pairs: this machine's speed drifts, so each pair is measured together.
+    for _ in range(args.pairs):
+        e2e["huatuo-local chat"].append(wall_and_peak(ours_cmd, {"HUATUO_LOCAL_HOME": str(out / "home"),
+                                                                 "HUATUO_LOCAL_TRACE": "1"}, keep_log=True))
         if bins is not None:
             theirs = [str(bins / "llama-mtmd-cli"), "-m", str(llm), "--mmproj", str(mmproj), "--image",
                       str(image), "-p", question, "-n", "16", "--temp", "0", "-c", "4096", "-t",
                       str(physical_cores())]
-            e2e["llama-mtmd-cli"].append(wall_and_peak(theirs, {"LD_LIBRARY_PATH": str(bins)}))
-        print(e2e, flush=True)
-    rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (best) | peak RSS |", "|---|---|---|"]
+            e2e["llama-mtmd-cli"].append(wall_and_peak(theirs, {"LD_LIBRARY_PATH": str(bins)}, keep_log=True))
+        print({k: [(round(w, 2), round(m, 2)) for w, m, _ in v] for k, v in e2e.items()}, flush=True)
+    rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (median) | each pair | peak RSS |",
+             "|---|---|---|---|"]
     for name, runs in e2e.items():
         if runs:
-            rows2.append(f"| {name} | {min(w for w, _ in runs):.1f} s | {max(m for _, m in runs):.2f} GiB |")
-    table = "\n".join(rows) + "\n\n" + "\n".join(rows2)
+            rows2.append(f"| {name} | {median(w for w, _, _ in runs):.1f} s | "
+                         f"{', '.join(f'{w:.1f}' for w, _, _ in runs)} s | {max(m for _, m, _ in runs):.2f} GiB |")
+    ours, theirs_runs = e2e["huatuo-local chat"], e2e["llama-mtmd-cli"]
+    if theirs_runs:
+        ratio = median(w for w, _, _ in ours) / median(w for w, _, _ in theirs_runs)
+        pairs = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(ours, theirs_runs))
+        rows2.append(f"| ratio (ours / llama-mtmd-cli) | {ratio:.2f}x | {pairs} | |")
+    # Where the time goes: our phases (when each ended, from the median run) beside llama-mtmd-cli's own.
+    mid = sorted(ours, key=lambda r: r[0])[len(ours) // 2]
+    phases = our_phases(mid[2])
+    rows3 = ["| huatuo-local chat: phase ended at | s |", "|---|---|"]
+    rows3 += [f"| {name} | {t:.2f} |" for name, t in phases.items()]
+    rows3.append(f"| process exit | {mid[0]:.2f} |")
+    if theirs_runs:
+        tmid = sorted(theirs_runs, key=lambda r: r[0])[len(theirs_runs) // 2]
+        rows3 += ["", "| llama-mtmd-cli: its own timings | s |", "|---|---|"]
+        rows3 += [f"| {name} | {t:.2f} |" for name, t in their_phases(tmid[2]).items()]
+        rows3.append(f"| process exit | {tmid[0]:.2f} |")
+    table = ("\n".join(rows) + "\n\n" if best else "") + "\n".join(rows2) + "\n\n" + "\n".join(rows3)
     notes = (f"{args.quant} LLM with {args.shape} layer shapes at {args.depth} layers, F16 mmproj, random weights; "
              f"file {llm.stat().st_size / gib:.2f} GiB, in the page cache (warm) for every run. Best of "
              f"{args.rounds} interleaved rounds for times, largest for memory, each in a fresh process. `read`: "
@@ -258,6 +303,8 @@ def main() -> None:
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--load", action="store_true", help="measure model loading (see above)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="--load without the llama-mtmd-cli rows")
+    ap.add_argument("--pairs", type=int, default=3, help="--load: alternating pairs of whole one-shot runs")
+    ap.add_argument("--only-e2e", action="store_true", help="--load: only the whole one-shot runs")
     ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes (--load)")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert

@@ -60,10 +60,15 @@ def test_cpu_wait_bench_runs(tmp_path):
 
 def test_load_bench_runs(tmp_path):
     out = run_bench("settings.py", "--load", "--depth", "1", "--quant", "Q8_0", "--rounds", "1", "--no-llama-cpp",
-                    tmp_path=tmp_path)
+                    "--pairs", "1", tmp_path=tmp_path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| read", "| mmap"))]
     assert len(rows) == 3 and all(r.count("GiB") == 4 and r.count("|") == 9 for r in rows), out[-1500:]
     assert "| huatuo-local chat |" in out
+    # Where a one-shot run's time goes: each phase's end, in order, from the run's own trace.
+    phases = [ln.split("|")[1].strip() for ln in out.split("phase ended at")[1].splitlines()[2:] if ln.startswith("| ")]
+    for a, b in [("imports", "LLM loaded"), ("LLM loaded", "projector loaded"), ("projector loaded", "first token"),
+                 ("first token", "process exit")]:
+        assert phases.index(a) < phases.index(b), phases
 
 
 def test_interactive_bench_runs(tmp_path):
