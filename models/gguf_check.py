@@ -54,6 +54,9 @@ class GGUFSummary:
         return "mmproj" if self.arch == MMPROJ_ARCH else "llm"
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Walker:
     def __init__(self, path: Path, data: bytes | memoryview, size: int):
         self.path, self.data, self.size, self.pos = path, data, size, 0
@@ -81,11 +84,23 @@ class _Walker:
         except UnicodeDecodeError:
             raise self.fail("a key, name or text value that is not UTF-8") from None
 
-    def skip_string(self) -> None:
-        n = self.take("<Q")
-        if n > self.size - self.pos:
-            raise self.fail(f"string of {n} bytes")
-        self.pos += n
+    def skip_strings(self, count: int) -> None:
+        """`count` strings, each bound checked: the vocabulary's and merges' hundreds of thousands, so the loop
+        is kept tight (this walk runs before every model load)."""
+        unpack, data, size, pos = _U64.unpack_from, self.data, self.size, self.pos
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    self.pos = pos
+                    raise self.fail("unexpected end of file")
+                n = unpack(data, pos)[0]
+                pos += 8
+                if n > size - pos:
+                    self.pos = pos
+                    raise self.fail(f"string of {n} bytes")
+                pos += n
+        finally:
+            self.pos = pos
 
     def value(self, vtype: int, depth: int = 0):
         try:
@@ -114,8 +129,7 @@ class _Walker:
             if et in _SCALARS:
                 self.pos += count * least
             else:
-                for _ in range(count):
-                    self.skip_string()
+                self.skip_strings(count)
             return None
         return [self.value(etype, depth + 1) for _ in range(count)]
 

@@ -156,6 +156,12 @@ class Engine:
         try:
             self.model = self._load_model(opts)
             mark("LLM loaded")
+            llama_cpp = llama()
+            self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+            self.tokenizer = Tokenizer(self.vocab)
+            # Its vocabulary scan runs beside the context's creation (close() waits for it: it reads the model).
+            self._scan = threading.Thread(target=self.tokenizer.warm, name="huatuo-vocab-scan", daemon=True)
+            self._scan.start()
             self.ctx = self._create_context(opts)
             mark("context created")
         except BaseException:
@@ -167,18 +173,13 @@ class Engine:
                 beside.shutdown()
             self.close()
             raise
-        llama_cpp = llama()
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         proj_dim = int(vision.get(keys.PROJECTION_DIM, self.n_embd))
-        if proj_dim != self.n_embd:
-            raise EngineError(
-                f"{self.mmproj_path}: this vision projector makes {proj_dim}-wide embeddings but the language "
-                f"model expects {self.n_embd}; use the mmproj converted with this model"
-            )
+        mismatch = None if proj_dim == self.n_embd else EngineError(
+            f"{self.mmproj_path}: this vision projector makes {proj_dim}-wide embeddings but the language "
+            f"model expects {self.n_embd}; use the mmproj converted with this model")
         self.eos_id = int(eos_id if eos_id is not None else llama_cpp.llama_vocab_eos(self.vocab))
-        self.tokenizer = Tokenizer(self.vocab)
         if beside is not None:
             try:
                 self.mtmd_ctx = vision_job.result()
@@ -187,8 +188,11 @@ class Engine:
                 raise
             finally:
                 beside.shutdown()
-        else:
+        elif mismatch is None:
             self.mtmd_ctx = self._load_vision(opts, self.model)
+        if mismatch is not None:  # nothing of what was loaded is kept
+            self.close()
+            raise mismatch
         mark("projector loaded")
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
         self._embd_batch = llama_cpp.llama_batch_init(opts.ubatch, self.n_embd, 1)
@@ -479,6 +483,9 @@ class Engine:
             pass
 
     def close(self) -> None:
+        scan = getattr(self, "_scan", None)
+        if scan is not None:  # the tokenizer's vocabulary scan reads the model: it ends first
+            scan.join()
         # What was tied to this model's lifetime (core/loading.py: the offline guard), once.
         for release in getattr(self, "on_close", []):
             release()

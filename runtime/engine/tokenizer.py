@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 import unicodedata
 
 from huatuo_local.runtime.engine.text import TextDecoder
@@ -22,11 +23,36 @@ class Tokenizer:
     def __init__(self, vocab) -> None:
         self.vocab = vocab
         self.n_vocab = llama().llama_vocab_n_tokens(vocab)
-        self.specials, self.byte_tokens = self._scan()
-        self._special_re = (
-            re.compile("|".join(re.escape(t) for t in sorted(self.specials, key=len, reverse=True)))
-            if self.specials else None
-        )
+        self._lock = threading.Lock()
+        self._scanned: tuple | None = None
+
+    def warm(self) -> None:
+        """Scan the vocabulary now (a fifth of a second for 152k tokens): the engine does it on a thread while
+        the context is created; anything that needs the result waits for it."""
+        with self._lock:
+            if self._scanned is None:
+                specials, byte_tokens = self._scan()
+                pattern = (re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True)))
+                           if specials else None)
+                self._scanned = (specials, byte_tokens, pattern)
+
+    @property
+    def specials(self) -> dict[str, int]:
+        self.warm()
+        assert self._scanned is not None
+        return self._scanned[0]
+
+    @property
+    def byte_tokens(self) -> frozenset[int]:
+        self.warm()
+        assert self._scanned is not None
+        return self._scanned[1]
+
+    @property
+    def _special_re(self):
+        self.warm()
+        assert self._scanned is not None
+        return self._scanned[2]
 
     def _scan(self) -> tuple[dict[str, int], frozenset[int]]:
         """Added tokens HF matches verbatim in text (control tokens), and byte-fallback tokens."""
