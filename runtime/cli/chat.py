@@ -75,10 +75,7 @@ def chat(
     for note in notes:
         typer.echo(note, err=True)
     mark("images checked")
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read().strip()
-        if not prompt:
-            fail("no question: give -p PROMPT or text on standard input")
+    prompt = _question(prompt)
     from huatuo_local.runtime.cli.progress import PromptStatus
 
     status = PromptStatus(enabled=None if not as_json else False)
@@ -113,6 +110,15 @@ def chat(
     _print_answer(bot, prompt, inputs, status)
     mark("answer")
     _leave(bot)
+
+
+def _question(prompt: str | None) -> str | None:
+    """-p, else standard input when it is not a terminal, else None (the interactive chat)."""
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            fail("no question: give -p PROMPT or text on standard input")
+    return prompt
 
 
 def _leave(bot) -> None:

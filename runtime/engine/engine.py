@@ -141,6 +141,10 @@ class Engine:
         self.workers = placement.workers.workers if placement.workers else []
         if opts.n_ubatch is None:  # 256 on the CPU, where it runs as fast and needs less; 512 on a GPU
             opts.n_ubatch = 512 if self.on_gpu else 256
+        self._load(opts, vision, eos_id, prefetch)
+
+    def _load(self, opts: EngineOptions, vision: dict, eos_id: int | None, prefetch: tuple) -> None:
+        """The LLM, its context and tokenizer, and the projector (beside the LLM on the CPU)."""
         self._prefetched: dict[str, np.ndarray] = {}
         self.prefetch_hits = 0  # images whose encoding was done while the LLM loaded
         self._vision_header = vision
