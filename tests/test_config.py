@@ -58,7 +58,7 @@ def test_the_same_options_reach_the_engine_alike_from_every_front_end(monkeypatc
         pass
 
     def record(name):
-        def stand_in(config):
+        def stand_in(config, **_):  # prefetch: the first pictures, not a load option
             seen[name] = config
             raise Loaded
         return stand_in

@@ -158,34 +158,28 @@ def _folder_files(root: Path, label: str, max_files: int) -> list[str]:
     return files
 
 
-def _folder_headers(root: Path, label: str, max_files: int):
-    headers, skipped = [], 0
-    for rel in _folder_files(root, label, max_files):
-        full = root / rel
+def _tally(found) -> tuple[list, int]:
+    """Headers, and how many files were not DICOM images (None), from one reader's results."""
+    headers = [h for h in found if h is not None]
+    return headers, len(found) - len(headers)
+
+
+def _file_header(full: Path, rel: str):
+    try:
         if not full.is_file():
-            skipped += 1
-            continue
-        try:
-            with open(full, "rb") as f:
-                header = _header(f, rel)
-        except OSError:
-            header = None
-        if header is None:
-            skipped += 1
-        else:
-            headers.append(header)
-    return headers, skipped
+            return None
+        with open(full, "rb") as f:
+            return _header(f, rel)
+    except OSError:
+        return None
+
+
+def _folder_headers(root: Path, label: str, max_files: int):
+    return _tally([_file_header(root / rel, rel) for rel in _folder_files(root, label, max_files)])
 
 
 def _memory_headers(files: dict[str, bytes]):
-    headers, skipped = [], 0
-    for name in sorted(files):
-        header = _header(io.BytesIO(files[name]), name)
-        if header is None:
-            skipped += 1
-        else:
-            headers.append(header)
-    return headers, skipped
+    return _tally([_header(io.BytesIO(files[name]), name) for name in sorted(files)])
 
 
 def _zip_members(path, label: str, max_files: int) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
@@ -202,22 +196,18 @@ def _zip_members(path, label: str, max_files: int) -> tuple[zipfile.ZipFile, lis
 
 def _zip_headers(path, label: str, max_files: int):
     zf, members = _zip_members(path, label, max_files)
-    headers, skipped = [], 0
     with zf:
-        for info in members:
-            if info.file_size > MAX_SLICE_BYTES or info.flag_bits & 0x1:  # oversized, or encrypted
-                skipped += 1
-                continue
-            try:
-                with zf.open(info) as f:
-                    header = _header(io.BytesIO(f.read(min(info.file_size, 1 << 20))), info.filename)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
-                header = None
-            if header is None:
-                skipped += 1
-            else:
-                headers.append(header)
-    return headers, skipped
+        return _tally([_member_header(zf, info) for info in members])
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo):
+    if info.file_size > MAX_SLICE_BYTES or info.flag_bits & 0x1:  # oversized, or encrypted: skipped
+        return None
+    try:
+        with zf.open(info) as f:
+            return _header(io.BytesIO(f.read(min(info.file_size, 1 << 20))), info.filename)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError):
+        return None
 
 
 def _dicomdir_headers(path: Path, label: str, max_files: int):
@@ -239,22 +229,18 @@ def _dicomdir_headers(path: Path, label: str, max_files: int):
     if len(instances) > max_files:
         raise ImageError(f"{label}: lists more than {max_files} files; open one series' folder instead")
     root = path.parent.resolve()
-    headers, skipped = [], 0
-    for instance in instances:
-        try:
-            full = Path(instance.path).resolve()
-            if root not in full.parents or not full.is_file():  # a record pointing outside the study: ignored
-                skipped += 1
-                continue
-            with open(full, "rb") as f:
-                header = _header(f, os.path.relpath(full, root))
-        except (OSError, ValueError, AttributeError):
-            header = None
-        if header is None:
-            skipped += 1
-        else:
-            headers.append(header)
-    return headers, skipped
+    return _tally([_record_header(root, instance) for instance in instances])
+
+
+def _record_header(root: Path, instance):
+    """The header of the file a DICOMDIR record names; None for one pointing outside the study."""
+    try:
+        full = Path(instance.path).resolve()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if root not in full.parents:
+        return None
+    return _file_header(full, os.path.relpath(full, root))
 
 
 @dataclass(frozen=True)
