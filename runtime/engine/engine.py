@@ -152,9 +152,11 @@ class Engine:
         self._vocab_model = None
         # On the CPU the projector loads, and the first question's images are encoded, on a thread of their own
         # while the LLM loads: libmtmd needs only the text model's vocabulary and sizes, which a vocabulary-only
-        # load of the same file gives in a fraction of a second. A GPU is not driven from two threads at once.
+        # load of the same file gives in a fraction of a second. A GPU is not driven from two threads at once, and
+        # neither is an RPC worker's connection (ggml's RPC client shares one socket per worker: a second thread
+        # asking a device's memory while the LLM's tensors go out corrupted the stream, 2 bench runs in 7).
         beside = None
-        if not self.placement.vision_on_gpu:
+        if not self.placement.vision_on_gpu and not self.placement.workers and not opts.rpc:
             beside = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="huatuo-vision-load")
             vision_job = beside.submit(self._vision_beside_llm, opts, [prepare(p, self.vision) for p in prefetch])
         try:
