@@ -57,28 +57,25 @@ print(json.dumps(dict(build_s=build_s, mask_ms=1e3 * float(np.median(times)), st
 """
 
 
-def ours_rate(url: str, tokens: int, schema: dict | None) -> float:
+def _ask(url: str, tokens: int, schema: dict | None, full_length: dict) -> dict:
+    """One greedy request; with `schema` the answer is constrained, else `full_length` keeps it to `tokens`."""
     import httpx
 
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "temperature": 0}
     if schema is not None:
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "report", "schema": schema}}
     else:
-        body["min_tokens"] = tokens
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600).json()
-    n = r["usage"]["completion_tokens"]
-    return (n - 1) / r["huatuo"]["generation_s"]
+        body.update(full_length)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600).json()
+
+
+def ours_rate(url: str, tokens: int, schema: dict | None) -> float:
+    r = _ask(url, tokens, schema, {"min_tokens": tokens})
+    return (r["usage"]["completion_tokens"] - 1) / r["huatuo"]["generation_s"]
 
 
 def theirs_rate(url: str, tokens: int, schema: dict | None) -> float:
-    import httpx
-
-    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "temperature": 0}
-    if schema is not None:
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "report", "schema": schema}}
-    else:
-        body["ignore_eos"] = True
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=3600).json()
+    r = _ask(url, tokens, schema, {"ignore_eos": True})
     return float(r["timings"]["predicted_per_second"])
 
 
