@@ -49,6 +49,21 @@ def _children() -> dict[int, str]:
     return out
 
 
+def _under(pid: int, older: set[int]) -> bool:
+    """Whether one of `pid`'s ancestors (below this process) is in `older`."""
+    import psutil
+
+    try:
+        for parent in psutil.Process(pid).parents():
+            if parent.pid == os.getpid():
+                return False
+            if parent.pid in older:
+                return True
+    except psutil.Error:
+        return False
+    return False
+
+
 def engine_options(**given):
     """EngineOptions for a test's in-process engine: every layer on the GPU under HUATUO_LOCAL_TEST_GPU=1, else as
     given (the CPU by default)."""
@@ -109,7 +124,10 @@ def _ends_what_it_starts(request):
 
     before, ports = set(_children()), set(_listening())
     yield
-    leaked = {pid: line for pid, line in _children().items() if pid not in before}
+    # A process started by one that was already running (a module's server: Ray Serve replacing a replica it
+    # lost) is that process's, ended with it; the test's own are those whose line of parents reaches this
+    # process without passing through an older one.
+    leaked = {pid: line for pid, line in _children().items() if pid not in before and not _under(pid, before)}
     deadline = time.time() + 5  # a process being stopped may need a moment to exit
     while leaked and time.time() < deadline:
         time.sleep(0.1)

@@ -25,10 +25,11 @@ RANKS = [
     ({"huatuo_local.runtime.rpc"}, 2),
     ({"huatuo_local.runtime.engine"}, 3),
     ({"huatuo_local.runtime.core"}, 4),
+    ({"huatuo_local.runtime.cluster"}, 5),  # replicas on Ray: core's scheduler in other processes
     ({"huatuo_local.runtime.api", "huatuo_local.runtime.serve", "huatuo_local.runtime.eval",
-      "huatuo_local.runtime.verify", "huatuo_local.runtime.quantize"}, 5),
-    ({"huatuo_local.runtime.cli"}, 6),
-    ({"huatuo_local", "huatuo_local.__main__"}, 7),  # the package's front door: HuatuoChatbot, the command
+      "huatuo_local.runtime.verify", "huatuo_local.runtime.quantize"}, 6),
+    ({"huatuo_local.runtime.cli"}, 7),
+    ({"huatuo_local", "huatuo_local.__main__"}, 8),  # the package's front door: HuatuoChatbot, the command
 ]
 EXACT = {"huatuo_local", "huatuo_local.runtime"}
 # The converter's public entries, the only ones the runtime may use (from its command line).
@@ -187,7 +188,7 @@ def test_the_rules_can_fail(tmp_path):
     assert layer_violations(upward) == ["huatuo_local.runtime.engine.engine -> huatuo_local.runtime.core.session "
                                         "(rank 3 -> 4)"]
     assert layer_violations({"huatuo_local.convert.pipeline": {"huatuo_local"}}) == [
-        "huatuo_local.convert.pipeline -> huatuo_local (rank 1 -> 7)"]
+        "huatuo_local.convert.pipeline -> huatuo_local (rank 1 -> 8)"]
     assert layer_violations({"huatuo_local.runtime.serve.app": {"huatuo_local.runtime.eval.run"}})
     assert layer_violations({"huatuo_local.runtime.core.loading": {"huatuo_local.convert.pull"}})
     assert not layer_violations({"huatuo_local.runtime.cli.store": {"huatuo_local.convert.pull"}})

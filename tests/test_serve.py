@@ -55,14 +55,15 @@ def listening_url(proc: subprocess.Popen, log: Path, deadline: float) -> str:
 
 
 @contextmanager
-def server(model_path: str, tmp: Path, *args: str, wait: bool = True, env: dict | None = None):
+def server(model_path: str, tmp: Path, *args: str, wait: bool = True, env: dict | None = None,
+           deadline_s: float = 120):
     log = tmp / f"serve-{time.monotonic_ns()}.log"
     env = dict(os.environ, HUATUO_LOCAL_HOME=str(tmp / "home"), **(env or {}))
     with open(log, "w") as err:
         proc = subprocess.Popen([*CLI, "serve", "--model", model_path, "--port", "0", *args], cwd=ROOT,
                                 env=env, stdout=err, stderr=err)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + deadline_s
         url = listening_url(proc, log, deadline)
         while wait:
             try:

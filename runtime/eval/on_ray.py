@@ -20,6 +20,7 @@ from pathlib import Path
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.evaluation import Record
+from huatuo_local.runtime.cluster.session import RaySession
 from huatuo_local.runtime.core.config import ModelConfig
 from huatuo_local.runtime.eval.results import ResultsFile, eprint
 from huatuo_local.runtime.eval.worker import EvalSettings, EvalWorker
@@ -61,38 +62,11 @@ def _image_bytes(records: list[Record]) -> dict[str, bytes]:
     return out
 
 
-def _connect(address: str, session: list[str]):
-    """Join `address` (or start a private cluster for "local", whose files go to a folder of its own, named in
-    `session` for removal when the run ends: Ray's default, /tmp/ray, would outlive the run)."""
-    try:
-        import ray
-    except ImportError:
-        raise HuatuoError("--ray needs Ray: pip install 'huatuo-local[distributed]'") from None
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        try:
-            if address == "local":  # a private cluster on this machine, gone when the run ends
-                import tempfile
-
-                # Short: Ray's socket paths below it must fit in 107 bytes.
-                session.append(tempfile.mkdtemp(prefix="hr"))
-                ray.init(_temp_dir=session[0], **kwargs)
-            else:
-                ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise HuatuoError(f"--ray {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
-                              "start one with `ray start --head` or use --ray local") from None
-        except OSError as exc:  # e.g. Ray's socket paths under a long TMPDIR exceed 107 bytes
-            raise HuatuoError(f"--ray {address}: cannot start Ray ({str(exc).splitlines()[0][:200]}); if the path "
-                              "is too long, set TMPDIR to a shorter folder") from None
-    return ray
-
-
 def answer_with_ray(address: str, config: ModelConfig, settings: EvalSettings, pending: list[Record],
                     results: ResultsFile, on_row: Callable[[dict], None], workers: int | None = None,
                     batch: int | None = None) -> None:
-    session: list[str] = []
-    ray = _connect(address, session)
+    session = RaySession(address)
+    ray = session.ray
     from ray.exceptions import RayActorError, RayTaskError
 
     try:
@@ -148,23 +122,5 @@ def answer_with_ray(address: str, config: ModelConfig, settings: EvalSettings, p
                     on_row(row)
             feed(actor)
     finally:
-        _shut_down(ray, session)
+        session.close()
 
-
-def _shut_down(ray, session: list[str]) -> None:
-    """End the actors (not detached: they end with the driver) and, for a private cluster, every process it
-    started: Ray's node agents outlive ray.shutdown() by a minute or more otherwise."""
-    import shutil
-    import signal
-
-    from huatuo_local.runtime.system import descendants
-
-    ours = descendants() if session else []
-    ray.shutdown()
-    for pid in ours:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:  # already gone
-            pass
-    if session:  # the private cluster's logs and sockets
-        shutil.rmtree(session[0], ignore_errors=True)

@@ -30,8 +30,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def lifespan(app):
         threading.Thread(target=state.load, name="huatuo-load", daemon=True).start()
         yield
-        if state.scheduler is not None:
-            state.scheduler.close()
+        state.close()
 
     app = FastAPI(title="huatuo-local", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.huatuo = state

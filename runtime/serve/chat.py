@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: check, translate, submit one job to the scheduler, stream its events."""
+"""POST /v1/chat/completions: check, translate, hand one task to the backend (this process's scheduler or a
+cluster's replicas: serve/backend.py), stream its events."""
 
 from __future__ import annotations
 
@@ -7,19 +8,16 @@ import json
 import logging
 import secrets
 
-import numpy as np
 from fastapi import APIRouter, Request
-from huatuo_local.runtime.core.items import conversation_items
+from huatuo_local.runtime.core.chat_task import BadRequest, ChatTask
 from huatuo_local.runtime.core.record import answer_record
-from huatuo_local.runtime.core.scheduler import ContextFull, Job, QueueFull, ShuttingDown
-from huatuo_local.runtime.core.structured import ll_tokenizer
+from huatuo_local.runtime.core.scheduler import ContextFull, QueueFull, ShuttingDown
 from huatuo_local.runtime.serve.body import Disconnect, read_json
 from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.openai import ChatRequest, parse_chat
 from huatuo_local.runtime.serve.reply import Reply, StreamText, state_shutting_down
 from huatuo_local.runtime.serve.state import RETRY_AFTER_S, SHUTDOWN_GRACE_S, state_of
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
 log = logging.getLogger("huatuo_local.serve")
 router = APIRouter()
@@ -29,20 +27,13 @@ router = APIRouter()
 async def chat_completions(request: Request):
     state = state_of(request)
     who = state.tenant(request) or ""
-    scheduler = state.ready()
+    backend = state.ready()
     body = await read_json(request, state.config.max_body_bytes)
     if isinstance(body, dict) and isinstance(body.get("model"), str):
         state.check_model(body["model"])
     assert state.loader is not None
     watch = Disconnect(request)
     req: ChatRequest = await watch.run(parse_chat, body, state.loader, watch.gone.is_set)
-    engine = scheduler.engine
-    if any(t >= engine.n_vocab for t, _ in req.params.logit_bias):
-        raise ApiError(400, f"'logit_bias' names a token id the model does not have (it has {engine.n_vocab})",
-                       param="logit_bias")
-    if req.params.grammar is not None:  # the schema engine's view of the vocabulary, built once, off the loop
-        await run_in_threadpool(ll_tokenizer, engine.tokenizer, engine.eos_id)
-    items = await run_in_threadpool(conversation_items, engine.tokenizer.tokenize, req.turns, req.images)
     if state.config.log_prompts:
         log.info("prompt: %s", json.dumps([t.text for t in req.turns], ensure_ascii=False))
     loop = asyncio.get_running_loop()
@@ -50,10 +41,11 @@ async def chat_completions(request: Request):
     # Without a seed one is drawn and recorded, so a sampled answer can be asked for again exactly.
     seed = req.seed if req.seed is not None else secrets.randbits(63)
     record = answer_record(state.provenance, req.params, seed, len(req.turns), req.images)
-    job = Job(items, req.params, np.random.default_rng(seed), tenant=who,
-              on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    task = ChatTask(req.turns, req.images, req.params, seed, who)
     try:
-        scheduler.submit(job)
+        job = await backend.start(task, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    except BadRequest as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
     except ContextFull as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except QueueFull as exc:

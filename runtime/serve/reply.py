@@ -9,10 +9,12 @@ import uuid
 
 from fastapi import Request
 from fastapi.responses import Response
+from huatuo_local.runtime.cluster.wire import ReplicaLost
 from huatuo_local.runtime.core.events import Done, Failed, Piece
 from huatuo_local.runtime.core.record import fingerprint
 from huatuo_local.runtime.core.sampling import NonFiniteScores
-from huatuo_local.runtime.core.scheduler import Job, Result, ShuttingDown
+from huatuo_local.runtime.core.scheduler import Result, ShuttingDown
+from huatuo_local.runtime.serve.backend import Answering
 from huatuo_local.runtime.serve.body import DISCONNECT_CHECK_S
 from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.state import RETRY_AFTER_S
@@ -50,13 +52,17 @@ def logprobs_json(entries) -> dict:
 
 
 def _usage(result: Result) -> dict:
+    # cached_tokens: prompt positions not computed again (held by the sequence, or read from the prefix cache).
     return {"prompt_tokens": result.prompt_positions, "completion_tokens": len(result.tokens),
-            "total_tokens": result.prompt_positions + len(result.tokens)}
+            "total_tokens": result.prompt_positions + len(result.tokens),
+            "prompt_tokens_details": {"cached_tokens": result.counters.tokens_reused}}
 
 
-def _extension(result: Result) -> dict:
-    """Beyond OpenAI's fields: what the scheduler reused and how long things took."""
-    return {**result.counters.__dict__, "first_token_s": round(result.timings.first_token_s, 4),
+def _extension(result: Result, replica: dict | None = None) -> dict:
+    """Beyond OpenAI's fields: what the scheduler reused, how long things took, and on a cluster which replica
+    answered (runtime/cluster/)."""
+    return {**({"replica": replica} if replica else {}), **result.counters.__dict__,
+            "first_token_s": round(result.timings.first_token_s, 4),
             "queued_s": round(result.timings.queued_s, 4), "generation_s": round(result.timings.generation_s, 4)}
 
 
@@ -69,6 +75,8 @@ def generation_error(exc: BaseException) -> ApiError:
     """What a client hears when its answer failed in the scheduler."""
     if isinstance(exc, ShuttingDown):
         return state_shutting_down()
+    if isinstance(exc, ReplicaLost):  # a cluster's replica died mid-answer; the others answer a retry
+        return ApiError(503, str(exc), "server_error", code="replica_lost", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, NonFiniteScores):  # the model file's fault, said as such; the server stays up
         return ApiError(500, str(exc), "server_error", code="model_output_invalid")
     return ApiError(500, f"generation failed: {exc}", "server_error")
@@ -77,11 +85,12 @@ def generation_error(exc: BaseException) -> ApiError:
 class Reply:
     """One job's events turned into OpenAI's answer: a whole `chat.completion` or its stream of chunks."""
 
-    def __init__(self, job: Job, text: StreamText, model_id: str, record: dict | None = None):
+    def __init__(self, job: Answering, text: StreamText, model_id: str, record: dict | None = None):
         self.job, self.text, self.model_id, self.record = job, text, model_id, record
         # OpenAI's system_fingerprint: which model files and engine build answered (core/record.py).
         self.fingerprint = fingerprint(record) if record else None
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.replica = getattr(job, "replica", None)  # a cluster's answer: which replica (runtime/cluster/)
         self.created = int(time.time())
 
     def finish_reason(self, result: Result) -> str:
@@ -119,7 +128,7 @@ class Reply:
                   "logprobs": logprobs_json(result.logprobs) if result.logprobs is not None else None}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_id,
                 "system_fingerprint": self.fingerprint, "choices": [choice], "usage": _usage(result),
-                "huatuo": _extension(result), "huatuo_record": self.record}
+                "huatuo": _extension(result, self.replica), "huatuo_record": self.record}
 
     def chunk(self, delta: dict, reason: str | None = None, logprobs: tuple = ()) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": reason}
@@ -148,7 +157,7 @@ class Reply:
                         yield json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                           "model": self.model_id, "system_fingerprint": self.fingerprint,
                                           "choices": [], "usage": _usage(event.result),
-                                          "huatuo": _extension(event.result)})
+                                          "huatuo": _extension(event.result, self.replica)})
                     yield "[DONE]"
                     return
                 elif isinstance(event, Failed):

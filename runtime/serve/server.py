@@ -29,8 +29,8 @@ class _Server:
             def handle_exit(self, sig, frame):
                 if not state.shutting_down:
                     state.shutting_down = True
-                    if state.scheduler is not None:
-                        state.scheduler.shut_down(SHUTDOWN_GRACE_S)
+                    if state.backend is not None:
+                        state.backend.shut_down(SHUTDOWN_GRACE_S)
                 super().handle_exit(sig, frame)
 
         self.server = Server(config)
@@ -74,6 +74,16 @@ def serve(config: ServeConfig, open_browser: bool = False) -> None:
           f"{config.model.model or 'the default model'}...", file=sys.stderr, flush=True)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    config.port = port
+    app = create_app(config)
+    try:
+        # --ray: the cluster joined and the replicas deployed, or one line. Before our signal handlers: Ray
+        # installs its own on joining, and ours must be the ones uvicorn hands the signal back to.
+        app.state.huatuo.prepare()
+    except BaseException:
+        sock.close()
+        raise
+
     def stopped(sig, frame):  # uvicorn re-raises the signal once its graceful shutdown is done
         print("huatuo-local serve: stopped", file=sys.stderr, flush=True)
         raise SystemExit(0)
@@ -82,8 +92,6 @@ def serve(config: ServeConfig, open_browser: bool = False) -> None:
         signal.signal(sig, stopped)
     if open_browser:
         threading.Timer(1.0, _open_page, args=(f"http://{shown}:{port}/",)).start()
-    config.port = port
-    app = create_app(config)
     guarded = LocalGuard(app, config.host, port, config.cors_origins)
     settings = uvicorn.Config(guarded, log_level="warning", timeout_graceful_shutdown=10, access_log=False)
     _Server(app, settings).server.run(sockets=[sock])

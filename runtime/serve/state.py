@@ -9,13 +9,15 @@ import hashlib
 import hmac
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from huatuo_local.runtime.cluster.config import ClusterConfig
 from huatuo_local.runtime.core.config import ModelConfig
-from huatuo_local.runtime.core.scheduler import Scheduler
+from huatuo_local.runtime.serve.backend import Backend, LocalBackend
 from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.request_images import ImageLoader, Limits
 from huatuo_local.runtime.serve.supervise import LAST_ERROR_ENV
@@ -40,6 +42,8 @@ class ServeConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = 32 * 1024 * 1024
     max_pixels: int | None = None
+    # serve --ray: replicas on a Ray cluster instead of this process's scheduler (runtime/cluster/)
+    cluster: ClusterConfig | None = None
 
 
 def tenant_of(key: str) -> str:
@@ -51,7 +55,9 @@ def tenant_of(key: str) -> str:
 class ServerState:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.scheduler: Scheduler | None = None
+        self.backend: Backend | None = None  # set once the model answers
+        self._cluster = None  # serve --ray: the ClusterBackend, deployed by prepare() and ready after load()
+        self.stop = threading.Event()
         self.model_id = config.model.model or ""
         self.provenance: dict | None = None
         self.quant = ""
@@ -63,8 +69,20 @@ class ServerState:
         self.loader: ImageLoader | None = None
         self.shutting_down = False
         self.tenants = {key.encode("utf-8"): tenant_of(key) for key in config.api_keys}
+    def prepare(self) -> None:
+        """What must happen before the server listens: with --ray, join (or start) the cluster and deploy the
+        replicas, so that a cluster that cannot be reached is one line and no server."""
+        c = self.config
+        if c.cluster is not None:
+            from huatuo_local.runtime.cluster.backend import ClusterBackend
+
+            self._cluster = ClusterBackend(c.model, c.cluster, c.max_queue, SHUTDOWN_GRACE_S)
+
     def load(self) -> None:
+        if self._cluster is not None:
+            return self._load_cluster()
         from huatuo_local.runtime.core.loading import open_model
+        from huatuo_local.runtime.core.scheduler import Scheduler
 
         c = self.config
         while True:
@@ -77,24 +95,51 @@ class ServerState:
                 if not (c.model.rpc and "RPC worker" in str(exc)):
                     return
                 time.sleep(RPC_RETRY_S)  # a worker that is down or restarting: try again until it answers
-        self.error = None
         model, engine = loaded.model, loaded.engine
-        self.model_id = model.ref
-        self.provenance = loaded.provenance  # the model side of every answer's record (core/record.py)
-        self.quant = model.quant or "?"
-        self.names = {model.ref, model.name, model.store_name or "", str(c.model.model or "")} - {""}
-        limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
-                        [p.expanduser().resolve() for p in c.allow_files])
-        self.loader = ImageLoader(limits, engine.vision)
-        self.scheduler = Scheduler(engine, loaded.cache, max_queue=c.max_queue)
+        self._serving(model.ref, model.name, model.store_name or "", model.quant or "?", loaded.provenance,
+                      engine.vision)
+        self.backend = LocalBackend(Scheduler(engine, loaded.cache, max_queue=c.max_queue))
         print(f"ready: {self.model_id} ({c.model.parallel} parallel, {engine.options.n_ctx} tokens of context each)"
               + (f"; {loaded.note}" if loaded.note else ""), file=sys.stderr, flush=True)
 
-    def ready(self) -> Scheduler:
+    def _load_cluster(self) -> None:
+        backend = self._cluster
+        try:
+            info = backend.wait_ready(self.stop)
+        except Exception as exc:  # reported by /health and every request; the server stays up
+            self.error = str(exc)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return
+        self._serving(info["ref"], info["name"], info["store_name"], info["quant"], info["provenance"],
+                      info["vision"])
+        self.backend = backend
+        c = self.config
+        print(f"ready: {self.model_id} on Ray ({c.cluster.address}): replicas answering as they start, "
+              f"{info['parallel']} parallel and {info['n_ctx']} tokens of context each"
+              + (f"; {info['note']}" if info.get("note") else ""), file=sys.stderr, flush=True)
+
+    def _serving(self, ref: str, name: str, store_name: str, quant: str, provenance: dict | None, vision) -> None:
+        c = self.config
+        self.error = None
+        self.model_id = ref
+        self.provenance = provenance  # the model side of every answer's record (core/record.py)
+        self.quant = quant
+        self.names = {ref, name, store_name, str(c.model.model or "")} - {""}
+        limits = Limits(c.max_image_bytes, c.max_pixels or Limits().max_pixels,
+                        [p.expanduser().resolve() for p in c.allow_files])
+        self.loader = ImageLoader(limits, vision)
+
+    def close(self) -> None:
+        self.stop.set()
+        backend = self.backend or self._cluster
+        if backend is not None:
+            backend.close()
+
+    def ready(self) -> Backend:
         if self.shutting_down:
             raise ApiError(503, "the server is shutting down", "server_error", code="shutting_down")
-        if self.scheduler is not None:
-            return self.scheduler
+        if self.backend is not None:
+            return self.backend
         if self.error:
             raise ApiError(503, f"the model could not be loaded: {self.error}", "server_error", code="model_not_loaded")
         raise ApiError(503, "the model is still loading; try again shortly", "server_error", code="loading",

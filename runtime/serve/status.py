@@ -12,16 +12,18 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     state = state_of(request)
-    ok = state.scheduler is not None and not state.shutting_down
-    status = "ok" if ok else "shutting_down" if state.shutting_down else "error" if state.error else "loading"
+    # A cluster answers once one replica runs, and says "ok" once every replica asked for does.
+    ok = state.backend is not None and not state.shutting_down and state.backend.complete()
+    status = ("ok" if ok else "shutting_down" if state.shutting_down else "error" if state.error
+              else "starting replicas" if state.backend is not None else "loading")
     if state.tenant(request, required=False) is None:  # without the key: only whether it can answer
         return JSONResponse({"status": status}, status_code=200 if ok else 503,
                             headers={} if ok else {"Retry-After": str(RETRY_AFTER_S)})
-    if ok:
-        assert state.scheduler is not None
-        return {"status": "ok", "model": state.model_id, "quant": state.quant, "auth": bool(state.tenants),
-                "active": state.scheduler.active(), "queued": state.scheduler.queued(),
-                "images_decoded": state.loader.decoded if state.loader else 0}
+    if state.backend is not None:  # loaded; a cluster may still be starting replicas (or replacing one)
+        body = {"status": status, "model": state.model_id, "quant": state.quant, "auth": bool(state.tenants),
+                **state.backend.status(), "images_decoded": state.loader.decoded if state.loader else 0}
+        return JSONResponse(body, status_code=200 if ok else 503,
+                            headers={} if ok else {"Retry-After": str(RETRY_AFTER_S)})
     return JSONResponse({"status": status, "error": state.error}, status_code=503,
                         headers={"Retry-After": str(RETRY_AFTER_S)})
 

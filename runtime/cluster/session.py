@@ -1,0 +1,70 @@
+"""Joining a Ray cluster, or starting a private one on this machine, and leaving nothing of it behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+
+from huatuo_local.models.errors import HuatuoError
+from huatuo_local.runtime.system import descendants
+
+
+class RaySession:
+    """`address` is a running cluster (HOST:PORT, `ray start --head` on it) or "local": a private cluster on
+    this machine, listening on loopback only, its files in a folder of its own (Ray's default, /tmp/ray, would
+    outlive us), every process of it ended by PID when the session closes (never `ray stop`, which would end
+    every Ray process of the user)."""
+
+    def __init__(self, address: str, num_cpus: int | None = None, flag: str = "--ray"):
+        try:
+            import ray
+        except ImportError:
+            raise HuatuoError(f"{flag} needs Ray: pip install 'huatuo-local[distributed]'") from None
+        self.ray = ray
+        self.address = address
+        self.folder: str | None = None
+        self.joined = False
+        if ray.is_initialized():
+            return
+        kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        try:
+            if address == "local":
+                # Short: Ray's socket paths below it must fit in 107 bytes.
+                self.folder = tempfile.mkdtemp(prefix="hr")
+                ray.init(_temp_dir=self.folder, _node_ip_address="127.0.0.1", num_cpus=num_cpus, **kwargs)
+            else:
+                ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            self._remove_folder()
+            raise HuatuoError(f"{flag} {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]}); "
+                              "start one with `ray start --head` or use --ray local") from None
+        except OSError as exc:  # e.g. Ray's socket paths under a long TMPDIR exceed 107 bytes
+            self._remove_folder()
+            raise HuatuoError(f"{flag} {address}: cannot start Ray ({str(exc).splitlines()[0][:200]}); if the path "
+                              "is too long, set TMPDIR to a shorter folder") from None
+        self.joined = True
+
+    @property
+    def private(self) -> bool:
+        return self.folder is not None
+
+    def close(self) -> None:
+        """Leave the cluster; a private one ends with every process it started (Ray's node agents outlive
+        ray.shutdown() by a minute or more otherwise) and its folder."""
+        if not self.joined:
+            return
+        self.joined = False
+        ours = descendants() if self.private else []
+        self.ray.shutdown()
+        for pid in ours:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:  # already gone
+                pass
+        self._remove_folder()
+
+    def _remove_folder(self) -> None:
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
