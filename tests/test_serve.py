@@ -4,6 +4,7 @@ official `openai` client. Greedy answers must equal `chat --temperature 0` byte 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -100,11 +101,22 @@ def images(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def live(model, images, tmp_path_factory):
+# The tests that define the API (shape, streaming, errors, keys) run against both kinds of server: this
+# process's scheduler, and replicas on a private Ray cluster (`serve --ray`, issue 30; tests/test_cluster.py).
+BACKENDS = {"process": (), "ray": ("--ray", "local", "--replicas", "2", "--threads", "1")}
+
+
+def backend_params():
+    have_ray = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
+    return ["process", pytest.param("ray", marks=pytest.mark.skipif(not have_ray, reason="no ray[serve]"))]
+
+
+@pytest.fixture(scope="module", params=backend_params())
+def live(model, images, tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("serve")
     with server(str(model.manifest_path), tmp, "--parallel", "4", "--api-key", KEY, "--ctx", "4096",
-                "--allow-files", str(images[0].parent), "--max-body-mb", "2") as (url, proc, log):
+                "--allow-files", str(images[0].parent), "--max-body-mb", "2", *BACKENDS[request.param],
+                deadline_s=300) as (url, proc, log):
         yield url, proc, log
 
 
@@ -200,6 +212,10 @@ def test_multi_turn_history_reuses_the_kv_prefix_and_matches_the_api(live, model
     assert second.choices[0].message.content == want2
     ext = second.model_extra["huatuo"]
     assert ext["images_encoded"] == 0 and ext["tokens_reused"] > 576, ext
+    # OpenAI's own field says the same: the whole first turn (its prompt and answer) was not computed again.
+    assert second.usage.prompt_tokens_details.cached_tokens == ext["tokens_reused"]
+    assert ext["tokens_reused"] >= first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert first.usage.prompt_tokens_details.cached_tokens == first.model_extra["huatuo"]["tokens_reused"]
 
 
 def test_a_system_message_is_prepended_to_the_next_user_message(live, model, images):

@@ -34,6 +34,9 @@ class ClusterBackend:
         self.cluster = cluster.check()
         _, hi = cluster.bounds()
         self.session = RaySession(cluster.address, num_cpus=self._local_cpus(model, cluster))
+        if self.session.private:
+            print(f"huatuo-local serve: a private Ray cluster on this machine, on loopback (its files: "
+                  f"{self.session.folder}, owner-only, removed when the server stops)", file=sys.stderr, flush=True)
         try:
             import logging
 

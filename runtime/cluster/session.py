@@ -10,6 +10,20 @@ import tempfile
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.system import descendants
 
+# Ray puts its sockets at FOLDER/session_<date>_<time>_<pid>/sockets/plasma_store: about 80 bytes below
+# FOLDER, and a Unix socket's path holds at most 107.
+MAX_FOLDER_CHARS = 26
+
+
+def _short_private_folder() -> str:
+    """An owner-only folder for a private cluster: under $TMPDIR when its path is short enough for Ray's
+    sockets, else under /tmp."""
+    folder = tempfile.mkdtemp(prefix="hr")
+    if len(folder) <= MAX_FOLDER_CHARS:
+        return folder
+    os.rmdir(folder)
+    return tempfile.mkdtemp(prefix="hr", dir="/tmp")
+
 
 class RaySession:
     """`address` is a running cluster (HOST:PORT, `ray start --head` on it) or "local": a private cluster on
@@ -31,9 +45,10 @@ class RaySession:
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             if address == "local":
-                # Short: Ray's socket paths below it must fit in 107 bytes.
-                self.folder = tempfile.mkdtemp(prefix="hr")
-                ray.init(_temp_dir=self.folder, _node_ip_address="127.0.0.1", num_cpus=num_cpus, **kwargs)
+                self.folder = _short_private_folder()
+                # Pictures travel to replicas through Ray's object store (shared memory); never spilled to disk.
+                ray.init(_temp_dir=self.folder, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
+                         _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
