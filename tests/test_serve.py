@@ -212,9 +212,10 @@ def test_multi_turn_history_reuses_the_kv_prefix_and_matches_the_api(live, model
     assert second.choices[0].message.content == want2
     ext = second.model_extra["huatuo"]
     assert ext["images_encoded"] == 0 and ext["tokens_reused"] > 576, ext
-    # OpenAI's own field says the same: the whole first turn (its prompt and answer) was not computed again.
+    # OpenAI's own field says the same: the whole first turn's prompt was not computed again (its answer too, as
+    # far as the release's re-tokenized text equals the generated tokens; a random tiny model's may not).
     assert second.usage.prompt_tokens_details.cached_tokens == ext["tokens_reused"]
-    assert ext["tokens_reused"] >= first.usage.prompt_tokens + first.usage.completion_tokens - 1
+    assert ext["tokens_reused"] >= first.usage.prompt_tokens
     assert first.usage.prompt_tokens_details.cached_tokens == first.model_extra["huatuo"]["tokens_reused"]
 
 
