@@ -86,6 +86,16 @@ def test_health_lists_two_replicas_in_their_own_processes(cluster):
     ours = set(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
     assert pids <= ours and proc.pid not in pids  # Ray Serve's replica actors: processes of this server's cluster
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}  # without a key: only whether it answers
+    # Nothing of the private cluster listens beyond loopback: Ray's servers, the replicas', ours.
+    listening = []
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            listening += [(p.pid, p.name(), c.laddr.ip) for c in p.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    assert len({pid for pid, _, _ in listening}) >= 5, listening  # the server, GCS, raylet, both replicas
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, _, ip in listening), listening
 
 
 def test_greedy_answers_equal_chat_on_both_replicas(cluster, scans, reference):

@@ -19,9 +19,35 @@ from huatuo_local.runtime.core.events import Done, Failed, Progress
 from huatuo_local.runtime.core.scheduler import ContextFull, QueueFull, Scheduler, ShuttingDown
 
 
+def listen_on_node_address() -> None:
+    """Ray Serve's replica starts a gRPC server for calls between deployments on every interface ("[::]:0",
+    ray/serve/_private/replica.py); this replica's is put on its node's own address instead (loopback on a
+    private cluster), as every server of Ray's core is. Called before Serve starts it (after our constructor)."""
+    try:
+        import ray
+        from ray.serve._private import replica as serve_replica
+    except ImportError:
+        return
+    original = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "huatuo_node_address", False):
+        return
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def on_node_address(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    on_node_address.huatuo_node_address = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = on_node_address
+
+
 class Replica:
     def __init__(self, model: ModelConfig, max_queue: int, cache_dir: str | None = None):
         from huatuo_local.runtime.core.loading import open_model
+
+        listen_on_node_address()
         from huatuo_local.runtime.core.prefix_cache import PrefixCache
 
         loaded = open_model(model)

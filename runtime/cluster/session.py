@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.system import descendants
 
+# Ray's switch for machines where it supports no multi-machine cluster (Windows, macOS): off, a node's address is
+# the loopback address (ray/_private/services.py get_node_ip_address).
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Ray puts its sockets at FOLDER/session_<date>_<time>_<pid>/sockets/plasma_store: about 80 bytes below
 # FOLDER, and a Unix socket's path holds at most 107.
 MAX_FOLDER_CHARS = 26
@@ -32,6 +36,11 @@ class RaySession:
     every Ray process of the user)."""
 
     def __init__(self, address: str, num_cpus: int | None = None, flag: str = "--ray"):
+        if address == "local" and "ray" not in sys.modules:
+            # A private cluster is one machine: Ray's single-machine mode advertises the loopback address, and
+            # every server of Ray's (GCS, raylet, object manager, workers, agents) then listens on it alone, not
+            # on every interface. (Read by Ray when it is imported, and by every process it starts.)
+            os.environ[SINGLE_MACHINE_ENV] = "0"
         try:
             import ray
         except ImportError:
@@ -47,7 +56,7 @@ class RaySession:
             if address == "local":
                 self.folder = _short_private_folder()
                 # Pictures travel to replicas through Ray's object store (shared memory); never spilled to disk.
-                ray.init(_temp_dir=self.folder, _node_ip_address="127.0.0.1", num_cpus=num_cpus,
+                ray.init(_temp_dir=self.folder, num_cpus=num_cpus,
                          _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
