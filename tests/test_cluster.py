@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
@@ -71,8 +76,8 @@ def raw(c: openai.OpenAI, messages: list, max_tokens: int = 16) -> dict:
     return json.loads(r.text)
 
 
-def replicas(url: str) -> list[dict]:
-    body = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=10).json()
+def replicas(url: str, key: str = KEYS[0]) -> list[dict]:
+    body = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
     return body["cluster"]["replicas"]
 
 
@@ -238,3 +243,64 @@ def test_sigterm_leaves_no_ray_process(cluster):
         assert time.time() < deadline, {p: " ".join(psutil.Process(p).cmdline())[:120] for p in alive}
         time.sleep(0.5)
     assert "stopped" in log.read_text()
+
+
+# --- a cluster started with `ray start`, and a machine that joins it ---------------------------------------
+
+
+def _ray_start(args: list[str], env: dict, started: list) -> subprocess.Popen:
+    """`ray start ARGS` in a process group of its own: every process of that node (its daemons outlive `ray
+    start`) is ended by the group's id, never by `ray stop` (which ends every Ray process of the user)."""
+    head = ["--include-dashboard=false"] if "--head" in args else []
+    starter = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args, *head,
+                                "--disable-usage-stats"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    started.append(starter)  # ended by the caller whatever happens next
+    _, said = starter.communicate(timeout=120)
+    assert starter.returncode == 0, said[-2000:]
+    return starter
+
+
+def test_an_existing_cluster_with_room_for_one_replica_of_two(model, scans, tmp_path, reference):
+    """`serve --ray HOST:PORT` on a cluster started with `ray start --head` (one CPU: room for one replica of
+    the two asked for): it answers with the one, and /health says 503 "starting replicas" while the other
+    waits for a machine to join (Ray Serve places it then; not played here: a second Ray node on this machine
+    cannot stay on loopback). SIGTERM ends our application, never the cluster."""
+    from test_eval import stop_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_dir = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    # The cluster's own token (never ~/.ray's); single-machine mode keeps its traffic on loopback.
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **token)
+    nodes = []
+    try:
+        _ray_start(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    f"--temp-dir={ray_dir}"], env, nodes)
+        with server(str(model.manifest_path), tmp_path, "--ray", f"127.0.0.1:{port}", "--replicas", "2",
+                    "--threads", "1", "--ctx", "4096", env=token, wait=False, deadline_s=300) as (url, proc, log):
+            deadline = time.time() + 180
+            while httpx.get(f"{url}/health", timeout=10).json().get("status") != "starting replicas":
+                assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            health = httpx.get(f"{url}/health", timeout=10)
+            assert health.status_code == 503 and health.json()["cluster"]["replica_states"]["RUNNING"] == 1
+            c = client(url, "none")
+            got = raw(c, [user(QUESTIONS[0], data_uri(scans[0]))])
+            assert got["choices"][0]["message"]["content"] == reference(QUESTIONS[0], scans[0])
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 503  # still one of two
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0, log.read_text()[-3000:]
+        # The cluster is still there, without our application.
+        assert all(n.poll() is not None for n in nodes)  # (`ray start` returned; its daemons run on)
+        listed = subprocess.run([sys.executable, "-c", "import ray; ray.init(address='auto'); from ray import serve; "
+                                 "print(sorted(serve.status().applications))"], capture_output=True, text=True,
+                                env=dict(env, RAY_ADDRESS=f"127.0.0.1:{port}"), timeout=120)
+        assert listed.returncode == 0 and listed.stdout.strip().splitlines()[-1] == "[]", listed.stderr[-2000:]
+    finally:
+        for n in nodes:
+            stop_group(n.pid)
+        shutil.rmtree(ray_dir, ignore_errors=True)

@@ -57,12 +57,14 @@ class Replica:
         self.loaded = loaded
         self.scheduler = Scheduler(loaded.engine, cache, max_queue=max_queue)
         try:
+            import ray
             from ray import serve
 
             replica_id = serve.get_replica_context().replica_id.unique_id
+            node_id = ray.get_runtime_context().get_node_id()[:12]
         except Exception:  # outside Serve (tests of this class alone)
-            replica_id = f"p{os.getpid()}"
-        self.identity = {"id": replica_id, "node": socket.gethostname(), "pid": os.getpid()}
+            replica_id, node_id = f"p{os.getpid()}", ""
+        self.identity = {"id": replica_id, "node": socket.gethostname(), "node_id": node_id, "pid": os.getpid()}
 
     def describe(self) -> dict:
         """What the server needs to know to check and record requests: the model, its picture size, its
