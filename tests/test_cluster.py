@@ -304,3 +304,32 @@ def test_an_existing_cluster_with_room_for_one_replica_of_two(model, scans, tmp_
         for n in nodes:
             stop_group(n.pid)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_replicas_scale_up_with_the_queue(model, tmp_path):
+    """--min-replicas/--max-replicas: Ray Serve's autoscaler adds a replica when more answers wait than the one
+    replica answers at once (--parallel 1, four clients)."""
+    with server(str(model.manifest_path), tmp_path, "--ray", "local", "--replicas", "1", "--min-replicas", "1",
+                "--max-replicas", "2", "--threads", "1", "--parallel", "1", "--ctx", "4096",
+                deadline_s=300) as (url, proc, log):
+        assert replicas(url, "none") and len(replicas(url, "none")) == 1
+        stop = threading.Event()
+
+        def busy() -> None:
+            while not stop.is_set():
+                httpx.post(f"{url}/v1/chat/completions", timeout=300, json={
+                    "messages": [user("Write a long report.")], "max_tokens": 3000, "min_tokens": 3000,
+                    "temperature": 0.8})
+
+        clients = [threading.Thread(target=busy) for _ in range(4)]
+        for t in clients:
+            t.start()
+        try:
+            deadline = time.time() + 120
+            while len({r.get("pid") for r in replicas(url, "none")} - {None}) < 2:
+                assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(1)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join(300)

@@ -65,7 +65,8 @@ def deployment_options(model: ModelConfig, cluster: ClusterConfig, max_queue: in
     if cluster.autoscaling:
         # Scale on queue length: a replica busy with `parallel` answers is as busy as it should be.
         out["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi, "initial_replicas": cluster.replicas,
-                                     "target_ongoing_requests": model.parallel, "upscale_delay_s": 5.0,
+                                     "target_ongoing_requests": model.parallel, "look_back_period_s": 10.0,
+                                     "upscale_delay_s": 5.0,
                                      "downscale_delay_s": 120.0}
     else:
         out["num_replicas"] = cluster.replicas
