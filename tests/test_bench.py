@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -129,3 +130,13 @@ def test_structured_bench_runs(tmp_path):
     rows = [ln for ln in out.splitlines() if ln.startswith(("| huatuo-local", "| llama-server"))]
     assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 and float(r.split("|")[3]) > 0 for r in rows), out
     assert "ms per token" in out
+
+
+def test_cluster_bench_runs(tmp_path):
+    """bench/cluster.py on tiny shapes: plain serve, 1 and 2 replicas, and the three follow-up routings."""
+    pytest.importorskip("ray.serve")
+    out = run_bench("cluster.py", "--depth", "1", "--quant", "Q8_0", "--tokens", "6", "--rounds", "1", "--clients",
+                    "2", "--conversations", "2", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| plain serve", "| ray, ", "| affinity", "| pow2"))]
+    assert len(rows) == 6, out
+    assert "2 replicas / 1 replica" in out and "power of two choices / affinity" in out
