@@ -14,7 +14,7 @@ lint:
     {{python}} -m ruff check .
 
 # All benchmarks (each appends its table to BENCHMARKS.md)
-bench: bench-convert bench-runtime bench-encode bench-settings bench-load bench-serve bench-eval bench-rpc
+bench: bench-convert bench-runtime bench-encode bench-settings bench-load bench-serve bench-eval bench-rpc bench-cluster
 
 # Converter throughput and peak memory vs llama.cpp's convert_hf_to_gguf.py
 bench-convert *ARGS:
@@ -55,6 +55,10 @@ bench-eval *ARGS:
 # RPC: the model split over local llama.cpp RPC workers vs all local; bytes per token
 bench-rpc *ARGS:
     {{python}} bench/rpc.py {{ARGS}}
+
+# serve --ray local (1 and 2 replicas) beside plain serve; follow-ups under affinity vs power of two choices
+bench-cluster *ARGS:
+    {{python}} bench/cluster.py {{ARGS}}
 
 # Sampling's cost per token on a 152064-token vocabulary, in isolation
 bench-sampling:

@@ -138,5 +138,5 @@ def test_cluster_bench_runs(tmp_path):
     out = run_bench("cluster.py", "--depth", "1", "--quant", "Q8_0", "--tokens", "6", "--rounds", "1", "--clients",
                     "2", "--conversations", "2", tmp_path=tmp_path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| plain serve", "| ray, ", "| affinity", "| pow2"))]
-    assert len(rows) == 6, out
+    assert len(rows) == 7, out
     assert "2 replicas / 1 replica" in out and "power of two choices / affinity" in out

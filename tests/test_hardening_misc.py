@@ -64,6 +64,15 @@ def test_the_offline_guard_allows_loopback(event):
     assert proc.stdout.startswith("ALLOWED"), (event, proc.stdout, proc.stderr)
 
 
+def test_a_cluster_replica_reaches_its_cluster_and_nothing_else():
+    """serve --ray: a replica's guard also passes its cluster's machines (runtime/cluster/replica.py), no other."""
+    cluster = "from huatuo_local.runtime.core.offline import allow_hosts; allow_hosts(['203.0.113.1']); "
+    reached = _run_guarded(cluster + "socket.create_connection(('203.0.113.1', 9), timeout=0.2)")
+    assert reached.stdout.startswith(("REACHED-OS", "ALLOWED")), reached.stdout + reached.stderr
+    beyond = _run_guarded(cluster + "socket.create_connection(('203.0.113.2', 9), timeout=0.2)")
+    assert beyond.stdout.startswith("BLOCKED"), beyond.stdout + beyond.stderr
+
+
 def test_the_guard_sets_the_hub_offline_even_when_already_imported():
     code = textwrap.dedent("""
         import os

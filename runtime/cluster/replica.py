@@ -43,11 +43,24 @@ def listen_on_node_address() -> None:
     serve_replica.add_port_to_grpc_server = on_node_address
 
 
+def _allow_the_cluster() -> None:
+    """The model's offline guard (core/offline.py) refuses every address but loopback; a replica's cluster is
+    its machines, so their addresses are allowed, and nothing beyond them."""
+    try:
+        import ray
+        from huatuo_local.runtime.core.offline import allow_hosts
+
+        allow_hosts(n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # outside Ray: loopback only, as everywhere
+        pass
+
+
 class Replica:
     def __init__(self, model: ModelConfig, max_queue: int, cache_dir: str | None = None):
         from huatuo_local.runtime.core.loading import open_model
 
         listen_on_node_address()
+        _allow_the_cluster()
         from huatuo_local.runtime.core.prefix_cache import PrefixCache
 
         loaded = open_model(model)

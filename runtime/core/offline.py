@@ -30,6 +30,8 @@ _INSTALLED = False
 _HOLDERS = 0  # open models that hold the guard; the hook refuses only while there is one
 _SAVED_ENV: dict[str, str | None] = {}
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+# Addresses allowed beside loopback: a cluster replica's own cluster (runtime/cluster/replica.py).
+_ALLOWED: set[str] = set()
 # Environment switches that keep Hugging Face libraries from trying the network at all.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1"}
@@ -45,7 +47,7 @@ def _is_local(host: object) -> bool:
     if isinstance(host, (bytes, bytearray)):
         host = bytes(host).decode("ascii", "replace")
     host = str(host).strip().lower().rstrip(".")
-    if host in _LOCAL_NAMES:
+    if host in _LOCAL_NAMES or host in _ALLOWED:
         return True
     try:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
@@ -114,6 +116,12 @@ def _set_hub_offline(offline: bool) -> None:
     hub_constants = sys.modules.get("huggingface_hub.constants")
     if hub_constants is not None:
         hub_constants.HF_HUB_OFFLINE = offline
+
+
+def allow_hosts(hosts) -> None:
+    """Let the guard pass these addresses too, for the life of the process: a replica on a Ray cluster talks to
+    the cluster's machines (Ray's own traffic is native code, which the guard cannot see anyway), never beyond."""
+    _ALLOWED.update(str(h).strip().lower() for h in hosts if h)
 
 
 def forbid_network() -> OfflineGuard:
