@@ -283,11 +283,14 @@ def test_an_existing_cluster_with_room_for_one_replica_of_two(model, scans, tmp_
         with server(str(model.manifest_path), tmp_path, "--ray", f"127.0.0.1:{port}", "--replicas", "2",
                     "--threads", "1", "--ctx", "4096", env=token, wait=False, deadline_s=300) as (url, proc, log):
             deadline = time.time() + 180
-            while httpx.get(f"{url}/health", timeout=10).json().get("status") != "starting replicas":
+            while True:  # (the replicas' states reach /health within a second of Ray Serve's)
+                health = httpx.get(f"{url}/health", timeout=10)
+                body = health.json()
+                if body.get("status") == "starting replicas" and body["cluster"]["replica_states"].get("RUNNING"):
+                    break
                 assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
                 time.sleep(0.5)
-            health = httpx.get(f"{url}/health", timeout=10)
-            assert health.status_code == 503 and health.json()["cluster"]["replica_states"]["RUNNING"] == 1
+            assert health.status_code == 503 and body["cluster"]["replica_states"]["RUNNING"] == 1, body
             c = client(url, "none")
             got = raw(c, [user(QUESTIONS[0], data_uri(scans[0]))])
             assert got["choices"][0]["message"]["content"] == reference(QUESTIONS[0], scans[0])

@@ -367,9 +367,9 @@ def test_frames_errors_and_open(new_page, converted, tmp_path):
                 for _ in range(2)]
         for t in busy:
             t.start()
-        deadline = time.time() + 60
-        while httpx.get(f"{url}/health").json().get("queued") != 1:  # one answering, one waiting: full
-            assert time.time() < deadline
+        deadline = time.time() + 180  # (a loaded machine: the full suite beside it)
+        while (health := httpx.get(f"{url}/health", timeout=30).json()).get("queued") != 1:  # one answering, one
+            assert time.time() < deadline, health                                            # waiting: full
             time.sleep(0.05)
         ask_on_page(page, "Hello?")
         wait_state(page, "error")

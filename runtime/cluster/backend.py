@@ -26,7 +26,7 @@ from huatuo_local.runtime.engine.engine import EngineError
 
 RETRIES = 3  # replicas tried for an answer none of whose tokens were sent yet
 RETRY_PAUSE_S = 0.5  # for Ray Serve to learn that a replica is gone
-STATUS_CACHE_S = 1.0
+STATUS_EVERY_S = 1.0  # how often the replicas' states are asked of Ray Serve
 
 
 class ClusterBackend:
@@ -63,8 +63,10 @@ class ClusterBackend:
         self.in_flight = 0
         self.closing = False
         self.answers: set[RemoteAnswer] = set()
-        self._status: tuple[float, dict] = (0.0, {})
-        self._lock = threading.Lock()
+        self._counts: dict = {}
+        # Ray Serve's status is a call to its controller: asked on a thread of its own, never on the event loop
+        # that serves /health.
+        threading.Thread(target=self._poll_status, name="huatuo-cluster-status", daemon=True).start()
 
     @staticmethod
     def _local_cpus(model: ModelConfig, cluster: ClusterConfig) -> int | None:
@@ -98,30 +100,29 @@ class ClusterBackend:
         return s.get("RUNNING", 0) >= max(1, s.get("target", self.target))
 
     def _replica_counts(self) -> dict:
-        with self._lock:
-            at, cached = self._status
-            if time.monotonic() - at < STATUS_CACHE_S:
-                return cached
-        counts: dict = {}
-        try:
-            app = self._app_status()
-            dep = app.deployments.get(DEPLOYMENT) if app else None
-            if dep is not None:
-                counts = dict(dep.replica_states)
-                auto = getattr(dep, "autoscaling_status", None)
-                counts["target"] = (self.cluster.bounds()[0] if self.cluster.autoscaling else self.target) or 1
-                if auto is not None:
-                    counts["autoscaling"] = str(auto)
-        except Exception as exc:  # the controller busy or restarting: say so, try again next time
-            counts = {"error": _first_line(str(exc))}
-        with self._lock:
-            self._status = (time.monotonic(), counts)
-        return counts
+        return self._counts
+
+    def _poll_status(self) -> None:
+        while not self.closing:
+            counts: dict = {}
+            try:
+                app = self._app_status()
+                dep = app.deployments.get(DEPLOYMENT) if app else None
+                if dep is not None:
+                    counts = dict(dep.replica_states)
+                    counts["target"] = (self.cluster.bounds()[0] if self.cluster.autoscaling else self.target) or 1
+            except Exception as exc:  # the controller busy or restarting: say so, ask again
+                counts = {"error": _first_line(str(exc))}
+            self._counts = counts
+            time.sleep(STATUS_EVERY_S)
 
     def status(self) -> dict:
         replicas, router = [], {}
         for r in list(registry.ROUTERS):
-            replicas = r.replicas()
+            try:
+                replicas = r.replicas()
+            except RuntimeError:  # its state changed while read (the router runs on Ray Serve's own thread)
+                replicas = []
             router = {"routing": self.cluster.routing, "affinity_hits": r.hits, "affinity_misses": r.misses,
                       "overflows": r.overflows}
         return {"active": sum(int(r.get("active") or 0) for r in replicas),

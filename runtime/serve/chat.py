@@ -9,13 +9,14 @@ import logging
 import secrets
 
 from fastapi import APIRouter, Request
+from huatuo_local.models.errors import HuatuoError
 from huatuo_local.runtime.core.chat_task import BadRequest, ChatTask
 from huatuo_local.runtime.core.record import answer_record
 from huatuo_local.runtime.core.scheduler import ContextFull, QueueFull, ShuttingDown
 from huatuo_local.runtime.serve.body import Disconnect, read_json
 from huatuo_local.runtime.serve.errors import ApiError
 from huatuo_local.runtime.serve.openai import ChatRequest, parse_chat
-from huatuo_local.runtime.serve.reply import Reply, StreamText, state_shutting_down
+from huatuo_local.runtime.serve.reply import Reply, StreamText, generation_error, state_shutting_down
 from huatuo_local.runtime.serve.state import RETRY_AFTER_S, SHUTDOWN_GRACE_S, state_of
 from sse_starlette.sse import EventSourceResponse
 
@@ -53,6 +54,8 @@ async def chat_completions(request: Request):
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except ShuttingDown:
         raise state_shutting_down() from None
+    except HuatuoError as exc:  # a cluster whose replicas could not take the task (reply.py says which status)
+        raise generation_error(exc) from None
     reply = Reply(job, StreamText(), state.model_id, record)
     if req.stream:
         # On SIGTERM, answers in flight get SHUTDOWN_GRACE_S to finish with their last chunk and
