@@ -14,9 +14,9 @@ from huatuo_local.runtime.system import descendants
 # Ray's switch for machines where it supports no multi-machine cluster (Windows, macOS): off, a node's address is
 # the loopback address (ray/_private/services.py get_node_ip_address).
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# Ray puts its sockets at FOLDER/session_<date>_<time>_<pid>/sockets/plasma_store: about 80 bytes below
-# FOLDER, and a Unix socket's path holds at most 107.
-MAX_FOLDER_CHARS = 26
+# Ray puts its sockets at FOLDER/session_<date>_<time>_<pid>/sockets/plasma_store: up to 66 bytes below FOLDER,
+# and a Unix socket's path holds at most 107.
+MAX_FOLDER_CHARS = 36
 
 
 def _short_private_folder() -> str:
