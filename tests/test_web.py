@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 from pydicom.data import get_testdata_file
-from test_serve import KEY, client, data_uri, server
+from test_serve import BACKENDS, KEY, backend_params, client, data_uri, server
 from tiny_models import TinySpec
 
 SPEC = TinySpec(arch="qwen2", seed=8, tower="folder")
@@ -391,17 +391,19 @@ def test_frames_errors_and_open(new_page, converted, tmp_path):
         assert model.llm_path.name in page.inner_text("#error")
 
 
-def test_a_json_schema_in_the_settings_shapes_the_answer(new_page, converted, png, tmp_path):
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_json_schema_in_the_settings_shapes_the_answer(new_page, converted, png, tmp_path, backend):
     """Issue 35: the page's JSON Schema setting is sent as response_format; the answer on the page parses and
     validates (the model is random: its free text is no JSON); a schema that is no JSON, or one the server
-    cannot enforce, is said in one sentence, and the question stays to send again."""
+    cannot enforce, is said in one sentence, and the question stays to send again. The same page on `serve --ray`
+    (issue 30): the picture and the schema travel to a replica and back."""
     import jsonschema
 
     model = converted(SPEC, "F32", "f32")
     schema = {"type": "object", "properties": {"finding": {"type": "string", "maxLength": 30},
                                                "side": {"enum": ["left", "right"]}},
               "required": ["finding", "side"], "additionalProperties": False}
-    with server(str(model.manifest_path), tmp_path) as (url, _, _):
+    with server(str(model.manifest_path), tmp_path, *BACKENDS[backend], deadline_s=300) as (url, _, _):
         page = new_page(viewport={"width": 1280, "height": 800})
         page.goto(url + "/")
         wait_js(page, "document.querySelector('#model').textContent === 'tiny:f32'")
