@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT
 
 
@@ -134,7 +133,6 @@ def test_structured_bench_runs(tmp_path):
 
 def test_cluster_bench_runs(tmp_path):
     """bench/cluster.py on tiny shapes: plain serve, 1 and 2 replicas, and the three follow-up routings."""
-    pytest.importorskip("ray.serve")
     out = run_bench("cluster.py", "--depth", "1", "--quant", "Q8_0", "--tokens", "6", "--rounds", "1", "--clients",
                     "2", "--conversations", "2", tmp_path=tmp_path)
     rows = [ln for ln in out.splitlines() if ln.startswith(("| plain serve", "| ray, ", "| affinity", "| pow2"))]

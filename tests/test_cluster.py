@@ -25,8 +25,6 @@ import pytest
 from PIL import Image
 from test_serve import QUESTIONS, SPEC, ask, client, data_uri, server, streamed_text, user
 
-pytest.importorskip("ray.serve", reason="serve --ray needs huatuo-local[distributed] (installed by the setup)")
-
 KEYS = ("key-of-ward-a", "key-of-ward-b")
 
 

@@ -33,7 +33,10 @@ class ClusterBackend:
     def __init__(self, model: ModelConfig, cluster: ClusterConfig, max_queue: int, grace_s: float):
         self.cluster = cluster.check()
         _, hi = cluster.bounds()
-        self.session = RaySession(cluster.address, num_cpus=self._local_cpus(model, cluster))
+        private = cluster.address == "local"
+        # A private cluster declares the CPUs its replicas need; a cluster of machines is asked for its GPUs.
+        declared = placement(model, cluster, True, 0)[2] if private else None
+        self.session = RaySession(cluster.address, num_cpus=declared)
         if self.session.private:
             print(f"huatuo-local serve: a private Ray cluster on this machine, on loopback (its files: "
                   f"{self.session.folder}, owner-only, removed when the server stops)", file=sys.stderr, flush=True)
@@ -45,8 +48,8 @@ class ClusterBackend:
             # Ray Serve's own progress lines (started, connecting, deployed) are noise in a server's log.
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
             self.serve = serve
-            gpus = self.session.ray.cluster_resources().get("GPU", 0) if not self.session.private else 0
-            self.model, options, _ = placement(model, cluster, self.session.private, gpus)
+            gpus = 0 if private else self.session.ray.cluster_resources().get("GPU", 0)
+            self.model, options, _ = placement(model, cluster, private, gpus)
             # No Ray Serve HTTP proxy: this server is the only door (its guard, keys and tenants), and nothing
             # else of ours listens.
             serve.start(proxy_location="Disabled")
@@ -67,12 +70,6 @@ class ClusterBackend:
         # Ray Serve's status is a call to its controller: asked on a thread of its own, never on the event loop
         # that serves /health.
         threading.Thread(target=self._poll_status, name="huatuo-cluster-status", daemon=True).start()
-
-    @staticmethod
-    def _local_cpus(model: ModelConfig, cluster: ClusterConfig) -> int | None:
-        if cluster.address != "local":
-            return None
-        return placement(model, cluster, True, 0)[2]
 
     # --- ready -----------------------------------------------------------------------------
 

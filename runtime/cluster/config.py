@@ -34,8 +34,7 @@ class ClusterConfig:
             raise ValueError("--ray takes HOST:PORT of a running cluster or 'local'")
         if self.replicas < 1:
             raise ValueError(f"--replicas must be at least 1 (got {self.replicas})")
-        lo = self.min_replicas if self.min_replicas is not None else min(1, self.replicas)
-        hi = self.max_replicas if self.max_replicas is not None else max(self.replicas, lo)
+        lo, hi = self.bounds()
         if lo < 0 or hi < 1 or lo > hi:
             raise ValueError(f"--min-replicas {lo} and --max-replicas {hi}: need 0 <= min <= max and max >= 1")
         if not lo <= self.replicas <= hi:
