@@ -86,6 +86,8 @@ class ClusterBackend:
                 if dep and dep.replica_states.get("RUNNING", 0) >= 1:
                     break
             time.sleep(0.5)
+        else:  # the server stops before any replica ran
+            raise HuatuoError("the server stopped before a replica started")
         return self.handle.describe.remote().result(timeout_s=120)
 
     def _app_status(self):
