@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -80,7 +81,7 @@ def replicas(url: str, key: str = KEYS[0]) -> list[dict]:
 
 
 def test_health_lists_two_replicas_in_their_own_processes(cluster):
-    url, proc, _ = cluster
+    url, proc, log = cluster
     deadline = time.time() + 30  # routing stats reach the router every second
     while len({r.get("pid") for r in replicas(url)} - {None}) < 2:
         assert time.time() < deadline, replicas(url)
@@ -99,6 +100,9 @@ def test_health_lists_two_replicas_in_their_own_processes(cluster):
             continue
     assert len({pid for pid, _, _ in listening}) >= 5, listening  # the server, GCS, raylet, both replicas
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, _, ip in listening), listening
+    # The private cluster's folder (named in the log) is owner-only: Ray opens its own (inside) to everyone.
+    folder = re.search(r"its files: (\S+),", log.read_text()).group(1)
+    assert os.stat(folder).st_mode & 0o777 == 0o700
 
 
 def test_greedy_answers_equal_chat_on_both_replicas(cluster, scans, reference):

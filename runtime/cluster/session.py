@@ -14,8 +14,8 @@ from huatuo_local.runtime.system import descendants
 # Ray's switch for machines where it supports no multi-machine cluster (Windows, macOS): off, a node's address is
 # the loopback address (ray/_private/services.py get_node_ip_address).
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# Ray puts its sockets at FOLDER/session_<date>_<time>_<pid>/sockets/plasma_store: up to 66 bytes below FOLDER,
-# and a Unix socket's path holds at most 107.
+# Ray puts its sockets at FOLDER/r/session_<date>_<time>_<pid>/sockets/plasma_store: up to 68 bytes below
+# FOLDER, and a Unix socket's path holds at most 107.
 MAX_FOLDER_CHARS = 36
 
 
@@ -56,7 +56,9 @@ class RaySession:
             if address == "local":
                 self.folder = _short_private_folder()
                 # Pictures travel to replicas through Ray's object store (shared memory); never spilled to disk.
-                ray.init(_temp_dir=self.folder, num_cpus=num_cpus,
+                # Ray opens its temporary folder to everyone (0777, again as each of its processes starts): it gets
+                # one inside our owner-only folder, which no other user can enter.
+                ray.init(_temp_dir=os.path.join(self.folder, "r"), num_cpus=num_cpus,
                          _system_config={"automatic_object_spilling_enabled": False}, **kwargs)
             else:
                 ray.init(address=address, **kwargs)
