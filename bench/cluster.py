@@ -30,15 +30,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from common import append, invocation, write_json  # noqa: E402
+from huatuo_local.runtime.system import physical_cores  # noqa: E402
 from serve import Server, clients, prepare_model  # noqa: E402  (bench/serve.py)
 
 ALL_CORES = "plain serve, all cores"
-
-
-def physical_cores() -> int:
-    from huatuo_local.runtime.system import physical_cores as cores
-
-    return cores()
 
 
 def server(name: str, manifest: Path, home: Path, args, *extra: str, parallel: int = 2) -> Server:

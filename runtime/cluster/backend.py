@@ -35,8 +35,8 @@ class ClusterBackend:
         _, hi = cluster.bounds()
         private = cluster.address == "local"
         # A private cluster declares the CPUs its replicas need; a cluster of machines is asked for its GPUs.
-        declared = placement(model, cluster, True, 0)[2] if private else None
-        self.session = RaySession(cluster.address, num_cpus=declared)
+        planned = placement(model, cluster, True, 0) if private else None
+        self.session = RaySession(cluster.address, num_cpus=planned[2] if planned else None)
         if self.session.private:
             print(f"huatuo-local serve: a private Ray cluster on this machine, on loopback (its files: "
                   f"{self.session.folder}, owner-only, removed when the server stops)", file=sys.stderr, flush=True)
@@ -48,8 +48,9 @@ class ClusterBackend:
             # Ray Serve's own progress lines (started, connecting, deployed) are noise in a server's log.
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
             self.serve = serve
-            gpus = 0 if private else self.session.ray.cluster_resources().get("GPU", 0)
-            self.model, options, _ = placement(model, cluster, private, gpus)
+            if planned is None:
+                planned = placement(model, cluster, False, self.session.ray.cluster_resources().get("GPU", 0))
+            self.model, options, _ = planned
             # No Ray Serve HTTP proxy: this server is the only door (its guard, keys and tenants), and nothing
             # else of ours listens.
             serve.start(proxy_location="Disabled")
