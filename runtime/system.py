@@ -34,16 +34,25 @@ def physical_cores(cpuinfo: str | None = None) -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def rss_anon() -> int:
-    """This process's resident anonymous memory in bytes (0 where /proc is not there)."""
+def _status_bytes(field: str) -> int:
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def rss_anon() -> int:
+    """This process's resident anonymous memory in bytes (0 where /proc is not there)."""
+    return _status_bytes("RssAnon:")
+
+
+def rss() -> int:
+    """This process's resident memory in bytes, anonymous and file-backed (0 where /proc is not there)."""
+    return _status_bytes("VmRSS:")
 
 
 def memory_gib() -> tuple[float, float]:

@@ -21,7 +21,7 @@ from huatuo_local.models import gguf_keys as keys
 from huatuo_local.models.errors import HuatuoError
 from huatuo_local.models.gguf_check import check_gguf
 from huatuo_local.models.sizing import DEFAULT_CTX
-from huatuo_local.runtime.engine.loading import LOAD_MODES, MappedPages
+from huatuo_local.runtime.engine.loading import LOAD_MODES, FaultAhead, MappedPages
 from huatuo_local.runtime.engine.placement import Plan, plan_placement
 from huatuo_local.runtime.engine.tokenizer import Tokenizer
 from huatuo_local.runtime.images.loader import VisionInput, prepare
@@ -147,6 +147,7 @@ class Engine:
         """The LLM, its context and tokenizer, and the projector (beside the LLM on the CPU)."""
         self._prefetched: dict[str, np.ndarray] = {}
         self.prefetch_hits = 0  # images whose encoding was done while the LLM loaded
+        self.faulted_ahead = 0  # bytes of the LLM's buffer faulted in ahead of the loader (loading.FaultAhead)
         self._vision_header = vision
         self.marker = mtmd_lib().mtmd_default_marker().decode()
         self._vocab_model = None
@@ -242,12 +243,23 @@ class Engine:
         # (llama-cpp-python's struct has `load_mode`; a `use_mmap` attribute would be silently ignored)
         mparams.load_mode = LOAD_MODES[load]
         release = MappedPages(self.llm_path) if load == "mmap-release" else None
+        # The pages the loader will copy into, faulted in on the other core in the room the dropped pages leave.
+        ahead = FaultAhead(self.llm_path.stat().st_size) if release is not None else None
         if release is not None:
-            # Called by llama.cpp between tensors as loading proceeds (one thread; see MappedPages).
-            self._load_progress = llama_cpp.llama_progress_callback(release.progress)
+            def progress(fraction: float, user: object) -> bool:
+                ahead.progress(fraction)
+                return release.progress(fraction, user)
+
+            # Called by llama.cpp between tensors as loading proceeds (one thread; see MappedPages, FaultAhead).
+            self._load_progress = llama_cpp.llama_progress_callback(progress)
             mparams.progress_callback = self._load_progress
-        model = llama_cpp.llama_model_load_from_file(str(self.llm_path).encode(), mparams)
+        try:
+            model = llama_cpp.llama_model_load_from_file(str(self.llm_path).encode(), mparams)
+        finally:
+            if ahead is not None:
+                ahead.finish()
         if release is not None:
+            self.faulted_ahead = ahead.faulted
             release.release_all()
         if not model:
             detail = next((e for e in LAST_ERRORS if "error loading model" in e), None) or "see HUATUO_LOCAL_VERBOSE=1"
