@@ -154,7 +154,8 @@ LOAD_MODES = ["read", "mmap", "mmap-release"]
 
 
 def wall_and_peak(cmd: list[str], env: dict | None = None, keep_log: bool = False):
-    """A command's wall time and peak RSS in GiB, quiet (with `keep_log`: and its standard error).
+    """A command's wall time and peak RSS in GiB, quiet (with `keep_log`: also its standard error and when
+    the first text of its answer reached standard output, in seconds from the start).
 
     The peak is the child's own VmHWM, polled from /proc while it runs: ru_maxrss from wait4 would
     start from this (forking) process's peak, which a conversion run in this process makes large.
@@ -162,11 +163,23 @@ def wall_and_peak(cmd: list[str], env: dict | None = None, keep_log: bool = Fals
     import os
     import subprocess
     import tempfile
+    import threading
     import time
 
     log = tempfile.TemporaryFile()  # not a pipe: llama.cpp's log would fill it and stall the child
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, **(env or {})))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if keep_log else subprocess.DEVNULL, stderr=log,
+                            env=dict(os.environ, **(env or {})))
+    first_out = [float("nan")]
+
+    def read_answer() -> None:  # the answer is streamed: its first visible byte is the first token's arrival
+        while chunk := proc.stdout.read1(4096):
+            if first_out[0] != first_out[0] and chunk.strip():
+                first_out[0] = time.perf_counter() - t0
+
+    reader = threading.Thread(target=read_answer, daemon=True) if keep_log else None
+    if reader is not None:
+        reader.start()
     hwm = 0
     while proc.poll() is None:
         try:
@@ -178,11 +191,13 @@ def wall_and_peak(cmd: list[str], env: dict | None = None, keep_log: bool = Fals
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - t0
+    if reader is not None:
+        reader.join(5)
     log.seek(0)
     err = log.read().decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {err[-800:]}")
-    return (wall, hwm / 1024**2, err) if keep_log else (wall, hwm / 1024**2)
+    return (wall, hwm / 1024**2, err, first_out[0]) if keep_log else (wall, hwm / 1024**2)
 
 
 def our_phases(log: str) -> dict[str, float]:
@@ -193,18 +208,23 @@ def our_phases(log: str) -> dict[str, float]:
 
 
 def their_phases(log: str) -> dict[str, float]:
-    """llama-mtmd-cli's own timings from its log: model load, image encode and decode, prompt, generation."""
+    """When llama-mtmd-cli's phases ended, from the timestamps its log lines carry (minutes.seconds.ms.us
+    since it started): the LLM and its context ready (its thread pool made), the projector loaded (it
+    prints the chat template next), the image encoded; and the encode's own duration."""
     import re
 
     out = {}
-    for key, pattern in (("load", r"llama_perf_context_print:\s+load time =\s+([0-9.]+) ms"),
-                         ("image encode", r"image slice encoded in ([0-9.]+) ms"),
-                         ("image decode", r"image decoded \(batch \d+/\d+\) in ([0-9.]+) ms"),
-                         ("prompt eval", r"prompt eval time =\s+([0-9.]+) ms"),
-                         ("eval", r"llama_perf_context_print:\s+eval time =\s+([0-9.]+) ms")):
-        found = re.findall(pattern, log)
-        if found:
-            out[key] = sum(float(x) for x in found) / 1000
+    for key, pattern in (("LLM loaded, context created", r"llama threadpool init"),
+                         ("projector loaded", r"chat template example"),
+                         ("image encode started", r"encoding mtmd batch"),
+                         ("image encoded", r"mtmd batch encoding done")):
+        m = re.search(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) \w [^\n]*" + pattern, log, re.M)
+        if m:
+            mins, secs, ms, us = (int(x) for x in m.groups())
+            out[key] = mins * 60 + secs + ms / 1e3 + us / 1e6
+    m = re.search(r"mtmd batch encoding done in (\d+) ms", log)
+    if m:
+        out["(image encode took)"] = int(m.group(1)) / 1000
     return out
 
 
@@ -253,29 +273,30 @@ def bench_load(args, out: Path, image: Path) -> None:
                       str(image), "-p", question, "-n", "16", "--temp", "0", "-c", "4096", "-t",
                       str(physical_cores())]
             e2e["llama-mtmd-cli"].append(wall_and_peak(theirs, {"LD_LIBRARY_PATH": str(bins)}, keep_log=True))
-        print({k: [(round(w, 2), round(m, 2)) for w, m, _ in v] for k, v in e2e.items()}, flush=True)
-    rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (median) | each pair | peak RSS |",
-             "|---|---|---|---|"]
+        print({k: [(round(r[0], 2), round(r[3], 2), round(r[1], 2)) for r in v] for k, v in e2e.items()}, flush=True)
+    rows2 = ["| whole one-shot run (load, image, 16 tokens) | wall (median) | each pair | first token (median) | "
+             "peak RSS |", "|---|---|---|---|---|"]
     for name, runs in e2e.items():
         if runs:
-            rows2.append(f"| {name} | {median(w for w, _, _ in runs):.1f} s | "
-                         f"{', '.join(f'{w:.1f}' for w, _, _ in runs)} s | {max(m for _, m, _ in runs):.2f} GiB |")
+            rows2.append(f"| {name} | {median(r[0] for r in runs):.1f} s | "
+                         f"{', '.join(f'{r[0]:.1f}' for r in runs)} s | {median(r[3] for r in runs):.1f} s | "
+                         f"{max(r[1] for r in runs):.2f} GiB |")
     ours, theirs_runs = e2e["huatuo-local chat"], e2e["llama-mtmd-cli"]
     if theirs_runs:
-        ratio = median(w for w, _, _ in ours) / median(w for w, _, _ in theirs_runs)
+        ratio = median(r[0] for r in ours) / median(r[0] for r in theirs_runs)
         pairs = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(ours, theirs_runs))
-        rows2.append(f"| ratio (ours / llama-mtmd-cli) | {ratio:.2f}x | {pairs} | |")
-    # Where the time goes: our phases (when each ended, from the median run) beside llama-mtmd-cli's own.
+        rows2.append(f"| ratio (ours / llama-mtmd-cli) | {ratio:.2f}x | {pairs} | | |")
+    # Where the time goes, from each side's median run: our phases (HUATUO_LOCAL_TRACE) beside llama-mtmd-cli's
+    # timestamped log; for both, the first answer text on standard output and the process's exit.
     mid = sorted(ours, key=lambda r: r[0])[len(ours) // 2]
-    phases = our_phases(mid[2])
     rows3 = ["| huatuo-local chat: phase ended at | s |", "|---|---|"]
-    rows3 += [f"| {name} | {t:.2f} |" for name, t in phases.items()]
-    rows3.append(f"| process exit | {mid[0]:.2f} |")
+    rows3 += [f"| {name} | {t:.2f} |" for name, t in our_phases(mid[2]).items()]
+    rows3 += [f"| first answer text on stdout | {mid[3]:.2f} |", f"| process exit | {mid[0]:.2f} |"]
     if theirs_runs:
         tmid = sorted(theirs_runs, key=lambda r: r[0])[len(theirs_runs) // 2]
-        rows3 += ["", "| llama-mtmd-cli: its own timings | s |", "|---|---|"]
+        rows3 += ["", "| llama-mtmd-cli: phase ended at (its log's timestamps) | s |", "|---|---|"]
         rows3 += [f"| {name} | {t:.2f} |" for name, t in their_phases(tmid[2]).items()]
-        rows3.append(f"| process exit | {tmid[0]:.2f} |")
+        rows3 += [f"| first answer text on stdout | {tmid[3]:.2f} |", f"| process exit | {tmid[0]:.2f} |"]
     table = ("\n".join(rows) + "\n\n" if best else "") + "\n".join(rows2) + "\n\n" + "\n".join(rows3)
     notes = (f"{args.quant} LLM with {args.shape} layer shapes at {args.depth} layers, F16 mmproj, random weights; "
              f"file {llm.stat().st_size / gib:.2f} GiB, in the page cache (warm) for every run. Best of "
@@ -321,17 +342,21 @@ def main() -> None:
         rb.shapes.H, rb.shapes.FFN, rb.shapes.HEADS, rb.shapes.KV = 7168, 20480, 56, 8
         work = work / "34b"
     image = rb.write_image(work)
-    ckpt = rb.write_checkpoint(work, args.depth)
     out = work / f"gguf-{args.depth}"
+
+    def converted(quant: str) -> None:
+        # The checkpoint is written only when a conversion needs it (at full 34B depth it is tens of GB;
+        # once converted it may be deleted).
+        if not (out / f"m-{quant}.manifest.json").is_file():
+            convert(rb.write_checkpoint(work, args.depth), out, quant=quant, mmproj_type="f16", name="m")
+
     if args.load:
-        if not (out / f"m-{args.quant}.manifest.json").is_file():
-            convert(ckpt, out, quant=args.quant, mmproj_type="f16", name="m")
+        converted(args.quant)
         bench_load(args, out, image)
         return
     chosen = [s for s in SETTINGS if not args.only or s[0] in args.only]
     for quant in dict.fromkeys(opts.get("quant", args.quant) for _, opts, _ in chosen):
-        if not (out / f"m-{quant}.manifest.json").is_file():
-            convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+        converted(quant)
     mmproj = str(out / "mmproj-m-f16.gguf")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
