@@ -31,7 +31,8 @@ from common import append, invocation, machine, run_measured, versions  # noqa: 
 # (label, environment): libgomp's own defaults, the engine's setting, a longer spin, never spin
 SETTINGS = [
     ("libgomp default (300000)", {"HUATUO_LOCAL_OPENMP_SPIN": "default"}),
-    ("spin 100 (huatuo-local)", {}),
+    ("spin 1000 (huatuo-local)", {}),
+    ("spin 100", {"HUATUO_LOCAL_OPENMP_SPIN": "100"}),
     ("spin 10000", {"HUATUO_LOCAL_OPENMP_SPIN": "10000"}),
     ("passive", {"OMP_WAIT_POLICY": "passive"}),
 ]

@@ -53,8 +53,8 @@ def test_serve_bench_runs(tmp_path):
 
 def test_cpu_wait_bench_runs(tmp_path):
     out = run_bench("cpu_wait.py", "--depth", "1", "--quant", "Q8_0", "--rounds", "1", "--gen", "4",
-                    "--only", "libgomp default", "spin 100 (", tmp_path=tmp_path)
-    rows = [ln for ln in out.splitlines() if ln.startswith(("| libgomp default", "| spin 100", "| llama-bench"))]
+                    "--only", "libgomp default", "spin 1000 (", tmp_path=tmp_path)
+    rows = [ln for ln in out.splitlines() if ln.startswith(("| libgomp default", "| spin 1000 (", "| llama-bench"))]
     assert len(rows) == 5 and all(r.count("|") == 7 for r in rows), out[-1500:]
 
 
