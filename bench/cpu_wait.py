@@ -9,6 +9,10 @@ hit and after a miss, on a quiet machine and with one busy loop per core, as tok
 token; llama-bench's tg (libgomp's defaults, one team) runs beside it in the same conditions.
 
     .venv/bin/python bench/cpu_wait.py [--depth 4] [--quant Q4_K_M] [--gen 32] [--rounds 2] [--tiny]
+        [--loads quiet busy] [--paths hit miss]
+
+`--loads quiet --paths hit --depth 28` measures the spin's cost where it is largest (one OpenMP team, a
+token's graph at full depth) in minutes.
 
 Uses bench/runtime.py's checkpoint of the 7B's real shapes (random weights) at `--depth` layers.
 """
@@ -97,6 +101,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (keeps the script working in tests)")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--only", nargs="+", help="measure only the settings whose labels start with these")
+    ap.add_argument("--loads", nargs="+", choices=["quiet", "busy"], default=["quiet", "busy"])
+    ap.add_argument("--paths", nargs="+", choices=["hit", "miss"], default=["hit", "miss"])
     args = ap.parse_args()
     settings = [s for s in SETTINGS if not args.only or s[0].startswith(tuple(args.only))]
     import runtime
@@ -119,11 +125,13 @@ def main() -> None:
         bin_dir = None
     rows: dict[tuple[str, str, str], list[dict]] = {}
     for _ in range(args.rounds):
-        for load in ("quiet", "busy"):
+        for load in args.loads:
             busy = hogs(os.cpu_count() or 2) if load == "busy" else []
             try:
                 for label, env in settings:
                     for path, hit in (("cache hit", True), ("cache miss", False)):
+                        if path.split()[1] not in args.paths:
+                            continue
                         r = ours(manifest, image, home, env, hit, args.gen, args.threads)
                         rows.setdefault((label, path, load), []).append(r)
                         print(label, path, load, json.dumps(r), flush=True)

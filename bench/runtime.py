@@ -69,10 +69,9 @@ def converted_pair(work: Path, depth: int, quant: str) -> Path:
     """The folder holding m-QUANT.gguf and mmproj-m-f16.gguf for this depth, converted once."""
     from huatuo_local.convert.pipeline import convert
 
-    ckpt = write_checkpoint(work, depth)
     out = work / f"gguf-{depth}"
-    if not (out / f"m-{quant}.manifest.json").is_file():
-        convert(ckpt, out, quant=quant, mmproj_type="f16", name="m")
+    if not (out / f"m-{quant}.manifest.json").is_file():  # the checkpoint only when a conversion needs it
+        convert(write_checkpoint(work, depth), out, quant=quant, mmproj_type="f16", name="m")
     return out
 
 
