@@ -139,8 +139,11 @@ class Engine:
         self.on_gpu = placement.on_gpu
         self.rpc_layers = placement.workers.layers if placement.workers else 0
         self.workers = placement.workers.workers if placement.workers else []
-        if opts.n_ubatch is None:  # 256 on the CPU, where it runs as fast and needs less; 512 on a GPU
-            opts.n_ubatch = 512 if self.on_gpu else 256
+        if opts.n_ubatch is None:
+            # 512 on a GPU. On the CPU 256 for the 7B's width and narrower (its prompt as fast as with 512, and
+            # ~80 MB less compute buffer) and 512 for wider models: at the 34B's width each micro-batch streams
+            # far larger weight matrices, and 256 made its prompt 9% slower (bench/settings.py, BENCHMARKS.md).
+            opts.n_ubatch = 512 if self.on_gpu or self._width > 4096 else 256
         self._load(opts, vision, eos_id, prefetch)
 
     def _load(self, opts: EngineOptions, vision: dict, eos_id: int | None, prefetch: tuple) -> None:
@@ -213,7 +216,9 @@ class Engine:
                 raise EngineError(f"{p}: no such model file")
         if opts.kv_type not in KV_TYPES:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
-        check_gguf(self.llm_path, "llm")
+        llm = check_gguf(self.llm_path, "llm").fields
+        width = llm.get(keys.EMBEDDING_LENGTH.format(arch=llm.get(keys.ARCHITECTURE)), 0)
+        self._width = int(width or 0)  # the LLM's hidden size (0: its header does not say)
         vision = check_gguf(self.mmproj_path, "mmproj").fields
         for key in (keys.IMAGE_SIZE, keys.IMAGE_MEAN, keys.PATCH_SIZE):
             if key not in vision:
