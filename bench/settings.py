@@ -35,6 +35,7 @@ SETTINGS: list[tuple[str, dict, bool | None]] = [
     ("default", {}, None),
     ("flash attention on", {"flash_attn": True}, None),
     ("ubatch 128", {"n_ubatch": 128}, None),
+    ("ubatch 256", {"n_ubatch": 256}, None),
     ("ubatch 512", {"n_ubatch": 512}, None),
     ("ubatch 1024", {"n_ubatch": 1024}, None),
     ("encoder flash attention off", {}, False),
@@ -326,7 +327,7 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true", help="--load without the llama-mtmd-cli rows")
     ap.add_argument("--pairs", type=int, default=3, help="--load: alternating pairs of whole one-shot runs")
     ap.add_argument("--only-e2e", action="store_true", help="--load: only the whole one-shot runs")
-    ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes (--load)")
+    ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes")
     args = ap.parse_args()
     from huatuo_local.convert.pipeline import convert
     from huatuo_local.runtime.engine.engine import EngineOptions
@@ -386,10 +387,12 @@ def main() -> None:
                     f"{r['positions'] / r['text_prefill_s']:.1f} | {ttft:.2f} s | {1 / r['decode_s']:.2f} | "
                     f"{r['peak_rss_kib'] / 1024**2:.2f} GiB |")
     table = "\n".join(rows)
-    notes = (f"{args.quant} LLM with Qwen2-7B layer shapes at {args.depth} layers (not extrapolated), F16 mmproj "
+    shape = "Yi-1.5-34B" if args.shape == "34b" else "Qwen2-7B"
+    notes = (f"{args.quant} LLM with {shape} layer shapes at {args.depth} layers (not extrapolated), F16 mmproj "
              f"with the full CLIP ViT-L/14-336 tower, random weights; best of {args.rounds} interleaved rounds, each "
              f"setting in a fresh process. The default row is `EngineOptions()`: n_batch {d.n_batch}, n_ubatch "
-             f"{d.ubatch}, flash attention {'on' if d.flash_attn else 'off'}, all cores ({threads}); the "
+             f"{512 if args.shape == '34b' else d.ubatch} (the engine's choice for this width), flash attention "
+             f"{'on' if d.flash_attn else 'off'}, all cores ({threads}); the "
              "other rows change only what they name. In brackets: the share of the fp32 sgemm peak measured in the "
              f"same run ({peak:.0f} GFLOP/s, numpy's BLAS, {threads} threads) that the encode ({enc_gflop:.0f} GFLOP "
              f"for CLIP up to its second-to-last layer and the projector) and the image prefill ({pre_gflop:.0f} "
@@ -397,7 +400,8 @@ def main() -> None:
     if args.no_append:
         print(table + "\n\n" + notes)
     else:
-        append("Engine settings sweep", f"`.venv/bin/just bench-settings` (= `{invocation()}`)",
+        append("Engine settings sweep" + (" (34B layer shapes)" if args.shape == "34b" else ""),
+               f"`.venv/bin/just bench-settings` (= `{invocation()}`)",
                table, notes)
 
 
