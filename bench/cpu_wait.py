@@ -141,11 +141,11 @@ def main() -> None:
                     print("llama-bench", load, r, flush=True)
             finally:
                 stop(busy)
-    table = ["| setting | path | quiet: tok/s | quiet: CPU ms/token | busy: tok/s | busy: CPU ms/token |",
-             "|---|---|---|---|---|---|"]
+    table = ["| setting | path | " + " | ".join(f"{load}: tok/s | {load}: CPU ms/token" for load in args.loads) + " |",
+             "|---|---|" + "---|---|" * len(args.loads)]
     for label, path in dict.fromkeys((k[0], k[1]) for k in rows):
         cells = []
-        for load in ("quiet", "busy"):
+        for load in args.loads:
             runs = rows.get((label, path, load), [])
             tok = statistics.median(r["tok_s"] for r in runs) if runs else 0.0
             cpu = [r["cpu_per_token_ms"] for r in runs if "cpu_per_token_ms" in r]

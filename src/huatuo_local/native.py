@@ -38,10 +38,10 @@ def cpp_runtime_global() -> str | None:
 
 
 # How long (in pause-loop iterations) an idle OpenMP thread of llama.cpp's CPU backend spins before it
-# sleeps. See `bounded_openmp_spin`; the value is measured in bench/cpu_wait.py (BENCHMARKS.md): 100 made
-# decoding at the 7B's full depth 25% slower on a quiet 2-core VM (a thread that has gone to sleep waits for
-# the kernel, and the hypervisor, to wake it at each of a token's ~700 barriers); 1000 decodes as fast as
-# libgomp's default there and still sleeps within microseconds when another program wants the core.
+# sleeps. See `bounded_openmp_spin`; measured in bench/cpu_wait.py (BENCHMARKS.md). Not 100: a thread that
+# sleeps at nearly every one of a token's ~700 barriers waits for the kernel (and the hypervisor) to wake it,
+# and one direct measurement at the 7B's full depth decoded 25% slower with 100 than with 1000 or libgomp's
+# default on a quiet 2-core VM. 1000 still sleeps within microseconds when another program wants the core.
 OPENMP_SPIN = "1000"
 
 
