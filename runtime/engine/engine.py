@@ -141,8 +141,9 @@ class Engine:
         self.workers = placement.workers.workers if placement.workers else []
         if opts.n_ubatch is None:
             # 512 on a GPU. On the CPU 256 for the 7B's width and narrower (its prompt as fast as with 512, and
-            # ~80 MB less compute buffer) and 512 for wider models: at the 34B's width each micro-batch streams
-            # far larger weight matrices, and 256 made its prompt 9% slower (bench/settings.py, BENCHMARKS.md).
+            # ~80 MB less compute buffer) and 512, llama.cpp's default, for wider models: at the 34B's width each
+            # micro-batch streams far larger weight matrices, and 256 made its prompt 9% slower in one of two
+            # measurements (the other: the same; BENCHMARKS.md, 2026-12-03).
             opts.n_ubatch = 512 if self.on_gpu or self._width > 4096 else 256
         self._load(opts, vision, eos_id, prefetch)
 
