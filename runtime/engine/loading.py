@@ -91,7 +91,6 @@ class MappedPages:
             self._drop(0, self.size, self._ranges())  # llama.cpp unmapped parts at the end: read the maps again
 
 
-
 _MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 
