@@ -162,3 +162,15 @@ def test_fault_ahead_during_a_real_load_changes_no_answer(repacked):
     ahead = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ahead["faulted"] > 0, ahead
     assert ahead["tokens"] == load(repacked, "read")["tokens"]
+
+
+def test_the_cpu_micro_batch_follows_the_model_width_in_its_header(repacked):
+    from huatuo_local.runtime.engine.engine import Engine, EngineOptions, default_ubatch
+
+    # Read from the LLM's header: this model is 1024 wide, so the CPU's 256; a GPU, or given, as asked.
+    with Engine(repacked.llm_path, repacked.mmproj_path, EngineOptions(n_ctx=256)) as eng:
+        assert eng.width == 1024 and eng.options.ubatch == 256
+    with Engine(repacked.llm_path, repacked.mmproj_path, EngineOptions(n_ctx=256, n_ubatch=128)) as eng:
+        assert eng.options.ubatch == 128
+    # The 7B is 3584 wide (256 on the CPU); the 34B 7168 (512, llama.cpp's own default, as on a GPU).
+    assert (default_ubatch(False, 3584), default_ubatch(False, 7168), default_ubatch(True, 3584)) == (256, 512, 512)

@@ -51,6 +51,14 @@ def flash_attn_type(opts: EngineOptions, kv: int, on_gpu: bool) -> int:
     return C.LLAMA_FLASH_ATTN_TYPE_DISABLED
 
 
+def default_ubatch(on_gpu: bool, width: int) -> int:
+    """The micro-batch when none is given: 512 on a GPU. On the CPU 256 up to the 7B's width (its prompt as fast
+    as with 512, and ~80 MB less compute buffer) and 512, llama.cpp's own default, for wider models: at the 34B's
+    width each micro-batch streams far larger weight matrices, and 256 made its prompt 9% slower in one of two
+    measurements (the other: the same; BENCHMARKS.md, 2026-12-03)."""
+    return 512 if on_gpu or width > 4096 else 256
+
+
 class DecodeAborted(EngineError):
     """llama_decode stopped because the abort check said so; what it did is still in the KV cache."""
 
@@ -140,11 +148,7 @@ class Engine:
         self.rpc_layers = placement.workers.layers if placement.workers else 0
         self.workers = placement.workers.workers if placement.workers else []
         if opts.n_ubatch is None:
-            # 512 on a GPU. On the CPU 256 for the 7B's width and narrower (its prompt as fast as with 512, and
-            # ~80 MB less compute buffer) and 512, llama.cpp's default, for wider models: at the 34B's width each
-            # micro-batch streams far larger weight matrices, and 256 made its prompt 9% slower in one of two
-            # measurements (the other: the same; BENCHMARKS.md, 2026-12-03).
-            opts.n_ubatch = 512 if self.on_gpu or self._width > 4096 else 256
+            opts.n_ubatch = default_ubatch(self.on_gpu, self.width)
         self._load(opts, vision, eos_id, prefetch)
 
     def _load(self, opts: EngineOptions, vision: dict, eos_id: int | None, prefetch: tuple) -> None:
@@ -219,7 +223,7 @@ class Engine:
             raise EngineError(f"--kv-type {opts.kv_type}: choose f16, f32 or q8_0")
         llm = check_gguf(self.llm_path, "llm").fields
         width = llm.get(keys.EMBEDDING_LENGTH.format(arch=llm.get(keys.ARCHITECTURE)), 0)
-        self._width = int(width or 0)  # the LLM's hidden size (0: its header does not say)
+        self.width = int(width or 0)  # the LLM's hidden size (0: its header does not say)
         vision = check_gguf(self.mmproj_path, "mmproj").fields
         for key in (keys.IMAGE_SIZE, keys.IMAGE_MEAN, keys.PATCH_SIZE):
             if key not in vision:
