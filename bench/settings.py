@@ -329,8 +329,7 @@ def main() -> None:
     ap.add_argument("--only-e2e", action="store_true", help="--load: only the whole one-shot runs")
     ap.add_argument("--shape", choices=["7b", "34b"], default="7b", help="layer shapes")
     args = ap.parse_args()
-    from huatuo_local.convert.pipeline import convert
-    from huatuo_local.runtime.engine.engine import EngineOptions
+    from huatuo_local.runtime.engine.engine import EngineOptions, default_ubatch
 
     import runtime as rb
 
@@ -343,21 +342,14 @@ def main() -> None:
         rb.shapes.H, rb.shapes.FFN, rb.shapes.HEADS, rb.shapes.KV = 7168, 20480, 56, 8
         work = work / "34b"
     image = rb.write_image(work)
-    out = work / f"gguf-{args.depth}"
-
-    def converted(quant: str) -> None:
-        # The checkpoint is written only when a conversion needs it (at full 34B depth it is tens of GB;
-        # once converted it may be deleted).
-        if not (out / f"m-{quant}.manifest.json").is_file():
-            convert(rb.write_checkpoint(work, args.depth), out, quant=quant, mmproj_type="f16", name="m")
-
+    # bench/runtime.py converts once and writes the checkpoint only when a conversion needs it (at full 34B
+    # depth it is tens of GB; once converted it may be deleted).
     if args.load:
-        converted(args.quant)
-        bench_load(args, out, image)
+        bench_load(args, rb.converted_pair(work, args.depth, args.quant), image)
         return
     chosen = [s for s in SETTINGS if not args.only or s[0] in args.only]
     for quant in dict.fromkeys(opts.get("quant", args.quant) for _, opts, _ in chosen):
-        converted(quant)
+        out = rb.converted_pair(work, args.depth, quant)  # one folder for every quant
     mmproj = str(out / "mmproj-m-f16.gguf")
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
@@ -391,7 +383,7 @@ def main() -> None:
     notes = (f"{args.quant} LLM with {shape} layer shapes at {args.depth} layers (not extrapolated), F16 mmproj "
              f"with the full CLIP ViT-L/14-336 tower, random weights; best of {args.rounds} interleaved rounds, each "
              f"setting in a fresh process. The default row is `EngineOptions()`: n_batch {d.n_batch}, n_ubatch "
-             f"{512 if args.shape == '34b' else d.ubatch} (the engine's choice for this width), flash attention "
+             f"{default_ubatch(False, rb.shapes.H)} (the engine's choice for this width), flash attention "
              f"{'on' if d.flash_attn else 'off'}, all cores ({threads}); the "
              "other rows change only what they name. In brackets: the share of the fp32 sgemm peak measured in the "
              f"same run ({peak:.0f} GFLOP/s, numpy's BLAS, {threads} threads) that the encode ({enc_gflop:.0f} GFLOP "

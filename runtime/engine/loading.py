@@ -17,6 +17,32 @@ LOAD_MODES = {"read": C.LLAMA_LOAD_MODE_NONE, "mmap": C.LLAMA_LOAD_MODE_MMAP, "m
 _MADV_DONTNEED = 4
 
 
+def _madvise():
+    """libc's madvise, or None where there is none (then dropping and faulting ahead are no-ops)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+def _mappings() -> list[tuple[int, int, str, int, str]]:
+    """(start, end, permissions, file offset, path; '' for anonymous memory) of this process's mappings."""
+    out = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) >= 5:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    path = parts[5].rstrip("\n") if len(parts) == 6 else ""
+                    out.append((start, end, parts[1], int(parts[2], 16), path))
+    except OSError:
+        pass
+    return out
+
+
 class MappedPages:
     """Drops the resident pages of llama.cpp's read-only mapping of a GGUF while and after it loads.
 
@@ -39,25 +65,11 @@ class MappedPages:
         self.dropped = 0  # file offset below which pages were dropped once
         self.anon0 = rss_anon()
         self._maps: list[tuple[int, int, int]] | None = None
-        try:
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            self._madvise = None
+        self._madvise = _madvise()
 
     def _ranges(self) -> list[tuple[int, int, int]]:
         """(start, end, file offset) of this file's mappings in this process."""
-        out = []
-        try:
-            with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    parts = line.split(None, 5)
-                    if len(parts) == 6 and parts[5].rstrip("\n") == self.path:
-                        start, end = (int(x, 16) for x in parts[0].split("-"))
-                        out.append((start, end, int(parts[2], 16)))
-        except OSError:
-            pass
-        return out
+        return [(start, end, offset) for start, end, _, offset, path in _mappings() if path == self.path]
 
     def _drop(self, first: int, last: int, maps: list[tuple[int, int, int]]) -> None:
         """Drop the pages of file bytes [first, last) wherever they are mapped."""
@@ -96,17 +108,7 @@ _MADV_POPULATE_WRITE = 23  # Linux 5.14
 
 def _anonymous_regions() -> list[tuple[int, int]]:
     """(start, end) of this process's private read-write anonymous mappings."""
-    out = []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 5 and parts[1] == "rw-p":
-                    start, end = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((start, end))
-    except OSError:
-        pass
-    return out
+    return [(start, end) for start, end, perms, _, path in _mappings() if not path and perms == "rw-p"]
 
 
 class FaultAhead:
@@ -140,11 +142,7 @@ class FaultAhead:
         self.faulted = 0  # bytes this thread faulted in (some may have been the loader's already)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        try:
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-            self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        except (OSError, AttributeError):
-            self._madvise = None
+        self._madvise = _madvise()
 
     def progress(self, _fraction: float) -> None:
         """llama.cpp's progress call (the first one starts the work)."""
